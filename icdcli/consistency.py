@@ -1,0 +1,88 @@
+"""The iCD equations, to be read beside the paper (Starodubcev et al., NeurIPS 2024).
+
+- Noise schedule: Stable Diffusion's "scaled linear" betas, 0.00085 -> 0.012 over 1000 steps;
+  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+- Guidance embedding e(w): the teacher was distilled to produce eps_c + w (eps_c - eps_u) from one pass
+  fed e(w), where w is the classical guidance scale minus one (w = 0 is conditional-only, not unguided).
+- Consistency jump (a DDIM step with the model's own epsilon): from time t to boundary s,
+  x0 = (x_t - sigma_t eps) / alpha_t and x_s = alpha_s x0 + sigma_s eps, with alpha = 1, sigma = 0 at s = 0.
+  The reverse model jumps down (s < t), the forward model up (s > t): one formula for both.
+- Dynamic guidance: w is used when t / 1000 <= tau and replaced by 0 at higher noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+ENCODE_START_TIMESTEP = 19  # where encoding starts: the first point of the 50-step DDIM grid
+GUIDANCE_EMBED_DIM = 512
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """abar_t for t = 0..999 (float32, as diffusers' DDIM/DDPM schedulers compute it)."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+_ABAR = alphas_cumprod()
+
+
+def alpha_sigma(t: int) -> tuple[float, float]:
+    """(alpha_t, sigma_t); t = 0 is the clean-image boundary with alpha = 1, sigma = 0."""
+    if t == 0:
+        return 1.0, 0.0
+    abar = _ABAR[t].item()
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+    """x_t = alpha_t x0 + sigma_t noise (t > 0)."""
+    abar = _ABAR[t].item()
+    return math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * noise
+
+
+def consistency_jump(x_t: torch.Tensor, eps: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """Jump from time t to boundary s with the model's epsilon (computed in fp32)."""
+    alpha_t, sigma_t = alpha_sigma(t)
+    alpha_s, sigma_s = alpha_sigma(s)
+    x_t, eps = x_t.float(), eps.float()
+    x0 = (x_t - sigma_t * eps) / alpha_t
+    return alpha_s * x0 + sigma_s * eps
+
+
+def guidance_embedding(w: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> torch.Tensor:
+    """e(w) for a 1-D tensor of guidance values: [sin(1000 w f_k), cos(1000 w f_k)], f_k = 1e4^(-k/(dim/2-1))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+    angles = 1000.0 * w.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def dynamic_guidance(w: float, t: int, tau: float) -> float:
+    """The guidance actually used at time t: w at low noise (t/1000 <= tau), 0 above."""
+    return w if t / NUM_TRAIN_TIMESTEPS <= tau else 0.0
+
+
+@dataclass(frozen=True)
+class Jump:
+    """One consistency step: evaluate the model at `t` and jump to `s`."""
+
+    t: int
+    s: int
+
+
+def reverse_jumps(reverse_timesteps: list[int]) -> list[Jump]:
+    """Decoding: visit the boundaries from the top, each jumping to the next lower one, the last to 0."""
+    starts = sorted(reverse_timesteps, reverse=True)
+    return [Jump(t, s) for t, s in zip(starts, starts[1:] + [0])]
+
+
+def forward_jumps(forward_timesteps: list[int]) -> list[Jump]:
+    """Encoding: from the first forward timestep (19) up, each jumping to the next, the last to 999."""
+    starts = sorted(forward_timesteps)
+    return [Jump(t, s) for t, s in zip(starts, starts[1:] + [NUM_TRAIN_TIMESTEPS - 1])]

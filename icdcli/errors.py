@@ -1,0 +1,17 @@
+"""Errors the user can act on. The CLI prints each as one line and moves on to the next item."""
+
+
+class ICDError(Exception):
+    """A failure with a message meant for the user (no traceback needed)."""
+
+
+class InputError(ICDError):
+    """An input file (image or latent) that cannot be used."""
+
+
+class ModelError(ICDError):
+    """A model that is missing, not downloaded, or malformed."""
+
+
+class OutputExistsError(ICDError):
+    """An output that would overwrite an existing file without --overwrite."""

@@ -1,0 +1,270 @@
+"""Reading photos into UNet-ready tensors and writing results with their parameters.
+
+Working size policy. A UNet needs both sides divisible by a `multiple` (64 for SD1.5, 32 for SDXL,
+other values for tiny test models), but photos come in any size and aspect ratio. So a photo is
+resized (Lanczos) to a *working size* for the model and the result is resized back to the
+original size, with the original alpha channel re-attached:
+
+* no width/height given: keep the aspect ratio, make the area about `resolution`², and round each
+  side to the nearest multiple (at least one multiple). Rounding distorts the aspect ratio by less
+  than one multiple per side, which is accepted.
+* only one of width/height: that side as given, the other follows the aspect ratio (rounded).
+* both: exactly those. A given side that is not a multiple is a usage error naming the nearest
+  valid values, rather than a silent change.
+
+Odd inputs are normalised on load: EXIF orientation applied, alpha split off and the colour
+composited over white (hidden colours under transparent pixels must not leak), 16-bit and float
+pixels scaled (not clipped) to 8 bits, first frame only. Pixel counts are checked from the header
+before decoding, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from icdcli import __version__
+from icdcli.errors import ICDError, InputError, OutputExistsError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # read as 16-bit full scale
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_EXIF_IFD, _USER_COMMENT, _SOFTWARE = 0x8769, 0x9286, 0x0131
+_ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character-code header
+
+
+@dataclass
+class LoadedImage:
+    """A photo ready for the model, plus what is needed to give the result back its shape."""
+
+    rgb: Image.Image
+    alpha: Image.Image | None
+    path: Path
+    original_size: tuple[int, int]
+    mode: str
+
+
+def max_pixels_limit() -> int:
+    """The pixel limit: ICD_MAX_PIXELS when set (read now, so tests and users can change it)."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ICDError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, not {raw!r}")
+    return limit
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Image.open with every failure turned into one InputError line that starts with the file name."""
+    name = path.name
+    if path.is_dir():
+        raise InputError(f"{name}: is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                yield im
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image (cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{name}: refused as a possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, EOFError, ValueError):
+        raise InputError(f"{name}: truncated or corrupt image data") from None
+
+
+def load_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImage:
+    """Open any still image as 8-bit RGB plus optional alpha; `max_pixels` defaults to max_pixels_limit()."""
+    path = Path(path)
+    limit = max_pixels_limit() if max_pixels is None else max_pixels
+    with _opened(path) as im:
+        width, height = im.size
+        if width * height > limit:
+            raise InputError(f"{path.name}: {width}x{height} pixels is over the {_describe(limit)} limit "
+                             f"(set {MAX_PIXELS_ENV} to raise it)")
+        im.load()
+        mode = im.mode
+        im = ImageOps.exif_transpose(im)
+        rgb, alpha = _split_alpha(im)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path, original_size=rgb.size, mode=mode)
+
+
+def _describe(limit: int) -> str:
+    return f"{limit // 1_000_000}-megapixel" if limit % 1_000_000 == 0 else f"{limit}-pixel"
+
+
+def _split_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    if im.mode in _INTEGER_MODES or im.mode == "F":
+        return _to_8bit(im).convert("RGB"), None
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return _over_white(rgba), rgba.getchannel("A")
+    return im.convert("RGB"), None
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Scale wide pixels to 0..255; Pillow's own convert clips everything above 255 to white."""
+    values = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    if im.mode == "F":
+        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0  # 0..1 floats or 8-bit range
+    else:
+        full_scale = 65535.0
+    return Image.fromarray(np.clip(np.round(values * (255.0 / full_scale)), 0, 255).astype(np.uint8))
+
+
+def _over_white(im: Image.Image) -> Image.Image:
+    """Flatten transparency onto white, as a viewer would show it."""
+    white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+
+
+def working_size(original_size: tuple[int, int], *, resolution: int, multiple: int,
+                 width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """The (w, h) the model works at; see the module docstring for the policy."""
+    orig_w, orig_h = original_size
+    if width is not None:
+        _check_multiple("width", width, multiple)
+    if height is not None:
+        _check_multiple("height", height, multiple)
+    if width is not None and height is not None:
+        return width, height
+    if width is not None:
+        return width, _nearest_multiple(width * orig_h / orig_w, multiple)
+    if height is not None:
+        return _nearest_multiple(height * orig_w / orig_h, multiple), height
+    scale = resolution / (orig_w * orig_h) ** 0.5
+    return _nearest_multiple(orig_w * scale, multiple), _nearest_multiple(orig_h * scale, multiple)
+
+
+def _nearest_multiple(value: float, multiple: int) -> int:
+    return max(1, int(value / multiple + 0.5)) * multiple
+
+
+def _check_multiple(name: str, value: int, multiple: int) -> None:
+    if value > 0 and value % multiple == 0:
+        return
+    below = value // multiple * multiple
+    nearest = f"{below} or {below + multiple}" if below > 0 else f"{multiple}"
+    raise ICDError(f"--{name} {value} is not a positive multiple of {multiple} "
+                   f"(nearest valid: {nearest})")
+
+
+def to_model_input(img: LoadedImage, size: tuple[int, int]) -> torch.Tensor:
+    """The photo at the working size as a (1, 3, h, w) float32 tensor in [-1, 1]."""
+    resized = img.rgb.resize(tuple(size), Image.Resampling.LANCZOS)
+    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def from_model_output(pixels: torch.Tensor, original: LoadedImage | None) -> Image.Image:
+    """A (3, h, w) tensor in [-1, 1] as a picture of the original's size and alpha (as is when None)."""
+    scaled = (pixels.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
+    image = Image.fromarray(scaled.round().to(torch.uint8).permute(1, 2, 0).numpy())
+    if original is None:
+        return image
+    image = image.resize(original.original_size, Image.Resampling.LANCZOS)
+    if original.alpha is not None:
+        image.putalpha(original.alpha)
+    return image
+
+
+def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwrite: bool = False) -> None:
+    """Write through `write_fn(temporary_path)` then rename, so a crash never leaves a half-written output."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path.name} exists (use --overwrite to replace it)")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_fn(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
+        raise ICDError(f"{path.name}: cannot write ({reason})") from exc
+    finally:
+        with suppress(OSError):  # cleanup must not hide the real error
+            temporary.unlink()
+
+
+def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:
+    """Save in the format the suffix names, with the generation parameters embedded."""
+    path = Path(path)
+    image_format = _FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        raise ICDError(f"{path.name}: unknown image format {path.suffix!r} (use .png, .jpg, .jpeg or .webp)")
+    data = json.dumps(metadata, default=str)
+    if image_format == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", parameters_text(metadata, img.size))
+        info.add_text("icd", data)
+        options = {"pnginfo": info}
+    else:
+        exif = Image.Exif()
+        exif[_SOFTWARE] = f"icd {__version__}"
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII_PREFIX + data.encode("ascii")
+        options = {"exif": exif, "quality": 95}
+        if image_format == "JPEG" and img.mode != "RGB":
+            img = _over_white(img)  # JPEG has no alpha
+    atomic_write(path, lambda temporary: img.save(temporary, format=image_format, **options),
+                 overwrite=overwrite)
+
+
+def parameters_text(metadata: dict, size: tuple[int, int]) -> str:
+    """The A1111-style `parameters` string that other tools read: prompt lines, then `Key: value` pairs."""
+    lines = [str(metadata.get("prompt", ""))]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    fields = {"Steps": metadata.get("steps"), "CFG scale": metadata.get("guidance"),
+              "Seed": metadata.get("seed"), "Size": f"{size[0]}x{size[1]}", "Model": metadata.get("model")}
+    known = {"prompt", "negative_prompt", "steps", "guidance", "seed", "model"}
+    for key, value in metadata.items():
+        if key not in known and isinstance(value, (str, int, float)):
+            fields.setdefault(key.replace("_", " ").capitalize(), value)
+    pairs = [f"{label}: {_quoted(value)}" for label, value in fields.items() if value is not None]
+    return "\n".join([*lines, ", ".join(pairs)])
+
+
+def _quoted(value: object) -> str:
+    """Quote values that would break the comma-separated list, as A1111 does."""
+    text = str(value)
+    return json.dumps(text) if any(char in text for char in ',:"\n') else text
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The `icd` metadata written by save_image ({} when the file has none)."""
+    path = Path(path)
+    with _opened(path) as im:
+        text = getattr(im, "text", {}).get("icd")  # PNG text chunk
+        if text is None:
+            comment = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+            if isinstance(comment, bytes) and comment.startswith(_ASCII_PREFIX):
+                text = comment[len(_ASCII_PREFIX):].decode("ascii", errors="replace")
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}

@@ -1,0 +1,105 @@
+"""Fusing iCD LoRA files into a UNet: W <- W + (alpha / rank) * B @ A, for linear and conv layers.
+
+Three key formats are read:
+- peft, as the official iCD files are written: `unet.base_model.model.<module>.lora_A.weight`;
+- diffusers: `unet.<module>.lora_A.weight`, or the older `unet.<module>.lora.down.weight`;
+- kohya: `lora_unet_<module with _ for .>.lora_down.weight` (+ `.alpha`).
+Alpha comes from `.alpha` tensors when the file has them, else from the manifest. The official files hold
+none and were trained with peft's default alpha 8 at rank 64, a scale of 0.125: reading them as
+alpha = rank, as generic loaders do, makes the LoRA eight times too strong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import ModelError
+
+_PATTERNS = [
+    (re.compile(r"^(?:unet\.)?base_model\.model\.(.+)\.lora_([AB])\.weight$"), "peft"),
+    (re.compile(r"^unet\.(.+)\.lora_([AB])\.weight$"), "diffusers"),
+    (re.compile(r"^unet\.(.+)\.lora\.(down|up)\.weight$"), "diffusers"),
+    (re.compile(r"^lora_unet_(.+)\.lora_(down|up)\.weight$"), "kohya"),
+]
+_ALPHA = re.compile(r"^(?:lora_unet_|unet\.|unet\.base_model\.model\.)?(.+)\.alpha$")
+_SIDE = {"A": "down", "B": "up", "down": "down", "up": "up"}
+
+
+@dataclass
+class LoraLayer:
+    down: torch.Tensor | None = None  # A: (rank, in[, k, k])
+    up: torch.Tensor | None = None  # B: (out, rank[, 1, 1])
+    alpha: float | None = None
+
+
+def read_lora(path: Path, module_names: set[str]) -> dict[str, LoraLayer]:
+    """Group a LoRA file's tensors by the UNet module they adapt (names checked against the UNet)."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for corrupt files
+        raise ModelError(f"{path}: not a readable safetensors LoRA file ({err})") from None
+    kohya_names = {name.replace(".", "_"): name for name in module_names}
+    layers: dict[str, LoraLayer] = {}
+
+    def module_for(raw: str, style: str) -> str:
+        name = kohya_names.get(raw) if style == "kohya" else raw
+        if name not in module_names:
+            raise ModelError(f"{path}: LoRA key for unknown UNet module '{raw}'")
+        return name
+
+    alphas = {}
+    for key, tensor in tensors.items():
+        for pattern, style in _PATTERNS:
+            match = pattern.match(key)
+            if match:
+                layer = layers.setdefault(module_for(match[1], style), LoraLayer())
+                setattr(layer, _SIDE[match[2]], tensor)
+                break
+        else:
+            alpha = _ALPHA.match(key)
+            if not alpha:
+                raise ModelError(f"{path}: unrecognised LoRA key '{key}'")
+            alphas[alpha[1]] = float(tensor.item())
+    for raw, value in alphas.items():
+        name = raw if raw in module_names else kohya_names.get(raw, raw)
+        if name in layers:
+            layers[name].alpha = value
+    if not layers:
+        raise ModelError(f"{path}: holds no LoRA weights")
+    for name, layer in layers.items():
+        if layer.down is None or layer.up is None:
+            raise ModelError(f"{path}: LoRA for '{name}' lacks its {'A/down' if layer.down is None else 'B/up'} matrix")
+    return layers
+
+
+def lora_delta(layer: LoraLayer, default_alpha: float) -> torch.Tensor:
+    """The weight update (alpha / rank) * B @ A, shaped like the adapted layer's weight."""
+    down, up = layer.down.float(), layer.up.float()
+    rank = down.shape[0]
+    scale = (layer.alpha if layer.alpha is not None else default_alpha) / rank
+    delta = up.flatten(1) @ down.flatten(1)  # (out, in * k * k)
+    return scale * delta.reshape(up.shape[0], *down.shape[1:])
+
+
+@torch.no_grad()
+def fuse_lora(unet: nn.Module, path: Path, default_alpha: float) -> int:
+    """Add a LoRA file's updates into the UNet's weights in place; returns the number of layers fused."""
+    modules = dict(unet.named_modules())
+    layers = read_lora(path, set(modules))
+    for name, layer in layers.items():
+        module = modules[name]
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ModelError(f"{path}: '{name}' is a {type(module).__name__}, not a linear or conv layer")
+        delta = lora_delta(layer, default_alpha)
+        if delta.shape != module.weight.shape:
+            raise ModelError(
+                f"{path}: LoRA for '{name}' has shape {tuple(delta.shape)}, the layer {tuple(module.weight.shape)}"
+            )
+        module.weight += delta.to(module.weight.device, module.weight.dtype)
+    return len(layers)

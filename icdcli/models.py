@@ -1,0 +1,269 @@
+"""Loading an iCD model and the model-specific glue: SD1.5 vs SDXL text conditioning, VAE, devices.
+
+Everything that differs between SD1.5 and SDXL lives here; samplers only see latents, a `Conditioning`
+and a denoiser.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import cached_property
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from . import hub
+from .consistency import guidance_embedding
+from .errors import ICDError, ModelError
+from .lora import fuse_lora
+from .manifest import Manifest
+
+log = logging.getLogger("icd")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DIRECTIONS = ("forward", "reverse")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ICDError(f"--device {name} requested but {why}: use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto = fp16 on a GPU, fp32 on a CPU (CPU fp16 kernels are missing or slow)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ICDError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and name == "fp16":
+        raise ICDError("fp16 is not supported on the CPU: use --dtype fp32 or bf16")
+    return DTYPES[name]
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch of rows; SDXL adds a pooled embedding and size ids."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def rows(self, index) -> Conditioning:
+        pick = lambda tensor: None if tensor is None else tensor[index]  # noqa: E731
+        return Conditioning(pick(self.embeds), pick(self.pooled), pick(self.time_ids))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        join = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return Conditioning(join("embeds"), join("pooled"), join("time_ids"))
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+class UNetDenoiser:
+    """PyTorch backend: eps = unet(x_t, t, text, e(w)), one row per sample.
+
+    With a guidance-embedded UNet a guided prediction costs one pass. A UNet without the embedding falls
+    back to classical two-pass guidance, eps_c + w (eps_c - eps_u), on the rows that ask for w != 0.
+    """
+
+    def __init__(self, unet, embed_dim: int | None, uncond: Conditioning | None = None):
+        self.unet, self.embed_dim, self.uncond = unet, embed_dim, uncond
+
+    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond) -> torch.Tensor:
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.unet(x.to(self.unet.dtype), timestep, timestep_cond=timestep_cond, return_dict=False,
+                         **cond.unet_kwargs())[0]
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, w: torch.Tensor) -> torch.Tensor:
+        if self.embed_dim:
+            embedding = guidance_embedding(w, self.embed_dim).to(x.device, self.unet.dtype)
+            return self._eps(x, t, cond, embedding)
+        eps = self._eps(x, t, cond, None)
+        if bool((w != 0).any()):
+            uncond = replace(self.uncond.rows([0] * x.shape[0]), time_ids=cond.time_ids)
+            eps_u = self._eps(x, t, uncond, None)
+            eps = eps + w.to(eps.device, eps.dtype).view(-1, 1, 1, 1) * (eps - eps_u)
+        return eps
+
+
+def _hub_kwargs(base: str) -> dict:
+    return {"local_files_only": hub.is_offline() or Path(base).is_dir()}
+
+
+def _from_base(cls, base: str, subfolder: str, **kwargs):
+    """Load one component of the base pipeline; a missing one is a one-line ModelError."""
+    try:
+        return cls.from_pretrained(base, subfolder=subfolder, **_hub_kwargs(base), **kwargs)
+    except (OSError, ValueError) as err:
+        hint = "" if Path(base).is_dir() else " (not in the Hugging Face cache: run `icd pull` with network access)"
+        raise ModelError(f"cannot load '{subfolder}' of base model {base}{hint}: {str(err).splitlines()[0]}") from None
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle and zip errors come in many types
+        raise ModelError(f"{path}: not a loadable teacher state dict ({str(err).splitlines()[0]})") from None
+
+
+@dataclass
+class ICDModel:
+    """A loaded iCD model: text encoders, VAE, and the forward/reverse UNets (built on first use)."""
+
+    manifest: Manifest
+    device: torch.device
+    dtype: torch.dtype
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+    vae: object = None
+    _unets: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> ICDModel:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        model = cls(manifest, device, dtype)
+        suffixes = ["", "_2"] if manifest.kind == "sdxl" else [""]
+        for i, suffix in enumerate(suffixes):
+            model.tokenizers.append(_from_base(CLIPTokenizer, manifest.base, "tokenizer" + suffix))
+            encoder_cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
+            encoder = _from_base(encoder_cls, manifest.base, "text_encoder" + suffix)
+            model.text_encoders.append(encoder.to(device, dtype).eval())
+        vae = _from_base(AutoencoderKL, manifest.base, "vae")
+        # The SDXL VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then.
+        vae_dtype = torch.float32 if vae.config.force_upcast else dtype
+        model.vae = vae.to(device, vae_dtype).eval()
+        return model
+
+    # --- sizes -------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must divide by this so every UNet downsampling stays exact (64 SD1.5, 32 SDXL)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet_config["up_block_types"]) - 1)
+
+    def latent_shape(self, width: int, height: int, batch: int = 1) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (batch, self.vae.config.latent_channels, height // f, width // f)
+
+    # --- UNets -------------------------------------------------------------------------------------
+    @cached_property
+    def unet_config(self) -> dict:
+        """The base UNet's config, plus the guidance embedding when a CFG-distilled teacher is used."""
+        from diffusers import UNet2DConditionModel
+
+        base = self.manifest.base
+        try:
+            config = UNet2DConditionModel.load_config(base, subfolder="unet", **_hub_kwargs(base))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot read the UNet config of {base}: {str(err).splitlines()[0]}") from None
+        if self.manifest.teacher is not None:
+            config = {**config, "time_cond_proj_dim": self.manifest.guidance_embed_dim}
+        return config
+
+    def _load_teacher(self):
+        from diffusers import UNet2DConditionModel
+
+        manifest = self.manifest
+        if manifest.teacher is None:
+            return _from_base(UNet2DConditionModel, manifest.base, "unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(self.unet_config)
+        state = _load_state_dict(manifest.teacher)
+        try:
+            unet.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise ModelError(f"{manifest.teacher}: does not fit the {manifest.kind} UNet ({str(err).splitlines()[1].strip()})") from None
+        return unet.float()
+
+    def unets(self, *directions: str) -> list:
+        """The fused UNets for the given directions; the teacher is read once for all of them."""
+        missing = [d for d in directions if d not in self._unets]
+        if missing:
+            teacher = self._load_teacher()
+            for i, direction in enumerate(missing):
+                unet = teacher if i == len(missing) - 1 else copy.deepcopy(teacher)
+                lora = getattr(self.manifest, f"{direction}_lora")
+                if lora is None:
+                    raise ModelError(f"model '{self.manifest.name}' has no {direction} LoRA")
+                fuse_lora(unet, lora, self.manifest.lora_alpha)  # fused in fp32, then cast
+                self._unets[direction] = unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        return [self._unets[d] for d in directions]
+
+    def denoiser(self, direction: str) -> UNetDenoiser:
+        (unet,) = self.unets(direction)
+        embed_dim = unet.config.time_cond_proj_dim
+        uncond = None if embed_dim else self.encode_text([""], (self.manifest.resolution,) * 2)
+        return UNetDenoiser(unet, embed_dim, uncond)
+
+    # --- text --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """CLIP conditioning; SDXL: both encoders' penultimate states, the pooled vector and size ids."""
+        for prompt in set(prompts):
+            count = len(self.tokenizers[0](prompt).input_ids)
+            limit = self.tokenizers[0].model_max_length
+            if count > limit:
+                log.warning("prompt is %d tokens, over CLIP's %d: the end is cut off: %r", count, limit, prompt)
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            if self.manifest.kind == "sd15":
+                hidden.append(encoder(ids)[0])
+            else:
+                out = encoder(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]  # text_embeds of the projection model (the last encoder)
+        embeds = torch.cat(hidden, dim=-1)
+        if self.manifest.kind == "sd15":
+            return Conditioning(embeds)
+        width, height = size
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=embeds.dtype)
+        return Conditioning(embeds, pooled, time_ids.repeat(len(prompts), 1))
+
+    # --- VAE ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled posterior mean (fp32)."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return posterior.mean.float() * self.vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1] (fp32, on the CPU)."""
+        scaled = (latents / self.vae.config.scaling_factor).to(self.device, self.vae.dtype)
+        return self.vae.decode(scaled, return_dict=False)[0].float().clamp(-1, 1).cpu()
+
+
+_LOADED: dict = {}
+
+
+def get_model(manifest: Manifest, device: str = "auto", dtype: str = "auto") -> ICDModel:
+    """Load a model once per process and reuse it."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    key = (manifest, torch_device, torch_dtype)
+    if key not in _LOADED:
+        _LOADED[key] = ICDModel.load(manifest, torch_device, torch_dtype)
+    return _LOADED[key]

@@ -1,0 +1,123 @@
+"""Inversion, reconstruction, editing and generation on tensors (the library API under the CLI).
+
+Guidance values follow the paper: w is the classical guidance scale minus one, so w = 0 is the
+conditional prediction alone. The noise for encoding (at t = 19) and for generation is drawn on the CPU
+from a seeded generator, so a seed gives the same result on every device.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import astuple, dataclass, field
+
+import torch
+
+from .consistency import dynamic_guidance
+from .errors import ICDError
+from .models import ICDModel
+from .p2p import P2PConfig, PromptToPrompt
+from .sampling import Step, decode, encode, guidance_schedule, run_steps
+
+METHODS = ("p2p", "swap", "none")
+
+
+@dataclass(frozen=True)
+class EditDefaults:
+    method: str
+    guidance: float
+    tau: float
+
+
+# The official launch settings: SD1.5 edits with Prompt-to-Prompt at w 19, tau 0.8; SDXL with the prompt
+# swap at w 19, tau 0.7. Generation uses a constant w of 7.
+EDIT_DEFAULTS = {"sd15": EditDefaults("p2p", 19.0, 0.8), "sdxl": EditDefaults("swap", 19.0, 0.7)}
+GENERATE_GUIDANCE, GENERATE_TAU = 7.0, 1.0
+
+
+def edit_settings(kind: str, method: str | None = None, guidance: float | None = None,
+                  tau: float | None = None) -> EditDefaults:
+    """The model kind's defaults with the given values put in their place."""
+    defaults = EDIT_DEFAULTS[kind]
+    settings = EditDefaults(method or defaults.method, defaults.guidance if guidance is None else guidance,
+                            defaults.tau if tau is None else tau)
+    if settings.method not in METHODS:
+        raise ICDError(f"unknown edit method '{settings.method}': choose {', '.join(METHODS)}")
+    return settings
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian noise from a CPU generator: identical on every device for a given seed."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def invert(model: ICDModel, pixels: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
+    """Image pixels (1, 3, H, W) in [-1, 1] -> x_T (fp32, CPU), encoded under `prompt` with w = 0."""
+    height, width = pixels.shape[-2:]
+    z0 = model.encode_image(pixels)
+    cond = model.encode_text([prompt], (width, height))
+    noise = seeded_noise(tuple(z0.shape), seed)
+    return encode(model.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).cpu()
+
+
+def _image_size(model: ICDModel, latents: torch.Tensor) -> tuple[int, int]:
+    f = model.vae_scale_factor
+    return latents.shape[-1] * f, latents.shape[-2] * f
+
+
+def reconstruct(model: ICDModel, x_T: torch.Tensor, prompt: str, guidance: float = 0.0, tau: float = 1.0) -> torch.Tensor:
+    """x_T -> pixels (B, 3, H, W) in [-1, 1]; with w = 0 this is the faithful inversion."""
+    cond = model.encode_text([prompt] * x_T.shape[0], _image_size(model, x_T))
+    latents = decode(model.denoiser("reverse"), x_T.to(model.device), cond, model.manifest.reverse_timesteps, guidance, tau)
+    return model.decode_latents(latents)
+
+
+@dataclass
+class EditResult:
+    edited: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    reconstruction: torch.Tensor | None  # the source row, decoded alongside with p2p
+    notes: list[str] = field(default_factory=list)  # e.g. attention windows that map to no step
+
+
+def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method: str | None = None,
+         guidance: float | None = None, tau: float | None = None, p2p: P2PConfig | None = None) -> EditResult:
+    """Decode an inverted latent under the target prompt.
+
+    p2p: rows [source, target] decoded together (source unguided), the target's attention maps taken
+         from the source's inside the Prompt-to-Prompt windows.
+    swap: one row; the source prompt on the unguided high-noise steps (t/1000 > tau), the target on the rest.
+    none: one row; the target prompt on every step.
+    """
+    method, guidance, tau = astuple(edit_settings(model.manifest.kind, method, guidance, tau))
+    x_T = x_T.to(model.device)
+    denoiser = model.denoiser("reverse")
+    cond_both = model.encode_text([source, target], _image_size(model, x_T))
+    cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
+    schedule = guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)
+    if method == "p2p":
+        controller = PromptToPrompt(model.tokenizers[0], source, target, len(schedule), p2p or P2PConfig(),
+                                    latent_size=tuple(x_T.shape[-2:]))
+        steps = [Step(jump, cond_both, torch.tensor([0.0, w])) for jump, w in schedule]
+        with controller.attach(denoiser.unet):
+            latents = run_steps(denoiser, x_T.expand(2, -1, -1, -1), steps, controller.after_step)
+        pixels = model.decode_latents(latents)
+        return EditResult(pixels[1:], pixels[:1], list(controller.warnings))
+    if method == "swap":
+        steps = [Step(jump, cond_src if jump.t / 1000 > tau else cond_tgt, torch.tensor([w])) for jump, w in schedule]
+    else:
+        steps = [Step(jump, cond_tgt, torch.tensor([w])) for jump, w in schedule]
+    return EditResult(model.decode_latents(run_steps(denoiser, x_T, steps)), None)
+
+
+def generate(model: ICDModel, prompt: str, seed: int, width: int, height: int,
+             guidance: float = GENERATE_GUIDANCE, tau: float = GENERATE_TAU) -> torch.Tensor:
+    """Text -> pixels (1, 3, H, W) in [-1, 1] in the reverse model's 3-4 steps."""
+    noise = seeded_noise(model.latent_shape(width, height), seed).to(model.device)
+    cond = model.encode_text([prompt], (width, height))
+    latents = decode(model.denoiser("reverse"), noise, cond, model.manifest.reverse_timesteps, guidance, tau)
+    return model.decode_latents(latents)
+
+
+def guidance_on_steps(model: ICDModel, guidance: float, tau: float) -> list[tuple[int, float]]:
+    """(t, w) for each decoding step, to show users what --guidance and --tau do."""
+    return [(jump.t, dynamic_guidance(guidance, jump.t, tau)) for jump, _ in
+            guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)]

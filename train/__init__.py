@@ -1,0 +1,1 @@
+"""Training of the forward and reverse iCD LoRAs (issue: train/). Not implemented yet."""
