@@ -58,14 +58,13 @@ def _error(message: str) -> None:
     tqdm.write(f"icd: error: {message}", file=sys.stderr)
 
 
-def _load(model_ref: str, device: str, dtype: str):
+def _load(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = ()):
     """Model by reference; a failure here ends the command with one line (exit 1)."""
-    from .manifest import resolve_model
-    from .models import get_model
+    from .jobs import load_model
 
     _quiet_libraries()
     try:
-        return get_model(resolve_model(model_ref), device, dtype)
+        return load_model(model_ref, device, dtype, directions)
     except ICDError as err:
         _error(str(err))
         sys.exit(1)
@@ -196,7 +195,7 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
       icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --blend cat:tiger
       icd edit photos/*.jpg --src "a dog" --tgt "a wolf" --method none -o wolves/
     """
-    from .jobs import IMAGE_SUFFIXES, EditOptions, edit_file, expand_inputs, output_path, output_stem
+    from .jobs import IMAGE_SUFFIXES, EditOptions, edit_file, expand_inputs, needs_inversion, output_path, output_stem
     from .p2p import P2PConfig
 
     config = P2PConfig(cross_replace=cross_replace, self_replace=self_replace,
@@ -205,7 +204,8 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
     if not paths:
         raise click.UsageError("no input files found")
     _check_output(output, len(paths))
-    settings = _settings(_load(model, device, dtype), model, seed, width, height, overwrite)
+    directions = ("forward", "reverse") if needs_inversion(paths) else ("reverse",)
+    settings = _settings(_load(model, device, dtype, directions), model, seed, width, height, overwrite)
     options = EditOptions(source, target, method, guidance, tau, config)
 
     def work(path):
@@ -254,7 +254,7 @@ def invert(images, prompt, seed, model, device, dtype, width, height, output, ov
 
     paths = expand_inputs(list(images), IMAGE_SUFFIXES)
     _check_output(output, len(paths))
-    settings = _settings(_load(model, device, dtype), model, seed, width, height, overwrite)
+    settings = _settings(_load(model, device, dtype, ("forward",)), model, seed, width, height, overwrite)
 
     def work(path):
         out = output_path(output, path.name, path.stem + LATENT_NAME, len(paths) > 1)
@@ -274,15 +274,17 @@ def invert(images, prompt, seed, model, device, dtype, width, height, output, ov
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def reconstruct(latents, model, device, dtype, output, overwrite, as_json, quiet):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
-    from .jobs import expand_inputs, output_path, output_stem, reconstruct_file
+    from .jobs import expand_inputs, load_model, output_path, output_stem, reconstruct_file
     from .latents import load_latent
 
     paths = expand_inputs(list(latents), {".safetensors"})
     _check_output(output, len(paths))
+    _quiet_libraries()
 
     def work(path):
         model_ref = model or load_latent(path)[1].model
-        settings = _settings(_load(model_ref, device, dtype), model_ref, 0, None, None, overwrite)
+        loaded = load_model(model_ref, device, dtype, ("reverse",))
+        settings = _settings(loaded, model_ref, 0, None, None, overwrite)
         out = output_path(output, path.name, f"{output_stem(path)}-recon.png", len(paths) > 1)
         return reconstruct_file(settings, path, out), []
 
@@ -309,7 +311,7 @@ def generate(prompt, count, seed, guidance, tau, model, device, dtype, width, he
     _check_output(output, count)
     first = secrets.randbelow(2**31) if seed is None else seed
     seeds = [first + i for i in range(count)]
-    settings = _settings(_load(model, device, dtype), model, first, width, height, overwrite)
+    settings = _settings(_load(model, device, dtype, ("reverse",)), model, first, width, height, overwrite)
 
     def work(item_seed):
         out = output_path(output, prompt, f"{slug(prompt)}-{item_seed}.png", count > 1)
@@ -387,7 +389,7 @@ def demo(output, model, device, overwrite):
     """
     from .demo import run_demo
 
-    settings = _settings(_load(model, device, "auto"), model, 0, None, None, overwrite)
+    settings = _settings(_load(model, device, "auto", ("forward", "reverse")), model, 0, None, None, overwrite)
     try:
         for path in run_demo(settings, Path(output)):
             click.echo(path)

@@ -251,8 +251,8 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
         try:
             snapshot_download(repo_id=preset.base, allow_patterns=BASE_FILES[preset.kind],
                               force_download=force)
-        except OSError as e:
-            raise ModelError(f"cannot download base model {preset.base}: {e}") from None
+        except Exception as e:  # huggingface_hub raises network, HTTP and cache errors of many types
+            raise ModelError(f"cannot download base model {preset.base}: {str(e).splitlines()[0]}") from None
     manifest = {
         "name": resolved, "kind": preset.kind, "base": preset.base,
         "teacher": Path(os.path.relpath(teacher, folder)).as_posix(),

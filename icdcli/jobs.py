@@ -15,8 +15,8 @@ from . import __version__
 from .errors import ICDError, InputError
 from .images import LoadedImage, from_model_output, load_image, save_image, to_model_input, working_size
 from .latents import LatentInfo, is_latent_file, load_latent, save_latent
-from .manifest import Manifest
-from .models import ICDModel
+from .manifest import Manifest, resolve_model
+from .models import ICDModel, get_model
 from .p2p import P2PConfig
 from .pipeline import edit, edit_settings, generate, invert, reconstruct
 
@@ -58,6 +58,17 @@ def output_stem(path: Path) -> str:
     return name[: -len(LATENT_NAME)] if name.endswith(LATENT_NAME) else path.stem
 
 
+def load_model(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = ()) -> ICDModel:
+    """Resolve and load a model with the UNets a job needs, so that a broken model fails before any item."""
+    model = get_model(resolve_model(model_ref), device, dtype)
+    model.unets(*directions)
+    return model
+
+
+def needs_inversion(paths: list[Path]) -> bool:
+    return any(not is_latent_file(p) for p in paths)
+
+
 @dataclass
 class Settings:
     """What every job shares: the model and the run's parameters."""
@@ -74,7 +85,7 @@ class Settings:
         return self.model.manifest
 
     def metadata(self, **fields) -> dict:
-        return {"model": self.model_ref, "model_fingerprint": self.manifest.fingerprint(),
+        return {"model": self.model_ref, "model_fingerprint": self.manifest.fingerprint,
                 "icd_version": __version__, **{k: v for k, v in fields.items() if v is not None}}
 
     def size_for(self, original: tuple[int, int]) -> tuple[int, int]:
@@ -85,7 +96,7 @@ class Settings:
 def _invert_image(settings: Settings, image: LoadedImage, prompt: str) -> tuple:
     size = settings.size_for(image.original_size)
     latent = invert(settings.model, to_model_input(image, size), prompt, settings.seed)
-    info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint(), prompt=prompt,
+    info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
                       seed=settings.seed, width=size[0], height=size[1], original_width=image.original_size[0],
                       original_height=image.original_size[1], source=str(image.path))
     return latent, info
@@ -100,9 +111,9 @@ def invert_file(settings: Settings, path: Path, prompt: str, output: Path) -> Pa
 
 def _load_checked_latent(settings: Settings, path: Path):
     latent, info = load_latent(path)
-    if info.model_fingerprint != settings.manifest.fingerprint():
+    if info.model_fingerprint != settings.manifest.fingerprint:
         raise InputError(f"{path.name}: inverted with model '{info.model}' ({info.model_fingerprint}), "
-                         f"not '{settings.model_ref}' ({settings.manifest.fingerprint()}): use --model {info.model}")
+                         f"not '{settings.model_ref}' ({settings.manifest.fingerprint}): use --model {info.model}")
     return latent, info
 
 

@@ -75,6 +75,8 @@ def read_lora(path: Path, module_names: set[str]) -> dict[str, LoraLayer]:
     for name, layer in layers.items():
         if layer.down is None or layer.up is None:
             raise ModelError(f"{path}: LoRA for '{name}' lacks its {'A/down' if layer.down is None else 'B/up'} matrix")
+        if layer.down.shape[0] != layer.up.shape[1]:
+            raise ModelError(f"{path}: LoRA for '{name}' has A of rank {layer.down.shape[0]} but B of rank {layer.up.shape[1]}")
     return layers
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from . import hub
@@ -36,6 +37,7 @@ class Manifest:
     resolution: int
     path: Path | None = None
 
+    @cached_property
     def fingerprint(self) -> str:
         """A short content hash of the model: manifest fields plus size and edges of every weight file.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from functools import cached_property
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import hub
 from .consistency import guidance_embedding
 from .errors import ICDError, ModelError
 from .lora import fuse_lora
@@ -100,26 +100,36 @@ class UNetDenoiser:
         return eps
 
 
-def _hub_kwargs(base: str) -> dict:
-    return {"local_files_only": hub.is_offline() or Path(base).is_dir()}
+def _missing_base(base: str, part: str, err: Exception) -> ModelError:
+    """Loading never touches the network (so it cannot hang): a base model not on disk says how to get it."""
+    hint = "" if Path(base).is_dir() else f" (not in the Hugging Face cache: `icd pull` a preset, or `hf download {base}`)"
+    return ModelError(f"cannot load {part} of base model {base}{hint}: {str(err).splitlines()[0]}")
 
 
-def _from_base(cls, base: str, subfolder: str, **kwargs):
-    """Load one component of the base pipeline; a missing one is a one-line ModelError."""
+def _from_base(cls, base: str, subfolder: str):
+    """Load one component of the base pipeline from disk (full-precision files, else the fp16 variant
+    that `icd pull` fetches for SDXL); a missing one is a one-line ModelError."""
     try:
-        return cls.from_pretrained(base, subfolder=subfolder, **_hub_kwargs(base), **kwargs)
+        return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as err:
-        hint = "" if Path(base).is_dir() else " (not in the Hugging Face cache: run `icd pull` with network access)"
-        raise ModelError(f"cannot load '{subfolder}' of base model {base}{hint}: {str(err).splitlines()[0]}") from None
+        try:
+            return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True, variant="fp16")
+        except (OSError, ValueError):
+            raise _missing_base(base, f"'{subfolder}'", err) from None
 
 
 def _load_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
+    """A teacher's weights; `.pt` files are unpickled with weights_only=True (no code runs)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle and zip errors come in many types
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip errors come in many types
         raise ModelError(f"{path}: not a loadable teacher state dict ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path}: holds a {type(state).__name__}, not a UNet state dict")
+    return state
 
 
 @dataclass
@@ -142,7 +152,10 @@ class ICDModel:
         model = cls(manifest, device, dtype)
         suffixes = ["", "_2"] if manifest.kind == "sdxl" else [""]
         for i, suffix in enumerate(suffixes):
-            model.tokenizers.append(_from_base(CLIPTokenizer, manifest.base, "tokenizer" + suffix))
+            tokenizer = _from_base(CLIPTokenizer, manifest.base, "tokenizer" + suffix)
+            if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers builds an empty one from nothing
+                raise _missing_base(manifest.base, f"'tokenizer{suffix}'", OSError("no vocabulary files found"))
+            model.tokenizers.append(tokenizer)
             encoder_cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
             encoder = _from_base(encoder_cls, manifest.base, "text_encoder" + suffix)
             model.text_encoders.append(encoder.to(device, dtype).eval())
@@ -174,9 +187,9 @@ class ICDModel:
 
         base = self.manifest.base
         try:
-            config = UNet2DConditionModel.load_config(base, subfolder="unet", **_hub_kwargs(base))
+            config = UNet2DConditionModel.load_config(base, subfolder="unet", local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot read the UNet config of {base}: {str(err).splitlines()[0]}") from None
+            raise _missing_base(base, "the UNet config", err) from None
         if self.manifest.teacher is not None:
             config = {**config, "time_cond_proj_dim": self.manifest.guidance_embed_dim}
         return config

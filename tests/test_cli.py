@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 from icdcli.cli import main
 from icdcli.images import read_metadata
+from icdcli.manifest import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,24 @@ def test_info_and_help(icd_home, tmp_path):
     assert "device: cpu" in result.output and f"cache: {icd_home}" in result.output
     help_text = icd("edit", "--help", cwd=tmp_path).output
     assert "floor(cross*(K+1))" in help_text and "classical CFG scale minus one" in help_text
+
+
+def test_p2p_window_that_maps_to_no_step_is_warned(icd_home, tmp_path):
+    source = photo(tmp_path / "a.png")
+    result = icd("edit", source, "--src", "a red cat", "--tgt", "a blue cat", "-m", "tiny", "--self-replace", "0.2",
+                 cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "icd: warning: self_replace 0.2 controls no step of 4 (at least 0.25 is needed)" in result.stderr
+
+
+def test_base_model_missing_from_cache_fails_fast(icd_home, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model("tiny").path.parent, model)
+    manifest = json.loads((model / "icd.json").read_text())
+    (model / "icd.json").write_text(json.dumps({**manifest, "base": "nobody/not-a-model"}))
+    result = icd("generate", "a cat", "-m", model, cwd=tmp_path)
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.startswith("icd: error: cannot load 'tokenizer' of base model nobody/not-a-model (not in the "
+                           "Hugging Face cache: `icd pull` a preset, or `hf download nobody/not-a-model`): no vocabulary files found")
+    assert "\n" not in line
