@@ -15,8 +15,7 @@ import click
 from . import __version__
 from .errors import ICDError
 
-ENV_PREFIX = "ICD"
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "auto_envvar_prefix": ENV_PREFIX}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MODEL = "sd15"
 
 GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG scale minus one, so 0 means the "
@@ -111,11 +110,12 @@ def run_batch(items: list, describe, work, *, as_json: bool, quiet: bool) -> int
 def model_options(command):
     """Options every model-running command shares."""
     options = [
-        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, show_envvar=True,
+        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ICD_MODEL", show_envvar=True,
                      help="A preset name (see `icd pull --list`), `tiny`, or a folder/icd.json path."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--device", default="auto", show_default=True, envvar="ICD_DEVICE", show_envvar=True,
+                     help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
-                     show_default=True, help="auto = fp16 on a GPU, fp32 on a CPU."),
+                     show_default=True, envvar="ICD_DTYPE", show_envvar=True, help="auto = fp16 on a GPU, fp32 on a CPU."),
         click.option("--width", type=click.IntRange(min=8), help="Working width in pixels (a multiple of 64 "
                      "for SD1.5, 32 for SDXL). Default: keep the aspect ratio at the model's resolution."),
         click.option("--height", type=click.IntRange(min=8), help="Working height in pixels."),

@@ -194,7 +194,8 @@ class ICDModel:
             config = {**config, "time_cond_proj_dim": self.manifest.guidance_embed_dim}
         return config
 
-    def _load_teacher(self):
+    def load_teacher(self):
+        """A fresh fp32 copy of the teacher UNet (the CFG-distilled one when the manifest names it), on the CPU."""
         from diffusers import UNet2DConditionModel
 
         manifest = self.manifest
@@ -213,7 +214,7 @@ class ICDModel:
         """The fused UNets for the given directions; the teacher is read once for all of them."""
         missing = [d for d in directions if d not in self._unets]
         if missing:
-            teacher = self._load_teacher()
+            teacher = self.load_teacher()
             for i, direction in enumerate(missing):
                 unet = teacher if i == len(missing) - 1 else copy.deepcopy(teacher)
                 lora = getattr(self.manifest, f"{direction}_lora")

@@ -71,7 +71,7 @@ def test_get_model_is_cached(sd15, tiny_dirs):
 
 
 def test_teacher_has_cond_proj_and_the_pt_weights(sd15, tiny_dirs):
-    teacher = sd15._load_teacher()
+    teacher = sd15.load_teacher()
     assert teacher.config.time_cond_proj_dim == 512
     proj = teacher.time_embedding.cond_proj
     assert isinstance(proj, torch.nn.Linear) and proj.in_features == 512 and proj.out_features == 32 and proj.bias is None
