@@ -15,6 +15,7 @@ steps, cross-attention is replaced on steps [0, int(c*(K+1))) and self-attention
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,19 +44,32 @@ class P2PConfig:
 
 
 def _word_spans(tokenizer, prompt: str) -> list[tuple[str, range]]:
-    """Each space-split lowercase word with its token positions in the (untruncated) sequence."""
+    """Each space-split word, bare, with the positions of its own tokens (not its punctuation's)."""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0  # noqa: E731
     spans, start = [], 1
-    for word in prompt.lower().split():
-        count = len(tokenizer(word, add_special_tokens=False).input_ids)
-        spans.append((word, range(start, start + count)))
-        start += count
+    for word in prompt.split():
+        core = bare_word(word)
+        lead = count(word[: len(word) - len(word.lstrip(string.punctuation))])
+        spans.append((core, range(start + lead, start + lead + count(core))))
+        start += count(word)
     return spans
 
 
+def bare_word(word: str) -> str:
+    """A prompt word without case or surrounding punctuation: "Cat," matches "cat" (the official code
+    compared raw words, so a comma silently disabled blends and reweights)."""
+    return word.lower().strip(string.punctuation)
+
+
+def prompt_words(prompt: str) -> list[str]:
+    return [bare_word(w) for w in prompt.split()]
+
+
 def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions of all tokens of every occurrence of the whole word ("cat," is not "cat", as officially)."""
+    """Positions of all tokens of every occurrence of the whole word (case and punctuation ignored)."""
     last = tokenizer.model_max_length - 1  # the end token's place when the prompt is truncated
-    return [p for w, span in _word_spans(tokenizer, prompt) if w == word.lower() for p in span if p < last]
+    wanted = bare_word(word)
+    return [p for w, span in _word_spans(tokenizer, prompt) if w == wanted for p in span if p < last]
 
 
 def replacement_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
@@ -174,10 +188,10 @@ class PromptToPrompt:
                     self._weights[s, t] = 1.0
             self._keep = torch.tensor([s is None for s in mapping])  # new tokens keep the target's maps
 
-        source_words = set(source.lower().split())
+        source_words = set(prompt_words(source))
         self.amplify = dict(config.amplify) if config.amplify is not None else {
-            w: DEFAULT_AMPLIFY for w in dict.fromkeys(target.lower().split())
-            if w not in source_words and w not in STOPWORDS
+            w: DEFAULT_AMPLIFY for w in dict.fromkeys(prompt_words(target))
+            if w and w not in source_words and w not in STOPWORDS
         }
         self._equalizer = torch.ones(length)
         for word, factor in self.amplify.items():

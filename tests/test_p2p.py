@@ -71,7 +71,10 @@ def test_word_token_indices_multi_token_and_repeated(tokenizer):
     assert word_token_indices(tokenizer, prompt, "A") == [1, 11]
     assert word_token_indices(tokenizer, prompt, "dog") == [15, 16, 17]
     assert word_token_indices(tokenizer, prompt, "re") == []
-    assert word_token_indices(tokenizer, "a red, cat", "red") == []  # whole space-split words only
+    assert word_token_indices(tokenizer, "a red cats", "red") == [2, 3, 4]  # whole words only
+    assert word_token_indices(tokenizer, "a red cats", "cat") == []
+    # case and surrounding punctuation are ignored (a comma silently disabled blends officially)
+    assert word_token_indices(tokenizer, "A Red, cat", "red") == word_token_indices(tokenizer, "a red, cat", "RED") == [2, 3, 4]
 
 
 def test_replacement_mapper_spreads_words_of_different_token_lengths(tokenizer):
