@@ -1,1 +1,2 @@
-"""Fused-UNet, ONNX and TensorRT export for icd (issue: fast runtime). Not implemented yet."""
+"""The fast runtime: fused-UNet weights, ONNX graphs and TensorRT engines built by `icd export`, the
+backends that run them (`--backend`), real-size random-weights models, and `icd bench`."""

@@ -57,13 +57,14 @@ def _error(message: str) -> None:
     tqdm.write(f"icd: error: {message}", file=sys.stderr)
 
 
-def _load(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = ()):
+def _load(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = (), backend: str = "auto",
+          compile: bool = False, static_shapes: bool = False):
     """Model by reference; a failure here ends the command with one line (exit 1)."""
     from .jobs import load_model
 
     _quiet_libraries()
     try:
-        return load_model(model_ref, device, dtype, directions)
+        return load_model(model_ref, device, dtype, directions, backend, compile, static_shapes)
     except ICDError as err:
         _error(str(err))
         sys.exit(1)
@@ -107,6 +108,12 @@ def run_batch(items: list, describe, work, *, as_json: bool, quiet: bool) -> int
     return 1 if failed else 0
 
 
+BACKEND_OPTION = click.option(
+    "--backend", type=click.Choice(["auto", "torch", "onnx", "tensorrt"]), default="auto", show_default=True,
+    envvar="ICD_BACKEND", show_envvar=True, help="What runs the UNets. auto: TensorRT, else ONNX Runtime, when "
+    "`icd export` has built their files for this model, else torch. Prompt-to-Prompt decoding always runs on torch.")
+
+
 def model_options(command):
     """Options every model-running command shares."""
     options = [
@@ -116,6 +123,9 @@ def model_options(command):
                      help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
                      show_default=True, envvar="ICD_DTYPE", show_envvar=True, help="auto = fp16 on a GPU, fp32 on a CPU."),
+        BACKEND_OPTION,
+        click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (slow first item; "
+                     "with CUDA graphs when --width and --height fix the size)."),
         click.option("--width", type=click.IntRange(min=8), help="Working width in pixels (a multiple of 64 "
                      "for SD1.5, 32 for SDXL). Default: keep the aspect ratio at the model's resolution."),
         click.option("--height", type=click.IntRange(min=8), help="Working height in pixels."),
@@ -178,7 +188,7 @@ def main() -> None:
               "e.g. --blend pug:bear.")
 @model_options
 def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, self_replace, amplify, blend,
-         model, device, dtype, width, height, output, overwrite, as_json, quiet):
+         model, device, dtype, backend, compile, width, height, output, overwrite, as_json, quiet):
     """Edit photos (or latent files from `icd invert`) from a source prompt to a target prompt.
 
     INPUTS are image files, folders of images, globs, or .latent.safetensors files.
@@ -205,7 +215,8 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
         raise click.UsageError("no input files found")
     _check_output(output, len(paths))
     directions = ("forward", "reverse") if needs_inversion(paths) else ("reverse",)
-    settings = _settings(_load(model, device, dtype, directions), model, seed, width, height, overwrite)
+    loaded = _load(model, device, dtype, directions, backend, compile, bool(width and height))
+    settings = _settings(loaded, model, seed, width, height, overwrite)
     options = EditOptions(source, target, method, guidance, tau, config)
 
     def work(path):
@@ -242,7 +253,8 @@ def _parse_blend(value: str | None):
 @click.option("--prompt", required=True, help="Prompt describing the photos (the source prompt of later edits).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise added before encoding.")
 @model_options
-def invert(images, prompt, seed, model, device, dtype, width, height, output, overwrite, as_json, quiet):
+def invert(images, prompt, seed, model, device, dtype, backend, compile, width, height, output, overwrite, as_json,
+           quiet):
     """Encode photos into latent files (x_T plus metadata) for fast repeated edits.
 
     \b
@@ -254,7 +266,8 @@ def invert(images, prompt, seed, model, device, dtype, width, height, output, ov
 
     paths = expand_inputs(list(images), IMAGE_SUFFIXES)
     _check_output(output, len(paths))
-    settings = _settings(_load(model, device, dtype, ("forward",)), model, seed, width, height, overwrite)
+    loaded = _load(model, device, dtype, ("forward",), backend, compile, bool(width and height))
+    settings = _settings(loaded, model, seed, width, height, overwrite)
 
     def work(path):
         out = output_path(output, path.name, path.stem + LATENT_NAME, len(paths) > 1)
@@ -268,11 +281,12 @@ def invert(images, prompt, seed, model, device, dtype, width, height, output, ov
 @click.option("-m", "--model", help="Model to decode with. Default: the one recorded in each latent file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True)
+@BACKEND_OPTION
 @click.option("-o", "--output", type=click.Path(), help="Output file for one result, folder for several.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per item on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def reconstruct(latents, model, device, dtype, output, overwrite, as_json, quiet):
+def reconstruct(latents, model, device, dtype, backend, output, overwrite, as_json, quiet):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
     from .jobs import expand_inputs, load_model, output_path, output_stem, reconstruct_file
     from .latents import load_latent
@@ -283,7 +297,7 @@ def reconstruct(latents, model, device, dtype, output, overwrite, as_json, quiet
 
     def work(path):
         model_ref = model or load_latent(path)[1].model
-        loaded = load_model(model_ref, device, dtype, ("reverse",))
+        loaded = load_model(model_ref, device, dtype, ("reverse",), backend)
         settings = _settings(loaded, model_ref, 0, None, None, overwrite)
         out = output_path(output, path.name, f"{output_stem(path)}-recon.png", len(paths) > 1)
         return reconstruct_file(settings, path, out), []
@@ -298,8 +312,8 @@ def reconstruct(latents, model, device, dtype, output, overwrite, as_json, quiet
 @click.option("--guidance", type=float, default=7.0, show_default=True, help=GUIDANCE_HELP)
 @click.option("--tau", type=click.FloatRange(0, 1), default=1.0, show_default=True, help=TAU_HELP)
 @model_options
-def generate(prompt, count, seed, guidance, tau, model, device, dtype, width, height, output, overwrite,
-             as_json, quiet):
+def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, compile, width, height, output,
+             overwrite, as_json, quiet):
     """Generate images from a prompt in the model's 3-4 steps.
 
     \b
@@ -311,13 +325,133 @@ def generate(prompt, count, seed, guidance, tau, model, device, dtype, width, he
     _check_output(output, count)
     first = secrets.randbelow(2**31) if seed is None else seed
     seeds = [first + i for i in range(count)]
-    settings = _settings(_load(model, device, dtype, ("reverse",)), model, first, width, height, overwrite)
+    loaded = _load(model, device, dtype, ("reverse",), backend, compile, static_shapes=True)
+    settings = _settings(loaded, model, first, width, height, overwrite)
 
     def work(item_seed):
         out = output_path(output, prompt, f"{slug(prompt)}-{item_seed}.png", count > 1)
         return generate_file(settings, prompt, item_seed, guidance, tau, out), []
 
     sys.exit(run_batch(seeds, lambda s: f"seed {s}", work, as_json=as_json, quiet=quiet))
+
+
+def _sizes(values) -> tuple[tuple[int, int], ...]:
+    sizes = []
+    for value in values:
+        width, sep, height = value.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
+            raise click.BadParameter(f"'{value}' is not WIDTHxHEIGHT in multiples of 8, e.g. 512x512",
+                                     param_hint="--size")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
+@main.command("export")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ICD_MODEL", show_envvar=True,
+              help="A preset name, `tiny`, or a folder/icd.json path.")
+@click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
+              help="Precisions to build (repeatable). Default: fp16 with a CUDA GPU, else fp32.")
+@click.option("--onnx/--no-onnx", default=True, show_default=True, help="ONNX graphs (fp32/fp16), checked in "
+              "ONNX Runtime against PyTorch.")
+@click.option("--tensorrt", is_flag=True, help="TensorRT engines for this GPU (from fp16 graphs).")
+@click.option("--size", "sizes", multiple=True, metavar="WxH", help="TensorRT: image sizes the engines must take "
+              "(repeatable). Default: the model's resolution.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=2, show_default=True,
+              help="TensorRT: the largest batch the engines take.")
+@click.option("--force", is_flag=True, help="Rebuild everything, even what is still valid.")
+@click.option("--device", default="auto", show_default=True, help="Where graphs are traced: auto, cpu, cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export_command(model, precisions, onnx, tensorrt, sizes, max_batch, force, device, as_json):
+    """Build the fast-start and engine files of a model: fused UNet weights, ONNX graphs, TensorRT engines.
+
+    They go to $ICD_HOME/artifacts/<model fingerprint>/ with an index; what is still valid is reused,
+    what is missing or stale is rebuilt. Later commands find them by themselves: the UNets load without
+    LoRA fusion, and `--backend auto` picks the engines.
+
+    \b
+    Examples:
+      icd export -m sd15                          # fp16 weights and graphs on a GPU machine
+      icd export -m sd15 --tensorrt --size 512x512 --size 768x512
+      icd export -m tiny                          # fp32 on a CPU
+    """
+    from export.artifacts import artifacts_dir
+    from export.build import export_model
+
+    from .manifest import resolve_model
+    from .models import resolve_device
+
+    _quiet_libraries()
+    try:
+        manifest = resolve_model(model)
+        torch_device = resolve_device(device)
+        chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))
+        built = export_model(manifest, chosen, onnx=onnx, tensorrt=tensorrt, sizes=_sizes(sizes),
+                             max_batch=max_batch, force=force, device=torch_device)
+    except ICDError as err:
+        _error(str(err))
+        sys.exit(1)
+    folder = artifacts_dir(manifest)
+    if as_json:
+        click.echo(json.dumps({"folder": str(folder), "fingerprint": manifest.fingerprint,
+                               "artifacts": [{"name": b.name, "reused": b.reused} for b in built]}))
+        return
+    for item in built:
+        click.echo(f"{'reused' if item.reused else 'built':6} {item.name}")
+    click.echo(folder)
+
+
+@main.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ICD_MODEL", show_envvar=True,
+              help="A preset name, `tiny`, or a folder/icd.json path.")
+@click.option("--random-weights", type=click.Choice(["sd15", "sdxl"]), help="Measure the real SD1.5/SDXL "
+              "architecture with random weights instead of --model (built once into the cache, no download).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True)
+@BACKEND_OPTION
+@click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (CUDA graphs on a GPU).")
+@click.option("--size", type=click.IntRange(min=64), default=512, show_default=True, help="Square image side in "
+              "pixels (128 on a CPU).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per stage.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, help="Batch sizes for the "
+              "throughput rows (repeatable). Default: 1, 2, 4.")
+@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
+              help="Also time a new `icd edit` process from start to edited image.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and ONNX Runtime. "
+              "Default: torch's.")
+@click.option("--stages-only", is_flag=True, help="Only the single stages: no whole edits, batches or cold start "
+              "(for CPUs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(model, random_weights, device, dtype, backend, compile, size, repeats, warmup, batches, cold_start,
+          threads, stages_only, as_json):
+    """Time every stage of an edit (text, VAE, each UNet call), whole edits, batches and a cold start,
+    each next to its floor (FLOPs over the measured matmul rate).
+
+    \b
+    Examples:
+      icd bench --random-weights sd15             # on a GPU: SD1.5 at 512x512, fp16
+      icd bench --random-weights sd15 --size 128 --repeats 3 --warmup 1 --stages-only   # on a CPU
+      icd bench -m sd15 --backend tensorrt --json
+    """
+    import torch
+
+    from export.bench import format_report, run_bench
+
+    _quiet_libraries()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if random_weights:
+            from export.random_models import build_random_model
+
+            model = str(build_random_model(random_weights))
+        report = run_bench(model, backend=backend, device=device, dtype=dtype, size=size, warmup=warmup,
+                           repeats=repeats, batches=batches or (1, 2, 4), compile=compile, cold_start=cold_start,
+                           stages_only=stages_only)
+    except ICDError as err:
+        _error(str(err))
+        sys.exit(1)
+    click.echo(json.dumps(report) if as_json else format_report(report))
 
 
 @main.command()

@@ -16,7 +16,7 @@ from .errors import ICDError, InputError
 from .images import LoadedImage, from_model_output, load_image, save_image, to_model_input, working_size
 from .latents import LatentInfo, is_latent_file, load_latent, save_latent
 from .manifest import Manifest, resolve_model
-from .models import ICDModel, get_model
+from .models import ICDModel, choose_compile_mode, get_model, resolve_device
 from .p2p import P2PConfig
 from .pipeline import edit, edit_settings, generate, invert, reconstruct
 
@@ -58,10 +58,19 @@ def output_stem(path: Path) -> str:
     return name[: -len(LATENT_NAME)] if name.endswith(LATENT_NAME) else path.stem
 
 
-def load_model(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = ()) -> ICDModel:
-    """Resolve and load a model with the UNets a job needs, so that a broken model fails before any item."""
-    model = get_model(resolve_model(model_ref), device, dtype)
-    model.unets(*directions)
+def load_model(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = (), backend: str = "torch",
+               compile: bool = False, static_shapes: bool = False) -> ICDModel:
+    """Resolve and load a model with the denoisers a job needs, so that a broken model fails before any item.
+
+    `compile` applies torch.compile to the PyTorch UNets, with CUDA graphs when `static_shapes` (every item
+    has the same size)."""
+    manifest = resolve_model(model_ref)
+    mode = choose_compile_mode(resolve_device(device), static_shapes) if compile else None
+    model = get_model(manifest, device, dtype, backend, mode)
+    if model.backend == "torch":
+        model.unets(*directions)  # the teacher is read once for both
+    for direction in directions:
+        model.denoiser(direction)
     return model
 
 
@@ -155,7 +164,7 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
         source = options.source
     method, guidance, tau = astuple(edit_settings(settings.manifest.kind, options.method, options.guidance, options.tau))
     result = edit(settings.model, latent, source, options.target, method=method, guidance=guidance, tau=tau,
-                  p2p=options.p2p)
+                  p2p=options.p2p, with_reconstruction=False)
     image = from_model_output(result.edited[0], original) if original else _resized(result.edited, info)
     p2p = options.p2p or P2PConfig()
     p2p_fields = dict(cross_replace=p2p.cross_replace, self_replace=p2p.self_replace) if method == "p2p" else {}

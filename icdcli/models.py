@@ -72,32 +72,51 @@ class Conditioning:
         return kwargs
 
 
-class UNetDenoiser:
-    """PyTorch backend: eps = unet(x_t, t, text, e(w)), one row per sample.
+class Denoiser:
+    """eps = model(x_t, t, text, e(w)), one row per sample, whatever runs the UNet (subclasses run one pass).
 
     With a guidance-embedded UNet a guided prediction costs one pass. A UNet without the embedding falls
     back to classical two-pass guidance, eps_c + w (eps_c - eps_u), on the rows that ask for w != 0.
+    The embeddings are cached per guidance row values: computing them on the CPU and copying them to a GPU
+    every step would make the host wait for the GPU inside the loop.
     """
 
-    def __init__(self, unet, embed_dim: int | None, uncond: Conditioning | None = None):
-        self.unet, self.embed_dim, self.uncond = unet, embed_dim, uncond
+    def __init__(self, embed_dim: int | None, uncond: Conditioning | None, device: torch.device, dtype: torch.dtype):
+        self.embed_dim, self.uncond, self.device, self.dtype = embed_dim, uncond, device, dtype
+        self._embeddings: dict[tuple[float, ...], torch.Tensor] = {}
 
-    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond) -> torch.Tensor:
-        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return self.unet(x.to(self.unet.dtype), timestep, timestep_cond=timestep_cond, return_dict=False,
-                         **cond.unet_kwargs())[0]
+    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _embedding(self, w: torch.Tensor) -> torch.Tensor:
+        key = tuple(w.tolist())
+        if key not in self._embeddings:
+            self._embeddings[key] = guidance_embedding(w, self.embed_dim).to(self.device, self.dtype)
+        return self._embeddings[key]
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, w: torch.Tensor) -> torch.Tensor:
         if self.embed_dim:
-            embedding = guidance_embedding(w, self.embed_dim).to(x.device, self.unet.dtype)
-            return self._eps(x, t, cond, embedding)
+            return self._eps(x, t, cond, self._embedding(w))
         eps = self._eps(x, t, cond, None)
         if bool((w != 0).any()):
             uncond = replace(self.uncond.rows([0] * x.shape[0]), time_ids=cond.time_ids)
             eps_u = self._eps(x, t, uncond, None)
             eps = eps + w.to(eps.device, eps.dtype).view(-1, 1, 1, 1) * (eps - eps_u)
         return eps
+
+
+class UNetDenoiser(Denoiser):
+    """The PyTorch backend; `unet` may be a torch.compile'd module."""
+
+    def __init__(self, unet, embed_dim: int | None, uncond: Conditioning | None = None):
+        super().__init__(embed_dim, uncond, unet.device, unet.dtype)
+        self.unet = unet
+
+    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond) -> torch.Tensor:
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.unet(x.to(self.dtype), timestep, timestep_cond=timestep_cond, return_dict=False,
+                         **cond.unet_kwargs())[0]
 
 
 def _missing_base(base: str, part: str, err: Exception) -> ModelError:
@@ -134,22 +153,30 @@ def _load_state_dict(path: Path) -> dict:
 
 @dataclass
 class ICDModel:
-    """A loaded iCD model: text encoders, VAE, and the forward/reverse UNets (built on first use)."""
+    """A loaded iCD model: text encoders, VAE, and the forward/reverse UNets (built on first use).
+
+    `backend` runs the UNet calls: torch (these modules, optionally torch.compile'd with `compile_mode`),
+    onnx or tensorrt (engines exported by `icd export`).
+    """
 
     manifest: Manifest
     device: torch.device
     dtype: torch.dtype
+    backend: str = "torch"
+    compile_mode: str | None = None
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     vae: object = None
     _unets: dict = field(default_factory=dict)
+    _denoisers: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> ICDModel:
+    def load(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype,
+             compile_mode: str | None = None) -> ICDModel:
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        model = cls(manifest, device, dtype)
+        model = cls(manifest, device, dtype, compile_mode=compile_mode)
         suffixes = ["", "_2"] if manifest.kind == "sdxl" else [""]
         for i, suffix in enumerate(suffixes):
             tokenizer = _from_base(CLIPTokenizer, manifest.base, "tokenizer" + suffix)
@@ -211,24 +238,70 @@ class ICDModel:
         return unet.float()
 
     def unets(self, *directions: str) -> list:
-        """The fused UNets for the given directions; the teacher is read once for all of them."""
+        """The fused UNets for the given directions: read from `icd export`'s artifacts when they are valid
+        (a fast start: no teacher, no LoRA work), else fused here, reading the teacher once for all."""
+        from export.artifacts import load_fused_unet
+
         missing = [d for d in directions if d not in self._unets]
-        if missing:
-            teacher = self.load_teacher()
-            for i, direction in enumerate(missing):
-                unet = teacher if i == len(missing) - 1 else copy.deepcopy(teacher)
-                lora = getattr(self.manifest, f"{direction}_lora")
-                if lora is None:
-                    raise ModelError(f"model '{self.manifest.name}' has no {direction} LoRA")
-                fuse_lora(unet, lora, self.manifest.lora_alpha)  # fused in fp32, then cast
-                self._unets[direction] = unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        to_fuse = []
+        for direction in missing:
+            unet = load_fused_unet(self.manifest, self.unet_config, direction, self.dtype, self.device)
+            if unet is None:
+                to_fuse.append(direction)
+            else:
+                self._unets[direction] = self._ready(unet)
+        for direction, unet in zip(to_fuse, self.fuse(*to_fuse)):
+            self._unets[direction] = self._ready(unet)
         return [self._unets[d] for d in directions]
 
-    def denoiser(self, direction: str) -> UNetDenoiser:
+    def fuse(self, *directions: str) -> list:
+        """Fresh fp32 UNets on the CPU, teacher + each direction's LoRA; the teacher is read once for all."""
+        if not directions:
+            return []
+        teacher = self.load_teacher()
+        fused = []
+        for i, direction in enumerate(directions):
+            unet = teacher if i == len(directions) - 1 else copy.deepcopy(teacher)
+            lora = getattr(self.manifest, f"{direction}_lora")
+            if lora is None:
+                raise ModelError(f"model '{self.manifest.name}' has no {direction} LoRA")
+            fuse_lora(unet, lora, self.manifest.lora_alpha)
+            fused.append(unet)
+        return fused
+
+    def _ready(self, unet):
+        """On the model's device and dtype, for inference; channels-last on a GPU, the layout that cuDNN's
+        fp16 tensor-core convolutions use (the gain is not measured yet: no GPU in development)."""
+        unet = unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        return unet.to(memory_format=torch.channels_last) if self.device.type == "cuda" else unet
+
+    @property
+    def guidance_embed_dim(self) -> int | None:
+        return self.unet_config.get("time_cond_proj_dim")
+
+    def unconditional(self) -> Conditioning | None:
+        """The empty prompt's conditioning for classical two-pass guidance; None with a guidance embedding."""
+        return None if self.guidance_embed_dim else self.encode_text([""], (self.manifest.resolution,) * 2)
+
+    def denoiser(self, direction: str, attention_control: bool = False) -> Denoiser:
+        """The denoiser of the model's backend, made once. Attention control (Prompt-to-Prompt's hooks)
+        needs the eager PyTorch UNet, whatever the backend."""
+        key = (direction, attention_control)
+        if key not in self._denoisers:
+            self._denoisers[key] = self._make_denoiser(direction, attention_control)
+        return self._denoisers[key]
+
+    def _make_denoiser(self, direction: str, attention_control: bool) -> Denoiser:
+        if self.backend != "torch":
+            if not attention_control:
+                from export.backends import engine_denoiser
+
+                return engine_denoiser(self, direction)
+            log.info("prompt-to-prompt edits attention maps: its decoding runs on torch, not %s", self.backend)
         (unet,) = self.unets(direction)
-        embed_dim = unet.config.time_cond_proj_dim
-        uncond = None if embed_dim else self.encode_text([""], (self.manifest.resolution,) * 2)
-        return UNetDenoiser(unet, embed_dim, uncond)
+        if self.compile_mode and not attention_control:
+            unet = torch.compile(unet, mode=self.compile_mode, fullgraph=True)
+        return UNetDenoiser(unet, self.guidance_embed_dim, self.unconditional())
 
     # --- text --------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -270,14 +343,27 @@ class ICDModel:
         return self.vae.decode(scaled, return_dict=False)[0].float().clamp(-1, 1).cpu()
 
 
+def choose_compile_mode(device: torch.device, static_shapes: bool) -> str:
+    """torch.compile's mode: CUDA graphs and autotuning (max-autotune) pay off only when every call has the
+    same shapes (they are recorded per shape); otherwise, and on a CPU, the default mode."""
+    return "max-autotune" if device.type == "cuda" and static_shapes else "default"
+
+
 _LOADED: dict = {}
 
 
-def get_model(manifest: Manifest, device: str = "auto", dtype: str = "auto") -> ICDModel:
-    """Load a model once per process and reuse it."""
+def get_model(manifest: Manifest, device: str = "auto", dtype: str = "auto", backend: str = "torch",
+              compile_mode: str | None = None) -> ICDModel:
+    """Load a model once per process (per backend) and reuse it. A backend other than torch (auto included)
+    is settled after loading, so that a broken model is reported before any backend message."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    key = (manifest, torch_device, torch_dtype)
+    key = (manifest, torch_device, torch_dtype, backend, compile_mode)
     if key not in _LOADED:
-        _LOADED[key] = ICDModel.load(manifest, torch_device, torch_dtype)
+        model = ICDModel.load(manifest, torch_device, torch_dtype, compile_mode=compile_mode)
+        if backend != "torch":
+            from export.backends import select_backend
+
+            model.backend = select_backend(backend, manifest, torch_device, torch_dtype)
+        _LOADED[key] = model
     return _LOADED[key]

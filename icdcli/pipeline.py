@@ -79,17 +79,19 @@ class EditResult:
 
 
 def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method: str | None = None,
-         guidance: float | None = None, tau: float | None = None, p2p: P2PConfig | None = None) -> EditResult:
+         guidance: float | None = None, tau: float | None = None, p2p: P2PConfig | None = None,
+         with_reconstruction: bool = True) -> EditResult:
     """Decode an inverted latent under the target prompt.
 
     p2p: rows [source, target] decoded together (source unguided), the target's attention maps taken
-         from the source's inside the Prompt-to-Prompt windows.
+         from the source's inside the Prompt-to-Prompt windows. The source row's pixels come back as the
+         reconstruction unless `with_reconstruction` is False: its VAE decode costs more than 3 UNet calls.
     swap: one row; the source prompt on the unguided high-noise steps (t/1000 > tau), the target on the rest.
     none: one row; the target prompt on every step.
     """
     method, guidance, tau = astuple(edit_settings(model.manifest.kind, method, guidance, tau))
     x_T = x_T.to(model.device)
-    denoiser = model.denoiser("reverse")
+    denoiser = model.denoiser("reverse", attention_control=method == "p2p")
     cond_both = model.encode_text([source, target], _image_size(model, x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)
@@ -99,6 +101,8 @@ def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method
         steps = [Step(jump, cond_both, torch.tensor([0.0, w])) for jump, w in schedule]
         with controller.attach(denoiser.unet):
             latents = run_steps(denoiser, x_T.expand(2, -1, -1, -1), steps, controller.after_step)
+        if not with_reconstruction:
+            return EditResult(model.decode_latents(latents[1:]), None, list(controller.warnings))
         pixels = model.decode_latents(latents)
         return EditResult(pixels[1:], pixels[:1], list(controller.warnings))
     if method == "swap":

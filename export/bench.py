@@ -1,0 +1,214 @@
+"""`icd bench`: the time of each stage of an edit, end to end, in batches and from a cold start, each next
+to its floor.
+
+Timing: warm-up runs first, then the median of many repeats; on a GPU the device is synchronized before
+each repeat and CUDA events bracket it, so queued work is neither missed nor counted twice. A stage's
+floor is its FLOPs (counted with FlopCounterMode on meta-device copies of the real modules, so nothing
+runs) over the best matmul rate measured on the same device and dtype. The count is of direct
+convolutions and dense matmuls: a CPU's Winograd convolutions can do fewer operations and beat it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from icdcli import pipeline
+from icdcli.jobs import load_model
+from icdcli.manifest import resolve_model
+from icdcli.models import DIRECTIONS, ICDModel, resolve_device, resolve_dtype
+
+from .artifacts import PRECISIONS, tool_versions
+from .build import export_model
+from .onnx import UNetGraph, input_names, random_inputs
+
+SOURCE, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
+
+
+def time_ms(fn, device: torch.device, warmup: int, repeats: int, best: bool = False) -> float:
+    """Median (or best) wall time of `fn()` in milliseconds, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1000)
+    return min(times) if best else statistics.median(times)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The best measured dense matmul rate, the yardstick of the floors."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device, warmup=2, repeats=20 if device.type == "cuda" else 5, best=True)
+    return 2 * n**3 / ms / 1e9
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@torch.inference_mode()
+def stage_flops(model: ICDModel, width: int, height: int) -> dict[str, int]:
+    """FLOPs of one call of each module at this size (UNet at batch 1, VAE one image, text two prompts)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel.from_config(model.unet_config)
+        vae = AutoencoderKL.from_config(model.vae.config)
+        encoders = [type(encoder)(encoder.config) for encoder in model.text_encoders]
+    latent = model.latent_shape(width, height)
+    inputs = {name: t.to(meta) for name, t in random_inputs(model.unet_config, 1, latent[2:], torch.float32).items()}
+    args = [inputs[name] for name in input_names(model.unet_config)]
+    ids = torch.zeros(2, 77, dtype=torch.long, device=meta)
+    return {
+        "unet": _flops(lambda: UNetGraph(unet)(*args)),
+        "vae_encode": _flops(lambda: vae.encode(torch.zeros(1, 3, height, width, device=meta)).latent_dist.mean),
+        "vae_decode": _flops(lambda: vae.decode(torch.zeros(latent, device=meta))),
+        "text": sum(_flops(lambda e=encoder: e(ids, output_hidden_states=True)) for encoder in encoders),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def cold_start_s(manifest_path: Path, backend: str, device: str, dtype: str, width: int, height: int) -> float:
+    """Seconds from starting a new `icd edit` process to its edited image on disk (artifacts already built)."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        photo = Path(folder) / "photo.png"
+        Image.effect_noise((width, height), 64).convert("RGB").save(photo)
+        command = [sys.executable, "-c", "from icdcli.cli import main; main()", "edit", str(photo), "--src", SOURCE,
+                   "--tgt", TARGET, "-m", str(manifest_path), "--backend", backend, "--device", device, "--dtype",
+                   dtype, "--width", str(width), "--height", str(height), "-o", str(Path(folder) / "out.png"), "-q"]
+        environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this run's thread count
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=environment)
+        seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"cold-start run failed: {done.stderr.strip().splitlines()[-1]}")
+    return seconds
+
+
+def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dtype: str = "auto", size: int = 512,
+              warmup: int = 3, repeats: int = 20, batches: tuple[int, ...] = (1, 2, 4), compile: bool = False,
+              cold_start: bool = True, stages_only: bool = False) -> dict:
+    """Measure one model at `size` x `size` pixels; returns the report (see BENCHMARKS.md for its fields).
+    `stages_only` skips the whole edits, the batches and the cold start (for slow devices)."""
+    manifest = resolve_model(model_ref)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    precision = PRECISIONS[torch_dtype]
+    cold_start = cold_start and not stages_only
+    if backend in ("onnx", "tensorrt") or cold_start:  # what a fast start needs, built before any timing
+        export_model(manifest, (precision,), onnx=backend == "onnx", tensorrt=backend == "tensorrt",
+                     sizes=((size, size), (manifest.resolution,) * 2), max_batch=max(batches), device=torch_device)
+    started = time.perf_counter()
+    model = load_model(model_ref, device, dtype, DIRECTIONS, backend, compile, static_shapes=True)
+    load_s = time.perf_counter() - started
+    report = {"model": manifest.name, "kind": manifest.kind, "fingerprint": manifest.fingerprint,
+              "device": device_name(torch_device), "backend": model.backend, "dtype": precision, "compile": compile,
+              "size": [size, size], "warmup": warmup, "repeats": repeats, "versions": tool_versions(),
+              "matmul_tflops": matmul_tflops(torch_device, torch_dtype), "load_s": load_s}
+    with torch.inference_mode():
+        report |= _measure(model, torch_device, size, warmup, repeats, () if stages_only else batches,
+                           report["matmul_tflops"], stages_only)
+    if cold_start:
+        report["cold_start_s"] = cold_start_s(manifest.path, model.backend, device, precision, size, size)
+    return report
+
+
+def _measure(model: ICDModel, device: torch.device, size: int, warmup: int, repeats: int, batches, tflops: float,
+             stages_only: bool) -> dict:
+    flops = stage_flops(model, size, size)
+    steps = len(model.manifest.reverse_timesteps)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, size, size, generator=generator) * 2 - 1
+    cond1, cond2 = model.encode_text([SOURCE], (size, size)), model.encode_text([SOURCE, TARGET], (size, size))
+    x1 = torch.randn(model.latent_shape(size, size), generator=generator).to(device)
+    x_T = None if stages_only else pipeline.invert(model, pixels, SOURCE, 0)
+    forward, reverse = model.denoiser("forward"), model.denoiser("reverse")
+    w0, w1, w2 = torch.zeros(1), torch.full((1,), 19.0), torch.tensor([0.0, 19.0])
+    text1 = flops["text"] // 2
+    invert_flops = text1 + flops["vae_encode"] + steps * flops["unet"]
+    p2p_flops = flops["text"] + steps * 2 * flops["unet"] + flops["vae_decode"]  # the edited row only
+    swap_flops = flops["text"] + steps * flops["unet"] + flops["vae_decode"]
+    stages = {
+        "text_encode": ("text encoding, 2 prompts", lambda: model.encode_text([SOURCE, TARGET], (size, size)),
+                        flops["text"]),
+        "vae_encode": ("VAE encode", lambda: model.encode_image(pixels), flops["vae_encode"]),
+        "unet_forward_b1": ("UNet call, forward, batch 1", lambda: forward(x1, 259, cond1, w0), flops["unet"]),
+        "unet_reverse_b1": ("UNet call, reverse, batch 1", lambda: reverse(x1, 779, cond1, w1), flops["unet"]),
+        "unet_reverse_b2": ("UNet call, reverse, batch 2", lambda: reverse(x1.expand(2, -1, -1, -1), 779, cond2, w2),
+                            2 * flops["unet"]),
+        "vae_decode": ("VAE decode (to CPU pixels)", lambda: model.decode_latents(x1), flops["vae_decode"]),
+    }
+
+    def edit(method, latent=None):
+        """What `icd edit` does: invert unless given x_T, edit, decode the edited row only."""
+        x = pipeline.invert(model, pixels, SOURCE, 0) if latent is None else latent
+        return pipeline.edit(model, x, SOURCE, TARGET, method=method, with_reconstruction=False)
+
+    end_to_end = {
+        "invert": ("invert: photo to x_T", lambda: pipeline.invert(model, pixels, SOURCE, 0), invert_flops),
+        "edit_p2p": ("p2p edit from x_T (2 rows, 1 decoded)", lambda: edit("p2p", x_T), p2p_flops),
+        "edit_swap": ("swap edit from x_T", lambda: edit("swap", x_T), swap_flops),
+        "photo_edit_p2p": ("photo edit, p2p: invert + edit", lambda: edit("p2p"), invert_flops + p2p_flops),
+        "photo_edit_swap": ("photo edit, swap: invert + edit", lambda: edit("swap"), invert_flops + swap_flops),
+    }
+
+    def timed(table):
+        return {name: {"label": label, "ms": time_ms(fn, device, warmup, repeats), "gflop": count / 1e9,
+                       "floor_ms": count / tflops / 1e9} for name, (label, fn, count) in table.items()}
+
+    throughput = {}
+    for batch in batches:
+        ms = time_ms(lambda b=batch: pipeline.reconstruct(model, x_T.repeat(b, 1, 1, 1), SOURCE), device, warmup, repeats)
+        count = batch * (text1 + steps * flops["unet"] + flops["vae_decode"])
+        throughput[str(batch)] = {"ms": ms, "images_per_s": batch / ms * 1000, "floor_ms": count / tflops / 1e9}
+    return {"stages": timed(stages), "end_to_end": {} if stages_only else timed(end_to_end), "throughput": throughput}
+
+
+def format_report(report: dict) -> str:
+    """The report as a Markdown table, for people and for BENCHMARKS.md."""
+    lines = [f"{report['model']} ({report['kind']}), {report['size'][0]}x{report['size'][1]}, {report['dtype']}, "
+             f"backend {report['backend']}{' + torch.compile' if report['compile'] else ''}, {report['device']}; "
+             f"median of {report['repeats']} after {report['warmup']} warm-up; matmul "
+             f"{report['matmul_tflops']:.2f} TFLOP/s; warm load {report['load_s']:.1f} s",
+             "", "| stage | ms | GFLOP | floor ms |", "| --- | ---: | ---: | ---: |"]
+    for section in ("stages", "end_to_end"):
+        for row in report[section].values():
+            lines.append(f"| {row['label']} | {row['ms']:.1f} | {row['gflop']:.1f} | {row['floor_ms']:.1f} |")
+    for batch, row in report["throughput"].items():
+        lines.append(f"| reconstruct, batch {batch}: {row['images_per_s']:.2f} images/s | {row['ms']:.1f} | | "
+                     f"{row['floor_ms']:.1f} |")
+    if "cold_start_s" in report:
+        cold_ms = report["cold_start_s"] * 1000
+        lines.append(f"| cold start: new `icd edit` process to edited image on disk | {cold_ms:.0f} | | |")
+    return "\n".join(lines)

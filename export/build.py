@@ -1,0 +1,83 @@
+"""`icd export`: build, or reuse when still valid, a model's fused weights, ONNX graphs and TensorRT engines."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from icdcli.errors import ICDError
+from icdcli.manifest import Manifest
+from icdcli.models import DIRECTIONS, ICDModel
+
+from .artifacts import Index, fused_name, load_fused_unet, save_fused_unet
+from .onnx import example_latent, export_unet, verify_graph, verify_latent
+
+log = logging.getLogger("icd")
+
+
+@dataclass(frozen=True)
+class Built:
+    name: str
+    reused: bool
+
+
+def onnx_name(direction: str, precision: str) -> str:
+    return f"unet-{direction}-{precision}.onnx"
+
+
+def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool = True, tensorrt: bool = False,
+                 sizes: tuple[tuple[int, int], ...] = (), max_batch: int = 2, force: bool = False,
+                 device: torch.device = torch.device("cpu")) -> list[Built]:
+    """Make every requested artifact of both UNets valid, building only what is missing or stale (everything
+    with `force`). TensorRT engines are built from fp16 graphs, with profiles for `sizes` (width, height in
+    pixels; default the model's resolution) and batches up to `max_batch`. Graphs are traced on `device`."""
+    if tensorrt:  # before any work
+        from .tensorrt import tensorrt_problem
+
+        if why := tensorrt_problem(torch.device("cuda"), torch.float16):
+            raise ICDError(f"--tensorrt: {why}")
+    index = Index.open(manifest)
+    model = ICDModel(manifest, torch.device("cpu"), torch.float32)  # the UNets only: no text encoders, no VAE
+    graph_precisions = ({p for p in precisions if p != "bf16"} if onnx else set()) | ({"fp16"} if tensorrt else set())
+    done: list[Built] = []
+    for direction in DIRECTIONS:
+        def stale(kind: str, wanted) -> list[str]:
+            return [p for p in sorted(wanted) if force or not index.find(kind=kind, direction=direction, precision=p)]
+
+        stale_weights, stale_graphs = stale("unet", precisions), stale("onnx", graph_precisions)
+        unet = _fp32_unet(model, direction, force) if stale_weights or stale_graphs else None
+        for precision in precisions:
+            if precision in stale_weights:
+                log.info("saving the fused %s UNet (%s)", direction, precision)
+                save_fused_unet(index, unet, direction, precision)
+            done.append(Built(fused_name(direction, precision), precision not in stale_weights))
+        for precision in sorted(graph_precisions):
+            if precision in stale_graphs:
+                _export_graph(index, unet, direction, precision, device)
+            done.append(Built(onnx_name(direction, precision), precision not in stale_graphs))
+        if tensorrt:
+            from .tensorrt import ensure_engine
+
+            sizes = sizes or ((manifest.resolution,) * 2,)
+            done.append(ensure_engine(index, direction, model.unet_config, sizes, max_batch, force))
+    return done
+
+
+def _fp32_unet(model: ICDModel, direction: str, force: bool):
+    """The fused fp32 UNet: from the artifacts when valid (and not forced), else teacher + LoRA."""
+    cpu = torch.device("cpu")
+    unet = None if force else load_fused_unet(model.manifest, model.unet_config, direction, torch.float32, cpu)
+    return unet if unet is not None else model.fuse(direction)[0]
+
+
+def _export_graph(index: Index, unet, direction: str, precision: str, device: torch.device) -> None:
+    """Export at the odd example size and batch 2, check at another size and batch 1, record both."""
+    log.info("exporting the %s UNet to ONNX (%s)", direction, precision)
+    name = onnx_name(direction, precision)
+    files = export_unet(unet, index.folder / name, precision, device)
+    latent = verify_latent(unet.config)
+    error = verify_graph(index.folder / name, unet, precision, batch=1, latent=latent)
+    index.record(name, files, kind="onnx", direction=direction, precision=precision,
+                 example=[2, *example_latent(unet.config)], verified=[1, *latent], relative_error=error)

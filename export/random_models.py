@@ -1,0 +1,106 @@
+"""Real-size SD1.5 and SDXL iCD models with random weights, built offline, to measure speed anywhere.
+
+`CONFIGS` holds the published architectures (the base pipelines' unet/vae/text_encoder configs). The model
+is written once into the cache as a complete model folder in the official formats (diffusers base folder,
+teacher, peft LoRAs, icd.json), so that loading, export, every backend and a cold start run exactly as
+for a downloaded model. The pictures are noise; only the timings mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from icdcli.hub import icd_home
+
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)
+_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4)
+
+CONFIGS = {
+    "sd15": {
+        "resolution": 512,
+        "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                     cross_attention_dim=768, sample_size=64, norm_num_groups=32,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        "vae": dict(_VAE, sample_size=512, scaling_factor=0.18215),
+        "text_encoders": [_CLIP_L],
+    },
+    "sdxl": {
+        "resolution": 1024,
+        "unet": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+                     transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, sample_size=128,
+                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        "vae": dict(_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        "text_encoders": [_CLIP_L, dict(_CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                        num_attention_heads=20, hidden_act="gelu", projection_dim=1280)],
+    },
+}
+GUIDANCE_EMBED_DIM = 512
+LORA_RANK = 64
+LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")  # a LoRA on the attention projections: fusion does real work
+
+
+def random_model_dir(kind: str) -> Path:
+    return icd_home() / "models" / f"random-{kind}"
+
+
+def _lora(unet, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Small random peft-format LoRA weights (official key names), so that fusing perturbs the weights mildly."""
+    tensors = {}
+    for name, module in unet.named_modules():
+        if name.endswith(LORA_LAYERS) and isinstance(module, torch.nn.Linear):
+            prefix = f"unet.base_model.model.{name}"
+            down = torch.randn(LORA_RANK, module.in_features, generator=generator) / module.in_features**0.5
+            tensors[f"{prefix}.lora_A.weight"] = down
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, LORA_RANK, generator=generator) * 0.01
+    return tensors
+
+
+def build_random_model(kind: str, seed: int = 0) -> Path:
+    """The random-weights model folder of `kind` (sd15 or sdxl), built on first use; returns its icd.json."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from icdcli.tiny import TINY_TIMESTEPS, tiny_tokenizer
+
+    folder = random_model_dir(kind)
+    if (folder / "icd.json").is_file():
+        return folder / "icd.json"
+    config = CONFIGS[kind]
+    staging = folder.with_name(folder.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    torch.manual_seed(seed)
+    base = staging / "base"
+    for i, encoder in enumerate(config["text_encoders"]):
+        suffix = "_2" if i else ""
+        tokenizer = base / f"tokenizer{suffix}"  # character-level: the token count, not the vocabulary, costs
+        tiny_tokenizer(tokenizer).save_pretrained(tokenizer)
+        cls = CLIPTextModelWithProjection if i else CLIPTextModel
+        text_config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **encoder)
+        cls(text_config).save_pretrained(base / f"text_encoder{suffix}")
+    AutoencoderKL(**config["vae"]).save_pretrained(base / "vae")
+    teacher = UNet2DConditionModel(**config["unet"], time_cond_proj_dim=GUIDANCE_EMBED_DIM)
+    teacher.save_config(base / "unet")
+    save_file({k: v.half().contiguous() for k, v in teacher.state_dict().items()}, str(staging / "teacher.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    for direction in ("forward", "reverse"):
+        save_file(_lora(teacher, generator), str(staging / f"{direction}.safetensors"))
+    manifest = {"name": f"random-{kind}", "kind": kind, "base": "base", "teacher": "teacher.safetensors",
+                "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": "forward.safetensors",
+                "reverse_lora": "reverse.safetensors", "lora_alpha": 8, **TINY_TIMESTEPS,
+                "resolution": config["resolution"]}
+    (staging / "icd.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder / "icd.json"

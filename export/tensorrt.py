@@ -1,0 +1,212 @@
+"""TensorRT engines of the fp16 ONNX graphs, their cache, and the TensorRT denoiser (with CUDA graphs).
+
+TensorRT is imported only here and only when asked for, so the CLI and the CPU paths never need it.
+Engines are built strongly typed from the fp16 graphs: the only way under TensorRT 11, which dropped the
+precision flags, and a flag at network creation under TensorRT 10. An engine only runs on the TensorRT
+version and GPU it was built for, so its cache key holds those, the graph's hash (the LoRAs are fused into
+the graph, so a new LoRA is a new hash), the precision, the optimisation profile and the builder level.
+
+Nothing in this file has run here: the development machines have no GPU and no TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from icdcli.errors import ICDError
+from icdcli.hub import icd_home
+from icdcli.models import Conditioning, Denoiser
+
+from .artifacts import Index
+from .build import Built, onnx_name
+from .onnx import graph_inputs, input_shapes
+
+log = logging.getLogger("icd")
+
+PRECISION = "fp16"
+OPTIMIZATION_LEVEL = 3
+WORKSPACE_BYTES = 8 << 30
+
+
+def tensorrt_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why TensorRT cannot run here, in one line, or None."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (pip install 'icd[tensorrt]' on a machine with an NVIDIA GPU)"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU, and this run is on the CPU (use --device cuda on a GPU machine)"
+    if dtype != torch.float16:
+        return "TensorRT engines are built in fp16: use --dtype fp16 (the default on a GPU)"
+    return None
+
+
+def _tensorrt():
+    problem = tensorrt_problem(torch.device("cuda"), torch.float16)
+    if problem:
+        raise ICDError(problem)
+    import tensorrt
+
+    return tensorrt
+
+
+def _major(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def runtime_identity(trt, device: torch.device) -> dict:
+    """What an engine must have been built with to run here: the TensorRT version and the GPU."""
+    props = torch.cuda.get_device_properties(device)
+    return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def profile_shapes(config, sizes: tuple[tuple[int, int], ...], max_batch: int) -> dict[str, list]:
+    """(min, opt, max) shape of each input: batches 1..max_batch (opt 1), latents spanning `sizes` (opt the first)."""
+    latents = [(height // 8, width // 8) for width, height in sizes]
+    low = (min(h for h, _ in latents), min(w for _, w in latents))
+    high = (max(h for h, _ in latents), max(w for _, w in latents))
+    ends = (input_shapes(config, 1, low), input_shapes(config, 1, latents[0]), input_shapes(config, max_batch, high))
+    return {name: [list(shapes[name]) for shapes in ends] for name in ends[0]}
+
+
+def engine_key(index: Index, direction: str, config, sizes, max_batch: int, identity: dict) -> dict:
+    graph = index.find(kind="onnx", direction=direction, precision=PRECISION)
+    if graph is None:
+        raise ICDError(f"no fp16 ONNX graph of the {direction} UNet to build an engine from: run `icd export`")
+    return {**identity, "graph_sha256": index.entries[graph]["sha256"], "precision": PRECISION,
+            "profile": profile_shapes(config, sizes, max_batch), "optimization_level": OPTIMIZATION_LEVEL}
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def timing_cache_path(identity: dict) -> Path:
+    """One timing cache per TensorRT version and GPU model, shared by all models (same layer shapes)."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", identity["gpu"]).strip("-")
+    return icd_home() / "tensorrt" / f"timing-{identity['tensorrt']}-{gpu}.cache"
+
+
+def build_engine(trt, onnx_path: Path, profile: dict[str, list], timing_cache: Path) -> bytes:
+    """Parse the graph and build a serialized engine, reading and updating the timing cache."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 11 networks are always strongly typed (the flag is gone); TensorRT 10 must be asked.
+    flags = 0 if _major(trt) >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise ICDError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.builder_optimization_level = OPTIMIZATION_LEVEL
+    optimization_profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        optimization_profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimization_profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ICDError(f"TensorRT could not build an engine from {onnx_path.name} (see its messages above)")
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, force: bool) -> Built:
+    """The engine for this GPU, TensorRT, graph and profile: reused from the cache, else built."""
+    trt = _tensorrt()
+    key = engine_key(index, direction, config, sizes, max_batch, runtime_identity(trt, torch.device("cuda")))
+    name = f"unet-{direction}-{key_hash(key)}.plan"
+    if not force and index.find(kind="engine", direction=direction, key=key_hash(key)) == name:
+        return Built(name, True)
+    log.info("building the TensorRT engine of the %s UNet (minutes, once per GPU and TensorRT version)", direction)
+    plan = build_engine(trt, index.folder / onnx_name(direction, PRECISION), key["profile"], timing_cache_path(key))
+    temporary = index.folder / (name + ".tmp")
+    temporary.write_bytes(plan)
+    os.replace(temporary, index.folder / name)
+    # One engine per UNet and GPU: the one just built replaces any other profile's, so that it is the one used.
+    identity = {k: key[k] for k in ("tensorrt", "gpu", "compute_capability")}
+    for older in index.matching(kind="engine", direction=direction, **identity):
+        if older != name:
+            index.remove(older)
+    index.record(name, [index.folder / name], kind="engine", direction=direction, key=key_hash(key), **key)
+    return Built(name, False)
+
+
+def find_engine(index: Index, direction: str, device: torch.device) -> str | None:
+    """A cached engine of the current fp16 graph that runs on this GPU and TensorRT version (any profile)."""
+    graph = index.find(kind="onnx", direction=direction, precision=PRECISION)
+    if graph is None:
+        return None
+    identity = runtime_identity(_tensorrt(), device)
+    return index.find(kind="engine", direction=direction, graph_sha256=index.entries[graph]["sha256"], **identity)
+
+
+class TensorRTDenoiser(Denoiser):
+    """The TensorRT backend. Each input shape's call is captured once into a CUDA graph over fixed buffers;
+    a call copies its inputs in, replays the graph and copies eps out: a handful of launches per UNet call."""
+
+    def __init__(self, index: Index, direction: str, embed_dim: int | None, uncond: Conditioning | None,
+                 device: torch.device):
+        super().__init__(embed_dim, uncond, device, torch.float16)
+        trt = _tensorrt()
+        name = find_engine(index, direction, device)
+        if name is None:
+            raise ICDError(f"no TensorRT engine of the {direction} UNet for this GPU: run `icd export --tensorrt`")
+        self.entry = index.entries[name]
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine((index.folder / name).read_bytes())
+        if self.engine is None:
+            raise ICDError(f"TensorRT could not load {name}: run `icd export --tensorrt --force`")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream(device)
+        self._graphs: dict[tuple, tuple] = {}
+
+    def _check_profile(self, feeds: dict) -> None:
+        for name, tensor in feeds.items():
+            low, _, high = self.entry["profile"][name]
+            if not all(lo <= n <= hi for lo, n, hi in zip(low, tensor.shape, high)):
+                raise ICDError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's profile "
+                               f"({low} to {high}): rebuild with `icd export --tensorrt --size WxH --max-batch N`")
+
+    def _enqueue(self, buffers: dict, out: torch.Tensor) -> None:
+        for name, tensor in buffers.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self.context.set_tensor_address("eps", out.data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ICDError("TensorRT failed to run the engine")
+
+    def _capture(self, feeds: dict) -> tuple:
+        """Fixed buffers for this shape and a CUDA graph of one engine run over them."""
+        self._check_profile(feeds)
+        buffers = {name: tensor.clone() for name, tensor in feeds.items()}
+        out = torch.empty(feeds["sample"].shape, dtype=torch.float16, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self._enqueue(buffers, out)  # the first run allocates what it needs, outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._enqueue(buffers, out)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return graph, buffers, out
+
+    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond) -> torch.Tensor:
+        feeds = graph_inputs(x, t, cond, timestep_cond, torch.float16)
+        shape = tuple((name, tuple(tensor.shape)) for name, tensor in feeds.items())
+        if shape not in self._graphs:
+            self._graphs[shape] = self._capture(feeds)
+        graph, buffers, out = self._graphs[shape]
+        for name, tensor in feeds.items():
+            buffers[name].copy_(tensor)
+        graph.replay()
+        return out.clone()

@@ -1,0 +1,212 @@
+"""Backends on the tiny model: selection and fallbacks, the ONNX Runtime denoiser against PyTorch, the
+pipeline on it (Prompt-to-Prompt staying on torch), the CLI options, and TensorRT's cache key."""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("onnxruntime", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
+
+from export import backends, tensorrt  # noqa: E402
+from export.artifacts import Index  # noqa: E402
+from export.build import export_model  # noqa: E402
+from export.onnx import OnnxDenoiser  # noqa: E402
+from icdcli import pipeline  # noqa: E402
+from icdcli.cli import main  # noqa: E402
+from icdcli.consistency import add_noise, consistency_jump  # noqa: E402
+from icdcli.errors import ICDError  # noqa: E402
+from icdcli.manifest import load_manifest, resolve_model  # noqa: E402
+from icdcli.jobs import load_model  # noqa: E402
+from icdcli.models import UNetDenoiser, choose_compile_mode, get_model  # noqa: E402
+
+CPU, FP32 = torch.device("cpu"), torch.float32
+
+
+@pytest.fixture(scope="module")
+def icd_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("icd-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ICD_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def manifest(icd_home):
+    return resolve_model("tiny")
+
+
+def icd_messages(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "icd"]
+
+
+@pytest.fixture(scope="module")
+def models(manifest):
+    """The tiny model on torch and on ONNX Runtime (which exports its graphs when first asked)."""
+    return {backend: get_model(manifest, "cpu", "fp32", backend) for backend in ("torch", "onnx")}
+
+
+def test_auto_is_torch_until_exported_then_onnx(icd_home, caplog):
+    manifest = resolve_model("tiny-sdxl")
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert backends.select_backend("auto", manifest, CPU, FP32) == "torch"
+    assert icd_messages(caplog) == ["backend: torch (auto: no ONNX graphs or engines for this model yet; "
+                               "`icd export` makes them)"]
+    export_model(manifest, ("fp32",))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert backends.select_backend("auto", manifest, CPU, FP32) == "onnx"
+    assert icd_messages(caplog) == ["backend: onnx (auto: the fastest with artifacts for this model)"]
+    # fp32 graphs do not serve bf16, and ONNX has no bf16 graphs at all
+    assert backends.select_backend("auto", manifest, CPU, torch.bfloat16) == "torch"
+    with pytest.raises(ICDError, match="^--backend onnx: ONNX graphs are fp32 or fp16, not bf16$"):
+        backends.select_backend("onnx", manifest, CPU, torch.bfloat16)
+
+
+def test_missing_runtimes_fall_back_or_fail_in_one_line(manifest, models, monkeypatch):
+    if importlib.util.find_spec("tensorrt") is None:
+        expected = "TensorRT is not installed"
+    else:
+        expected = "TensorRT needs a CUDA GPU"
+    with pytest.raises(ICDError, match=f"^--backend tensorrt: {expected}") as err:
+        backends.select_backend("tensorrt", manifest, CPU, FP32)
+    assert "\n" not in str(err.value)
+    assert backends.select_backend("auto", manifest, CPU, FP32) == "onnx"  # graphs exported by `models`
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name))
+    assert backends.select_backend("auto", manifest, CPU, FP32) == "torch"
+    with pytest.raises(ICDError, match=r"^--backend onnx: onnxruntime is not installed \(pip install 'icd\[onnx\]'\)$"):
+        backends.select_backend("onnx", manifest, CPU, FP32)
+
+
+def test_onnx_denoiser_matches_torch(models):
+    onnx_denoiser, torch_denoiser = models["onnx"].denoiser("reverse"), models["torch"].denoiser("reverse")
+    assert isinstance(onnx_denoiser, OnnxDenoiser) and isinstance(torch_denoiser, UNetDenoiser)
+    assert models["onnx"].denoiser("reverse") is onnx_denoiser  # sessions are made once
+    cond = models["torch"].encode_text(["a cat", "a dog"], (96, 64))
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    for t, w in ((999, [0.0, 0.0]), (259, [0.0, 19.0])):
+        expected = torch_denoiser(x, t, cond, torch.tensor(w))
+        got = onnx_denoiser(x, t, cond, torch.tensor(w))
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert (got - expected).abs().max().item() < 2e-3 * expected.abs().max().item()
+
+
+def test_pipeline_runs_on_onnx(models, caplog):
+    """invert and reconstruct are the sampling loops over the ONNX denoisers (written out here). Whole
+    chains are not compared with torch's: the tiny model's random weights amplify 1e-5 step differences."""
+    model = models["onnx"]
+    pixels = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x_T = pipeline.invert(model, pixels, "a cat", seed=3)
+    cond = model.encode_text(["a cat"], (96, 64))
+    z0 = model.encode_image(pixels)
+    x = add_noise(z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(3)), 19)
+    for t, s in ((19, 259), (259, 519), (519, 779), (779, 999)):
+        x = consistency_jump(x, model.denoiser("forward")(x, t, cond, torch.zeros(1)), t, s)
+    assert torch.equal(x, x_T)
+    for t, s in ((999, 779), (779, 519), (519, 259), (259, 0)):
+        x = consistency_jump(x, model.denoiser("reverse")(x, t, cond, torch.zeros(1)), t, s)
+    assert torch.equal(pipeline.reconstruct(model, x_T, "a cat"), model.decode_latents(x))
+    with caplog.at_level(logging.INFO, logger="icd"):
+        p2p = [pipeline.edit(model, x_T, "a cat", "a dog", method="p2p") for _ in range(2)]
+    # Prompt-to-Prompt needs the attention maps: it decodes on torch, said once, with torch's result
+    assert icd_messages(caplog) == ["prompt-to-prompt edits attention maps: its decoding runs on torch, not onnx"]
+    reference = pipeline.edit(models["torch"], x_T, "a cat", "a dog", method="p2p")
+    assert torch.equal(p2p[0].edited, reference.edited) and torch.equal(p2p[1].edited, reference.edited)
+
+
+def test_cli_backend_option(icd_home, models, tmp_path):
+    Image.effect_noise((80, 48), 64).convert("RGB").save(tmp_path / "photo.png")
+    runner = CliRunner()
+    args = ["edit", str(tmp_path / "photo.png"), "--src", "a cat", "--tgt", "a dog", "-m", "tiny", "--method", "swap",
+            "-o", str(tmp_path / "out.png")]
+    result = runner.invoke(main, args + ["--backend", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out.png").size == (80, 48)
+    result = runner.invoke(main, args + ["--backend", "tensorrt", "--overwrite"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("icd: error: --backend tensorrt: TensorRT ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(main, ["export", "-m", "tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["folder"] == str(icd_home / "artifacts" / models["torch"].manifest.fingerprint)
+    assert all(item["reused"] for item in report["artifacts"]) and len(report["artifacts"]) == 4
+    result = runner.invoke(main, ["export", "-m", "tiny", "--tensorrt", "--size", "500x500"])
+    assert result.exit_code == 2 and "is not WIDTHxHEIGHT in multiples of 8" in result.output
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        result = runner.invoke(main, ["export", "-m", "tiny", "--tensorrt"])
+        assert result.exit_code == 1 and result.stderr.startswith("icd: error: --tensorrt: TensorRT ")
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_engine_cache_key(manifest, models):
+    index = Index.open(manifest)
+    config = models["torch"].unet_config
+    identity = {"tensorrt": "11.4.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    with pytest.raises(ICDError, match="no fp16 ONNX graph of the reverse UNet"):
+        tensorrt.engine_key(index, "reverse", config, ((128, 128),), 2, identity)
+    graph = index.entries["unet-reverse-fp32.onnx"]  # stands in for the fp16 graph: the key only reads the entry
+    index.entries["unet-reverse-fp16.onnx"] = {**graph, "precision": "fp16"}
+    key = tensorrt.engine_key(index, "reverse", config, ((128, 128), (64, 192)), 2, identity)
+    assert key["graph_sha256"] == graph["sha256"] and key["precision"] == "fp16"
+    # (min, opt, max) latents (height, width): 128x128 is the first size (opt), 64x192 the narrowest and tallest
+    assert key["profile"]["sample"] == [[1, 4, 16, 8], [1, 4, 16, 16], [2, 4, 24, 16]]
+    assert key["profile"]["timestep_cond"] == [[1, 512], [1, 512], [2, 512]]
+    base = tensorrt.key_hash(key)
+    assert base == tensorrt.key_hash(json.loads(json.dumps(key)))  # stable
+    changes = [{"tensorrt": "10.16.0"}, {"gpu": "NVIDIA A100-SXM4-80GB"}, {"compute_capability": "8.0"},
+               {"graph_sha256": "0" * 64}, {"precision": "fp32"}, {"optimization_level": 5},
+               {"profile": tensorrt.profile_shapes(config, ((128, 128),), 4)}]
+    assert len({base} | {tensorrt.key_hash({**key, **change}) for change in changes}) == len(changes) + 1
+    assert tensorrt.timing_cache_path(identity).name == "timing-11.4.0-NVIDIA-H100-80GB-HBM3.cache"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT and a CUDA GPU are needed (neither is on the CPU development machines)")
+def test_tensorrt_engine_matches_torch(manifest, tmp_path):
+    # The tiny LoRAs overflow fp16: a copy of the model with them scaled down
+    shutil.copytree(manifest.path.parent, tmp_path / "model")
+    data = json.loads((tmp_path / "model" / "icd.json").read_text())
+    (tmp_path / "model" / "icd.json").write_text(json.dumps({**data, "lora_alpha": 0.01}))
+    fp16_safe = load_manifest(tmp_path / "model")
+    trt_model = get_model(fp16_safe, "cuda", "fp16", "tensorrt")
+    torch_model = get_model(fp16_safe, "cuda", "fp16")
+    cond = torch_model.encode_text(["a cat"], (128, 128))
+    x = torch.randn(1, 4, 16, 16, device="cuda")
+    for _ in range(2):  # the second call replays the CUDA graph
+        got = trt_model.denoiser("forward")(x, 259, cond, torch.zeros(1))
+        expected = torch_model.denoiser("forward")(x, 259, cond, torch.zeros(1))
+        assert torch.isfinite(got).all()
+        assert (got.float() - expected.float()).abs().max().item() < 5e-2 * expected.abs().max().item()
+    assert os.path.isfile(tensorrt.timing_cache_path(tensorrt.runtime_identity(tensorrt._tensorrt(), x.device)))
+
+
+def test_compile_wraps_the_plain_denoisers_only(manifest):
+    model = load_model(str(manifest.path), "cpu", "fp32", ("reverse",), "torch", compile=True, static_shapes=True)
+    assert model.compile_mode == "default"  # CUDA graphs and autotuning only on a GPU with fixed shapes
+    assert choose_compile_mode(torch.device("cuda"), True) == "max-autotune"
+    assert choose_compile_mode(torch.device("cuda"), False) == "default"
+    assert type(model.denoiser("reverse").unet).__name__ == "OptimizedModule"  # compiled lazily, on first call
+    (eager,) = model.unets("reverse")
+    assert model.denoiser("reverse", attention_control=True).unet is eager  # P2P swaps its attention processors
+
+
+def test_no_wasted_work_in_the_loop(models):
+    """A p2p edit need not decode the source row; e(w) is made once per guidance row values, not per step."""
+    model = models["torch"]
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    full = pipeline.edit(model, x_T, "a cat", "a dog", method="p2p")
+    lean = pipeline.edit(model, x_T, "a cat", "a dog", method="p2p", with_reconstruction=False)
+    assert lean.reconstruction is None and lean.edited.shape == full.edited.shape
+    assert (lean.edited - full.edited).abs().max().item() < 1e-5
+    denoiser = model.denoiser("reverse")
+    first = denoiser._embedding(torch.tensor([0.0, 19.0]))
+    assert denoiser._embedding(torch.tensor([0.0, 19.0])) is first
+    assert not torch.equal(denoiser._embedding(torch.tensor([0.0, 7.0])), first)

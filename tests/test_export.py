@@ -1,0 +1,146 @@
+"""`icd export` on the tiny models: ONNX graphs against PyTorch at sizes other than the export example,
+fused weights that load without the teacher, and artifacts reused when valid, rebuilt when not."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
+onnx = pytest.importorskip("onnx", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
+
+from export import artifacts  # noqa: E402
+from export.artifacts import Index, artifacts_dir, load_fused_unet  # noqa: E402
+from export.build import export_model  # noqa: E402
+from export.onnx import (  # noqa: E402
+    ExportError, UNetGraph, example_latent, export_unet, input_names, onnx_session, random_inputs, verify_graph)
+from icdcli.manifest import resolve_model  # noqa: E402
+from icdcli.models import ICDModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def icd_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("icd-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ICD_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def fused(icd_home):
+    """Both tiny models' fused reverse UNets (fp32, CPU)."""
+    return {kind: ICDModel(resolve_model(name), torch.device("cpu"), torch.float32).fuse("reverse")[0]
+            for kind, name in (("sd15", "tiny"), ("sdxl", "tiny-sdxl"))}
+
+
+def run_both(path, unet, batch, latent, dtype=torch.float32):
+    feeds = random_inputs(unet.config, batch, latent, torch.float32, seed=batch)
+    with torch.inference_mode():
+        reference = UNetGraph(unet)(*(feeds[name] for name in input_names(unet.config)))
+    session = onnx_session(path, torch.device("cpu"))
+    (out,) = session.run(["eps"], {k: (v if k == "timestep" else v.to(dtype)).numpy() for k, v in feeds.items()})
+    return torch.from_numpy(out).float(), reference
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_graph_matches_pytorch_at_other_sizes(fused, kind, tmp_path):
+    unet = fused[kind]
+    files = export_unet(unet, tmp_path / "unet.onnx", "fp32", torch.device("cpu"))
+    assert [f.name for f in files] == ["unet.onnx", "unet.onnx.data"]
+    assert example_latent(unet.config) == (9, 7)  # the tiny UNets upsample twice: neither side divides by 4
+    # batch 1 at a multiple of 4 (the other UNet branch), batch 3 at another odd size
+    for batch, latent in ((1, (16, 16)), (3, (10, 13))):
+        out, reference = run_both(files[0], unet, batch, latent)
+        assert out.shape == reference.shape == (batch, 4, *latent)
+        assert (out - reference).abs().max().item() < 2e-3 * reference.abs().max().item()
+
+
+def test_graph_inputs_are_dynamic_and_typed(fused, tmp_path):
+    path = export_unet(fused["sdxl"], tmp_path / "unet.onnx", "fp32", torch.device("cpu"))[0]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims == {"sample": ["batch", 4, "height", "width"], "timestep": ["batch"],
+                    "encoder_hidden_states": ["batch", 77, 64], "timestep_cond": ["batch", 512],
+                    "text_embeds": ["batch", 32], "time_ids": ["batch", 6]}
+    assert [o.name for o in graph.output] == ["eps"]
+
+
+def test_fp16_graph(icd_home, tmp_path):
+    """fp16 graphs (for TensorRT's strongly typed builds) keep the timestep in fp32 and track the fp32 UNet.
+    The tiny teacher, not a fused UNet: the tiny LoRAs are too strong for fp16."""
+    unet = ICDModel(resolve_model("tiny"), torch.device("cpu"), torch.float32).load_teacher().eval()
+    path = export_unet(unet, tmp_path / "unet16.onnx", "fp16", torch.device("cpu"))[0]
+    graph = onnx.load(str(path)).graph
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
+                     "encoder_hidden_states": onnx.TensorProto.FLOAT16, "timestep_cond": onnx.TensorProto.FLOAT16}
+    assert {t.data_type for t in graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    assert unet.dtype == torch.float32  # exported from a copy
+    out, reference = run_both(path, unet, 2, (12, 8), torch.float16)
+    assert (out - reference).abs().max().item() < 5e-2 * reference.abs().max().item()
+    assert verify_graph(path, unet, "fp16", 1, (16, 16)) < 5e-2
+
+
+def test_verification_catches_a_wrong_graph(fused, tmp_path, icd_home):
+    path = export_unet(fused["sd15"], tmp_path / "unet.onnx", "fp32", torch.device("cpu"))[0]
+    assert verify_graph(path, fused["sd15"], "fp32", 1, (16, 16)) < 2e-3
+    teacher = ICDModel(resolve_model("tiny"), torch.device("cpu"), torch.float32).load_teacher()
+    with pytest.raises(ExportError, match="differs from PyTorch at batch 1, latent 16x16"):
+        verify_graph(path, teacher, "fp32", 1, (16, 16))  # the graph has the LoRA fused, the teacher not
+
+
+def names(built):
+    return {b.name: b.reused for b in built}
+
+
+def test_artifacts_reused_when_valid_rebuilt_when_not(icd_home):
+    manifest = resolve_model("tiny")
+    folder = artifacts_dir(manifest)
+    expected = {f"unet-{d}-fp32.{ext}" for d in ("forward", "reverse") for ext in ("safetensors", "onnx")}
+    first = names(export_model(manifest, ("fp32",)))
+    assert first == dict.fromkeys(expected, False)
+    assert folder.name == manifest.fingerprint
+    index = json.loads((folder / "index.json").read_text())
+    assert index["fingerprint"] == manifest.fingerprint and index["format"] == artifacts.FORMAT
+    graph = index["artifacts"]["unet-reverse-fp32.onnx"]
+    assert graph["example"] == [2, 9, 7] and graph["verified"] == [1, 16, 16] and graph["relative_error"] < 2e-3
+    assert set(graph["files"]) == {"unet-reverse-fp32.onnx", "unet-reverse-fp32.onnx.data"}
+
+    assert names(export_model(manifest, ("fp32",))) == dict.fromkeys(expected, True)
+
+    data = folder / "unet-forward-fp32.onnx.data"  # a build cut short
+    data.write_bytes(data.read_bytes()[:100])
+    rebuilt = names(export_model(manifest, ("fp32",)))
+    assert [n for n, reused in rebuilt.items() if not reused] == ["unet-forward-fp32.onnx"]
+    assert Index.open(manifest).intact("unet-forward-fp32.onnx")
+
+    stale = json.loads((folder / "index.json").read_text())  # another model's (or format's) index
+    (folder / "index.json").write_text(json.dumps({**stale, "fingerprint": "0" * 16}))
+    assert names(export_model(manifest, ("fp32",))) == dict.fromkeys(expected, False)
+    assert names(export_model(manifest, ("fp32",), force=True)) == dict.fromkeys(expected, False)
+
+    index = Index.open(manifest)
+    assert index.matching(kind="onnx", precision="fp32") == ["unet-forward-fp32.onnx", "unet-reverse-fp32.onnx"]
+    index.remove("unet-reverse-fp32.onnx")
+    assert not (folder / "unet-reverse-fp32.onnx").exists() and not (folder / "unet-reverse-fp32.onnx.data").exists()
+    assert Index.open(manifest).find(kind="onnx", direction="reverse") is None
+
+
+def test_fused_weights_load_without_the_teacher(icd_home, monkeypatch):
+    manifest = resolve_model("tiny")
+    export_model(manifest, ("fp32",), onnx=False)
+    reference = ICDModel(manifest, torch.device("cpu"), torch.float32).fuse("forward", "reverse")
+
+    def no_teacher(self):
+        raise AssertionError("the teacher was read although fused weights exist")
+
+    monkeypatch.setattr(ICDModel, "load_teacher", no_teacher)
+    model = ICDModel(manifest, torch.device("cpu"), torch.float32)
+    for loaded, fresh in zip(model.unets("forward", "reverse"), reference):
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        state = fresh.state_dict()
+        assert all(torch.equal(value, state[name]) for name, value in loaded.state_dict().items())
+    # bf16 has no file of its own: the fp32 one is cast
+    (bf16,) = ICDModel(manifest, torch.device("cpu"), torch.bfloat16).unets("reverse")
+    assert bf16.dtype == torch.bfloat16
+    assert load_fused_unet(resolve_model("tiny-sdxl"), {}, "reverse", torch.float32, torch.device("cpu")) is None
