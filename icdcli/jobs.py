@@ -18,7 +18,7 @@ from .latents import LatentInfo, is_latent_file, load_latent, save_latent
 from .manifest import Manifest, resolve_model
 from .models import ICDModel, choose_compile_mode, get_model, resolve_device
 from .p2p import P2PConfig
-from .pipeline import edit, edit_settings, generate, invert, reconstruct
+from .pipeline import edit, edit_settings, guidance_on_steps, generate, invert, reconstruct
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -169,6 +169,7 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
     p2p = options.p2p or P2PConfig()
     p2p_fields = dict(cross_replace=p2p.cross_replace, self_replace=p2p.self_replace) if method == "p2p" else {}
     metadata = settings.metadata(command="edit", prompt=options.target, source_prompt=source, method=method,
+                                 guidance_steps=guidance_on_steps(settings.model, guidance, tau),
                                  guidance_w=guidance, tau=tau, seed=info.seed, source=str(path), **p2p_fields)
     save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
     return output, result.notes
@@ -183,6 +184,7 @@ def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, t
     width, height = working_size((settings.manifest.resolution,) * 2, resolution=settings.manifest.resolution,
                                  multiple=settings.model.size_multiple, width=settings.width, height=settings.height)
     pixels = generate(settings.model, prompt, seed, width, height, guidance, tau)
-    metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau)
+    metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
+                                 guidance_steps=guidance_on_steps(settings.model, guidance, tau))
     save_image(from_model_output(pixels[0], None), output, metadata=metadata, overwrite=settings.overwrite)
     return output

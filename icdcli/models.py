@@ -60,11 +60,6 @@ class Conditioning:
         pick = lambda tensor: None if tensor is None else tensor[index]  # noqa: E731
         return Conditioning(pick(self.embeds), pick(self.pooled), pick(self.time_ids))
 
-    @staticmethod
-    def cat(parts: list[Conditioning]) -> Conditioning:
-        join = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        return Conditioning(join("embeds"), join("pooled"), join("time_ids"))
-
     def unet_kwargs(self) -> dict:
         kwargs = {"encoder_hidden_states": self.embeds}
         if self.pooled is not None:

@@ -7,12 +7,10 @@ from a seeded generator, so a seed gives the same result on every device.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import astuple, dataclass, field
 
 import torch
 
-from .consistency import dynamic_guidance
 from .errors import ICDError
 from .models import ICDModel
 from .p2p import P2PConfig, PromptToPrompt
@@ -122,6 +120,5 @@ def generate(model: ICDModel, prompt: str, seed: int, width: int, height: int,
 
 
 def guidance_on_steps(model: ICDModel, guidance: float, tau: float) -> list[tuple[int, float]]:
-    """(t, w) for each decoding step, to show users what --guidance and --tau do."""
-    return [(jump.t, dynamic_guidance(guidance, jump.t, tau)) for jump, _ in
-            guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)]
+    """(t, w) for each decoding step, recorded with results to show what --guidance and --tau did."""
+    return [(jump.t, w) for jump, w in guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)]

@@ -86,6 +86,7 @@ def test_edit_folder_with_good_and_bad_files(icd_home, folder, tmp_path):
     assert (meta["prompt"], meta["source_prompt"], meta["method"], meta["guidance_w"], meta["tau"]) == (
         "a blue cat", "a red cat", "p2p", 19.0, 0.8)
     assert meta["command"] == "edit" and meta["model"] == "tiny" and len(meta["model_fingerprint"]) == 16
+    assert meta["guidance_steps"] == [[999, 0.0], [779, 19.0], [519, 19.0], [259, 19.0]]  # dynamic guidance, tau 0.8
 
 
 def test_invert_reconstruct_edit_chain_with_json(icd_home, tmp_path):
