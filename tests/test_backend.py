@@ -30,14 +30,6 @@ CPU, FP32 = torch.device("cpu"), torch.float32
 
 
 @pytest.fixture(scope="module")
-def icd_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("icd-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ICD_HOME", str(home))
-        yield home
-
-
-@pytest.fixture(scope="module")
 def manifest(icd_home):
     return resolve_model("tiny")
 

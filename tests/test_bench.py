@@ -29,14 +29,6 @@ TINY_SD15 = {
 }
 
 
-@pytest.fixture(scope="module")
-def icd_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("icd-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ICD_HOME", str(home))
-        yield home
-
-
 def bench(*args):
     result = CliRunner().invoke(main, ["bench", "--json", "--repeats", "2", "--warmup", "1", *args])
     assert result.exit_code == 0, result.output

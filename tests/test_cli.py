@@ -14,15 +14,6 @@ from icdcli.images import read_metadata
 from icdcli.manifest import resolve_model
 
 
-@pytest.fixture(scope="module")
-def icd_home(tmp_path_factory):
-    """One cache (with the tiny model built once) for every CLI test in this module."""
-    home = tmp_path_factory.mktemp("icd-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ICD_HOME", str(home))
-        yield home
-
-
 def icd(*args, cwd: Path):
     """Run `icd ARGS...` in folder `cwd` (default outputs land there)."""
     old = os.getcwd()

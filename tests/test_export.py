@@ -19,14 +19,6 @@ from icdcli.models import ICDModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def icd_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("icd-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ICD_HOME", str(home))
-        yield home
-
-
-@pytest.fixture(scope="module")
 def fused(icd_home):
     """Both tiny models' fused reverse UNets (fp32, CPU)."""
     return {kind: ICDModel(resolve_model(name), torch.device("cpu"), torch.float32).fuse("reverse")[0]
