@@ -530,3 +530,9 @@ def demo(output, model, device, overwrite):
     except ICDError as err:
         _error(str(err))
         sys.exit(1)
+
+
+
+from train.cli import train  # noqa: E402  (it imports only click at load time: `icd --help` stays fast)
+
+main.add_command(train)

@@ -86,3 +86,9 @@ def forward_jumps(forward_timesteps: list[int]) -> list[Jump]:
     """Encoding: from the first forward timestep (19) up, each jumping to the next, the last to 999."""
     starts = sorted(forward_timesteps)
     return [Jump(t, s) for t, s in zip(starts, starts[1:] + [NUM_TRAIN_TIMESTEPS - 1])]
+
+
+def ddim_grid(steps: int = 50) -> list[int]:
+    """The teacher's DDIM timesteps: 19, 39, ..., 999 for 50 steps (encoding starts at the first)."""
+    stride = NUM_TRAIN_TIMESTEPS // steps
+    return [stride * (i + 1) - 1 for i in range(steps)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .consistency import guidance_embedding
+from .consistency import ddim_grid, guidance_embedding
 from .errors import ICDError, ModelError
 from .lora import fuse_lora
 from .manifest import Manifest
@@ -263,6 +263,17 @@ class ICDModel:
             fuse_lora(unet, lora, self.manifest.lora_alpha)
             fused.append(unet)
         return fused
+
+    def teacher_solver(self, steps: int = 50) -> ICDModel:
+        """This model with its teacher in both students' places, on the `steps`-step DDIM grid: the slow
+        multi-step inversion that the paper compares iCD with. Text encoders and VAE are shared."""
+        grid = ddim_grid(steps)
+        manifest = replace(self.manifest, name=f"{self.manifest.name} (teacher DDIM-{steps})",
+                           forward_timesteps=tuple(grid[:-1]), reverse_timesteps=tuple(grid))
+        solver = replace(self, manifest=manifest, backend="torch", compile_mode=None, _unets={}, _denoisers={})
+        teacher = self._ready(self.load_teacher())
+        solver._unets.update(forward=teacher, reverse=teacher)
+        return solver
 
     def _ready(self, unet):
         """On the model's device and dtype, for inference; channels-last on a GPU, the layout that cuDNN's

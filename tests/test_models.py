@@ -536,3 +536,15 @@ def test_tiny_model_folder_is_complete(tiny_dirs):
         names = {p.name for p in folder.iterdir()}
         assert names == {"base", "teacher.pt", "tiny-forward.safetensors", "tiny-reverse.safetensors", "icd.json"}
         assert not (folder.parent / f"{kind}.building").exists()
+
+
+def test_teacher_solver_runs_the_teacher_on_the_ddim_grid(sd15):
+    solver = sd15.teacher_solver(10)
+    assert solver.manifest.forward_timesteps == (99, 199, 299, 399, 499, 599, 699, 799, 899)
+    assert solver.manifest.reverse_timesteps == (99, 199, 299, 399, 499, 599, 699, 799, 899, 999)
+    forward, reverse = solver.unets("forward", "reverse")
+    assert forward is reverse
+    teacher = sd15.load_teacher()
+    assert all(torch.equal(value, teacher.state_dict()[key]) for key, value in forward.state_dict().items())
+    assert sd15.manifest.forward_timesteps == (19, 259, 519, 779)  # the model itself is untouched
+    assert solver.vae is sd15.vae and solver.text_encoders is sd15.text_encoders

@@ -1,0 +1,90 @@
+"""`icd train guidance` and `icd train icd`. Torch, diffusers and accelerate are imported inside the commands,
+so that `icd --help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from icdcli.errors import ICDError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _stage_options(command):
+    command = click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")(command)
+    command = click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+                           help="Folder for the trained model, logs/, checkpoints/ and config.json.")(command)
+    command = click.option("--set", "settings", multiple=True, metavar="SECTION.KEY=VALUE",
+                           help="Override one setting (repeatable), e.g. --set train.lr=1e-5 "
+                                "--set icd.guidance_scales=0,7,11.")(command)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="TOML (or YAML) file of settings; defaults are the paper's SD1.5 recipe.")(command)
+
+
+def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output: str, resume: bool) -> None:
+    from .config import ConfigError, GuidanceConfig, ICDConfig, load_config
+
+    try:
+        config = load_config(GuidanceConfig if stage == "guidance" else ICDConfig, config_file, settings)
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        if stage == "guidance":
+            from .guidance import train_guidance as train_stage
+        else:
+            from .icd import train_icd as train_stage
+        summary = train_stage(config, output, resume)
+    except ICDError as err:  # ConfigError included: some settings are only checked against the model
+        click.echo(f"icd: error: {err}", err=True)
+        sys.exit(1)
+    for when in ("eval_before", "eval_after"):
+        if when in summary:
+            values = ", ".join(f"{name} {value:.4g}" for name, value in summary[when].items())
+            click.echo(f"{when.removeprefix('eval_')}: {values}")
+    click.echo(f"{summary['steps']} steps at {summary['iterations_per_second']:.3g} it/s; model written to {output}")
+
+
+@click.group(context_settings=CONTEXT)
+def train() -> None:
+    """Train your own iCD model: first a guidance-embedded teacher, then the forward and reverse LoRAs.
+
+    \b
+    Examples:
+      icd train guidance --set model.path=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+          --set data.path=photos/ -o teacher/
+      icd train icd --set model.path=teacher/ --set data.path=photos/ -o my-icd/
+      icd edit photo.jpg --model my-icd/ --src "a cat" --tgt "a tiger"
+      accelerate launch --multi_gpu --num_processes 8 -m train icd --config sd15.toml -o my-icd/
+
+    data.path is a folder of images with captions: metadata.jsonl lines {"file_name": ..., "text": ...}
+    (Hugging Face imagefolder), or a CSV with file_name and text or caption columns.
+    """
+
+
+@train.command()
+@_stage_options
+def guidance(config_file, settings, output, resume):
+    """Stage 1: distil classifier-free guidance into the base UNet (a w-embedded teacher).
+
+    model.path is a diffusers base model (folder or cached hub id) or an iCD model folder (its base is
+    used). Writes teacher.pt (the official teacher format) and an icd.json that `icd train icd` takes.
+    Settings: [model] path; [data] path, captions, resolution, latent_cache, workers; [train] max_steps,
+    batch_size, lr, mixed_precision, ... (see train/config.py); [guidance] scales, embed_dim.
+    """
+    _run("guidance", config_file, settings, output, resume)
+
+
+@train.command()
+@_stage_options
+def icd(config_file, settings, output, resume):
+    """Stage 2: distil the forward (encoding) and reverse (decoding) consistency LoRAs.
+
+    model.path is a model folder with a guidance-embedded teacher (from `icd train guidance`, or a released
+    iCD model). Writes forward.safetensors, reverse.safetensors and an icd.json that `icd edit --model`
+    runs. Settings: [lora] rank, alpha, targets; [icd] forward_timesteps, reverse_timesteps, ddim_steps,
+    guidance_scales, loss, huber_c, forward_preservation, reverse_preservation, schedule (official or
+    summed), eval_guidance; and [model], [data], [train] as for `guidance`.
+    """
+    _run("icd", config_file, settings, output, resume)

@@ -1,0 +1,245 @@
+"""Training configuration: dataclasses whose defaults are the paper's SD1.5 4-step recipe, read from TOML
+(or YAML when PyYAML is installed), with `section.key=value` command-line overrides.
+
+Every value goes through one coercion to the field's declared type, so a file and an override are checked
+the same way, and every mistake (unknown key, wrong type, impossible setting) is one ConfigError line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icdcli.errors import ICDError
+from icdcli.tiny import LORA_TARGETS
+
+SCHEDULES = ("official", "summed")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+class ConfigError(ICDError):
+    """A configuration that cannot be used, described in one line."""
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # an iCD model folder / icd.json, or a diffusers base folder / hub id (stage 1)
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # folder of images
+    captions: str = ""  # caption file; default: metadata.jsonl or metadata.csv in the folder
+    resolution: int = 512
+    latent_cache: str = ""  # safetensors file of VAE latents, built on first use ("" = encode each batch)
+    workers: int = 4
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 6000
+    batch_size: int = 8  # per process
+    gradient_accumulation: int = 1
+    lr: float = 8e-6
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto: fp16 on a GPU, none on the CPU
+    gradient_checkpointing: bool = True
+    seed: int = 453645634
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 500  # also evaluated before the first and after the last step
+    eval_samples: int = 8  # the first images of the data set, with fixed noise; 0 = no evaluation
+
+
+@dataclass
+class GuidanceSection:
+    """Stage 1: CFG distillation into a w-embedded teacher."""
+
+    scales: list[float] = field(default_factory=lambda: [0.0, 7.0, 11.0, 15.0, 19.0])
+    embed_dim: int = 512
+
+
+@dataclass
+class LoraSection:
+    rank: int = 64
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class ICDSection:
+    """Stage 2: multi-boundary forward and reverse consistency distillation."""
+
+    forward_timesteps: list[int] = field(default_factory=lambda: [19, 259, 519, 779])
+    reverse_timesteps: list[int] = field(default_factory=lambda: [259, 519, 779, 999])
+    ddim_steps: int = 50
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 7.0, 11.0, 15.0, 19.0])
+    loss: str = "huber"  # or "l2"
+    huber_c: float = 0.001
+    forward_preservation: float = 1.5
+    reverse_preservation: float = 1.5
+    schedule: str = "official"  # official: 4 backward passes and steps per iteration; summed: one per student
+    eval_guidance: float = 0.0  # w of the decode-gap evaluation
+
+
+@dataclass
+class GuidanceConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(lr=1e-5))
+    guidance: GuidanceSection = field(default_factory=GuidanceSection)
+
+
+@dataclass
+class ICDConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    icd: ICDSection = field(default_factory=ICDSection)
+
+
+Config = GuidanceConfig | ICDConfig
+
+
+def _from_text(text: str, kind):
+    """An override's text as the field's type: verbatim for text, comma-separated for lists, else as TOML
+    reads it (numbers, booleans, [arrays])."""
+    if kind is str:
+        return text
+    if typing.get_origin(kind) is list and not text.startswith("["):
+        (item,) = typing.get_args(kind)
+        return [_from_text(part.strip(), item) for part in text.split(",") if part.strip()]
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(value, kind, key: str):
+    """`value` checked against the declared type `kind` (int, float, bool, str or a list of those)."""
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return [_coerce(v, item, key) for v in (value if isinstance(value, list) else [value])]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _section_fields(config) -> dict[str, dict[str, type]]:
+    return {s.name: typing.get_type_hints(type(getattr(config, s.name))) for s in dataclasses.fields(config)}
+
+
+def _assign(config, key: str, value, from_text: bool = False) -> None:
+    sections = _section_fields(config)
+    section, _, name = key.partition(".")
+    if section not in sections:
+        raise ConfigError(f"unknown section '{section}' in '{key}' (sections: {', '.join(sections)})")
+    if name not in sections[section]:
+        raise ConfigError(f"unknown setting '{key}' (in [{section}]: {', '.join(sections[section])})")
+    kind = sections[section][name]
+    setattr(getattr(config, section), name, _coerce(_from_text(value, kind) if from_text else value, kind, key))
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the configuration ({err.strerror})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: the configuration must be sections of key = value settings")
+    return data
+
+
+def load_config(kind: type[Config], path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> Config:
+    """Defaults, then the file's settings, then `section.key=value` overrides; validated."""
+    config = kind()
+    if path is not None:
+        for section, values in _read_file(Path(path)).items():
+            for name, value in values.items():
+                _assign(config, f"{section}.{name}", value)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {override}: expected section.key=value")
+        _assign(config, key.strip(), text.strip(), from_text=True)
+    validate(config)
+    return config
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Reject settings that could only fail later, or silently train something else."""
+    train, data = config.train, config.data
+    _check(bool(config.model.path), "model.path: name the model to start from")
+    _check(bool(data.path), "data.path: name the folder of training images")
+    _check(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution: a positive multiple of 8")
+    for key in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every",
+                "keep_checkpoints"):
+        _check(getattr(train, key) >= 1, f"train.{key}: must be at least 1")
+    _check(train.eval_every >= 0, "train.eval_every: 0 (only before and after) or a number of steps")
+    _check(train.eval_samples >= 0, "train.eval_samples: 0 (no evaluation) or a number of images")
+    _check(train.lr > 0, "train.lr: must be positive")
+    _check(train.mixed_precision in MIXED_PRECISION, f"train.mixed_precision: one of {', '.join(MIXED_PRECISION)}")
+    if isinstance(config, GuidanceConfig):
+        _check(bool(config.guidance.scales), "guidance.scales: give at least one guidance value")
+        _check(config.guidance.embed_dim > 0 and config.guidance.embed_dim % 2 == 0,
+               "guidance.embed_dim: a positive even number")
+        return
+    icd, lora = config.icd, config.lora
+    for key in ("forward_timesteps", "reverse_timesteps"):
+        steps = getattr(icd, key)
+        _check(bool(steps) and steps == sorted(set(steps)) and 0 < steps[0] and steps[-1] < 1000,
+               f"icd.{key}: increasing timesteps in 1..999")
+    _check(icd.reverse_timesteps[-1] == 999, "icd.reverse_timesteps: decoding starts from pure noise at 999")
+    _check(1000 % icd.ddim_steps == 0, "icd.ddim_steps: must divide 1000 (50 gives the grid 19, 39, ..., 999)")
+    _check(bool(icd.guidance_scales), "icd.guidance_scales: give at least one guidance value")
+    _check(icd.loss in ("huber", "l2"), "icd.loss: huber or l2")
+    _check(icd.huber_c > 0, "icd.huber_c: must be positive")
+    _check(icd.forward_preservation >= 0 and icd.reverse_preservation >= 0, "icd.*_preservation: not negative")
+    _check(icd.schedule in SCHEDULES, f"icd.schedule: one of {', '.join(SCHEDULES)}")
+    _check(icd.schedule == "summed" or train.gradient_accumulation == 1,
+           "train.gradient_accumulation > 1 needs icd.schedule = 'summed' (the official schedule steps after each loss)")
+    _check(lora.rank >= 1 and lora.alpha > 0 and bool(lora.targets), "lora: rank >= 1, alpha > 0 and some targets")
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2)
+
+
+def flat_scalars(config: Config) -> dict[str, int | float | str | bool]:
+    """`section.key` -> value with lists joined by commas: what TensorBoard's hparams accept."""
+    flat = {}
+    for section, values in dataclasses.asdict(config).items():
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat

@@ -1,0 +1,132 @@
+"""Stage 1 (`icd train guidance`): distil classifier-free guidance into the UNet, making the w-embedded teacher.
+
+The student is the base UNet plus `time_embedding.cond_proj` (e(w) -> time features, no bias), initialised
+to zero so that it starts as the base model. All its weights learn eps_c + w (eps_c - eps_u) of the frozen
+base, for w drawn per sample from guidance.scales (w = classical scale - 1; the paper's SD1.5 set is
+0, 7, 11, 15, 19) and fed as e(w). It is saved in the official teacher format: `teacher.pt`, a plain state
+dict strict-loadable into the base UNet config with time_cond_proj_dim = 512, plus an icd.json without LoRAs
+that `icd train icd` takes as its model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from icdcli.consistency import NUM_TRAIN_TIMESTEPS, add_noise, guidance_embedding
+from icdcli.errors import ModelError
+from icdcli.images import atomic_write
+from icdcli.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
+from icdcli.models import Conditioning, ICDModel
+
+from .config import GuidanceConfig, ICDSection
+from .data import batch_inputs, build_dataset, first_items, text_conditioning
+from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype, write_manifest
+from .losses import cat_conditioning, per_row
+
+TEACHER_FILE = "teacher.pt"
+
+
+def base_manifest(path: str, resolution: int) -> Manifest:
+    """The base model of an iCD model (folder or icd.json), or a diffusers base folder or hub id."""
+    candidate = Path(path)
+    if (candidate / MANIFEST_NAME).is_file() or candidate.suffix == ".json":
+        manifest = load_manifest(candidate)
+        return replace(manifest, teacher=None, guidance_embed_dim=None, forward_lora=None, reverse_lora=None)
+    from diffusers import UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: neither an iCD model nor a diffusers base model ({str(err).splitlines()[0]})") from None
+    kind = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"
+    defaults = ICDSection()
+    data = {"kind": kind, "base": path, "forward_timesteps": defaults.forward_timesteps,
+            "reverse_timesteps": defaults.reverse_timesteps, "resolution": resolution}
+    return parse_manifest(data, Path.cwd(), path)
+
+
+def guidance_student(base, embed_dim: int):
+    """The base UNet with a zero guidance projection: equal to the base until it learns."""
+    from diffusers import UNet2DConditionModel
+
+    if base.config.time_cond_proj_dim is not None:
+        raise ModelError("the base UNet already has a guidance embedding (time_cond_proj_dim)")
+    student = UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=embed_dim)
+    missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+class GuidanceStage:
+    def __init__(self, config: GuidanceConfig, output: Path, accelerator):
+        self.config, self.output, self.accelerator = config, output, accelerator
+        manifest = base_manifest(config.model.path, config.data.resolution)
+        dtype = weight_dtype(accelerator)
+        self.model = ICDModel.load(manifest, accelerator.device, dtype)
+        check_resolution(self.model, config.data.resolution)
+        base = self.model.load_teacher()  # the manifest names no teacher: this is the base UNet
+        self.student = guidance_student(base, config.guidance.embed_dim)
+        if config.train.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        self.base = base.to(accelerator.device, dtype).requires_grad_(False).eval()
+        self.dataset = dataset = build_dataset(config.data, self.model, accelerator)
+        optimizer = make_optimizer([list(self.student.parameters())], config.train)
+        loader = make_loader(dataset, config.train, config.data.workers, accelerator.num_processes)
+        trained, self.optimizer, self.loader = accelerator.prepare(self.student, optimizer, loader)
+        self.models = (trained,)
+        self.uncond = text_conditioning(self.model, [""], config.data.resolution)
+
+    def loss(self, unet, z0: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
+        """MSE between unet(x_t, t, e(w)) and the base's guided eps, at random t, w and noise."""
+        rows, device = z0.shape[0], z0.device
+        scales = self.config.guidance.scales
+        t = torch.randint(NUM_TRAIN_TIMESTEPS, (rows,), generator=generator).tolist()
+        w = torch.tensor([scales[i] for i in torch.randint(len(scales), (rows,), generator=generator).tolist()])
+        x_t = per_row(add_noise, z0, torch.randn(z0.shape, generator=generator).to(device), t)
+        timesteps = torch.tensor(t, device=device)
+        uncond = self.uncond.rows([0] * rows)
+        with torch.no_grad():
+            both = cat_conditioning([cond, replace(uncond, time_ids=cond.time_ids)])
+            eps_c, eps_u = self.base(torch.cat([x_t, x_t]), timesteps.repeat(2), return_dict=False,
+                                     **both.unet_kwargs())[0].float().chunk(2)
+            target = eps_c + w.to(device).view(-1, 1, 1, 1) * (eps_c - eps_u)
+        embedding = guidance_embedding(w, self.config.guidance.embed_dim).to(device)
+        eps = unet(x_t, timesteps, timestep_cond=embedding, return_dict=False, **cond.unet_kwargs())[0]
+        return F.mse_loss(eps.float(), target)
+
+    def train_step(self, batch: dict, generator: torch.Generator) -> dict:
+        z0, cond = batch_inputs(self.model, batch, self.config.data.resolution)
+        with self.accelerator.autocast():
+            loss = self.loss(self.models[0], z0, cond, generator)
+        self.accelerator.backward(loss)
+        clip_and_step(self)
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """guidance_gap: the loss on the fixed evaluation images with fixed t, w and noise."""
+        eval_batch = first_items(self.dataset, self.config.train.eval_samples)
+        z0, cond = batch_inputs(self.model, eval_batch, self.config.data.resolution)
+        with self.accelerator.autocast():
+            return {"guidance_gap": self.loss(self.student, z0, cond, torch.Generator().manual_seed(0)).item()}
+
+    def save(self) -> None:
+        state = {key: value.detach().cpu() for key, value in self.student.state_dict().items()}
+        teacher = self.output / TEACHER_FILE
+        atomic_write(teacher, lambda temporary: torch.save(state, temporary), overwrite=True)
+        manifest = self.model.manifest
+        write_manifest(self.output, {
+            "name": self.output.name, "kind": manifest.kind, "base": manifest.base, "teacher": teacher,
+            "guidance_embed_dim": self.config.guidance.embed_dim,
+            "forward_timesteps": list(manifest.forward_timesteps),
+            "reverse_timesteps": list(manifest.reverse_timesteps), "resolution": self.config.data.resolution})
+
+
+def train_guidance(config: GuidanceConfig, output: str | Path, resume: bool = False) -> dict:
+    """Run stage 1 into `output`; returns the summary of loop.fit."""
+    return run(GuidanceStage, config, Path(output), resume)

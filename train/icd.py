@@ -1,0 +1,116 @@
+"""Stage 2 (`icd train icd`): distil the forward (encoding) and reverse (decoding) students from the teacher.
+
+Update schedule (icd.schedule):
+- official (default): the four losses in the official order (reverse CD, forward CD, forward preservation,
+  reverse preservation), each with its own backward pass and optimizer step: every student is updated twice
+  per iteration, in 10 UNet calls.
+- summed: each student's CD and preservation losses are summed and stepped once; the same 10 passes' rows go
+  through 5 batched UNet calls. BENCHMARKS.md compares the two.
+One AdamW holds both students' LoRA parameters (a param group each). Adam is per parameter and skips those
+without gradients, so this equals one optimizer per student, and a single fp16 GradScaler stays valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from icdcli.errors import ModelError
+from icdcli.manifest import load_manifest
+from icdcli.models import DIRECTIONS, ICDModel
+
+from .config import ICDConfig
+from .data import batch_inputs, build_dataset, first_items
+from .evaluate import ICDProbe
+from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype, write_manifest
+from .losses import LOSSES, PassRunner, Schedule, distance_for, draw, loss_weights
+from .students import load_lora, make_student, save_lora, trainable
+
+
+class ICDStage:
+    def __init__(self, config: ICDConfig, output: Path, accelerator):
+        self.config, self.output, self.accelerator = config, output, accelerator
+        manifest = load_manifest(config.model.path)
+        if manifest.teacher is None or not manifest.guidance_embed_dim:
+            raise ModelError(f"{config.model.path}: needs a guidance-embedded teacher (make one with "
+                             f"`icd train guidance`)")
+        dtype = weight_dtype(accelerator)
+        self.model = ICDModel.load(manifest, accelerator.device, dtype)
+        check_resolution(self.model, config.data.resolution)
+        teacher = self.model.load_teacher().to(dtype).requires_grad_(False)
+        self.students = {d: make_student(teacher, config.lora, config.train.gradient_checkpointing)
+                         for d in DIRECTIONS}
+        self.teacher = teacher.to(accelerator.device).eval()
+        self.dataset = dataset = build_dataset(config.data, self.model, accelerator)
+        optimizer = make_optimizer([trainable(self.students[d]) for d in DIRECTIONS], config.train)
+        loader = make_loader(dataset, config.train, config.data.workers, accelerator.num_processes)
+        forward, reverse, self.optimizer, self.loader = accelerator.prepare(
+            self.students["forward"], self.students["reverse"], optimizer, loader)
+        self.models = (forward, reverse)
+        self.embed_dim = manifest.guidance_embed_dim
+        self.runner = PassRunner({"teacher": self.teacher, "forward": forward, "reverse": reverse}, self.embed_dim)
+        icd = config.icd
+        self.schedule = Schedule(icd.forward_timesteps, icd.reverse_timesteps, icd.ddim_steps)
+        self.weights = loss_weights(icd)
+        self.distance = distance_for(icd)
+        self._probe: ICDProbe | None = None
+        # Checkpoints hold the two LoRA files (official format), not two full UNet copies.
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+    def train_step(self, batch: dict, generator: torch.Generator) -> dict:
+        z0, cond = batch_inputs(self.model, batch, self.config.data.resolution)
+        d = draw(z0, cond, self.schedule, self.config.icd.guidance_scales, generator)
+        names = list(self.weights)
+        groups = [names] if self.config.icd.schedule == "summed" else [[name] for name in names]
+        calls, rows = self.runner.calls, self.runner.rows
+        values = {}
+        for group in groups:
+            with self.accelerator.autocast():
+                losses = self.runner.run({name: LOSSES[name](d, self.schedule, self.distance) for name in group})
+            self.accelerator.backward(sum(self.weights[name] * losses[name] for name in group))
+            clip_and_step(self)
+            values.update({f"loss_{name}": loss.detach() for name, loss in losses.items()})
+        values["unet_calls"] = self.runner.calls - calls
+        values["unet_passes"] = (self.runner.rows - rows) / z0.shape[0]  # in batch-sized passes
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        with self.accelerator.autocast():
+            if self._probe is None:
+                eval_batch = first_items(self.dataset, self.config.train.eval_samples)
+                z0, cond = batch_inputs(self.model, eval_batch, self.config.data.resolution)
+                icd = self.config.icd
+                self._probe = ICDProbe(self.teacher, self.embed_dim, z0, cond, self.schedule, icd.forward_timesteps,
+                                       icd.reverse_timesteps, icd.eval_guidance)
+            return self._probe(self.students["forward"], self.students["reverse"])
+
+    def save(self) -> None:
+        """The model folder `icd edit --model` runs: both LoRAs and an icd.json naming the teacher."""
+        for direction, student in self.students.items():
+            save_lora(student, self.output / f"{direction}.safetensors")
+        manifest, icd = self.model.manifest, self.config.icd
+        write_manifest(self.output, {
+            "name": self.output.name, "kind": manifest.kind, "base": manifest.base,
+            "teacher": manifest.teacher, "guidance_embed_dim": self.embed_dim,
+            "forward_lora": "forward.safetensors", "reverse_lora": "reverse.safetensors",
+            "lora_alpha": self.config.lora.alpha, "forward_timesteps": icd.forward_timesteps,
+            "reverse_timesteps": icd.reverse_timesteps, "resolution": self.config.data.resolution})
+
+    def _save_hook(self, models, weights, folder) -> None:
+        if self.accelerator.is_main_process:
+            for direction, student in self.students.items():
+                save_lora(student, Path(folder) / f"{direction}.safetensors")
+        weights.clear()
+
+    def _load_hook(self, models, folder) -> None:
+        models.clear()
+        for direction, student in self.students.items():
+            load_lora(student, Path(folder) / f"{direction}.safetensors")
+
+
+def train_icd(config: ICDConfig, output: str | Path, resume: bool = False) -> dict:
+    """Run stage 2 into `output`; returns the summary of loop.fit."""
+    return run(ICDStage, config, Path(output), resume)

@@ -1,0 +1,261 @@
+"""What both training stages share: the Accelerator, the data loader, the step loop with its logs, checkpoints
+and resume, and the output manifest.
+
+Runs single-process on a CPU and unchanged under `accelerate launch` (DDP, one or many nodes): accelerate
+shards the data loader, wraps the trained models, syncs gradients and writes per-process RNG states.
+Every iteration's random draws are seeded by (seed, process, batch index), so a resumed run draws what the
+uninterrupted one would have, without storing generator states.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from icdcli.errors import ICDError
+from icdcli.manifest import MANIFEST_NAME
+
+from .config import ConfigError, TrainSection, flat_scalars, to_json
+
+log = logging.getLogger("icd")
+CHECKPOINTS = "checkpoints"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def mixed_precision(train: TrainSection) -> str:
+    """auto = fp16 on a GPU (the paper's setting), full precision on the CPU."""
+    cuda = torch.cuda.is_available()
+    if train.mixed_precision == "auto":
+        return "fp16" if cuda else "no"
+    if train.mixed_precision == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision = fp16 needs a GPU: use bf16 or no on the CPU")
+    return train.mixed_precision
+
+
+def make_accelerator(train: TrainSection, output: Path):
+    if importlib.util.find_spec("accelerate") is None:
+        raise ICDError('training needs accelerate: pip install "icd[train]"')
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(train),
+        # Steps are counted by optimizer updates, so the end of an epoch must not force an early one.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=train.gradient_accumulation,
+                                                                sync_with_dataloader=False),
+        log_with="tensorboard" if tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        # The same shuffled order on every process (each takes its shard), reproducible per epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+    )
+    set_seed(train.seed)  # the same initial weights everywhere (DDP also broadcasts them from process 0)
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of frozen weights: the mixed-precision type (trained LoRA/UNet masters stay fp32)."""
+    return WEIGHT_DTYPES[accelerator.mixed_precision]
+
+
+def check_output(output: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to train over a finished or started run without --resume."""
+    checkpoints = sorted((output / CHECKPOINTS).glob("step-*"))
+    if resume:
+        if not checkpoints:
+            raise ICDError(f"{output}: no checkpoint to resume from")
+        return checkpoints[-1]
+    if checkpoints or (output / MANIFEST_NAME).exists():
+        raise ICDError(f"{output} already holds a training run: use --resume, or another --output")
+    return None
+
+
+def make_loader(dataset: Dataset, train: TrainSection, workers: int, processes: int) -> DataLoader:
+    if len(dataset) < train.batch_size * processes:
+        raise ICDError(f"{len(dataset)} images are fewer than one batch ({train.batch_size} x {processes} processes)")
+    return DataLoader(dataset, batch_size=train.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                      persistent_workers=workers > 0)
+
+
+def endless(loader, accelerator, consumed: int):
+    """Batches forever, starting after the `consumed` first ones (epochs reshuffled reproducibly)."""
+    epoch, skip = divmod(consumed, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)
+        epoch, skip = epoch + 1, 0
+
+
+class Stage(Protocol):
+    config: object
+    accelerator: object
+    loader: object
+    optimizer: object
+    models: tuple  # the prepared (trained) models
+
+    def train_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor | float]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def save(self) -> None: ...
+
+
+class Progress:
+    """The step count, saved in every checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+class MetricsLog:
+    """Scalars to logs/metrics.jsonl (always) and to TensorBoard when it is installed; main process only."""
+
+    def __init__(self, accelerator, output: Path, hparams: dict):
+        self.accelerator, self.file = accelerator, output / "logs" / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers("icd-train", config=hparams)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.file, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+
+def _save_checkpoint(accelerator, output: Path, step: int, keep: int) -> None:
+    accelerator.save_state(str(output / CHECKPOINTS / f"step-{step:07d}"))
+    if accelerator.is_main_process:
+        for old in sorted((output / CHECKPOINTS).glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+
+
+def fit(stage: Stage, train: TrainSection, output: Path, hparams: dict, resume_from: Path | None = None) -> dict:
+    """Train to train.max_steps; returns the evaluations before/after and the speed of the steps."""
+    from tqdm.auto import tqdm
+
+    accelerator = stage.accelerator
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        log.info("resumed from %s at step %d", resume_from, progress.step)
+    metrics = MetricsLog(accelerator, output, hparams)
+    summary: dict = {"start_step": progress.step}
+
+    def evaluate(key: str) -> None:
+        if not train.eval_samples:
+            return
+        if accelerator.is_main_process:
+            summary[key] = stage.evaluate()
+            metrics.write(progress.step, {f"eval/{name}": value for name, value in summary[key].items()})
+        accelerator.wait_for_everyone()
+
+    if progress.step == 0:
+        evaluate("eval_before")
+    batches = endless(stage.loader, accelerator, progress.step * train.gradient_accumulation)
+    bar = tqdm(total=train.max_steps, initial=progress.step, disable=not accelerator.is_main_process,
+               desc="training", dynamic_ncols=True)
+    window: dict = {}  # sums of the step values since the last log line
+    window_count, seconds, micro = 0, 0.0, progress.step * train.gradient_accumulation
+    while progress.step < train.max_steps:
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(train.seed + micro * accelerator.num_processes
+                                                  + accelerator.process_index)
+        with accelerator.accumulate(*stage.models):
+            values = stage.train_step(next(batches), generator)
+        micro, window_count = micro + 1, window_count + 1
+        for name, value in values.items():
+            window[name] = window.get(name, 0.0) + value
+        seconds += time.perf_counter() - started
+        if not accelerator.sync_gradients:
+            continue
+        progress.step += 1
+        bar.update(1)
+        last = progress.step == train.max_steps
+        if progress.step % train.log_every == 0 or last:
+            summary["train"] = {name: float(total) / window_count for name, total in window.items()}
+            window, window_count = {}, 0
+            bar.set_postfix({name: f"{value:.4g}" for name, value in summary["train"].items() if "loss" in name})
+            metrics.write(progress.step, {f"train/{name}": value for name, value in summary["train"].items()})
+        if progress.step % train.checkpoint_every == 0 or last:
+            _save_checkpoint(accelerator, output, progress.step, train.keep_checkpoints)
+        if train.eval_every and progress.step % train.eval_every == 0 and not last:
+            evaluate(f"eval_{progress.step}")
+    bar.close()
+    steps = progress.step - summary["start_step"]
+    summary.update(steps=steps, train_seconds=seconds, iterations_per_second=steps / seconds if seconds else 0.0)
+    evaluate("eval_after")
+    if accelerator.is_main_process:
+        stage.save()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def check_resolution(model, resolution: int) -> None:
+    if resolution % model.size_multiple:
+        raise ICDError(f"data.resolution {resolution} is not a multiple of {model.size_multiple}, "
+                       f"which this model's UNet needs")
+
+
+def make_optimizer(groups: list[list[torch.nn.Parameter]], train: TrainSection) -> torch.optim.Optimizer:
+    """One AdamW with a parameter group per trained model."""
+    return torch.optim.AdamW([{"params": params} for params in groups], lr=train.lr,
+                             betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                             weight_decay=train.weight_decay)
+
+
+def clip_and_step(stage) -> None:
+    """Clip each trained model's gradient norm separately (as the official code does), then step."""
+    accelerator, train = stage.accelerator, stage.config.train
+    if accelerator.sync_gradients:
+        accelerator.unscale_gradients()
+        for model in stage.models:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+    stage.optimizer.step()
+    stage.optimizer.zero_grad(set_to_none=True)
+
+
+def run(make_stage, config, output: Path, resume: bool) -> dict:
+    """Train one stage into `output` (the model folder, logs, checkpoints and the effective config.json)."""
+    resume_from = check_output(output, resume)
+    output.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(config.train, output)
+    stage = make_stage(config, output, accelerator)
+    if accelerator.is_main_process:
+        (output / "config.json").write_text(to_json(config))
+    return fit(stage, config.train, output, flat_scalars(config), resume_from)
+
+
+def relative(path: str | Path, folder: Path) -> str:
+    """`path` relative to `folder` when possible (so a model folder can move with its teacher)."""
+    try:
+        return os.path.relpath(Path(path).resolve(), folder.resolve())
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def write_manifest(folder: Path, fields: dict) -> Path:
+    """icd.json in `folder`, with the teacher and a local base folder written relative to it."""
+    data = {**fields, "teacher": relative(fields["teacher"], folder)}
+    if Path(fields["base"]).is_dir():
+        data["base"] = relative(fields["base"], folder)
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,253 @@
+"""The four iCD losses, written with the jump of icdcli.consistency, and the machinery that evaluates them.
+
+Timesteps. The teacher's ODE is solved on the 50-step DDIM grid 19, 39, ..., 999 plus every boundary, so a
+teacher step never crosses a boundary. With the paper's boundaries (all on the grid) this is exactly the
+official grid; with off-grid ones (249, 499, 699) those points are trained too, which the official code never
+does (reference §7.1, items 1 and 7).
+
+- Reverse CD (trains the reverse/decoding student, per-sample w): from t on the grid the target boundary is
+  the largest reverse boundary below t. With reverse timesteps 259/519/779/999 the boundaries are
+  0/259/519/779, so t = 259 -> 0 (at inference the reverse model also jumps 259 -> 0), t = 279 -> 259,
+  t = 999 -> 779: the official rule max{e <= t - 20} on the grid.
+- Forward CD (forward/encoding student, w = 0): the smallest forward boundary above t (259, ..., 999).
+- The teacher's step goes to the neighbouring grid point with the same jump formula, so the step to 0 uses
+  the hard boundary (alpha = 1) like the students, instead of the official sqrt(abar_0) (§7.1, item 6).
+  The target is the stop-gradient student's jump from there; where that point is the boundary itself the
+  jump from s to s is the identity, which is the consistency boundary condition with no special case.
+- Preservation (w = 0) on segments lo_f -> hi (a forward jump) whose hi starts a reverse jump hi -> lo_r.
+  Forward preservation: f(r(x_hi) -> lo_f) -> hi must give x_hi back. Reverse preservation: r(f(x_lo_f))
+  must give x_lo_r, where lo_r = 0 on the bottom segment: the reverse model is taught the jump it makes at
+  inference (259 -> 0, the clean latent), not the official 259 -> 19.
+
+Every timestep is a Python int per row, so the per-row jumps and noising reuse icdcli.consistency's scalar
+formulas, and nothing waits on the GPU to read a timestep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from icdcli.consistency import alpha_sigma, consistency_jump, ddim_grid, forward_jumps, guidance_embedding, reverse_jumps
+from icdcli.models import Conditioning
+
+from .config import ICDSection
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Schedule:
+    """The solver grid, each direction's boundaries and the preservation segments of one configuration."""
+
+    def __init__(self, forward_timesteps: list[int], reverse_timesteps: list[int], ddim_steps: int = 50):
+        reverse, forward = reverse_jumps(reverse_timesteps), forward_jumps(forward_timesteps)
+        self.reverse_boundaries = sorted({jump.s for jump in reverse})
+        self.forward_boundaries = sorted({jump.s for jump in forward})
+        self.grid = sorted(set(ddim_grid(ddim_steps)) | set(forward_timesteps) | set(reverse_timesteps))
+        self.forward_starts = [t for t in self.grid if forward_timesteps[0] <= t < self.forward_boundaries[-1]]
+        # (lo_f, hi, lo_r): never empty, as the last forward jump ends at 999 where decoding starts.
+        self.segments = [(f.t, f.s, r.s) for f in forward for r in reverse if r.t == f.s]
+
+    def reverse_step(self, t: int) -> tuple[int, int]:
+        """(the grid point below t, or 0; the boundary the reverse model jumps to from t)."""
+        below = [g for g in self.grid if g < t]
+        return (below[-1] if below else 0), max(e for e in self.reverse_boundaries if e < t)
+
+    def forward_step(self, t: int) -> tuple[int, int]:
+        """(the grid point above t; the boundary the forward model jumps to from t)."""
+        return min(g for g in self.grid if g > t), min(f for f in self.forward_boundaries if f > t)
+
+
+def per_row(formula, a: torch.Tensor, b: torch.Tensor, *timesteps: list[int]) -> torch.Tensor:
+    """Apply a scalar-timestep formula to each row with that row's timesteps."""
+    return torch.cat([formula(a[i:i + 1], b[i:i + 1], *(ts[i] for ts in timesteps)) for i in range(a.shape[0])])
+
+
+def _noised_one(z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+    alpha, sigma = alpha_sigma(t)
+    return alpha * z0 + sigma * noise
+
+
+def noised(z0: torch.Tensor, noise: torch.Tensor, t: list[int]) -> torch.Tensor:
+    """x_t = alpha_t z0 + sigma_t noise per row; t = 0 is the clean latent (the hard boundary)."""
+    return per_row(_noised_one, z0, noise, t)
+
+
+def cat_conditioning(parts: list[Conditioning]) -> Conditioning:
+    """The rows of several conditionings, stacked (SDXL's pooled embeddings and size ids too)."""
+    def join(name: str):
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+
+    return Conditioning(join("embeds"), join("pooled"), join("time_ids"))
+
+
+@dataclass
+class Rows:
+    """UNet evaluations, one per row: row i is evaluated at t[i] and jumps to s[i] with guidance w[i]."""
+
+    x: torch.Tensor
+    t: list[int]
+    s: list[int]
+    w: torch.Tensor
+    cond: Conditioning
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        return Rows(torch.cat([p.x for p in parts]), [t for p in parts for t in p.t], [s for p in parts for s in p.s],
+                    torch.cat([p.w for p in parts]), cat_conditioning([p.cond for p in parts]))
+
+
+def unet_jump(unet, rows: Rows, embed_dim: int) -> torch.Tensor:
+    """One UNet call on all rows, then each row's consistency jump (fp32)."""
+    device = rows.x.device
+    embedding = guidance_embedding(rows.w, embed_dim).to(device)
+    eps = unet(rows.x, torch.tensor(rows.t, device=device), timestep_cond=embedding, return_dict=False,
+               **rows.cond.unet_kwargs())[0]
+    return per_row(consistency_jump, rows.x, eps, rows.t, rows.s)
+
+
+@dataclass
+class Pass:
+    """What a loss plan asks for: `model` ("teacher", "forward" or "reverse") evaluated on `rows`."""
+
+    model: str
+    rows: Rows
+    grad: bool = False
+
+    @property
+    def phase(self) -> int:
+        """Teacher steps come first, then stop-gradient student passes, then the passes that are trained."""
+        return 2 if self.grad else int(self.model != "teacher")
+
+
+Plan = Generator[Pass, torch.Tensor, torch.Tensor]
+
+
+class PassRunner:
+    """Drives loss plans together: requests of the same phase for the same UNet share one batched call.
+
+    Run one plan at a time and every pass is its own call (the official 10 per iteration); run all four and
+    an iteration takes 5 calls (teacher, two stop-gradient, two trained) over the same rows.
+    """
+
+    def __init__(self, unets: dict, embed_dim: int):
+        self.unets, self.embed_dim = unets, embed_dim
+        self.calls = self.rows = 0
+
+    def run(self, plans: dict[str, Plan]) -> dict[str, torch.Tensor]:
+        results: dict[str, torch.Tensor] = {}
+        pending: dict[str, Pass] = {}
+
+        def advance(name: str, value: torch.Tensor | None) -> None:
+            try:
+                pending[name] = plans[name].send(value)
+            except StopIteration as done:
+                results[name] = done.value
+                pending.pop(name, None)
+
+        for name in plans:
+            advance(name, None)
+        while pending:
+            phase = min(p.phase for p in pending.values())
+            by_model: dict[str, list[str]] = {}
+            for name, request in pending.items():
+                if request.phase == phase:
+                    by_model.setdefault(request.model, []).append(name)
+            for model, names in by_model.items():
+                parts = [pending[name].rows for name in names]
+                with torch.set_grad_enabled(phase == 2):
+                    out = unet_jump(self.unets[model], Rows.cat(parts), self.embed_dim)
+                self.calls, self.rows = self.calls + 1, self.rows + len(out)
+                for name, part in zip(names, out.split([len(p) for p in parts])):
+                    advance(name, part)
+        return results
+
+
+@dataclass
+class Draw:
+    """One iteration's random choices, shared by its four losses (as in the official code)."""
+
+    z0: torch.Tensor
+    noise: torch.Tensor
+    cond: Conditioning
+    w: torch.Tensor  # reverse CD guidance per row
+    reverse_t: list[int]
+    forward_t: list[int]
+    segments: list[tuple[int, int, int]]
+
+
+def draw(z0: torch.Tensor, cond: Conditioning, schedule: Schedule, scales: list[float],
+         generator: torch.Generator) -> Draw:
+    """Uniform start points, segments and guidance values per row; noise from the same generator."""
+    rows = z0.shape[0]
+
+    def pick(options: list) -> list:
+        return [options[i] for i in torch.randint(len(options), (rows,), generator=generator).tolist()]
+
+    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    return Draw(z0, noise, cond, torch.tensor(pick(scales)), pick(schedule.grid), pick(schedule.forward_starts),
+                pick(schedule.segments))
+
+
+def _consistency(student: str, x_t, t: list[int], steps: list[tuple[int, int]], w, cond, distance) -> Plan:
+    following, boundary = [list(column) for column in zip(*steps)]
+    x_next = yield Pass("teacher", Rows(x_t, t, following, w, cond))  # one teacher DDIM step
+    target = yield Pass(student, Rows(x_next, following, boundary, w, cond))  # stop-gradient student from there
+    prediction = yield Pass(student, Rows(x_t, t, boundary, w, cond), grad=True)
+    return distance(prediction, target)
+
+
+def reverse_cd(d: Draw, schedule: Schedule, distance: Distance) -> Plan:
+    steps = [schedule.reverse_step(t) for t in d.reverse_t]
+    return _consistency("reverse", noised(d.z0, d.noise, d.reverse_t), d.reverse_t, steps, d.w, d.cond, distance)
+
+
+def forward_cd(d: Draw, schedule: Schedule, distance: Distance) -> Plan:
+    steps = [schedule.forward_step(t) for t in d.forward_t]
+    unguided = torch.zeros(len(d.forward_t))
+    return _consistency("forward", noised(d.z0, d.noise, d.forward_t), d.forward_t, steps, unguided, d.cond, distance)
+
+
+def forward_preservation(d: Draw, schedule: Schedule, distance: Distance) -> Plan:
+    low, high, _ = [list(column) for column in zip(*d.segments)]
+    unguided = torch.zeros(len(low))
+    x_high = noised(d.z0, d.noise, high)
+    x_low = yield Pass("reverse", Rows(x_high, high, low, unguided, d.cond))
+    prediction = yield Pass("forward", Rows(x_low, low, high, unguided, d.cond), grad=True)
+    return distance(prediction, x_high)
+
+
+def reverse_preservation(d: Draw, schedule: Schedule, distance: Distance) -> Plan:
+    low, high, reverse_low = [list(column) for column in zip(*d.segments)]
+    unguided = torch.zeros(len(low))
+    x_high = yield Pass("forward", Rows(noised(d.z0, d.noise, low), low, high, unguided, d.cond))
+    prediction = yield Pass("reverse", Rows(x_high, high, reverse_low, unguided, d.cond), grad=True)
+    return distance(prediction, noised(d.z0, d.noise, reverse_low))
+
+
+# In the official order of updates. Each trains the student of its grad=True pass.
+LOSSES = {"reverse_cd": reverse_cd, "forward_cd": forward_cd, "forward_preservation": forward_preservation,
+          "reverse_preservation": reverse_preservation}
+
+
+def huber(prediction: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """Pseudo-Huber: mean of sqrt(d^2 + c^2) - c, quadratic below c and linear above."""
+    return (torch.sqrt((prediction - target) ** 2 + c * c) - c).mean()
+
+
+def distance_for(icd: ICDSection) -> Distance:
+    return partial(huber, c=icd.huber_c) if icd.loss == "huber" else F.mse_loss
+
+
+def loss_weights(icd: ICDSection) -> dict[str, float]:
+    """Each loss's weight; preservation losses are each gated on their own coefficient (§7.1, item 3)."""
+    weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": icd.forward_preservation,
+               "reverse_preservation": icd.reverse_preservation}
+    return {name: weight for name, weight in weights.items() if weight > 0}
