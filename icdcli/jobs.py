@@ -162,7 +162,7 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
         original = load_image(path)
         latent, info = _invert_image(settings, original, options.source)
         source = options.source
-    method, guidance, tau = astuple(edit_settings(settings.manifest.kind, options.method, options.guidance, options.tau))
+    method, guidance, tau = astuple(edit_settings(settings.manifest, options.method, options.guidance, options.tau))
     result = edit(settings.model, latent, source, options.target, method=method, guidance=guidance, tau=tau,
                   p2p=options.p2p, with_reconstruction=False)
     image = from_model_output(result.edited[0], original) if original else _resized(result.edited, info)

@@ -20,6 +20,8 @@ from .errors import ModelError
 MANIFEST_NAME = "icd.json"
 KINDS = ("sd15", "sdxl")
 TINY_MODELS = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
+# Models shipped inside the package: `mini`, trained on the miniature world by bench/miniature/recipe.py.
+BUILTIN_MODELS = ("mini",)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Manifest:
     reverse_timesteps: tuple[int, ...]
     resolution: int
     path: Path | None = None
+    edit_defaults: tuple[tuple[str, str | float], ...] = ()  # a model's own edit method / guidance / tau
 
     @cached_property
     def fingerprint(self) -> str:
@@ -98,6 +101,9 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
     resolution = data.get("resolution", 512 if kind == "sd15" else 1024)
     if not isinstance(resolution, int) or resolution < 8:
         raise ModelError(f"{where}: 'resolution' must be an integer number of pixels")
+    edit_defaults = data.get("edit", {})
+    if not isinstance(edit_defaults, dict) or not set(edit_defaults) <= {"method", "guidance", "tau"}:
+        raise ModelError(f"{where}: 'edit' may only set method, guidance and tau")
     return Manifest(
         name=str(data.get("name") or folder.name),
         kind=kind,
@@ -111,6 +117,7 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
         reverse_timesteps=reverse,
         resolution=resolution,
         path=path,
+        edit_defaults=tuple(sorted(edit_defaults.items())),
     )
 
 
@@ -135,6 +142,10 @@ def resolve_model(ref: str) -> Manifest:
     candidate = Path(ref).expanduser()
     if candidate.exists():
         return load_manifest(candidate)
+    if ref in BUILTIN_MODELS:
+        from importlib.resources import files
+
+        return load_manifest(Path(str(files("icdcli") / "assets" / ref)))
     if ref in TINY_MODELS:
         from .tiny import build_tiny_model
 
@@ -148,5 +159,5 @@ def resolve_model(ref: str) -> Manifest:
         if not manifest.is_file():
             raise ModelError(f"model '{ref}' is not downloaded yet: run `icd pull {ref}`")
         return load_manifest(manifest)
-    names = ", ".join([*hub.PRESETS, *hub.ALIASES, *TINY_MODELS])
+    names = ", ".join([*hub.PRESETS, *hub.ALIASES, *BUILTIN_MODELS, *TINY_MODELS])
     raise ModelError(f"unknown model '{ref}': not a folder with {MANIFEST_NAME} nor a preset ({names})")

@@ -7,11 +7,12 @@ from a seeded generator, so a seed gives the same result on every device.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 
 import torch
 
 from .errors import ICDError
+from .manifest import Manifest
 from .models import ICDModel
 from .p2p import P2PConfig, PromptToPrompt
 from .sampling import Step, decode, encode, guidance_schedule, run_steps
@@ -32,10 +33,10 @@ EDIT_DEFAULTS = {"sd15": EditDefaults("p2p", 19.0, 0.8), "sdxl": EditDefaults("s
 GENERATE_GUIDANCE, GENERATE_TAU = 7.0, 1.0
 
 
-def edit_settings(kind: str, method: str | None = None, guidance: float | None = None,
+def edit_settings(manifest: Manifest, method: str | None = None, guidance: float | None = None,
                   tau: float | None = None) -> EditDefaults:
-    """The model kind's defaults with the given values put in their place."""
-    defaults = EDIT_DEFAULTS[kind]
+    """The model's defaults (its manifest's "edit" entry, else its kind's) with the given values in their place."""
+    defaults = replace(EDIT_DEFAULTS[manifest.kind], **dict(manifest.edit_defaults))
     settings = EditDefaults(method or defaults.method, defaults.guidance if guidance is None else guidance,
                             defaults.tau if tau is None else tau)
     if settings.method not in METHODS:
@@ -87,7 +88,7 @@ def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method
     swap: one row; the source prompt on the unguided high-noise steps (t/1000 > tau), the target on the rest.
     none: one row; the target prompt on every step.
     """
-    method, guidance, tau = astuple(edit_settings(model.manifest.kind, method, guidance, tau))
+    method, guidance, tau = astuple(edit_settings(model.manifest, method, guidance, tau))
     x_T = x_T.to(model.device)
     denoiser = model.denoiser("reverse", attention_control=method == "p2p")
     cond_both = model.encode_text([source, target], _image_size(model, x_T))

@@ -10,8 +10,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from icdcli.cli import main
+from icdcli.demo import MINI_SCENE
 from icdcli.images import read_metadata
 from icdcli.manifest import resolve_model
+from icdcli.miniworld import background_of, colour_under, render
 
 
 def icd(*args, cwd: Path):
@@ -166,7 +168,7 @@ def test_latent_from_another_model_is_refused(icd_home, tmp_path):
     assert "use --model tiny" in result.stderr
 
 
-def test_demo_writes_before_after(icd_home, tmp_path):
+def test_demo_shows_a_real_edit_with_the_shipped_mini_model(icd_home, tmp_path):
     result = icd("demo", "-o", "demo", cwd=tmp_path)
     assert result.exit_code == 0, result.output
     folder = tmp_path / "demo"
@@ -174,9 +176,31 @@ def test_demo_writes_before_after(icd_home, tmp_path):
         "before-after.png", "sample-edit.png", "sample-recon.png", "sample.latent.safetensors", "sample.png"]
     sample = Image.open(folder / "sample.png")
     assert Image.open(folder / "before-after.png").size == (3 * sample.width, sample.height)
-    assert read_metadata(folder / "sample-edit.png")["prompt"] == "a white dog in front of a house"
+    assert read_metadata(folder / "sample-edit.png")["prompt"] == "a blue circle on a sandy background"
+    [circle] = render(MINI_SCENE).objects
+    assert colour_under(sample, circle.mask) == "red"
+    assert colour_under(Image.open(folder / "sample-recon.png"), circle.mask) == "red"  # the inversion is faithful
+    assert colour_under(Image.open(folder / "sample-edit.png"), circle.mask) == "blue"  # and the edit happened
+    assert background_of(Image.open(folder / "sample-edit.png"), [circle.mask]) == "sandy"
     rerun = icd("demo", "-o", "demo", cwd=tmp_path)
     assert rerun.exit_code == 1 and "exists (use --overwrite" in rerun.stderr
+
+
+@pytest.mark.parametrize("method", ["p2p", "swap", "none"])
+def test_mini_edits_the_colour_under_the_mask(icd_home, tmp_path, method):
+    scene = render(MINI_SCENE.edited(colour="yellow", shape="square"))
+    scene.image.save(tmp_path / "scene.png")
+    target = scene.spec.edited(colour="green")
+    result = icd("edit", "scene.png", "--model", "mini", "--src", scene.caption, "--tgt", target.caption,
+                 "--method", method, "-o", "out.png", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert colour_under(Image.open(tmp_path / "out.png"), scene.objects[0].mask) == "green"
+
+
+def test_demo_with_another_model_edits_the_photo(icd_home, tmp_path):
+    result = icd("demo", "-o", "demo", "--model", "tiny", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert read_metadata(tmp_path / "demo" / "sample-edit.png")["prompt"] == "a white dog in front of a house"
 
 
 def test_info_and_help(icd_home, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -288,10 +289,13 @@ def test_edit_p2p(sd15, x_T):
     assert not any(type(p).__name__ == "_Processor" for p in unet.attn_processors.values())
 
 
-def test_edit_defaults_and_unknown_method(sd15, x_T):
-    assert pipeline.edit_settings("sd15") == pipeline.EditDefaults("p2p", 19.0, 0.8)
-    assert pipeline.edit_settings("sdxl") == pipeline.EditDefaults("swap", 19.0, 0.7)
-    assert pipeline.edit_settings("sdxl", "none", 0.0, None) == pipeline.EditDefaults("none", 0.0, 0.7)
+def test_edit_defaults_and_unknown_method(sd15, sdxl, x_T):
+    assert pipeline.edit_settings(sd15.manifest) == pipeline.EditDefaults("p2p", 19.0, 0.8)
+    assert pipeline.edit_settings(sdxl.manifest) == pipeline.EditDefaults("swap", 19.0, 0.7)
+    assert pipeline.edit_settings(sdxl.manifest, "none", 0.0, None) == pipeline.EditDefaults("none", 0.0, 0.7)
+    own = replace(sd15.manifest, edit_defaults=(("guidance", 4.0),))
+    assert pipeline.edit_settings(own) == pipeline.EditDefaults("p2p", 4.0, 0.8)
+    assert pipeline.edit_settings(own, guidance=2.0) == pipeline.EditDefaults("p2p", 2.0, 0.8)
     with pytest.raises(ICDError) as err:
         pipeline.edit(sd15, x_T, "a cat", "a dog", method="magic")
     assert "magic" in one_line(err)
@@ -548,3 +552,11 @@ def test_teacher_solver_runs_the_teacher_on_the_ddim_grid(sd15):
     assert all(torch.equal(value, teacher.state_dict()[key]) for key, value in forward.state_dict().items())
     assert sd15.manifest.forward_timesteps == (19, 259, 519, 779)  # the model itself is untouched
     assert solver.vae is sd15.vae and solver.text_encoders is sd15.text_encoders
+
+
+def test_manifest_edit_defaults(tiny_dirs, tmp_path):
+    data = {**manifest_data(tiny_dirs["sd15"]), "edit": {"guidance": 4.0, "tau": 0.6}}
+    assert parse_manifest(data, tmp_path, "icd.json").edit_defaults == (("guidance", 4.0), ("tau", 0.6))
+    with pytest.raises(ModelError) as err:
+        parse_manifest({**data, "edit": {"strength": 1}}, tmp_path, "icd.json")
+    assert one_line(err) == "icd.json: 'edit' may only set method, guidance and tau"
