@@ -10,17 +10,19 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test models (fixtures/)
 
 import torch  # noqa: E402
+from fixtures.tiny import build_tiny_model  # noqa: E402
 
-from icdcli import pipeline  # noqa: E402
-from icdcli.manifest import load_manifest  # noqa: E402
-from icdcli.models import ICDModel  # noqa: E402
-from icdcli.tiny import build_tiny_model  # noqa: E402
+from icd import pipeline  # noqa: E402
+from icd.app.session import open_session  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -43,10 +45,9 @@ def main() -> None:
     print("| model | stage | ms |\n| --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
         for kind in ("sd15", "sdxl"):
-            manifest = load_manifest(build_tiny_model(os.path.join(folder, kind), kind=kind))
+            path = str(build_tiny_model(os.path.join(folder, kind), kind=kind))
             start = time.perf_counter()
-            model = ICDModel.load(manifest, torch.device("cpu"), torch.float32)
-            model.unets("forward", "reverse")
+            model = open_session(path, "cpu", "fp32", "torch", directions=("forward", "reverse"))
             print(f"| tiny-{kind} | load (text encoders, VAE, teacher + 2 LoRA fusions) | "
                   f"{(time.perf_counter() - start) * 1000:.0f} |")
             pixels = torch.rand(1, 3, 128, 128) * 2 - 1

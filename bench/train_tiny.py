@@ -13,20 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # the test models (fixtures/) and bench.miniature
 
 import torch  # noqa: E402
 
-from icdcli.miniworld import write_imagefolder  # noqa: E402
-from icdcli.tiny import build_tiny_model  # noqa: E402
-from train.config import GuidanceConfig, ICDConfig, load_config  # noqa: E402
-from train.guidance import train_guidance  # noqa: E402
-from train.icd import train_icd  # noqa: E402
-from train.synthetic import pretrain_tiny_base  # noqa: E402
+from bench.miniature.world import write_imagefolder  # noqa: E402
+from fixtures.tiny import build_tiny_model  # noqa: E402
+from icd_train.config import GuidanceConfig, ICDConfig, load_config  # noqa: E402
+from icd_train.guidance import train_guidance  # noqa: E402
+from icd_train.icd import train_icd  # noqa: E402
+from fixtures.synthetic import pretrain_tiny_base  # noqa: E402
 
 RUNS = {
     "official, preservation 1.5": (),

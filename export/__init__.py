@@ -1,2 +1,2 @@
-"""The fast runtime: fused-UNet weights, ONNX graphs and TensorRT engines built by `icd export`, the
-backends that run them (`--backend`), real-size random-weights models, and `icd bench`."""
+"""Engines (import name `icd_export`): fused-UNet weights, ONNX graphs and TensorRT engines built by
+`icd export`, torch.compile, and the registry that picks one (`--backend`). Each supplies an epsilon function."""

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from icdcli import __version__
-from icdcli.hub import icd_home
-from icdcli.manifest import Manifest
+from icd import __version__
+from icd.models.cache import icd_home
+from icd.models.loading import DTYPES, PRECISIONS, fuse_unets, unet_from_state
+from icd.models.manifest import Manifest
 
 FORMAT = 1
 INDEX_NAME = "index.json"
-PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def artifacts_dir(manifest: Manifest) -> Path:
@@ -106,6 +106,18 @@ class Index:
         os.replace(temporary, self.folder / INDEX_NAME)
 
 
+@dataclass(frozen=True)
+class Built:
+    """One artifact `icd export` made valid: built now, or reused."""
+
+    name: str
+    reused: bool
+
+
+def onnx_name(direction: str, precision: str) -> str:
+    return f"unet-{direction}-{precision}.onnx"
+
+
 def fused_name(direction: str, precision: str) -> str:
     return f"unet-{direction}-{precision}.safetensors"
 
@@ -115,7 +127,7 @@ def save_fused_unet(index: Index, unet, direction: str, precision: str) -> str:
     from safetensors.torch import save_file
 
     name = fused_name(direction, precision)
-    dtype = {v: k for k, v in PRECISIONS.items()}[precision]
+    dtype = DTYPES[precision]
     index.folder.mkdir(parents=True, exist_ok=True)
     state = {key: value.to(dtype).contiguous() for key, value in unet.state_dict().items()}
     save_file(state, str(index.folder / name))
@@ -125,7 +137,6 @@ def save_fused_unet(index: Index, unet, direction: str, precision: str) -> str:
 
 def load_fused_unet(manifest: Manifest, config: dict, direction: str, dtype: torch.dtype, device: torch.device):
     """The fused UNet from valid artifacts (in `dtype`, else fp32 cast on loading), or None when there is none."""
-    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
     index = Index.open(manifest)
@@ -133,7 +144,14 @@ def load_fused_unet(manifest: Manifest, config: dict, direction: str, dtype: tor
         kind="unet", direction=direction, precision="fp32")
     if name is None:
         return None
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    unet.load_state_dict(load_file(str(index.folder / name), device=str(device)), strict=True, assign=True)
-    return unet
+    return unet_from_state(config, load_file(str(index.folder / name), device=str(device)), str(index.folder / name))
+
+
+def fused_unets(manifest: Manifest, config: dict, directions: tuple[str, ...], dtype: torch.dtype,
+                device: torch.device) -> list:
+    """The fused UNets of `directions`: from `icd export`'s artifacts when valid (a fast start: no teacher, no
+    LoRA work), else teacher + LoRA, reading the teacher once for all."""
+    found = {d: load_fused_unet(manifest, config, d, dtype, device) for d in directions}
+    missing = tuple(d for d, unet in found.items() if unet is None)
+    found.update(zip(missing, fuse_unets(manifest, config, missing)))
+    return [found[d] for d in directions]

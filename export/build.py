@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from icdcli.errors import ICDError
-from icdcli.manifest import Manifest
-from icdcli.models import DIRECTIONS, ICDModel
+from icd.errors import ICDError
+from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
+from icd.models.manifest import Manifest
 
-from .artifacts import Index, fused_name, load_fused_unet, save_fused_unet
+from .artifacts import Built, Index, fused_name, fused_unets, onnx_name, save_fused_unet
 from .onnx import example_latent, export_unet, verify_graph, verify_latent
 
 log = logging.getLogger("icd")
-
-
-@dataclass(frozen=True)
-class Built:
-    name: str
-    reused: bool
-
-
-def onnx_name(direction: str, precision: str) -> str:
-    return f"unet-{direction}-{precision}.onnx"
 
 
 def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool = True, tensorrt: bool = False,
@@ -39,7 +28,7 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
         if why := tensorrt_problem(torch.device("cuda"), torch.float16):
             raise ICDError(f"--tensorrt: {why}")
     index = Index.open(manifest)
-    model = ICDModel(manifest, torch.device("cpu"), torch.float32)  # the UNets only: no text encoders, no VAE
+    config = unet_config(manifest)
     graph_precisions = ({p for p in precisions if p != "bf16"} if onnx else set()) | ({"fp16"} if tensorrt else set())
     done: list[Built] = []
     for direction in DIRECTIONS:
@@ -47,7 +36,7 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
             return [p for p in sorted(wanted) if force or not index.find(kind=kind, direction=direction, precision=p)]
 
         stale_weights, stale_graphs = stale("unet", precisions), stale("onnx", graph_precisions)
-        unet = _fp32_unet(model, direction, force) if stale_weights or stale_graphs else None
+        unet = _fp32_unet(manifest, config, direction, force) if stale_weights or stale_graphs else None
         for precision in precisions:
             if precision in stale_weights:
                 log.info("saving the fused %s UNet (%s)", direction, precision)
@@ -61,15 +50,15 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
             from .tensorrt import ensure_engine
 
             sizes = sizes or ((manifest.resolution,) * 2,)
-            done.append(ensure_engine(index, direction, model.unet_config, sizes, max_batch, force))
+            done.append(ensure_engine(index, direction, config, sizes, max_batch, force))
     return done
 
 
-def _fp32_unet(model: ICDModel, direction: str, force: bool):
-    """The fused fp32 UNet: from the artifacts when valid (and not forced), else teacher + LoRA."""
-    cpu = torch.device("cpu")
-    unet = None if force else load_fused_unet(model.manifest, model.unet_config, direction, torch.float32, cpu)
-    return unet if unet is not None else model.fuse(direction)[0]
+def _fp32_unet(manifest: Manifest, config: dict, direction: str, force: bool):
+    """The fused fp32 UNet on the CPU: from the artifacts when valid (and not forced), else teacher + LoRA."""
+    if force:
+        return fuse_unets(manifest, config, (direction,))[0]
+    return fused_unets(manifest, config, (direction,), torch.float32, torch.device("cpu"))[0]
 
 
 def _export_graph(index: Index, unet, direction: str, precision: str, device: torch.device) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from icdcli.errors import ICDError
-from icdcli.models import Conditioning, Denoiser
+from icd.core.consistency import Timesteps
+from icd.core.denoiser import Conditioning
+from icd.errors import ICDError
 
 OPSET = 17
 TEXT_TOKENS = 77
@@ -74,9 +75,10 @@ def input_shapes(config, batch: int, latent: tuple[int, int]) -> dict[str, tuple
     return {name: shapes[name] for name in input_names(config)}
 
 
-def graph_inputs(x: torch.Tensor, t: int, cond: Conditioning, timestep_cond, dtype: torch.dtype) -> dict:
-    """A denoiser call's tensors by graph input name (floats in the graph's dtype, the timestep fp32)."""
-    feeds = {"sample": x.to(dtype), "timestep": torch.full((x.shape[0],), float(t), device=x.device),
+def graph_inputs(x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, dtype: torch.dtype) -> dict:
+    """An epsilon call's tensors by graph input name (floats in the graph's dtype, the timestep fp32)."""
+    timestep = t.to(x.device).float() if isinstance(t, torch.Tensor) else torch.full((x.shape[0],), float(t), device=x.device)
+    feeds = {"sample": x.to(dtype), "timestep": timestep,
              "encoder_hidden_states": cond.embeds.to(x.device, dtype)}
     if timestep_cond is not None:
         feeds["timestep_cond"] = timestep_cond
@@ -181,13 +183,11 @@ def verify_graph(path: Path, unet, precision: str, batch: int, latent: tuple[int
     return error
 
 
-class OnnxDenoiser(Denoiser):
-    """The ONNX Runtime backend: one session per UNet; e(w) and the guidance logic come from `Denoiser`."""
+class OnnxEps:
+    """The ONNX Runtime engine: one session per UNet, an epsilon function of core.denoiser's contract."""
 
-    def __init__(self, session, embed_dim: int | None, uncond: Conditioning | None, device: torch.device,
-                 dtype: torch.dtype):
-        super().__init__(embed_dim, uncond, device, dtype)
-        self.session = session
+    def __init__(self, session, device: torch.device, dtype: torch.dtype):
+        self.session, self.device, self.dtype = session, device, dtype
         if device.type == "cuda":
             import onnxruntime as ort
 
@@ -195,7 +195,7 @@ class OnnxDenoiser(Denoiser):
             # The outputs are consumed on the same stream: no need for ORT to wait for the GPU after each call.
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
-    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond) -> torch.Tensor:
         feeds = graph_inputs(x, t, cond, timestep_cond, self.dtype)
         if self.device.type == "cpu":
             (out,) = self.session.run(["eps"], {name: tensor.numpy() for name, tensor in feeds.items()})

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from icdcli.errors import ICDError
-from icdcli.hub import icd_home
-from icdcli.models import Conditioning, Denoiser
+from icd.core.consistency import Timesteps
+from icd.core.denoiser import Conditioning
+from icd.errors import ICDError
+from icd.models.cache import icd_home
 
-from .artifacts import Index
-from .build import Built, onnx_name
+from .artifacts import Built, Index, onnx_name
 from .onnx import graph_inputs, input_shapes
 
 log = logging.getLogger("icd")
@@ -151,13 +151,12 @@ def find_engine(index: Index, direction: str, device: torch.device) -> str | Non
     return index.find(kind="engine", direction=direction, graph_sha256=index.entries[graph]["sha256"], **identity)
 
 
-class TensorRTDenoiser(Denoiser):
-    """The TensorRT backend. Each input shape's call is captured once into a CUDA graph over fixed buffers;
+class TensorRTEps:
+    """The TensorRT engine, an epsilon function of core.denoiser's contract. Each input shape's call is captured once into a CUDA graph over fixed buffers;
     a call copies its inputs in, replays the graph and copies eps out: a handful of launches per UNet call."""
 
-    def __init__(self, index: Index, direction: str, embed_dim: int | None, uncond: Conditioning | None,
-                 device: torch.device):
-        super().__init__(embed_dim, uncond, device, torch.float16)
+    def __init__(self, index: Index, direction: str, device: torch.device):
+        self.device = device
         trt = _tensorrt()
         name = find_engine(index, direction, device)
         if name is None:
@@ -200,7 +199,7 @@ class TensorRTDenoiser(Denoiser):
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return graph, buffers, out
 
-    def _eps(self, x: torch.Tensor, t: int, cond: Conditioning, timestep_cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond) -> torch.Tensor:
         feeds = graph_inputs(x, t, cond, timestep_cond, torch.float16)
         shape = tuple((name, tuple(tensor.shape)) for name, tensor in feeds.items())
         if shape not in self._graphs:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -34,8 +35,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from icdcli import __version__
-from icdcli.errors import ICDError, InputError, OutputExistsError
+from . import __version__
+from .errors import ICDError, InputError, OutputExistsError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
@@ -171,17 +172,26 @@ def _check_multiple(name: str, value: int, multiple: int) -> None:
                    f"(nearest valid: {nearest})")
 
 
+def image_to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB picture as a (1, 3, h, w) float32 tensor in [-1, 1], what the VAE reads."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
+    """A (3, h, w) tensor in [-1, 1] (values outside clamped) as an RGB picture."""
+    scaled = (pixels.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
+    return Image.fromarray(scaled.round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
 def to_model_input(img: LoadedImage, size: tuple[int, int]) -> torch.Tensor:
     """The photo at the working size as a (1, 3, h, w) float32 tensor in [-1, 1]."""
-    resized = img.rgb.resize(tuple(size), Image.Resampling.LANCZOS)
-    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return image_to_pixels(img.rgb.resize(tuple(size), Image.Resampling.LANCZOS))
 
 
 def from_model_output(pixels: torch.Tensor, original: LoadedImage | None) -> Image.Image:
     """A (3, h, w) tensor in [-1, 1] as a picture of the original's size and alpha (as is when None)."""
-    scaled = (pixels.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
-    image = Image.fromarray(scaled.round().to(torch.uint8).permute(1, 2, 0).numpy())
+    image = pixels_to_image(pixels)
     if original is None:
         return image
     image = image.resize(original.original_size, Image.Resampling.LANCZOS)
@@ -199,15 +209,19 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwr
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
+        if temporary.is_dir():  # a folder (a model's base): replaced whole
+            if path.exists():
+                shutil.rmtree(path)
+        else:
+            with open(temporary, "rb+") as written:
+                os.fsync(written.fileno())
         os.replace(temporary, path)
     except OSError as exc:
         reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
         raise ICDError(f"{path.name}: cannot write ({reason})") from exc
     finally:
         with suppress(OSError):  # cleanup must not hide the real error
-            temporary.unlink()
+            shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
 
 
 def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:
@@ -234,13 +248,17 @@ def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite:
 
 
 def parameters_text(metadata: dict, size: tuple[int, int]) -> str:
-    """The A1111-style `parameters` string that other tools read: prompt lines, then `Key: value` pairs."""
-    lines = [str(metadata.get("prompt", ""))]
-    if metadata.get("negative_prompt"):
-        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
-    fields = {"Steps": metadata.get("steps"), "CFG scale": metadata.get("guidance"),
+    """The A1111-style `parameters` string that other tools read: the prompt line, then `Key: value` pairs.
+
+    Steps count the decoding steps (`guidance_steps`); the CFG scale is the classical one, the paper's w + 1.
+    """
+    steps = metadata.get("guidance_steps")
+    w = metadata.get("guidance_w")
+    fields = {"Steps": len(steps) if steps else None, "Sampler": "iCD" if steps else None,
+              "CFG scale": w + 1 if isinstance(w, (int, float)) else None,
               "Seed": metadata.get("seed"), "Size": f"{size[0]}x{size[1]}", "Model": metadata.get("model")}
-    known = {"prompt", "negative_prompt", "steps", "guidance", "seed", "model"}
+    lines = [str(metadata.get("prompt", ""))]
+    known = {"prompt", "guidance_steps", "guidance_w", "seed", "model"}
     for key, value in metadata.items():
         if key not in known and isinstance(value, (str, int, float)):
             fields.setdefault(key.replace("_", " ").capitalize(), value)

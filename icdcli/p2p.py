@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from icdcli.errors import ICDError
+from .core.denoiser import Denoiser
+from .errors import ICDError
 
 DEFAULT_AMPLIFY = 4.0
 STOPWORDS = frozenset(
@@ -129,25 +130,6 @@ def step_windows(num_steps: int, cross_replace: float, self_replace: float) -> t
     return range(cross), range(min(int(self_replace * num_steps), num_steps))
 
 
-def _describe_steps(steps: range, num_steps: int, timesteps: Sequence[int] | None) -> str:
-    if not steps:
-        return f"no step of {num_steps}"
-    where = f"step {steps.start + 1}" if len(steps) == 1 else f"steps {steps.start + 1}-{steps.stop}"
-    at = f" (t={', '.join(str(timesteps[i]) for i in steps)})" if timesteps is not None else ""
-    return f"{where} of {num_steps}{at}"
-
-
-def describe_windows(
-    num_steps: int, cross_replace: float, self_replace: float, timesteps: Sequence[int] | None = None
-) -> str:
-    """One sentence saying which steps are controlled, e.g. for `--verbose` output."""
-    cross, self_ = step_windows(num_steps, cross_replace, self_replace)
-    return (
-        f"cross-attention replaced on {_describe_steps(cross, num_steps, timesteps)}, "
-        f"self-attention on {_describe_steps(self_, num_steps, timesteps)}"
-    )
-
-
 def _window_warnings(num_steps: int, cross_replace: float, self_replace: float) -> list[str]:
     """Fractions > 0 that the quantisation turns into no step at all (official bug #20)."""
     cross, self_ = step_windows(num_steps, cross_replace, self_replace)
@@ -217,21 +199,12 @@ class PromptToPrompt:
         self._maps: dict[int, torch.Tensor] = {}  # query tokens -> (2, tokens) blend-word attention, summed
         self._blend_tokens: int | None = None  # the layer size LocalBlend reads, known after step 0
 
-    @contextmanager
-    def attach(self, unet):
-        """Routes every attention module of `unet` through this controller for one decoding."""
-        original = unet.attn_processors
+    def start(self, device: torch.device) -> None:
+        """Ready for a new decoding on `device`."""
         self._reset()
-        self._weights, self._keep, self._equalizer = (
-            t.to(unet.device) for t in (self._weights, self._keep, self._equalizer)
-        )
+        self._weights, self._keep, self._equalizer = (t.to(device) for t in (self._weights, self._keep, self._equalizer))
         if self._blend_columns is not None:
-            self._blend_columns = self._blend_columns.to(unet.device)
-        unet.set_attn_processor(_Processor(self))
-        try:
-            yield self
-        finally:
-            unet.set_attn_processor(original)
+            self._blend_columns = self._blend_columns.to(device)
 
     def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """LocalBlend on the jumped latents (2 rows), then moves on to the next step."""
@@ -298,6 +271,25 @@ class PromptToPrompt:
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
         mask = (maps > self._threshold).any(0)  # source-row mask OR target-row mask
         return torch.stack([x[0], torch.where(mask, x[1], x[0])])
+
+
+@dataclass
+class AttentionHost:
+    """The eager PyTorch UNet whose attention Prompt-to-Prompt steers, and the denoiser that calls it."""
+
+    unet: Any
+    denoiser: Denoiser
+
+    @contextmanager
+    def attached(self, controller: PromptToPrompt):
+        """Routes every attention module of the UNet through `controller` for one decoding."""
+        original = self.unet.attn_processors
+        controller.start(self.unet.device)
+        self.unet.set_attn_processor(_Processor(controller))
+        try:
+            yield controller
+        finally:
+            self.unet.set_attn_processor(original)
 
 
 class _Processor:

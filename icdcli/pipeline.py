@@ -1,6 +1,8 @@
 """Inversion, reconstruction, editing and generation on tensors (the library API under the CLI).
 
-Guidance values follow the paper: w is the classical guidance scale minus one, so w = 0 is the
+Each function takes a `Runtime`: the model's text encoders and VAE, a denoiser per direction, and the
+attention host Prompt-to-Prompt needs. The app's session is one; whatever engine runs the UNets is its
+business. Guidance values follow the paper: w is the classical guidance scale minus one, so w = 0 is the
 conditional prediction alone. The noise for encoding (at t = 19) and for generation is drawn on the CPU
 from a seeded generator, so a seed gives the same result on every device.
 """
@@ -8,16 +10,29 @@ from a seeded generator, so a seed gives the same result on every device.
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field, replace
+from typing import Protocol
 
 import torch
 
+from .core.denoiser import Denoiser
+from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
 from .errors import ICDError
-from .manifest import Manifest
-from .models import ICDModel
-from .p2p import P2PConfig, PromptToPrompt
-from .sampling import Step, decode, encode, guidance_schedule, run_steps
+from .models.loading import Model
+from .models.manifest import Manifest
+from .p2p import AttentionHost, P2PConfig, PromptToPrompt
 
 METHODS = ("p2p", "swap", "none")
+
+
+class Runtime(Protocol):
+    """What the functions below run on."""
+
+    model: Model
+
+    def denoiser(self, direction: str) -> Denoiser: ...
+
+    def attention_host(self) -> AttentionHost:
+        """The reverse UNet as an eager PyTorch module whose attention can be steered."""
 
 
 @dataclass(frozen=True)
@@ -49,24 +64,25 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
-def invert(model: ICDModel, pixels: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
+@torch.inference_mode()
+def invert(runtime: Runtime, pixels: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
     """Image pixels (1, 3, H, W) in [-1, 1] -> x_T (fp32, CPU), encoded under `prompt` with w = 0."""
+    model = runtime.model
     height, width = pixels.shape[-2:]
     z0 = model.encode_image(pixels)
     cond = model.encode_text([prompt], (width, height))
     noise = seeded_noise(tuple(z0.shape), seed)
-    return encode(model.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).cpu()
+    return encode(runtime.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).cpu()
 
 
-def _image_size(model: ICDModel, latents: torch.Tensor) -> tuple[int, int]:
-    f = model.vae_scale_factor
-    return latents.shape[-1] * f, latents.shape[-2] * f
-
-
-def reconstruct(model: ICDModel, x_T: torch.Tensor, prompt: str, guidance: float = 0.0, tau: float = 1.0) -> torch.Tensor:
+@torch.inference_mode()
+def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str, guidance: float = 0.0,
+                tau: float = 1.0) -> torch.Tensor:
     """x_T -> pixels (B, 3, H, W) in [-1, 1]; with w = 0 this is the faithful inversion."""
-    cond = model.encode_text([prompt] * x_T.shape[0], _image_size(model, x_T))
-    latents = decode(model.denoiser("reverse"), x_T.to(model.device), cond, model.manifest.reverse_timesteps, guidance, tau)
+    model = runtime.model
+    cond = model.encode_text([prompt] * x_T.shape[0], model.image_size(x_T))
+    latents = decode(runtime.denoiser("reverse"), x_T.to(model.device), cond, model.manifest.reverse_timesteps,
+                     guidance, tau)
     return model.decode_latents(latents)
 
 
@@ -77,7 +93,8 @@ class EditResult:
     notes: list[str] = field(default_factory=list)  # e.g. attention windows that map to no step
 
 
-def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method: str | None = None,
+@torch.inference_mode()
+def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, method: str | None = None,
          guidance: float | None = None, tau: float | None = None, p2p: P2PConfig | None = None,
          with_reconstruction: bool = True) -> EditResult:
     """Decode an inverted latent under the target prompt.
@@ -88,18 +105,19 @@ def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method
     swap: one row; the source prompt on the unguided high-noise steps (t/1000 > tau), the target on the rest.
     none: one row; the target prompt on every step.
     """
+    model = runtime.model
     method, guidance, tau = astuple(edit_settings(model.manifest, method, guidance, tau))
     x_T = x_T.to(model.device)
-    denoiser = model.denoiser("reverse", attention_control=method == "p2p")
-    cond_both = model.encode_text([source, target], _image_size(model, x_T))
+    cond_both = model.encode_text([source, target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)
     if method == "p2p":
         controller = PromptToPrompt(model.tokenizers[0], source, target, len(schedule), p2p or P2PConfig(),
                                     latent_size=tuple(x_T.shape[-2:]))
         steps = [Step(jump, cond_both, torch.tensor([0.0, w])) for jump, w in schedule]
-        with controller.attach(denoiser.unet):
-            latents = run_steps(denoiser, x_T.expand(2, -1, -1, -1), steps, controller.after_step)
+        host = runtime.attention_host()
+        with host.attached(controller):
+            latents = run_steps(host.denoiser, x_T.expand(2, -1, -1, -1), steps, controller.after_step)
         if not with_reconstruction:
             return EditResult(model.decode_latents(latents[1:]), None, list(controller.warnings))
         pixels = model.decode_latents(latents)
@@ -108,18 +126,20 @@ def edit(model: ICDModel, x_T: torch.Tensor, source: str, target: str, *, method
         steps = [Step(jump, cond_src if jump.t / 1000 > tau else cond_tgt, torch.tensor([w])) for jump, w in schedule]
     else:
         steps = [Step(jump, cond_tgt, torch.tensor([w])) for jump, w in schedule]
-    return EditResult(model.decode_latents(run_steps(denoiser, x_T, steps)), None)
+    return EditResult(model.decode_latents(run_steps(runtime.denoiser("reverse"), x_T, steps)), None)
 
 
-def generate(model: ICDModel, prompt: str, seed: int, width: int, height: int,
+@torch.inference_mode()
+def generate(runtime: Runtime, prompt: str, seed: int, width: int, height: int,
              guidance: float = GENERATE_GUIDANCE, tau: float = GENERATE_TAU) -> torch.Tensor:
     """Text -> pixels (1, 3, H, W) in [-1, 1] in the reverse model's 3-4 steps."""
+    model = runtime.model
     noise = seeded_noise(model.latent_shape(width, height), seed).to(model.device)
     cond = model.encode_text([prompt], (width, height))
-    latents = decode(model.denoiser("reverse"), noise, cond, model.manifest.reverse_timesteps, guidance, tau)
+    latents = decode(runtime.denoiser("reverse"), noise, cond, model.manifest.reverse_timesteps, guidance, tau)
     return model.decode_latents(latents)
 
 
-def guidance_on_steps(model: ICDModel, guidance: float, tau: float) -> list[tuple[int, float]]:
+def guidance_on_steps(manifest: Manifest, guidance: float, tau: float) -> list[tuple[int, float]]:
     """(t, w) for each decoding step, recorded with results to show what --guidance and --tau did."""
-    return [(jump.t, w) for jump, w in guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)]
+    return [(jump.t, w) for jump, w in guidance_schedule(manifest.reverse_timesteps, guidance, tau)]

@@ -1,6 +1,7 @@
 """Test setup: fully offline, before any Hugging Face library is imported."""
 
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -9,14 +10,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment above)
 
+from fixtures.tiny import TINY_KINDS, build_tiny_model  # noqa: E402
+
 # The tiny test models gain nothing from a thread pool, which stalls badly when the machine is busy.
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny test models (`tiny`, `tiny-sdxl`), built once per test run."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    for name, kind in TINY_KINDS.items():
+        build_tiny_model(root / name, kind=kind)
+    return root
+
+
 @pytest.fixture(scope="module")
-def icd_home(tmp_path_factory):
-    """A fresh icd cache (ICD_HOME) per test module; the tiny models get built into it once."""
+def icd_home(tmp_path_factory, tiny_models):
+    """A fresh icd cache (ICD_HOME) per test module, holding the tiny models, so `--model tiny` finds them."""
     home = tmp_path_factory.mktemp("icd-home")
+    shutil.copytree(tiny_models, home / "models")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ICD_HOME", str(home))
         yield home

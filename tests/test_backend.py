@@ -1,7 +1,9 @@
-"""Backends on the tiny model: selection and fallbacks, the ONNX Runtime denoiser against PyTorch, the
-pipeline on it (Prompt-to-Prompt staying on torch), the CLI options, and TensorRT's cache key."""
+"""Backends on the tiny model: selection and fallbacks (the registry chooses, the session announces and runs
+the export), the ONNX Runtime denoiser against PyTorch, the pipeline on it (Prompt-to-Prompt staying on
+torch), torch.compile, the CLI options, and TensorRT's cache key."""
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -14,17 +16,20 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
 
-from export import backends, tensorrt  # noqa: E402
-from export.artifacts import Index  # noqa: E402
-from export.build import export_model  # noqa: E402
-from export.onnx import OnnxDenoiser  # noqa: E402
-from icdcli import pipeline  # noqa: E402
-from icdcli.cli import main  # noqa: E402
-from icdcli.consistency import add_noise, consistency_jump  # noqa: E402
-from icdcli.errors import ICDError  # noqa: E402
-from icdcli.manifest import load_manifest, resolve_model  # noqa: E402
-from icdcli.jobs import load_model  # noqa: E402
-from icdcli.models import UNetDenoiser, choose_compile_mode, get_model  # noqa: E402
+from icd import pipeline  # noqa: E402
+from icd.app import session as session_module  # noqa: E402
+from icd.app.cli import main  # noqa: E402
+from icd.app.session import open_session  # noqa: E402
+from icd.core.consistency import add_noise, consistency_jump  # noqa: E402
+from icd.core.denoiser import Guided  # noqa: E402
+from icd.errors import ICDError  # noqa: E402
+from icd.models.hub import resolve_model  # noqa: E402
+from icd.models.manifest import load_manifest  # noqa: E402
+from icd_export import build, tensorrt  # noqa: E402
+from icd_export.artifacts import Index  # noqa: E402
+from icd_export.compiled import choose_compile_mode  # noqa: E402
+from icd_export.onnx import OnnxEps  # noqa: E402
+from icd_export.registry import Choice, choose_backend  # noqa: E402
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 
@@ -40,25 +45,65 @@ def icd_messages(caplog) -> list[str]:
 
 @pytest.fixture(scope="module")
 def models(manifest):
-    """The tiny model on torch and on ONNX Runtime (which exports its graphs when first asked)."""
-    return {backend: get_model(manifest, "cpu", "fp32", backend) for backend in ("torch", "onnx")}
+    """Sessions of the tiny model on torch and on ONNX Runtime (which exports its graphs when first asked)."""
+    return {backend: open_session(manifest, "cpu", "fp32", backend) for backend in ("torch", "onnx")}
 
 
-def test_auto_is_torch_until_exported_then_onnx(icd_home, caplog):
+AUTO_TORCH = Choice("torch", reason="auto: no ONNX graphs or engines for this model yet; `icd export` makes them")
+AUTO_ONNX = Choice("onnx", reason="auto: the fastest with artifacts for this model")
+
+
+@pytest.fixture
+def new_process(monkeypatch):
+    """Sessions are opened once per process: forget them, as a new `icd` process would not have them."""
+    monkeypatch.setattr(session_module, "_OPEN", {})
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """The manifests that the session had exported (the real export still runs)."""
+    done, real_export = [], build.export_model
+
+    def recorded(manifest, *args, **kwargs):
+        done.append(manifest.name)
+        return real_export(manifest, *args, **kwargs)
+
+    monkeypatch.setattr(build, "export_model", recorded)
+    return done
+
+
+def test_auto_is_torch_until_exported_then_onnx(icd_home, caplog, new_process, exports):
+    """The registry only chooses (and says whether the engine's files are missing); the session says what
+    it chose and why, and builds a named engine's files once, announcing it."""
     manifest = resolve_model("tiny-sdxl")
+    assert choose_backend("auto", manifest, CPU, FP32) == AUTO_TORCH
+    assert choose_backend("onnx", manifest, CPU, FP32) == Choice("onnx", needs_export=True)
+    assert choose_backend("torch", manifest, CPU, FP32) == Choice("torch")
+    assert exports == [] and not Index.open(manifest).entries  # choosing built nothing
     with caplog.at_level(logging.INFO, logger="icd"):
-        assert backends.select_backend("auto", manifest, CPU, FP32) == "torch"
+        assert open_session(manifest, "cpu", "fp32", "auto").backend == "torch"
     assert icd_messages(caplog) == ["backend: torch (auto: no ONNX graphs or engines for this model yet; "
-                               "`icd export` makes them)"]
-    export_model(manifest, ("fp32",))
+                                    "`icd export` makes them)"]
+    assert exports == []
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="icd"):
-        assert backends.select_backend("auto", manifest, CPU, FP32) == "onnx"
+        assert open_session(manifest, "cpu", "fp32", "onnx").backend == "onnx"
+    assert icd_messages(caplog)[0] == ("no onnx artifacts for model 'tiny-sdxl' yet: building them once "
+                                       "(`icd export` does it ahead)")
+    assert exports == ["tiny-sdxl"]
+    assert choose_backend("onnx", manifest, CPU, FP32) == Choice("onnx")
+    assert choose_backend("auto", manifest, CPU, FP32) == AUTO_ONNX
+    session_module._OPEN.clear()  # a new process: the graphs are there, nothing is built again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert open_session(manifest, "cpu", "fp32", "onnx").backend == "onnx"
+        assert open_session(manifest, "cpu", "fp32", "auto").backend == "onnx"
     assert icd_messages(caplog) == ["backend: onnx (auto: the fastest with artifacts for this model)"]
+    assert exports == ["tiny-sdxl"]
     # fp32 graphs do not serve bf16, and ONNX has no bf16 graphs at all
-    assert backends.select_backend("auto", manifest, CPU, torch.bfloat16) == "torch"
+    assert choose_backend("auto", manifest, CPU, torch.bfloat16) == AUTO_TORCH
     with pytest.raises(ICDError, match="^--backend onnx: ONNX graphs are fp32 or fp16, not bf16$"):
-        backends.select_backend("onnx", manifest, CPU, torch.bfloat16)
+        choose_backend("onnx", manifest, CPU, torch.bfloat16)
 
 
 def test_missing_runtimes_fall_back_or_fail_in_one_line(manifest, models, monkeypatch):
@@ -67,21 +112,23 @@ def test_missing_runtimes_fall_back_or_fail_in_one_line(manifest, models, monkey
     else:
         expected = "TensorRT needs a CUDA GPU"
     with pytest.raises(ICDError, match=f"^--backend tensorrt: {expected}") as err:
-        backends.select_backend("tensorrt", manifest, CPU, FP32)
+        choose_backend("tensorrt", manifest, CPU, FP32)
     assert "\n" not in str(err.value)
-    assert backends.select_backend("auto", manifest, CPU, FP32) == "onnx"  # graphs exported by `models`
+    assert choose_backend("auto", manifest, CPU, FP32) == AUTO_ONNX  # graphs exported by `models`
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name))
-    assert backends.select_backend("auto", manifest, CPU, FP32) == "torch"
+    assert choose_backend("auto", manifest, CPU, FP32) == AUTO_TORCH
     with pytest.raises(ICDError, match=r"^--backend onnx: onnxruntime is not installed \(pip install 'icd\[onnx\]'\)$"):
-        backends.select_backend("onnx", manifest, CPU, FP32)
+        choose_backend("onnx", manifest, CPU, FP32)
 
 
 def test_onnx_denoiser_matches_torch(models):
     onnx_denoiser, torch_denoiser = models["onnx"].denoiser("reverse"), models["torch"].denoiser("reverse")
-    assert isinstance(onnx_denoiser, OnnxDenoiser) and isinstance(torch_denoiser, UNetDenoiser)
+    # one guidance wrapper around either engine's epsilon function
+    assert isinstance(onnx_denoiser, Guided) and isinstance(torch_denoiser, Guided)
+    assert isinstance(onnx_denoiser.eps_fn, OnnxEps) and not isinstance(torch_denoiser.eps_fn, OnnxEps)
     assert models["onnx"].denoiser("reverse") is onnx_denoiser  # sessions are made once
-    cond = models["torch"].encode_text(["a cat", "a dog"], (96, 64))
+    cond = models["torch"].model.encode_text(["a cat", "a dog"], (96, 64))
     x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
     for t, w in ((999, [0.0, 0.0]), (259, [0.0, 19.0])):
         expected = torch_denoiser(x, t, cond, torch.tensor(w))
@@ -93,22 +140,23 @@ def test_onnx_denoiser_matches_torch(models):
 def test_pipeline_runs_on_onnx(models, caplog):
     """invert and reconstruct are the sampling loops over the ONNX denoisers (written out here). Whole
     chains are not compared with torch's: the tiny model's random weights amplify 1e-5 step differences."""
-    model = models["onnx"]
+    session = models["onnx"]
+    model = session.model
     pixels = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    x_T = pipeline.invert(model, pixels, "a cat", seed=3)
+    x_T = pipeline.invert(session, pixels, "a cat", seed=3)
     cond = model.encode_text(["a cat"], (96, 64))
     z0 = model.encode_image(pixels)
     x = add_noise(z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(3)), 19)
     for t, s in ((19, 259), (259, 519), (519, 779), (779, 999)):
-        x = consistency_jump(x, model.denoiser("forward")(x, t, cond, torch.zeros(1)), t, s)
+        x = consistency_jump(x, session.denoiser("forward")(x, t, cond, torch.zeros(1)), t, s)
     assert torch.equal(x, x_T)
     for t, s in ((999, 779), (779, 519), (519, 259), (259, 0)):
-        x = consistency_jump(x, model.denoiser("reverse")(x, t, cond, torch.zeros(1)), t, s)
-    assert torch.equal(pipeline.reconstruct(model, x_T, "a cat"), model.decode_latents(x))
+        x = consistency_jump(x, session.denoiser("reverse")(x, t, cond, torch.zeros(1)), t, s)
+    assert torch.equal(pipeline.reconstruct(session, x_T, "a cat"), model.decode_latents(x))
     with caplog.at_level(logging.INFO, logger="icd"):
-        p2p = [pipeline.edit(model, x_T, "a cat", "a dog", method="p2p") for _ in range(2)]
+        p2p = [pipeline.edit(session, x_T, "a cat", "a dog", method="p2p") for _ in range(2)]
     # Prompt-to-Prompt needs the attention maps: it decodes on torch, said once, with torch's result
-    assert icd_messages(caplog) == ["prompt-to-prompt edits attention maps: its decoding runs on torch, not onnx"]
+    assert icd_messages(caplog) == ["prompt-to-prompt edits attention maps: its decoding runs on eager torch, not onnx"]
     reference = pipeline.edit(models["torch"], x_T, "a cat", "a dog", method="p2p")
     assert torch.equal(p2p[0].edited, reference.edited) and torch.equal(p2p[1].edited, reference.edited)
 
@@ -140,7 +188,7 @@ def test_cli_backend_option(icd_home, models, tmp_path):
 
 def test_engine_cache_key(manifest, models):
     index = Index.open(manifest)
-    config = models["torch"].unet_config
+    config = models["torch"].model.unet_config
     identity = {"tensorrt": "11.4.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     with pytest.raises(ICDError, match="no fp16 ONNX graph of the reverse UNet"):
         tensorrt.engine_key(index, "reverse", config, ((128, 128),), 2, identity)
@@ -168,9 +216,9 @@ def test_tensorrt_engine_matches_torch(manifest, tmp_path):
     data = json.loads((tmp_path / "model" / "icd.json").read_text())
     (tmp_path / "model" / "icd.json").write_text(json.dumps({**data, "lora_alpha": 0.01}))
     fp16_safe = load_manifest(tmp_path / "model")
-    trt_model = get_model(fp16_safe, "cuda", "fp16", "tensorrt")
-    torch_model = get_model(fp16_safe, "cuda", "fp16")
-    cond = torch_model.encode_text(["a cat"], (128, 128))
+    trt_model = open_session(fp16_safe, "cuda", "fp16", "tensorrt")
+    torch_model = open_session(fp16_safe, "cuda", "fp16", "torch")
+    cond = torch_model.model.encode_text(["a cat"], (128, 128))
     x = torch.randn(1, 4, 16, 16, device="cuda")
     for _ in range(2):  # the second call replays the CUDA graph
         got = trt_model.denoiser("forward")(x, 259, cond, torch.zeros(1))
@@ -180,25 +228,32 @@ def test_tensorrt_engine_matches_torch(manifest, tmp_path):
     assert os.path.isfile(tensorrt.timing_cache_path(tensorrt.runtime_identity(tensorrt._tensorrt(), x.device)))
 
 
-def test_compile_wraps_the_plain_denoisers_only(manifest):
-    model = load_model(str(manifest.path), "cpu", "fp32", ("reverse",), "torch", compile=True, static_shapes=True)
-    assert model.compile_mode == "default"  # CUDA graphs and autotuning only on a GPU with fixed shapes
+def test_compile_wraps_the_plain_denoisers_only(manifest, caplog):
+    session = open_session(str(manifest.path), "cpu", "fp32", "torch", compile=True, static_shapes=True,
+                           directions=("reverse",))
+    assert session.compile_mode == "default"  # CUDA graphs and autotuning only on a GPU with fixed shapes
     assert choose_compile_mode(torch.device("cuda"), True) == "max-autotune"
     assert choose_compile_mode(torch.device("cuda"), False) == "default"
-    assert type(model.denoiser("reverse").unet).__name__ == "OptimizedModule"  # compiled lazily, on first call
-    (eager,) = model.unets("reverse")
-    assert model.denoiser("reverse", attention_control=True).unet is eager  # P2P swaps its attention processors
+    # the denoiser's epsilon function runs a compiled copy (compiled lazily, on first call) of the eager UNet
+    compiled = inspect.getclosurevars(session.denoiser("reverse").eps_fn).nonlocals["unet"]
+    (eager,) = session.unets("reverse")
+    assert type(compiled).__name__ == "OptimizedModule" and compiled._orig_mod is eager
+    with caplog.at_level(logging.INFO, logger="icd"):
+        host = session.attention_host()
+    assert host.unet is eager  # P2P swaps its attention processors
+    assert icd_messages(caplog) == [
+        "prompt-to-prompt edits attention maps: its decoding runs on eager torch, not torch.compile"]
 
 
 def test_no_wasted_work_in_the_loop(models):
     """A p2p edit need not decode the source row; e(w) is made once per guidance row values, not per step."""
-    model = models["torch"]
+    session = models["torch"]
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    full = pipeline.edit(model, x_T, "a cat", "a dog", method="p2p")
-    lean = pipeline.edit(model, x_T, "a cat", "a dog", method="p2p", with_reconstruction=False)
+    full = pipeline.edit(session, x_T, "a cat", "a dog", method="p2p")
+    lean = pipeline.edit(session, x_T, "a cat", "a dog", method="p2p", with_reconstruction=False)
     assert lean.reconstruction is None and lean.edited.shape == full.edited.shape
     assert (lean.edited - full.edited).abs().max().item() < 1e-5
-    denoiser = model.denoiser("reverse")
-    first = denoiser._embedding(torch.tensor([0.0, 19.0]))
-    assert denoiser._embedding(torch.tensor([0.0, 19.0])) is first
-    assert not torch.equal(denoiser._embedding(torch.tensor([0.0, 7.0])), first)
+    denoiser = session.denoiser("reverse")
+    first = denoiser.embedding(torch.tensor([0.0, 19.0]))
+    assert denoiser.embedding(torch.tensor([0.0, 19.0])) is first
+    assert not torch.equal(denoiser.embedding(torch.tensor([0.0, 7.0])), first)

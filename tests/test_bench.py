@@ -2,17 +2,20 @@
 real configs swapped for tiny ones) including the cold start of a new process."""
 
 import json
+import statistics
+import types
 
 import pytest
 import torch
 from click.testing import CliRunner
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from export import random_models
-from export.bench import stage_flops, time_ms
-from icdcli.cli import main
-from icdcli.manifest import resolve_model
-from icdcli.models import get_model
+from icd.app import bench as bench_module
+from icd.app.bench import stage_flops, time_ms
+from icd.app.cli import main
+from icd.app.session import open_session
+from icd.models import offline
+from icd.models.hub import resolve_model
 
 STAGES = {"text_encode", "vae_encode", "unet_forward_b1", "unet_reverse_b1", "unet_reverse_b2", "vae_decode"}
 END_TO_END = {"invert", "edit_p2p", "edit_swap", "photo_edit_p2p", "photo_edit_swap"}
@@ -57,9 +60,10 @@ def test_report_on_tiny(icd_home):
 
 def test_flops_are_counted_on_meta_copies(icd_home):
     """The count on meta modules equals a real run's with the attention decomposed into countable matmuls."""
-    model = get_model(resolve_model("tiny"), "cpu", "fp32")
+    session = open_session(resolve_model("tiny"), "cpu", "fp32", "torch")
+    model = session.model
     counted = stage_flops(model, 96, 64)
-    denoiser = model.denoiser("reverse")
+    denoiser = session.denoiser("reverse")
     cond = model.encode_text(["a cat"], (96, 64))
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,20 +73,42 @@ def test_flops_are_counted_on_meta_copies(icd_home):
     assert stage_flops(model, 192, 128)["vae_decode"] == pytest.approx(4 * counted["vae_decode"], rel=0.05)
 
 
-def test_time_ms_is_a_median():
+def fake_clock(durations_s: list[float]):
+    """A perf_counter that stands still except when the returned function runs, which takes the next duration."""
+    clock = types.SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    steps = iter(durations_s)
+
+    def run():
+        clock.now += next(steps)
+
+    return clock, run, steps
+
+
+def test_time_ms_is_a_median(monkeypatch):
     calls = []
     assert time_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=3) < 50
     assert len(calls) == 5
+    # Timings whose median, mean, minimum, maximum, first, last and middle (unsorted) all differ, so only the
+    # median passes; the warm-ups take 1000 s each, so timing them shows too.
+    durations_ms = [4.0, 30.0, 2.0, 7.0, 1.0, 5.0, 6.0]
+    assert len({statistics.median(durations_ms), statistics.mean(durations_ms), min(durations_ms),
+                max(durations_ms), durations_ms[0], durations_ms[-1], durations_ms[3]}) == 7
+    for best, expected in ((False, 5.0), (True, 1.0)):
+        clock, run, steps = fake_clock([1000.0, 1000.0] + [ms / 1000 for ms in durations_ms])
+        monkeypatch.setattr(bench_module, "time", clock)  # the bench module's clock only
+        assert time_ms(run, torch.device("cpu"), warmup=2, repeats=7, best=best) == pytest.approx(expected)
+        assert next(steps, None) is None  # 2 warm-ups + 7 timed runs, no more
 
 
 def test_random_weights_with_cold_start(icd_home, monkeypatch):
-    monkeypatch.setitem(random_models.CONFIGS, "sd15", TINY_SD15)
+    monkeypatch.setitem(offline.CONFIGS, "sd15", TINY_SD15)
     report = bench("--random-weights", "sd15", "--size", "64", "--batch", "1")
     folder = icd_home / "models" / "random-sd15"
     assert report["model"] == "random-sd15" and (folder / "icd.json").is_file()
     assert 0 < report["load_s"] < report["cold_start_s"] < 60
     assert report["backend"] == "torch"  # auto: fused weights exported for the cold start, no graphs
-    model = get_model(resolve_model(str(folder)), "cpu", "fp32")
+    model = open_session(resolve_model(str(folder)), "cpu", "fp32", "torch").model
     assert model.unet_config["cross_attention_dim"] == 32 and model.unet_config["time_cond_proj_dim"] == 512
     assert bench("--random-weights", "sd15", "--size", "64", "--batch", "1", "--no-cold-start")["fingerprint"] == \
         report["fingerprint"]  # built once

@@ -1,29 +1,17 @@
 """The `icd` command end to end on the tiny model: outputs, messages, exit codes, untouched inputs."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.demo import MINI_SCENE
-from icdcli.images import read_metadata
-from icdcli.manifest import resolve_model
-from icdcli.miniworld import background_of, colour_under, render
-
-
-def icd(*args, cwd: Path):
-    """Run `icd ARGS...` in folder `cwd` (default outputs land there)."""
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
+from tests.fixtures.cli import icd
+from bench.miniature.world import DEMO_SCENE as MINI_SCENE
+from icd.images import read_metadata
+from icd.models.hub import resolve_model
+from bench.miniature.world import background_of, colour_under, render
 
 
 def photo(path: Path, size=(100, 60), mode="RGB", color=(200, 40, 40)) -> Path:

@@ -1,22 +1,27 @@
-"""The iCD equations: noise schedule, guidance embedding, the consistency jump, dynamic guidance, step lists."""
+"""The iCD equations: noise schedule, guidance embedding, the consistency jump, dynamic guidance, step lists;
+per-row tensor timesteps (training's batches), and the guidance wrapper every engine runs behind."""
 
 import math
 
 import pytest
 import torch
 
-from icdcli.consistency import (
-    ENCODE_START_TIMESTEP,
+from icd.core.consistency import (
     Jump,
     add_noise,
     alpha_sigma,
     alphas_cumprod,
     consistency_jump,
+    ddim_grid,
     dynamic_guidance,
     forward_jumps,
     guidance_embedding,
+    guided_eps,
     reverse_jumps,
 )
+from icd.core.denoiser import Conditioning, Guided
+from icd.core.sampling import jump
+from icd.models.official import FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM
 
 # The schedule table of the reference (t, abar_t, alpha_t, sigma_t): abar and alpha to 5 decimals, sigma to 4.
 SCHEDULE_TABLE = [
@@ -85,27 +90,90 @@ def test_add_noise_values():
     assert add_noise(x0, noise, 19)[0].item() == pytest.approx(0.99108 + 0.13325 * 0.5, abs=1e-4)
 
 
-def test_encode_start_timestep():
-    assert ENCODE_START_TIMESTEP == 19
+def test_encoding_starts_at_the_first_point_of_the_ddim_grid():
+    grid = ddim_grid(50)
+    assert grid[:2] == [19, 39] and grid[-1] == 999 and len(grid) == 50
+    assert forward_jumps(list(FORWARD_TIMESTEPS))[0].t == grid[0] == 19
+
+
+def test_add_noise_at_zero_is_the_clean_latent():
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    assert torch.equal(add_noise(x0, noise, 0), x0)  # not sqrt(abar_0) x0 + sqrt(1 - abar_0) noise
+    assert torch.equal(add_noise(x0, noise, torch.tensor([0, 0])), x0)
+
+
+# --- one timestep per row (training) ----------------------------------------------------------------------
+
+ROW_T = [0, 19, 259, 519, 999]
+ROW_S = [259, 0, 0, 779, 779]  # up from the clean latent, down to it, and both ways between boundaries
+
+
+def _rows(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(ROW_T), 4, 8, 8, generator=g), torch.randn(len(ROW_T), 4, 8, 8, generator=g)
+
+
+def test_alpha_sigma_per_row_equals_the_int_values():
+    alpha, sigma = alpha_sigma(torch.tensor(ROW_T))
+    assert alpha.shape == sigma.shape == (len(ROW_T), 1, 1, 1) and alpha.dtype == sigma.dtype == torch.float32
+    assert (alpha[0].item(), sigma[0].item()) == (1.0, 0.0)
+    for i, t in enumerate(ROW_T):
+        assert alpha[i].item() == pytest.approx(alpha_sigma(t)[0], abs=1e-7)
+        assert sigma[i].item() == pytest.approx(alpha_sigma(t)[1], abs=1e-7)
+
+
+def test_add_noise_per_row_equals_row_by_row():
+    x0, noise = _rows(4)
+    rows = add_noise(x0, noise, torch.tensor(ROW_T))
+    expected = torch.cat([add_noise(x0[i:i + 1], noise[i:i + 1], t) for i, t in enumerate(ROW_T)])
+    torch.testing.assert_close(rows, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(rows[0], x0[0])
+
+
+def test_consistency_jump_per_row_equals_row_by_row():
+    x, eps = _rows(5)
+    rows = consistency_jump(x, eps, torch.tensor(ROW_T), torch.tensor(ROW_S))
+    expected = torch.cat([consistency_jump(x[i:i + 1], eps[i:i + 1], t, s)
+                          for i, (t, s) in enumerate(zip(ROW_T, ROW_S))])
+    assert rows.dtype == torch.float32
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_jump_per_row_equals_row_by_row():
+    """The one step of samplers and training: the denoiser's epsilon at t, then the jump to s."""
+    x, _ = _rows(6)
+    cond, w = Conditioning(torch.zeros(len(ROW_T), 3, 8)), torch.zeros(len(ROW_T))
+
+    def denoiser(x, t, cond, w):  # depends on the timestep, as a row's own t must be used
+        t = t if isinstance(t, torch.Tensor) else torch.full((x.shape[0],), t)
+        return 0.3 * x + t.view(-1, 1, 1, 1) / 1000
+
+    rows = jump(denoiser, x, torch.tensor(ROW_T), torch.tensor(ROW_S), cond, w)
+    expected = torch.cat([jump(denoiser, x[i:i + 1], t, s, cond.rows([i]), w[i:i + 1])
+                          for i, (t, s) in enumerate(zip(ROW_T, ROW_S))])
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows, consistency_jump(x, denoiser(x, torch.tensor(ROW_T), cond, w),
+                                                      torch.tensor(ROW_T), torch.tensor(ROW_S)), rtol=0, atol=0)
 
 
 # --- guidance embedding ----------------------------------------------------------------------------------
 
 def test_guidance_embedding_shape_and_dtype():
-    e = guidance_embedding(torch.tensor([0.0, 7.0, 19.0]))
+    e = guidance_embedding(torch.tensor([0.0, 7.0, 19.0]), GUIDANCE_EMBED_DIM)
     assert e.shape == (3, 512)
     assert e.dtype == torch.float32
-    assert guidance_embedding(torch.tensor([1.0]), dim=64).shape == (1, 64)
+    assert guidance_embedding(torch.tensor([1.0]), 64).shape == (1, 64)
 
 
 def test_guidance_embedding_of_zero_is_sin_zeros_then_cos_ones():
-    e = guidance_embedding(torch.tensor([0.0]))[0]
+    e = guidance_embedding(torch.tensor([0.0]), GUIDANCE_EMBED_DIM)[0]
     assert torch.equal(e[:256], torch.zeros(256))
     assert torch.equal(e[256:], torch.ones(256))
 
 
 def test_guidance_embedding_hand_computed_values():
-    e = guidance_embedding(torch.tensor([0.5]))[0]
+    e = guidance_embedding(torch.tensor([0.5]), GUIDANCE_EMBED_DIM)[0]
     assert e[0].item() == pytest.approx(math.sin(500.0), abs=1e-4)
     assert e[256].item() == pytest.approx(math.cos(500.0), abs=1e-4)
     f10 = math.exp(-math.log(1e4) * 10 / 255)
@@ -117,9 +185,9 @@ def test_guidance_embedding_hand_computed_values():
 
 
 def test_guidance_embedding_rows_are_independent():
-    both = guidance_embedding(torch.tensor([0.0, 7.0]))
-    assert torch.equal(both[0], guidance_embedding(torch.tensor([0.0]))[0])
-    assert torch.equal(both[1], guidance_embedding(torch.tensor([7.0]))[0])
+    both = guidance_embedding(torch.tensor([0.0, 7.0]), GUIDANCE_EMBED_DIM)
+    assert torch.equal(both[0], guidance_embedding(torch.tensor([0.0]), GUIDANCE_EMBED_DIM)[0])
+    assert torch.equal(both[1], guidance_embedding(torch.tensor([7.0]), GUIDANCE_EMBED_DIM)[0])
     assert not torch.allclose(both[0], both[1])
 
 
@@ -129,12 +197,85 @@ def test_guidance_embedding_equals_diffusers(w):
 
     # diffusers multiplies by 1000 itself and does not subtract 1 (its LCM pipeline passes scale - 1).
     theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([w]), embedding_dim=512)
-    ours = guidance_embedding(torch.tensor([w]))
+    ours = guidance_embedding(torch.tensor([w]), GUIDANCE_EMBED_DIM)
     # the two compute the fp32 frequencies in a different order: angles up to 1000 w differ in the last bits
     assert (ours - theirs).abs().max().item() <= 2e-4 * max(1.0, w)
     if w > 0:  # a (w - 1) shift would give a completely different vector
         shifted = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([w - 1]), embedding_dim=512)
         assert (ours - shifted).abs().max().item() > 0.5
+
+
+# --- classifier-free guidance and the guidance wrapper ------------------------------------------------------
+
+def test_guided_eps_per_row():
+    g = torch.Generator().manual_seed(7)
+    eps_c, eps_u = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    w = torch.tensor([0.0, 1.0, 7.0])
+    out = guided_eps(eps_c, eps_u, w)
+    for i in range(3):
+        torch.testing.assert_close(out[i], eps_c[i] + w[i].item() * (eps_c[i] - eps_u[i]), rtol=0, atol=1e-6)
+    assert torch.equal(out[0], eps_c[0])  # w = 0 is conditional-only, not unguided
+
+
+class RecordingEps:
+    """An epsilon function that depends on x, t, the text and e(w), recording each call's inputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, cond, timestep_cond):
+        self.calls.append((t, cond, timestep_cond))
+        eps = 0.5 * x + cond.embeds.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t / 1000
+        return eps if timestep_cond is None else eps + timestep_cond.sum(1).view(-1, 1, 1, 1)
+
+
+def _guided_inputs(sdxl=False):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, 2, 2, generator=g)
+    extra = dict(pooled=torch.randn(3, 5, generator=g), time_ids=torch.randn(3, 6, generator=g)) if sdxl else {}
+    cond = Conditioning(torch.randn(3, 7, 8, generator=g), **extra)
+    uncond_extra = dict(pooled=torch.randn(1, 5, generator=g), time_ids=torch.randn(1, 6, generator=g)) if sdxl else {}
+    return x, cond, Conditioning(torch.randn(1, 7, 8, generator=g), **uncond_extra)
+
+
+def test_guided_with_a_guidance_embedding_is_one_pass_fed_e_w():
+    x, cond, _ = _guided_inputs()
+    w = torch.tensor([0.0, 7.0, 7.0])
+    eps_fn = RecordingEps()
+    out = Guided(eps_fn, 16)(x, 519, cond, w)
+    [(t, seen, embedding)] = eps_fn.calls
+    assert t == 519 and seen is cond
+    assert torch.equal(embedding, guidance_embedding(w, 16))
+    torch.testing.assert_close(out, RecordingEps()(x, 519, cond, guidance_embedding(w, 16)), rtol=0, atol=0)
+
+
+def test_guided_needs_an_embedding_or_the_unconditional_rows():
+    with pytest.raises(ValueError, match="guidance embedding size or the unconditional rows"):
+        Guided(RecordingEps(), None)
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
+def test_guided_without_embedding_adds_the_unconditional_pass_only_when_needed(sdxl):
+    x, cond, uncond = _guided_inputs(sdxl)
+    eps_fn = RecordingEps()
+    denoiser = Guided(eps_fn, None, uncond)
+    eps_c = RecordingEps()(x, 259, cond, None)
+
+    unguided = denoiser(x, 259, cond, torch.zeros(3))
+    assert len(eps_fn.calls) == 1 and eps_fn.calls[0][1] is cond and eps_fn.calls[0][2] is None
+    torch.testing.assert_close(unguided, eps_c, rtol=0, atol=0)
+
+    w = torch.tensor([0.0, 2.0, 7.0])
+    guided = denoiser(x, 259, cond, w)
+    assert len(eps_fn.calls) == 3  # the conditional pass, then the unconditional one
+    _, second, embedding = eps_fn.calls[2]
+    assert embedding is None and torch.equal(second.embeds, uncond.embeds.expand(3, -1, -1))
+    if sdxl:  # the empty prompt's pooled embedding, the rows' own size ids
+        assert torch.equal(second.pooled, uncond.pooled.expand(3, -1)) and torch.equal(second.time_ids, cond.time_ids)
+    eps_u = RecordingEps()(x, 259, second, None)
+    torch.testing.assert_close(guided, guided_eps(eps_c, eps_u, w), rtol=0, atol=0)
+    torch.testing.assert_close(guided[0], eps_c[0], rtol=0, atol=0)
+    torch.testing.assert_close(guided[2], eps_c[2] + 7.0 * (eps_c[2] - eps_u[2]), rtol=0, atol=1e-5)
 
 
 # --- consistency jump ------------------------------------------------------------------------------------

@@ -9,19 +9,35 @@ import torch
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
 onnx = pytest.importorskip("onnx", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
 
-from export import artifacts  # noqa: E402
-from export.artifacts import Index, artifacts_dir, load_fused_unet  # noqa: E402
-from export.build import export_model  # noqa: E402
-from export.onnx import (  # noqa: E402
+from icd.app.session import Session  # noqa: E402
+from icd.models import loading  # noqa: E402
+from icd.models.hub import resolve_model  # noqa: E402
+from icd.models.loading import Model, fuse_unets, load_teacher, unet_config  # noqa: E402
+from icd_export import artifacts  # noqa: E402
+from icd_export.artifacts import Index, artifacts_dir, load_fused_unet  # noqa: E402
+from icd_export.build import export_model  # noqa: E402
+from icd_export.onnx import (  # noqa: E402
     ExportError, UNetGraph, example_latent, export_unet, input_names, onnx_session, random_inputs, verify_graph)
-from icdcli.manifest import resolve_model  # noqa: E402
-from icdcli.models import ICDModel  # noqa: E402
+
+
+def fused_fp32(manifest, *directions):
+    """Fresh fp32 teacher + LoRA UNets on the CPU, never from the artifacts."""
+    return fuse_unets(manifest, unet_config(manifest), directions)
+
+
+def teacher_of(manifest):
+    return load_teacher(manifest, unet_config(manifest))
+
+
+def unets_session(manifest, dtype):
+    """A session with the UNets only (no text encoders or VAE): what it loads is what a run would load."""
+    return Session(Model(manifest, torch.device("cpu"), dtype, unet_config(manifest)))
 
 
 @pytest.fixture(scope="module")
 def fused(icd_home):
     """Both tiny models' fused reverse UNets (fp32, CPU)."""
-    return {kind: ICDModel(resolve_model(name), torch.device("cpu"), torch.float32).fuse("reverse")[0]
+    return {kind: fused_fp32(resolve_model(name), "reverse")[0]
             for kind, name in (("sd15", "tiny"), ("sdxl", "tiny-sdxl"))}
 
 
@@ -60,7 +76,7 @@ def test_graph_inputs_are_dynamic_and_typed(fused, tmp_path):
 def test_fp16_graph(icd_home, tmp_path):
     """fp16 graphs (for TensorRT's strongly typed builds) keep the timestep in fp32 and track the fp32 UNet.
     The tiny teacher, not a fused UNet: the tiny LoRAs are too strong for fp16."""
-    unet = ICDModel(resolve_model("tiny"), torch.device("cpu"), torch.float32).load_teacher().eval()
+    unet = teacher_of(resolve_model("tiny")).eval()
     path = export_unet(unet, tmp_path / "unet16.onnx", "fp16", torch.device("cpu"))[0]
     graph = onnx.load(str(path)).graph
     types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
@@ -76,7 +92,7 @@ def test_fp16_graph(icd_home, tmp_path):
 def test_verification_catches_a_wrong_graph(fused, tmp_path, icd_home):
     path = export_unet(fused["sd15"], tmp_path / "unet.onnx", "fp32", torch.device("cpu"))[0]
     assert verify_graph(path, fused["sd15"], "fp32", 1, (16, 16)) < 2e-3
-    teacher = ICDModel(resolve_model("tiny"), torch.device("cpu"), torch.float32).load_teacher()
+    teacher = teacher_of(resolve_model("tiny"))
     with pytest.raises(ExportError, match="differs from PyTorch at batch 1, latent 16x16"):
         verify_graph(path, teacher, "fp32", 1, (16, 16))  # the graph has the LoRA fused, the teacher not
 
@@ -121,18 +137,18 @@ def test_artifacts_reused_when_valid_rebuilt_when_not(icd_home):
 def test_fused_weights_load_without_the_teacher(icd_home, monkeypatch):
     manifest = resolve_model("tiny")
     export_model(manifest, ("fp32",), onnx=False)
-    reference = ICDModel(manifest, torch.device("cpu"), torch.float32).fuse("forward", "reverse")
+    reference = fused_fp32(manifest, "forward", "reverse")
 
-    def no_teacher(self):
+    def no_teacher(*args):
         raise AssertionError("the teacher was read although fused weights exist")
 
-    monkeypatch.setattr(ICDModel, "load_teacher", no_teacher)
-    model = ICDModel(manifest, torch.device("cpu"), torch.float32)
-    for loaded, fresh in zip(model.unets("forward", "reverse"), reference):
+    monkeypatch.setattr(loading, "load_teacher", no_teacher)  # what fuse_unets reads the teacher with
+    session = unets_session(manifest, torch.float32)
+    for loaded, fresh in zip(session.unets("forward", "reverse"), reference):
         assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
         state = fresh.state_dict()
         assert all(torch.equal(value, state[name]) for name, value in loaded.state_dict().items())
     # bf16 has no file of its own: the fp32 one is cast
-    (bf16,) = ICDModel(manifest, torch.device("cpu"), torch.bfloat16).unets("reverse")
+    (bf16,) = unets_session(manifest, torch.bfloat16).unets("reverse")
     assert bf16.dtype == torch.bfloat16
     assert load_fused_unet(resolve_model("tiny-sdxl"), {}, "reverse", torch.float32, torch.device("cpu")) is None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from icdcli import hub
-from icdcli.errors import ModelError
+from icd.errors import ModelError
+from icd.models import cache, hub
 
 FORWARD = b"forward lora bytes"
 REVERSE = b"reverse lora bytes"
@@ -177,7 +177,7 @@ def test_download_resumes_from_part(server, tmp_path):
     dest = tmp_path / "blob.bin"
     (tmp_path / "blob.bin.part").write_bytes(data[:70_000])
 
-    assert hub.download(server.url + "blob.bin", dest, progress=False) == dest
+    assert cache.download(server.url + "blob.bin", dest, progress=False) == dest
     assert server.requests == [("blob.bin", "bytes=70000-")]
     assert dest.read_bytes() == data
     assert not (tmp_path / "blob.bin.part").exists()
@@ -188,7 +188,7 @@ def test_download_restarts_when_server_ignores_range(server, tmp_path):
     server.files["blob.bin"], server.honour_range = data, False
     (tmp_path / "blob.bin.part").write_bytes(b"stale" * 1000)
 
-    hub.download(server.url + "blob.bin", tmp_path / "blob.bin", progress=False)
+    cache.download(server.url + "blob.bin", tmp_path / "blob.bin", progress=False)
     assert (tmp_path / "blob.bin").read_bytes() == data
 
 
@@ -197,7 +197,7 @@ def test_download_finishes_a_complete_part_on_416(server, tmp_path):
     server.files["blob.bin"] = data
     (tmp_path / "blob.bin.part").write_bytes(data)
 
-    hub.download(server.url + "blob.bin", tmp_path / "blob.bin", progress=False)
+    cache.download(server.url + "blob.bin", tmp_path / "blob.bin", progress=False)
     assert (tmp_path / "blob.bin").read_bytes() == data
     assert server.requests == [("blob.bin", "bytes=10000-")]
 
@@ -208,38 +208,38 @@ def test_interrupted_download_resumes_on_next_call(server, tmp_path):
     dest = tmp_path / "blob.bin"
 
     with pytest.raises(ModelError, match="connection closed early; run again to resume"):
-        hub.download(server.url + "blob.bin", dest, progress=False)
+        cache.download(server.url + "blob.bin", dest, progress=False)
     assert not dest.exists()
     assert (tmp_path / "blob.bin.part").read_bytes() == data[:50_000]
 
-    hub.download(server.url + "blob.bin", dest, progress=False)
+    cache.download(server.url + "blob.bin", dest, progress=False)
     assert server.requests[-1] == ("blob.bin", "bytes=50000-")
     assert dest.read_bytes() == data
 
 
 def test_download_error_names_url_and_reason(server, tmp_path):
     with pytest.raises(ModelError, match=rf"cannot download {server.url}missing.bin: HTTP 404"):
-        hub.download(server.url + "missing.bin", tmp_path / "missing.bin", progress=False)
+        cache.download(server.url + "missing.bin", tmp_path / "missing.bin", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_download_keeps_an_existing_file(server, tmp_path):
     (tmp_path / "done.bin").write_bytes(b"done")
-    hub.download(server.url + "done.bin", tmp_path / "done.bin", progress=False)
+    cache.download(server.url + "done.bin", tmp_path / "done.bin", progress=False)
     assert server.requests == []
 
 
 def test_cached_download_fetches_a_url_once(server, home, monkeypatch):
     server.files["weights/lora.safetensors"] = FORWARD
-    path = hub.cached_download(server.url + "weights/lora.safetensors", progress=False)
+    path = cache.cached_download(server.url + "weights/lora.safetensors", progress=False)
     assert path.name == "lora.safetensors" and path.parent.parent == home / "urls"
     assert path.read_bytes() == FORWARD
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.cached_download(server.url + "weights/lora.safetensors", progress=False) == path
+    assert cache.cached_download(server.url + "weights/lora.safetensors", progress=False) == path
     assert len(server.requests) == 1
     with pytest.raises(ModelError) as error:
-        hub.cached_download(server.url + "other.bin")
+        cache.cached_download(server.url + "other.bin")
     assert str(error.value) == f"offline (HF_HUB_OFFLINE is set): {server.url}other.bin is not in the cache"
 
 OUTSIDE = f"/tmp/icd-test-{uuid.uuid4().hex}"
@@ -297,10 +297,10 @@ def test_pull_offline_fails_before_any_request(server, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value, offline", [("1", True), ("TRUE", True), ("yes", True), ("on", True),
                                             ("0", False), ("", False), ("false", False)])
-def test_is_offline_reads_environment_now(monkeypatch, value, offline):
+def test_offline_switch_reads_environment_now(monkeypatch, value, offline):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", value)
-    assert hub.is_offline() is offline
+    assert cache._offline_var() == ("TRANSFORMERS_OFFLINE" if offline else None)
 
 
 def test_unknown_preset_lists_names(home):
@@ -328,9 +328,9 @@ def test_icd_home_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ICD_HOME", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
-    assert hub.icd_home() == tmp_path / "user" / ".cache" / "icd"
+    assert cache.icd_home() == tmp_path / "user" / ".cache" / "icd"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert hub.icd_home() == tmp_path / "xdg" / "icd"
+    assert cache.icd_home() == tmp_path / "xdg" / "icd"
     monkeypatch.setenv("ICD_HOME", str(tmp_path / "mine"))
-    assert hub.icd_home() == tmp_path / "mine"
+    assert cache.icd_home() == tmp_path / "mine"
     assert hub.preset_dir("sd15-3step") == tmp_path / "mine" / "models" / "sd15-3step"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from icdcli import images
-from icdcli.errors import ICDError, InputError, OutputExistsError
-from icdcli.images import (
+from icd import images
+from icd.errors import ICDError, InputError, OutputExistsError
+from icd.images import (
     atomic_write,
     from_model_output,
     load_image,
@@ -255,8 +255,10 @@ def test_generated_output_is_returned_at_tensor_size():
 
 # --- saving ----------------------------------------------------------------------------------------
 
-METADATA = {"prompt": "a cat, in the snow", "negative_prompt": "blurry", "steps": 4, "guidance": 7.5,
-            "seed": 42, "model": "sd15-icd", "source_prompt": "a dog", "loras": ["a.safetensors"]}
+# What `icd edit` records: the decoding steps as (t, w) pairs and the paper's w (the classical scale is w + 1).
+METADATA = {"prompt": "a cat, in the snow", "guidance_steps": [[999, 0.0], [779, 6.5], [519, 6.5], [259, 6.5]],
+            "guidance_w": 6.5, "tau": 0.8, "seed": 42, "model": "sd15-icd", "source_prompt": "a dog",
+            "loras": ["a.safetensors"]}
 
 
 def test_png_metadata_round_trip_and_parameters_text(tmp_path):
@@ -265,8 +267,9 @@ def test_png_metadata_round_trip_and_parameters_text(tmp_path):
     assert read_metadata(path) == METADATA
     with Image.open(path) as saved:
         assert saved.text["parameters"] == (
-            "a cat, in the snow\nNegative prompt: blurry\n"
-            "Steps: 4, CFG scale: 7.5, Seed: 42, Size: 24x16, Model: sd15-icd, Source prompt: a dog")
+            "a cat, in the snow\n"
+            "Steps: 4, Sampler: iCD, CFG scale: 7.5, Seed: 42, Size: 24x16, Model: sd15-icd, Tau: 0.8, "
+            "Source prompt: a dog")
         assert json.loads(saved.text["icd"]) == METADATA
         assert saved.getpixel((0, 0)) == (1, 2, 3)
 
@@ -330,6 +333,32 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(old, half_then_fail, overwrite=True)
     assert old.read_bytes() == b"old" and list(tmp_path.iterdir()) == [old]
+
+
+def test_atomic_write_of_a_folder_replaces_it_whole(tmp_path):
+    """A model's base folder is written the same way: it appears complete, an old one is replaced whole."""
+    def folder_of(*names):
+        def write(temporary: Path):
+            for name in names:
+                (temporary / "sub").mkdir(parents=True, exist_ok=True)
+                (temporary / "sub" / name).write_text(name)
+        return write
+
+    target = tmp_path / "base"
+    atomic_write(target, folder_of("a", "b"))
+    assert sorted(p.name for p in (target / "sub").iterdir()) == ["a", "b"]
+    with pytest.raises(OutputExistsError):
+        atomic_write(target, folder_of("c"))
+    atomic_write(target, folder_of("c"), overwrite=True)
+    assert [p.name for p in (target / "sub").iterdir()] == ["c"]
+
+    def half_then_fail(temporary: Path):
+        folder_of("d")(temporary)
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(target, half_then_fail, overwrite=True)
+    assert [p.name for p in (target / "sub").iterdir()] == ["c"] and list(tmp_path.iterdir()) == [target]
 
 
 def test_atomic_write_reports_os_errors_as_one_line(tmp_path):

@@ -7,9 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from icdcli.errors import ModelError
-from icdcli.lora import LoraLayer, fuse_lora, lora_delta, read_lora
-from icdcli.tiny import _tiny_unet_config
+from icd.errors import ModelError
+from icd.models.lora import LoraLayer, fuse_lora, lora_delta, read_lora
+from fixtures.tiny import tiny_unet_config
 
 RANK, ALPHA = 4, 8  # scale 2.0, as the official rank 64 / alpha 8 is 0.125: alpha != rank on purpose
 OFFICIAL_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -25,7 +25,7 @@ PEFT_PREFIX = "unet.base_model.model."
 @pytest.fixture(scope="module")
 def base_unet():
     torch.manual_seed(0)
-    return UNet2DConditionModel(**_tiny_unet_config("sd15"), time_cond_proj_dim=512).eval()
+    return UNet2DConditionModel(**tiny_unet_config("sd15"), time_cond_proj_dim=512).eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from icdcli.manifest import parse_manifest
-from icdcli.miniworld import (BACKGROUNDS, COLOURS, SHAPES, background_of, colour_under, follows, random_scene,
-                              random_spec, render, shape_of, vocabulary, world_tokenizer, write_imagefolder)
-from icdcli.models import ICDModel
+from bench.miniature.world import (BACKGROUNDS, COLOURS, DEMO_SCENE, DEMO_TARGET, SHAPES, background_of, colour_under,
+                                   follows, random_scene, random_spec, render, shape_of, vocabulary, world_tokenizer,
+                                   write_imagefolder)
+from icd.models.loading import Model
+from icd.models.manifest import parse_manifest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench" / "miniature"))
 import pretrain  # noqa: E402
@@ -106,7 +107,7 @@ def test_world_tokenizer_has_one_token_per_word(tmp_path):
 
 
 def test_imagefolder_writer(tmp_path):
-    from train.data import read_examples
+    from icd_train.data import read_examples
 
     metadata = write_imagefolder(tmp_path, [3, 5], size=32)
     rows = [json.loads(line) for line in metadata.read_text().splitlines()]
@@ -116,6 +117,20 @@ def test_imagefolder_writer(tmp_path):
 
     assert Image.open(tmp_path / "0000005.png").tobytes() == random_scene(5, size=32).image.tobytes()
     assert [e.caption for e in read_examples(tmp_path)] == [row["text"] for row in rows]
+
+
+def test_the_shipped_mini_model_demos_a_scene_of_its_world():
+    from PIL import Image
+
+    from icd.models.hub import resolve_model
+
+    manifest = resolve_model("mini")
+    image, source, target = manifest.demo
+    assert (source, target) == (DEMO_SCENE.caption, DEMO_TARGET.caption) == (
+        "a red circle on a sandy background", "a blue circle on a sandy background")
+    with Image.open(image) as shipped:
+        assert shipped.convert("RGB").tobytes() == render(DEMO_SCENE, manifest.resolution).image.tobytes()
+    assert DEMO_SCENE.seed >= 4000  # not one of the training scenes (seeds 0-3999)
 
 
 def test_pretraining_smoke_run_loads_in_diffusers_and_icd(tmp_path):
@@ -135,7 +150,7 @@ def test_pretraining_smoke_run_loads_in_diffusers_and_icd(tmp_path):
 
     manifest = parse_manifest({"kind": "sd15", "base": str(tmp_path), "forward_timesteps": [19, 259, 519, 779],
                                "reverse_timesteps": [259, 519, 779, 999], "resolution": 64}, tmp_path, "test")
-    model = ICDModel.load(manifest, torch.device("cpu"), torch.float32)
+    model = Model.load(manifest, torch.device("cpu"), torch.float32)
     assert model.size_multiple == 16
     assert model.encode_text(["a red circle on a sandy background"], (64, 64)).embeds.shape == (1, 77, 64)
     assert model.encode_image(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 8, 8)

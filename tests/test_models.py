@@ -8,14 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from icdcli import pipeline
-from icdcli.consistency import add_noise, consistency_jump
-from icdcli.errors import ICDError, InputError, ModelError, OutputExistsError
-from icdcli.latents import FORMAT, LatentInfo, load_latent, save_latent
-from icdcli.manifest import load_manifest, parse_manifest, resolve_model
-from icdcli.models import ICDModel, UNetDenoiser, get_model
-from icdcli.p2p import P2PConfig
-from icdcli.tiny import LORA_TARGETS, build_tiny_model
+from fixtures.tiny import build_tiny_model
+from icd import pipeline
+from icd.app.session import Session, open_session
+from icd.core.consistency import add_noise, consistency_jump
+from icd.core.denoiser import Guided
+from icd.errors import ICDError, InputError, ModelError, OutputExistsError
+from icd.latents import FORMAT, LatentInfo, load_latent, save_latent
+from icd.models.hub import resolve_model
+from icd.models.loading import Model, load_teacher, unet_config
+from icd.models.manifest import load_manifest, parse_manifest
+from icd.models.official import LORA_TARGETS
+from icd.p2p import P2PConfig
 
 SIZE = 64  # a multiple of the tiny models' 32: latents 8x8 -> 4x4 -> 2x2 in the UNet
 
@@ -28,12 +32,13 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd15(tiny_dirs):
-    return get_model(load_manifest(tiny_dirs["sd15"]), "cpu", "fp32")
+    """The tiny SD1.5 model opened on PyTorch (a Session: the pipeline's runtime; its parts are in .model)."""
+    return open_session(load_manifest(tiny_dirs["sd15"]), "cpu", "fp32", "torch")
 
 
 @pytest.fixture(scope="session")
 def sdxl(tiny_dirs):
-    return get_model(load_manifest(tiny_dirs["sdxl"]), "cpu", "fp32")
+    return open_session(load_manifest(tiny_dirs["sdxl"]), "cpu", "fp32", "torch")
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +70,14 @@ def test_manifest_of_tiny_model(tiny_dirs):
     assert load_manifest(tiny_dirs["sd15"] / "icd.json") == manifest
 
 
-def test_get_model_is_cached(sd15, tiny_dirs):
-    assert get_model(load_manifest(tiny_dirs["sd15"]), "cpu", "fp32") is sd15
-    assert sd15.dtype == torch.float32 and sd15.device == torch.device("cpu")
+def test_open_session_is_cached(sd15, tiny_dirs):
+    assert open_session(load_manifest(tiny_dirs["sd15"]), "cpu", "fp32", "torch") is sd15
+    assert sd15.backend == "torch" and sd15.compile_mode is None
+    assert sd15.model.dtype == torch.float32 and sd15.model.device == torch.device("cpu")
 
 
 def test_teacher_has_cond_proj_and_the_pt_weights(sd15, tiny_dirs):
-    teacher = sd15.load_teacher()
+    teacher = load_teacher(sd15.manifest, sd15.model.unet_config)
     assert teacher.config.time_cond_proj_dim == 512
     proj = teacher.time_embedding.cond_proj
     assert isinstance(proj, torch.nn.Linear) and proj.in_features == 512 and proj.out_features == 32 and proj.bias is None
@@ -120,10 +126,10 @@ PROMPTS = ["a cat", "a dog on a red sofa"]
 
 
 def test_sd15_conditioning_is_last_hidden_state(sd15):
-    cond = sd15.encode_text(PROMPTS, (SIZE, SIZE))
+    cond = sd15.model.encode_text(PROMPTS, (SIZE, SIZE))
     assert cond.embeds.shape == (2, 77, 32)
     assert cond.pooled is None and cond.time_ids is None
-    tokenizer, encoder = sd15.tokenizers[0], sd15.text_encoders[0]
+    tokenizer, encoder = sd15.model.tokenizers[0], sd15.model.text_encoders[0]
     ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = encoder(ids).last_hidden_state
@@ -133,13 +139,13 @@ def test_sd15_conditioning_is_last_hidden_state(sd15):
 
 
 def test_sdxl_conditioning(sdxl):
-    cond = sdxl.encode_text(PROMPTS, (96, 64))  # (width, height)
+    cond = sdxl.model.encode_text(PROMPTS, (96, 64))  # (width, height)
     assert cond.embeds.shape == (2, 77, 64)
     assert cond.pooled.shape == (2, 32)
     assert cond.time_ids.tolist() == [[64, 96, 0, 0, 64, 96]] * 2
     hidden, pooled = [], None
     with torch.no_grad():
-        for tokenizer, encoder in zip(sdxl.tokenizers, sdxl.text_encoders):
+        for tokenizer, encoder in zip(sdxl.model.tokenizers, sdxl.model.text_encoders):
             ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
@@ -151,7 +157,7 @@ def test_sdxl_conditioning(sdxl):
 
 
 def test_conditioning_rows(sdxl):
-    cond = sdxl.encode_text(PROMPTS, (SIZE, SIZE))
+    cond = sdxl.model.encode_text(PROMPTS, (SIZE, SIZE))
     first, second = cond.rows(slice(0, 1)), cond.rows([1])
     assert first.embeds.shape == (1, 77, 64) and first.pooled.shape == (1, 32) and first.time_ids.shape == (1, 6)
     assert torch.equal(second.embeds[0], cond.embeds[1]) and torch.equal(second.pooled[0], cond.pooled[1])
@@ -161,9 +167,9 @@ def test_long_prompt_warns(sd15, caplog):
     # pytest also captures from non-propagating loggers, as "icd" is once the CLI has set up its logging
     long_prompt = " ".join(["abcdefghij"] * 10)  # the tiny tokenizer is per character: 100 tokens + 2
     with caplog.at_level(logging.WARNING, logger="icd"):
-        sd15.encode_text(["a cat"], (SIZE, SIZE))
+        sd15.model.encode_text(["a cat"], (SIZE, SIZE))
         assert caplog.records == []
-        cond = sd15.encode_text([long_prompt], (SIZE, SIZE))
+        cond = sd15.model.encode_text([long_prompt], (SIZE, SIZE))
     records = [r for r in caplog.records if r.name == "icd"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     assert "102 tokens" in records[0].getMessage() and "77" in records[0].getMessage()
@@ -173,23 +179,23 @@ def test_long_prompt_warns(sd15, caplog):
 # --- VAE and sizes --------------------------------------------------------------------------------------
 
 def test_encode_image_is_scaled_posterior_mean(sd15, pixels):
-    latents = sd15.encode_image(pixels)
+    latents = sd15.model.encode_image(pixels)
     assert latents.shape == (1, 4, 8, 8) and latents.dtype == torch.float32
     with torch.no_grad():
-        mean = sd15.vae.encode(pixels).latent_dist.mean
-    assert sd15.vae.config.scaling_factor == pytest.approx(0.18215)
+        mean = sd15.model.vae.encode(pixels).latent_dist.mean
+    assert sd15.model.vae.config.scaling_factor == pytest.approx(0.18215)
     assert torch.equal(latents, mean * 0.18215)
-    assert torch.equal(sd15.encode_image(pixels), latents)  # the mean, not a sample
+    assert torch.equal(sd15.model.encode_image(pixels), latents)  # the mean, not a sample
 
 
 def test_decode_latents_range_and_shape(sd15):
-    out = sd15.decode_latents(torch.randn(2, 4, 8, 12) * 5)
+    out = sd15.model.decode_latents(torch.randn(2, 4, 8, 12) * 5)
     assert out.shape == (2, 3, 64, 96)
     assert out.min() >= -1 and out.max() <= 1
 
 
 def test_sizes(sd15, sdxl):
-    for model in (sd15, sdxl):
+    for model in (sd15.model, sdxl.model):
         assert model.vae_scale_factor == 8
         assert model.size_multiple == 32
         assert model.latent_shape(160, 96) == (1, 4, 12, 20)
@@ -200,10 +206,11 @@ def test_sizes(sd15, sdxl):
 
 @pytest.mark.parametrize("kind, tolerance", [("sd15", 1e-5), ("sdxl", 5e-5)])
 def test_denoiser_guidance_per_row(kind, tolerance, request):
-    model = request.getfixturevalue(kind)
-    denoiser = model.denoiser("reverse")
-    assert isinstance(denoiser, UNetDenoiser) and denoiser.embed_dim == 512
-    cond = model.encode_text(["a cat"] * 2, (SIZE, SIZE))
+    session = request.getfixturevalue(kind)
+    denoiser = session.denoiser("reverse")
+    assert isinstance(denoiser, Guided) and denoiser.embed_dim == 512
+    assert session.denoiser("reverse") is denoiser  # made once
+    cond = session.model.encode_text(["a cat"] * 2, (SIZE, SIZE))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)).expand(2, -1, -1, -1)
     both = denoiser(x, 779, cond, torch.tensor([0.0, 7.0]))
     alone0 = denoiser(x[:1], 779, cond.rows(slice(0, 1)), torch.tensor([0.0]))
@@ -225,8 +232,8 @@ def test_invert_is_deterministic_per_seed(sd15, pixels, x_T):
 def test_invert_is_the_forward_loop_written_out(sd15, pixels, x_T):
     """z0 = VAE mean; x_19 = add_noise(z0, seeded noise); forward jumps 19->259->519->779->999 at w = 0."""
     denoiser = sd15.denoiser("forward")
-    cond = sd15.encode_text(["a cat"], (SIZE, SIZE))
-    z0 = sd15.encode_image(pixels)
+    cond = sd15.model.encode_text(["a cat"], (SIZE, SIZE))
+    z0 = sd15.model.encode_image(pixels)
     x = add_noise(z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(1)), 19)
     for t, s in ((19, 259), (259, 519), (519, 779), (779, 999)):
         x = consistency_jump(x, denoiser(x, t, cond, torch.tensor([0.0])), t, s)
@@ -236,11 +243,11 @@ def test_invert_is_the_forward_loop_written_out(sd15, pixels, x_T):
 def test_generate_is_the_reverse_loop_written_out(sd15):
     """Seeded noise at 999, then 999->779->519->259->0 with a constant w = 7 (the generation default)."""
     denoiser = sd15.denoiser("reverse")
-    cond = sd15.encode_text(["a red fox"], (96, 64))
+    cond = sd15.model.encode_text(["a red fox"], (96, 64))
     x = torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(11))
     for t, s in ((999, 779), (779, 519), (519, 259), (259, 0)):
         x = consistency_jump(x, denoiser(x, t, cond, torch.tensor([7.0])), t, s)
-    assert torch.equal(pipeline.generate(sd15, "a red fox", seed=11, width=96, height=64), sd15.decode_latents(x))
+    assert torch.equal(pipeline.generate(sd15, "a red fox", seed=11, width=96, height=64), sd15.model.decode_latents(x))
 
 
 def test_seeded_noise():
@@ -302,7 +309,7 @@ def test_edit_defaults_and_unknown_method(sd15, sdxl, x_T):
 
 
 def test_guidance_on_steps(sd15):
-    assert pipeline.guidance_on_steps(sd15, 19.0, 0.8) == [(999, 0.0), (779, 19.0), (519, 19.0), (259, 19.0)]
+    assert pipeline.guidance_on_steps(sd15.manifest, 19.0, 0.8) == [(999, 0.0), (779, 19.0), (519, 19.0), (259, 19.0)]
 
 
 def test_generate_is_deterministic(sd15):
@@ -399,12 +406,17 @@ def test_manifest_unreadable(tmp_path):
 
 def test_resolve_model_unknown_name_lists_presets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
     with pytest.raises(ModelError) as err:
         resolve_model("no-such-model")
     message = one_line(err)
     assert "unknown model 'no-such-model'" in message
-    for name in ("sd15-4step-259", "sdxl-4step-249", "sd15", "sdxl", "tiny", "tiny-sdxl"):
+    # the presets, their aliases and the shipped model; the tiny test models are no presets any more, they
+    # are found (like `icd bench --random-weights` models) in the cache's models folder, which is named
+    for name in ("sd15-4step-259", "sdxl-4step-249", "sd15", "sdxl", "mini"):
         assert name in message
+    assert "tiny" not in message
+    assert message.endswith(f"or a model in {tmp_path / 'home' / 'models'}")
 
 
 def test_resolve_model_folder(tiny_dirs):
@@ -412,9 +424,10 @@ def test_resolve_model_folder(tiny_dirs):
 
 
 def model_with_teacher(tiny_dirs, tmp_path, teacher, **change):
+    """A session of the tiny SD1.5 model with another teacher, UNets only (no text encoders or VAE)."""
     data = {**manifest_data(tiny_dirs["sd15"]), "teacher": str(teacher), **change}
     manifest = parse_manifest(data, tmp_path, str(tmp_path / "icd.json"))
-    return ICDModel(manifest, torch.device("cpu"), torch.float32)
+    return Session(Model(manifest, torch.device("cpu"), torch.float32, unet_config(manifest)))
 
 
 def test_teacher_with_wrong_shape(tiny_dirs, tmp_path):
@@ -548,10 +561,10 @@ def test_teacher_solver_runs_the_teacher_on_the_ddim_grid(sd15):
     assert solver.manifest.reverse_timesteps == (99, 199, 299, 399, 499, 599, 699, 799, 899, 999)
     forward, reverse = solver.unets("forward", "reverse")
     assert forward is reverse
-    teacher = sd15.load_teacher()
+    teacher = load_teacher(sd15.manifest, sd15.model.unet_config)
     assert all(torch.equal(value, teacher.state_dict()[key]) for key, value in forward.state_dict().items())
     assert sd15.manifest.forward_timesteps == (19, 259, 519, 779)  # the model itself is untouched
-    assert solver.vae is sd15.vae and solver.text_encoders is sd15.text_encoders
+    assert solver.model.vae is sd15.model.vae and solver.model.text_encoders is sd15.model.text_encoders
 
 
 def test_manifest_edit_defaults(tiny_dirs, tmp_path):

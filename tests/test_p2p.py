@@ -4,23 +4,25 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from icdcli.p2p import (
+from icd.core.denoiser import Conditioning, Guided
+from icd.models.loading import unet_eps
+from icd.models.offline import character_tokenizer
+from icd.p2p import (
+    AttentionHost,
     P2PConfig,
     PromptToPrompt,
-    describe_windows,
     refinement_mapper,
     replacement_mapper,
     step_windows,
     word_token_indices,
 )
-from icdcli.tiny import tiny_tokenizer
 
 LATENT = (16, 12)  # not square: levels 16x12 (192 tokens), 8x6 (48), 4x3 (12, the mid block)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return character_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def tiny_unet(mid_block_type="UNetMidBlock2DCrossAttn"):
@@ -50,15 +52,22 @@ def latents(identical_rows):
     return x[:1].expand(2, -1, -1, -1).clone() if identical_rows else x
 
 
+def host_of(unet):
+    """The eager UNet and its denoiser, as a session hands them to Prompt-to-Prompt (no guidance embedding;
+    the tests run w = 0, so the unconditional rows are never used)."""
+    return AttentionHost(unet, Guided(unet_eps(unet), None, Conditioning(torch.zeros(1, 77, 32))))
+
+
 @torch.no_grad()
 def run(unet, x, cond, controller=None, steps=(999, 519)):
-    """The UNet calls of our decoding loop (the jump itself is left out; x stays the same)."""
+    """The denoiser calls of our decoding loop (w = 0: one pass; the jump is left out, x stays the same)."""
+    host, cond, w = host_of(unet), Conditioning(cond), torch.zeros(x.shape[0])
     if controller is None:
-        return [unet(x, t, encoder_hidden_states=cond).sample for t in steps]
+        return [host.denoiser(x, t, cond, w) for t in steps]
     outputs = []
-    with controller.attach(unet):
+    with host.attached(controller):
         for i, t in enumerate(steps):
-            outputs.append(unet(x, t, encoder_hidden_states=cond).sample)
+            outputs.append(host.denoiser(x, t, cond, w))
             controller.after_step(i, x)
     return outputs
 
@@ -116,13 +125,6 @@ def test_windows(tokenizer, num_steps, cross, self_, cross_steps, self_steps, wa
     controller = PromptToPrompt(tokenizer, "a cat", "a dog", num_steps, config, latent_size=LATENT)
     assert (controller.cross_steps, controller.self_steps) == (cross_steps, self_steps)
     assert controller.warnings == warned
-
-
-def test_describe_windows():
-    assert describe_windows(4, 0.3, 0.6, timesteps=[999, 779, 519, 259]) == (
-        "cross-attention replaced on step 1 of 4 (t=999), self-attention on steps 1-2 of 4 (t=999, 779)"
-    )
-    assert describe_windows(3, 0.8, 0.2) == "cross-attention replaced on steps 1-3 of 3, self-attention on no step of 3"
 
 
 def test_default_amplify_and_word_warnings(tokenizer):
@@ -207,8 +209,9 @@ def test_local_blend(tokenizer, mid_block_type, threshold):
     config = P2PConfig(blend=(("cat",), ("dog",)), blend_threshold=threshold)
     controller = PromptToPrompt(tokenizer, "a cat", "a dog", 4, config, latent_size=LATENT)
     jumped = torch.randn(2, 4, *LATENT, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), controller.attach(unet):
-        unet(x, 999, encoder_hidden_states=cond)
+    host = host_of(unet)
+    with torch.no_grad(), host.attached(controller):
+        host.denoiser(x, 999, Conditioning(cond), torch.zeros(2))
         blended = controller.after_step(0, jumped)
 
     assert controller._blend_tokens == (12 if mid_block_type else 48)  # 4x3 = latent/4, else 8x6
@@ -220,10 +223,10 @@ def test_local_blend(tokenizer, mid_block_type, threshold):
     assert {0.0: coverage == 1.0, 0.95: 0.0 < coverage < 1.0, 1.0: coverage == 0.0}[threshold]
 
 
-def test_attach_restores_processors_after_an_exception(tokenizer, unet):
+def test_attached_restores_processors_after_an_exception(tokenizer, unet):
     original = unet.attn_processors
     controller = PromptToPrompt(tokenizer, "a cat", "a dog", 4, latent_size=LATENT)
-    with pytest.raises(RuntimeError, match="boom"), controller.attach(unet):
+    with pytest.raises(RuntimeError, match="boom"), host_of(unet).attached(controller):
         assert all(p is not original[name] for name, p in unet.attn_processors.items())
         raise RuntimeError("boom")
     assert all(p is original[name] for name, p in unet.attn_processors.items())

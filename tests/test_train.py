@@ -2,8 +2,8 @@
 right way, the model folder runs in `icd edit`'s code path, resume continues a run exactly.
 
 Setup: the tiny SD1.5-shaped model and 8 synthetic shape images at 64 px, its base pretrained briefly as a
-denoiser of them (see train.synthetic.pretrain_tiny_base), then 50 iterations of the paper's recipe with and
-without the preservation losses. Eight images make a teacher that learns fast, so that tens of iterations
+denoiser of them (see fixtures/synthetic.py, pretrain_tiny_base), then 50 iterations of the paper's recipe with
+and without the preservation losses. Eight images make a teacher that learns fast, so that tens of iterations
 move the measurements by a wide margin; BENCHMARKS.md ("Training (tiny, CPU)") has the longer runs on 48.
 """
 
@@ -17,14 +17,15 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from icdcli.manifest import load_manifest
-from icdcli.models import ICDModel
-from icdcli.cli import main
-from icdcli.images import read_metadata
-from icdcli.miniworld import random_scene, write_imagefolder
-from icdcli.tiny import build_tiny_model
-from train.cli import train
-from train.synthetic import pretrain_tiny_base
+from bench.miniature.world import random_scene, write_imagefolder
+from fixtures.synthetic import pretrain_tiny_base
+from fixtures.tiny import build_tiny_model
+from icd.app.cli import main
+from icd.app.session import Session
+from icd.app.training import train
+from icd.images import read_metadata
+from icd.models.loading import DIRECTIONS, Model, load_teacher, unet_config
+from icd.models.manifest import load_manifest
 
 RESOLUTION = 64
 COMMON = (f"data.resolution={RESOLUTION}", "data.workers=0", "train.batch_size=4", "train.eval_samples=8",
@@ -33,8 +34,9 @@ STAGE2 = ("lora.rank=8", "train.lr=1e-3", "train.max_steps=50")
 
 
 def invoke(command: str, output, *settings: str, resume: bool = False):
-    args = [command, "-o", str(output), *(part for s in settings for part in ("--set", s))]
-    return CliRunner().invoke(train, args + (["--resume"] if resume else []), catch_exceptions=False)
+    """`icd train COMMAND`: through the `icd` group, which turns an ICDError into its line and exit code 1."""
+    args = ["train", command, "-o", str(output), *(part for s in settings for part in ("--set", s))]
+    return CliRunner().invoke(main, args + (["--resume"] if resume else []), catch_exceptions=False)
 
 
 def evaluations(output) -> list[dict]:
@@ -80,7 +82,7 @@ def test_guidance_stage_writes_a_strict_loading_teacher_that_learned_the_guidanc
     manifest = load_manifest(teacher)
     assert manifest.teacher == (teacher / "teacher.pt").resolve() and manifest.guidance_embed_dim == 512
     assert manifest.forward_lora is None and manifest.reverse_lora is None
-    unet = ICDModel.load(manifest, torch.device("cpu"), torch.float32).load_teacher()  # strict load_state_dict
+    unet = load_teacher(manifest, unet_config(manifest))  # strict load_state_dict
     assert unet.config.time_cond_proj_dim == 512
     assert unet.time_embedding.cond_proj.weight.abs().sum() > 0  # the guidance projection was trained
 
@@ -153,7 +155,10 @@ def test_sdxl_conditioning_and_cached_latents(setup, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = load_manifest(tmp_path / "icd")
     assert manifest.kind == "sdxl"
-    ICDModel.load(manifest, torch.device("cpu"), torch.float32).unets("forward", "reverse")
+    # the UNets `icd edit` runs: the teacher with each LoRA fused (UNets only, no text encoders needed)
+    session = Session(Model(manifest, torch.device("cpu"), torch.float32, unet_config(manifest)))
+    forward, _ = session.unets(*DIRECTIONS)
+    assert forward.config.addition_embed_type == "text_time" and forward.config.time_cond_proj_dim == 512
 
 
 def test_cli_messages(tmp_path):
@@ -161,8 +166,10 @@ def test_cli_messages(tmp_path):
     assert result.exit_code == 2 and "unknown setting 'train.lrr'" in result.output
     result = invoke("icd", tmp_path / "out", f"model.path={tmp_path}", f"data.path={tmp_path}", resume=True)
     assert result.exit_code == 1 and "no checkpoint to resume from" in result.output
+    assert main.commands["train"] is train
     help_text = CliRunner().invoke(main, ["train", "--help"]).output
     assert "guidance" in help_text and "icd" in help_text and "accelerate launch" in help_text
-    imports = subprocess.run([sys.executable, "-c", "import sys, train.cli; print(sorted({'torch', 'accelerate', "
-                              "'diffusers'} & set(sys.modules)))"], capture_output=True, text=True, check=True)
+    imports = subprocess.run([sys.executable, "-c", "import sys, icd.app.training; print(sorted({'torch', "
+                              "'accelerate', 'diffusers'} & set(sys.modules)))"], capture_output=True, text=True,
+                             check=True)
     assert imports.stdout.strip() == "[]"  # `icd --help` stays fast

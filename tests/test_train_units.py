@@ -11,17 +11,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from icdcli.consistency import consistency_jump
-from icdcli.consistency import ddim_grid
-from icdcli.errors import ICDError
-from icdcli.lora import fuse_lora
-from icdcli.models import Conditioning
-from icdcli.tiny import LORA_TARGETS, _tiny_unet_config
-from train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
-from train.data import ImageDataset, cached_latents, read_examples, square_pixels
-from train.guidance import guidance_student
-from train.losses import LOSSES, Draw, PassRunner, Schedule, distance_for, huber, loss_weights, noised
-from train.students import load_lora, make_student, save_lora
+from fixtures.tiny import tiny_unet_config
+from icd.core.consistency import add_noise, consistency_jump, ddim_grid, guidance_embedding
+from icd.core.denoiser import Conditioning, Guided
+from icd.errors import ICDError
+from icd.models.loading import unet_eps
+from icd.models.lora import fuse_lora
+from icd.models.official import LORA_TARGETS
+from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
+from icd_train.data import ImageDataset, cached_latents, read_examples, square_pixels
+from icd_train.guidance import guidance_student
+from icd_train.losses import LOSSES, Draw, PassRunner, Rows, Schedule, distance_for, huber, loss_weights, noised
+from icd_train.students import load_lora, make_student, save_lora
 
 REQUIRED = ("model.path=m", "data.path=d")
 
@@ -239,6 +240,8 @@ def test_four_losses_in_10_calls_one_at_a_time_or_5_together():
             losses = runner.run({name: LOSSES[name](_draw(), schedule, torch.nn.functional.mse_loss) for name in group})
             assert set(losses) == set(group)
         assert (runner.calls, runner.rows) == (calls, 20)
+        assert set(runner.denoisers) == set(unets)
+        assert all(isinstance(d, Guided) and d.embed_dim == 512 for d in runner.denoisers.values())
         assert len(unets["teacher"].calls) == (2 if plans_per_run == 1 else 1)
 
 
@@ -282,6 +285,28 @@ def test_reverse_preservation_targets_the_clean_latent_on_the_bottom_segment():
     assert all(w == 1.0 for call in unets["reverse"].calls for w in call[1])  # e(0): cos block is ones
 
 
+def test_noised_is_add_noise_per_row_with_the_clean_boundary():
+    d = _draw()
+    x = noised(d.z0, d.noise, [0, 259])
+    assert torch.equal(x[0], d.z0[0])  # t = 0 is the clean latent, not sqrt(abar_0) z0 + ...
+    torch.testing.assert_close(x[1:], add_noise(d.z0[1:], d.noise[1:], 259), rtol=1e-6, atol=1e-6)
+
+
+def test_rows_jump_is_one_guided_call_then_each_rows_own_jump():
+    """What every pass of the losses does: one UNet call fed e(w) per row, then the sampler's jump per row."""
+    unet, d = RecordingUNet(), _draw()
+    x = torch.cat([d.z0, d.noise])
+    rows = Rows(x, [279, 519, 19, 999], [259, 0, 259, 779], torch.tensor([7.0, 0.0, 0.0, 19.0]),
+                Conditioning(torch.zeros(4, 3, 8)))
+    with torch.no_grad():
+        out = rows.jump(Guided(unet_eps(unet), 512))
+    [(t, e_w)] = unet.calls
+    assert t == rows.t and e_w == guidance_embedding(rows.w, 512)[:, 256].tolist()
+    for i, (t_i, s_i) in enumerate(zip(rows.t, rows.s)):
+        eps = 0.3 * x[i:i + 1] + t_i / 1000
+        torch.testing.assert_close(out[i:i + 1], consistency_jump(x[i:i + 1], eps, t_i, s_i), rtol=1e-5, atol=1e-6)
+
+
 # --- students and their files ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -289,7 +314,7 @@ def teacher():
     torch.manual_seed(0)
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**_tiny_unet_config("sd15"), time_cond_proj_dim=512).eval()
+    return UNet2DConditionModel(**tiny_unet_config("sd15"), time_cond_proj_dim=512).eval()
 
 
 def _inputs():
@@ -326,7 +351,7 @@ def test_saved_lora_is_official_and_fuses_to_the_live_student(teacher, tmp_path)
 def test_guidance_student_starts_as_the_base(teacher):
     from diffusers import UNet2DConditionModel
 
-    base = UNet2DConditionModel(**_tiny_unet_config("sd15")).eval()
+    base = UNet2DConditionModel(**tiny_unet_config("sd15")).eval()
     student = guidance_student(base, 512).eval()
     inputs = _inputs()
     with torch.no_grad():

@@ -14,8 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icdcli.errors import ICDError
-from icdcli.tiny import LORA_TARGETS
+from icd.errors import ICDError
+from icd.models.official import (FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, GUIDANCE_SCALES, LORA_ALPHA, LORA_RANK,
+                                 LORA_TARGETS, REVERSE_TIMESTEPS)
 
 SCHEDULES = ("official", "summed")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -64,14 +65,14 @@ class TrainSection:
 class GuidanceSection:
     """Stage 1: CFG distillation into a w-embedded teacher."""
 
-    scales: list[float] = field(default_factory=lambda: [0.0, 7.0, 11.0, 15.0, 19.0])
-    embed_dim: int = 512
+    scales: list[float] = field(default_factory=lambda: list(GUIDANCE_SCALES))
+    embed_dim: int = GUIDANCE_EMBED_DIM
 
 
 @dataclass
 class LoraSection:
-    rank: int = 64
-    alpha: float = 8.0
+    rank: int = LORA_RANK
+    alpha: float = LORA_ALPHA
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
@@ -79,10 +80,10 @@ class LoraSection:
 class ICDSection:
     """Stage 2: multi-boundary forward and reverse consistency distillation."""
 
-    forward_timesteps: list[int] = field(default_factory=lambda: [19, 259, 519, 779])
-    reverse_timesteps: list[int] = field(default_factory=lambda: [259, 519, 779, 999])
+    forward_timesteps: list[int] = field(default_factory=lambda: list(FORWARD_TIMESTEPS))
+    reverse_timesteps: list[int] = field(default_factory=lambda: list(REVERSE_TIMESTEPS))
     ddim_steps: int = 50
-    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 7.0, 11.0, 15.0, 19.0])
+    guidance_scales: list[float] = field(default_factory=lambda: list(GUIDANCE_SCALES))
     loss: str = "huber"  # or "l2"
     huber_c: float = 0.001
     forward_preservation: float = 1.5

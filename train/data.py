@@ -1,7 +1,7 @@
 """Training data: a folder of images with captions, as Hugging Face `imagefolder` metadata (`metadata.jsonl` or
 `metadata.csv` with `file_name` and `text`) or the official CSV (`file_name`, `caption`).
 
-Images are opened with icdcli.images.load_image (EXIF rotation, alpha over white, 16-bit scaled, size
+Images are opened with icd.images.load_image (EXIF rotation, alpha over white, 16-bit scaled, size
 limits), so a bad file gets the same one-line reason as in `icd edit`; it is reported and another image takes
 its place in the batch, so a broken file never stops a run nor changes the batch size. Latents can be cached
 once in a safetensors file (posterior means, as at inference) to skip the VAE during training.
@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from icdcli.errors import ICDError, InputError
-from icdcli.images import load_image, to_model_input
+from icd.errors import ICDError, InputError
+from icd.images import load_image, to_model_input
 
 log = logging.getLogger("icd")
 CAPTION_FILES = ("metadata.jsonl", "metadata.csv")

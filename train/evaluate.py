@@ -8,7 +8,7 @@
   (w = 0), against the clean latents; teacher_reconstruction is the same with the teacher's DDIM steps both
   ways, for reference.
 
-The teacher's answers are computed once. The samplers are icdcli's own (the ones `icd edit` runs), so the
+The teacher's answers are computed once. The samplers are icd's own (the ones `icd edit` runs), so the
 numbers describe what users get.
 """
 
@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from icdcli.consistency import Jump, reverse_jumps
-from icdcli.models import Conditioning, UNetDenoiser
-from icdcli.sampling import Step, decode, encode, run_steps
+from icd.core.consistency import Jump, reverse_jumps
+from icd.core.denoiser import Conditioning, Guided
+from icd.core.sampling import Step, decode, encode, run_steps
+from icd.models.loading import unet_eps
 
 from .losses import Schedule
 
@@ -42,7 +43,7 @@ class ICDProbe:
         self.encode_noise = torch.randn(z0.shape, generator=generator)
         self.z0, self.cond, self.embed_dim, self.guidance = z0, cond, embed_dim, guidance
         self.forward_timesteps, self.reverse_timesteps = forward_timesteps, reverse_timesteps
-        solver = UNetDenoiser(teacher, embed_dim)
+        solver = self._denoiser(teacher)
         self.jumps = reverse_jumps(list(reverse_timesteps))
         self.path = {self.jumps[0].t: x_T}  # the teacher's solution at each reverse timestep, down to 0
         for jump in self.jumps:
@@ -51,8 +52,11 @@ class ICDProbe:
         inverted = encode(solver, z0, cond, schedule.grid[:-1], self.encode_noise)
         self.teacher_reconstruction = _mse(decode(solver, inverted, cond, schedule.grid), z0)
 
+    def _denoiser(self, unet) -> Guided:
+        return Guided(unet_eps(unet), self.embed_dim, device=self.z0.device)
+
     def __call__(self, forward, reverse) -> dict[str, float]:
-        fwd, rev = UNetDenoiser(forward, self.embed_dim), UNetDenoiser(reverse, self.embed_dim)
+        fwd, rev = self._denoiser(forward), self._denoiser(reverse)
         decoded = decode(rev, self.path[self.jumps[0].t], self.cond, self.reverse_timesteps, self.guidance)
         jump_gaps = [_mse(_solve(rev, self.path[j.t], self.cond, self.guidance, [j.t, j.s]), self.path[j.s])
                      for j in self.jumps]

@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from icdcli.consistency import NUM_TRAIN_TIMESTEPS, add_noise, guidance_embedding
-from icdcli.errors import ModelError
-from icdcli.images import atomic_write
-from icdcli.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
-from icdcli.models import Conditioning, ICDModel
+from icd.core.consistency import NUM_TRAIN_TIMESTEPS, add_noise, guidance_embedding, guided_eps
+from icd.core.denoiser import Conditioning
+from icd.errors import ModelError
+from icd.models.loading import Model, load_teacher, unet_eps
+from icd.models.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest, write_model
 
 from .config import GuidanceConfig, ICDSection
 from .data import batch_inputs, build_dataset, first_items, text_conditioning
-from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype, write_manifest
-from .losses import cat_conditioning, per_row
+from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
 
 TEACHER_FILE = "teacher.pt"
 
@@ -67,9 +66,9 @@ class GuidanceStage:
         self.config, self.output, self.accelerator = config, output, accelerator
         manifest = base_manifest(config.model.path, config.data.resolution)
         dtype = weight_dtype(accelerator)
-        self.model = ICDModel.load(manifest, accelerator.device, dtype)
+        self.model = Model.load(manifest, accelerator.device, dtype)
         check_resolution(self.model, config.data.resolution)
-        base = self.model.load_teacher()  # the manifest names no teacher: this is the base UNet
+        base = load_teacher(manifest, self.model.unet_config)  # the manifest names no teacher: the base UNet
         self.student = guidance_student(base, config.guidance.embed_dim)
         if config.train.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
@@ -87,17 +86,15 @@ class GuidanceStage:
         scales = self.config.guidance.scales
         t = torch.randint(NUM_TRAIN_TIMESTEPS, (rows,), generator=generator).tolist()
         w = torch.tensor([scales[i] for i in torch.randint(len(scales), (rows,), generator=generator).tolist()])
-        x_t = per_row(add_noise, z0, torch.randn(z0.shape, generator=generator).to(device), t)
         timesteps = torch.tensor(t, device=device)
+        x_t = add_noise(z0, torch.randn(z0.shape, generator=generator).to(device), timesteps)
         uncond = self.uncond.rows([0] * rows)
-        with torch.no_grad():
-            both = cat_conditioning([cond, replace(uncond, time_ids=cond.time_ids)])
-            eps_c, eps_u = self.base(torch.cat([x_t, x_t]), timesteps.repeat(2), return_dict=False,
-                                     **both.unet_kwargs())[0].float().chunk(2)
-            target = eps_c + w.to(device).view(-1, 1, 1, 1) * (eps_c - eps_u)
+        with torch.no_grad():  # both halves of classical guidance in one batched pass of the base
+            both = Conditioning.cat([cond, replace(uncond, time_ids=cond.time_ids)])
+            eps_c, eps_u = unet_eps(self.base)(torch.cat([x_t, x_t]), timesteps.repeat(2), both, None).float().chunk(2)
+            target = guided_eps(eps_c, eps_u, w)
         embedding = guidance_embedding(w, self.config.guidance.embed_dim).to(device)
-        eps = unet(x_t, timesteps, timestep_cond=embedding, return_dict=False, **cond.unet_kwargs())[0]
-        return F.mse_loss(eps.float(), target)
+        return F.mse_loss(unet_eps(unet)(x_t, timesteps, cond, embedding).float(), target)
 
     def train_step(self, batch: dict, generator: torch.Generator) -> dict:
         z0, cond = batch_inputs(self.model, batch, self.config.data.resolution)
@@ -117,14 +114,13 @@ class GuidanceStage:
 
     def save(self) -> None:
         state = {key: value.detach().cpu() for key, value in self.student.state_dict().items()}
-        teacher = self.output / TEACHER_FILE
-        atomic_write(teacher, lambda temporary: torch.save(state, temporary), overwrite=True)
         manifest = self.model.manifest
-        write_manifest(self.output, {
-            "name": self.output.name, "kind": manifest.kind, "base": manifest.base, "teacher": teacher,
+        write_model(self.output, {
+            "name": self.output.name, "kind": manifest.kind, "base": manifest.base, "teacher": TEACHER_FILE,
             "guidance_embed_dim": self.config.guidance.embed_dim,
             "forward_timesteps": list(manifest.forward_timesteps),
-            "reverse_timesteps": list(manifest.reverse_timesteps), "resolution": self.config.data.resolution})
+            "reverse_timesteps": list(manifest.reverse_timesteps), "resolution": self.config.data.resolution},
+            {TEACHER_FILE: lambda temporary: torch.save(state, temporary)})
 
 
 def train_guidance(config: GuidanceConfig, output: str | Path, resume: bool = False) -> dict:

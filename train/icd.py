@@ -15,17 +15,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from icdcli.errors import ModelError
-from icdcli.manifest import load_manifest
-from icdcli.models import DIRECTIONS, ICDModel
+from icd.errors import ModelError
+from icd.models.loading import DIRECTIONS, Model, load_teacher
+from icd.models.manifest import load_manifest, write_model
 
 from .config import ICDConfig
 from .data import batch_inputs, build_dataset, first_items
 from .evaluate import ICDProbe
-from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype, write_manifest
+from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
 from .losses import LOSSES, PassRunner, Schedule, distance_for, draw, loss_weights
-from .students import load_lora, make_student, save_lora, trainable
+from .students import load_lora, lora_weights, make_student, save_lora, trainable
 
 
 class ICDStage:
@@ -36,9 +37,9 @@ class ICDStage:
             raise ModelError(f"{config.model.path}: needs a guidance-embedded teacher (make one with "
                              f"`icd train guidance`)")
         dtype = weight_dtype(accelerator)
-        self.model = ICDModel.load(manifest, accelerator.device, dtype)
+        self.model = Model.load(manifest, accelerator.device, dtype)
         check_resolution(self.model, config.data.resolution)
-        teacher = self.model.load_teacher().to(dtype).requires_grad_(False)
+        teacher = load_teacher(manifest, self.model.unet_config).to(dtype).requires_grad_(False)
         self.students = {d: make_student(teacher, config.lora, config.train.gradient_checkpointing)
                          for d in DIRECTIONS}
         self.teacher = teacher.to(accelerator.device).eval()
@@ -89,15 +90,15 @@ class ICDStage:
 
     def save(self) -> None:
         """The model folder `icd edit --model` runs: both LoRAs and an icd.json naming the teacher."""
-        for direction, student in self.students.items():
-            save_lora(student, self.output / f"{direction}.safetensors")
         manifest, icd = self.model.manifest, self.config.icd
-        write_manifest(self.output, {
+        loras = {f"{direction}.safetensors": lambda path, weights=lora_weights(student): save_file(weights, str(path))
+                 for direction, student in self.students.items()}
+        write_model(self.output, {
             "name": self.output.name, "kind": manifest.kind, "base": manifest.base,
             "teacher": manifest.teacher, "guidance_embed_dim": self.embed_dim,
             "forward_lora": "forward.safetensors", "reverse_lora": "reverse.safetensors",
             "lora_alpha": self.config.lora.alpha, "forward_timesteps": icd.forward_timesteps,
-            "reverse_timesteps": icd.reverse_timesteps, "resolution": self.config.data.resolution})
+            "reverse_timesteps": icd.reverse_timesteps, "resolution": self.config.data.resolution}, loras)
 
     def _save_hook(self, models, weights, folder) -> None:
         if self.accelerator.is_main_process:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from icdcli.errors import ICDError
-from icdcli.manifest import MANIFEST_NAME
+from icd.errors import ICDError
+from icd.models.manifest import MANIFEST_NAME
 
 from .config import ConfigError, TrainSection, flat_scalars, to_json
 
@@ -241,21 +240,3 @@ def run(make_stage, config, output: Path, resume: bool) -> dict:
     if accelerator.is_main_process:
         (output / "config.json").write_text(to_json(config))
     return fit(stage, config.train, output, flat_scalars(config), resume_from)
-
-
-def relative(path: str | Path, folder: Path) -> str:
-    """`path` relative to `folder` when possible (so a model folder can move with its teacher)."""
-    try:
-        return os.path.relpath(Path(path).resolve(), folder.resolve())
-    except ValueError:  # another drive on Windows
-        return str(path)
-
-
-def write_manifest(folder: Path, fields: dict) -> Path:
-    """icd.json in `folder`, with the teacher and a local base folder written relative to it."""
-    data = {**fields, "teacher": relative(fields["teacher"], folder)}
-    if Path(fields["base"]).is_dir():
-        data["base"] = relative(fields["base"], folder)
-    path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path

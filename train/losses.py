@@ -1,4 +1,5 @@
-"""The four iCD losses, written with the jump of icdcli.consistency, and the machinery that evaluates them.
+"""The four iCD losses, taken with the samplers' own step (icd.core.sampling.jump), and the machinery that
+evaluates them.
 
 Timesteps. The teacher's ODE is solved on the 50-step DDIM grid 19, 39, ..., 999 plus every boundary, so a
 teacher step never crosses a boundary. With the paper's boundaries (all on the grid) this is exactly the
@@ -19,8 +20,8 @@ does (reference §7.1, items 1 and 7).
   must give x_lo_r, where lo_r = 0 on the bottom segment: the reverse model is taught the jump it makes at
   inference (259 -> 0, the clean latent), not the official 259 -> 19.
 
-Every timestep is a Python int per row, so the per-row jumps and noising reuse icdcli.consistency's scalar
-formulas, and nothing waits on the GPU to read a timestep.
+Timesteps are chosen as Python ints per row (so nothing waits on the GPU to read one) and handed to the core's
+math as one tensor per call: noising, e(w) and the jump are the very functions inference runs.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from icdcli.consistency import alpha_sigma, consistency_jump, ddim_grid, forward_jumps, guidance_embedding, reverse_jumps
-from icdcli.models import Conditioning
+from icd.core.consistency import add_noise, ddim_grid, forward_jumps, reverse_jumps
+from icd.core.denoiser import Conditioning, Guided
+from icd.core.sampling import jump
+from icd.models.loading import unet_eps
 
 from .config import ICDSection
 
@@ -62,27 +65,9 @@ class Schedule:
         return min(g for g in self.grid if g > t), min(f for f in self.forward_boundaries if f > t)
 
 
-def per_row(formula, a: torch.Tensor, b: torch.Tensor, *timesteps: list[int]) -> torch.Tensor:
-    """Apply a scalar-timestep formula to each row with that row's timesteps."""
-    return torch.cat([formula(a[i:i + 1], b[i:i + 1], *(ts[i] for ts in timesteps)) for i in range(a.shape[0])])
-
-
-def _noised_one(z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-    alpha, sigma = alpha_sigma(t)
-    return alpha * z0 + sigma * noise
-
-
 def noised(z0: torch.Tensor, noise: torch.Tensor, t: list[int]) -> torch.Tensor:
     """x_t = alpha_t z0 + sigma_t noise per row; t = 0 is the clean latent (the hard boundary)."""
-    return per_row(_noised_one, z0, noise, t)
-
-
-def cat_conditioning(parts: list[Conditioning]) -> Conditioning:
-    """The rows of several conditionings, stacked (SDXL's pooled embeddings and size ids too)."""
-    def join(name: str):
-        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
-
-    return Conditioning(join("embeds"), join("pooled"), join("time_ids"))
+    return add_noise(z0, noise, torch.tensor(t, device=z0.device))
 
 
 @dataclass
@@ -101,16 +86,13 @@ class Rows:
     @staticmethod
     def cat(parts: list[Rows]) -> Rows:
         return Rows(torch.cat([p.x for p in parts]), [t for p in parts for t in p.t], [s for p in parts for s in p.s],
-                    torch.cat([p.w for p in parts]), cat_conditioning([p.cond for p in parts]))
+                    torch.cat([p.w for p in parts]), Conditioning.cat([p.cond for p in parts]))
 
-
-def unet_jump(unet, rows: Rows, embed_dim: int) -> torch.Tensor:
-    """One UNet call on all rows, then each row's consistency jump (fp32)."""
-    device = rows.x.device
-    embedding = guidance_embedding(rows.w, embed_dim).to(device)
-    eps = unet(rows.x, torch.tensor(rows.t, device=device), timestep_cond=embedding, return_dict=False,
-               **rows.cond.unet_kwargs())[0]
-    return per_row(consistency_jump, rows.x, eps, rows.t, rows.s)
+    def jump(self, denoiser) -> torch.Tensor:
+        """One UNet call on all rows, then each row's consistency jump (fp32)."""
+        device = self.x.device
+        return jump(denoiser, self.x, torch.tensor(self.t, device=device), torch.tensor(self.s, device=device),
+                    self.cond, self.w)
 
 
 @dataclass
@@ -138,7 +120,8 @@ class PassRunner:
     """
 
     def __init__(self, unets: dict, embed_dim: int):
-        self.unets, self.embed_dim = unets, embed_dim
+        self.denoisers = {name: Guided(unet_eps(unet), embed_dim, device=next(unet.parameters()).device)
+                          for name, unet in unets.items()}
         self.calls = self.rows = 0
 
     def run(self, plans: dict[str, Plan]) -> dict[str, torch.Tensor]:
@@ -163,7 +146,7 @@ class PassRunner:
             for model, names in by_model.items():
                 parts = [pending[name].rows for name in names]
                 with torch.set_grad_enabled(phase == 2):
-                    out = unet_jump(self.unets[model], Rows.cat(parts), self.embed_dim)
+                    out = Rows.cat(parts).jump(self.denoisers[model])
                 self.calls, self.rows = self.calls + 1, self.rows + len(out)
                 for name, part in zip(names, out.split([len(p) for p in parts])):
                     advance(name, part)

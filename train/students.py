@@ -1,7 +1,7 @@
 """The forward and reverse students: peft LoRAs on copies of the frozen teacher, saved in the official format.
 
 Official files hold `unet.base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (peft keys behind
-diffusers' `unet.` prefix) and no alpha: the alpha goes into icd.json, as icdcli.lora expects.
+diffusers' `unet.` prefix) and no alpha: the alpha goes into icd.json, as icd.models.lora expects.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from icdcli.errors import ModelError
-from icdcli.images import atomic_write
+from icd.errors import ModelError
+from icd.images import atomic_write
 
 from .config import ConfigError, LoraSection
 

@@ -10,7 +10,7 @@
   or inside them for a background swap), PSNR to the re-rendered target scene, and seconds per edit
   (inversion included), for p2p, swap and none, on iCD and on the teacher's DDIM-50 inversion.
 
-Everything runs through icdcli's own pipeline (what `icd edit` runs), on the CPU, fp32.
+Everything runs through icd's own pipeline (what `icd edit` runs), on the CPU, fp32.
 
 Usage: python bench/miniature/evaluate.py --model NAME=DIR [--model NAME=DIR ...] [--scenes 48] [--json out.json]
 The first model also provides the teacher (all models share it).
@@ -31,23 +31,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from icdcli import pipeline  # noqa: E402
-from icdcli.manifest import load_manifest  # noqa: E402
-from icdcli.miniworld import (BACKGROUNDS, COLOURS, SHAPES, Scene, Spec, background_of, colour_masks,  # noqa: E402
+from icd import pipeline  # noqa: E402
+from world import (BACKGROUNDS, COLOURS, SHAPES, Scene, Spec, background_of, colour_masks,  # noqa: E402
                               colour_under, follows, random_spec, render, shape_of)
-from icdcli.models import ICDModel, get_model  # noqa: E402
+from icd.app.session import Session, open_session  # noqa: E402
+from icd.images import image_to_pixels, pixels_to_image  # noqa: E402
 
 HELD_OUT = 10**6  # scene seeds from here on are never trained on (the recipe trains on 0..images-1)
 EDIT_KINDS = ("colour", "shape", "background")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-
-
-def to_image(pixels: torch.Tensor) -> Image.Image:
-    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
 
 
 def psnr(a: Image.Image, b: Image.Image, mask: np.ndarray | None = None) -> float:
@@ -78,19 +69,19 @@ def held_out_specs(count: int, objects: int | None = None) -> list[Spec]:
     return specs
 
 
-def load(folder: str) -> ICDModel:
-    return get_model(load_manifest(folder), "cpu", "fp32")
+def load(folder: str) -> Session:
+    return open_session(folder, "cpu", "fp32", "torch")
 
 
-def inversion(models: dict[str, ICDModel], scenes: list[Scene], guidance: float, tau: float) -> list[dict]:
+def inversion(models: dict[str, Session], scenes: list[Scene], guidance: float, tau: float) -> list[dict]:
     rows = []
     for name, model in models.items():
         for label, w, t in (("unguided", 0.0, 1.0), (f"w={guidance:g}", guidance, 1.0),
                             (f"w={guidance:g}, tau={tau:g}", guidance, tau)):
             started, scores = time.perf_counter(), []
             for scene in scenes:
-                x_T = pipeline.invert(model, to_tensor(scene.image), scene.caption, seed=0)
-                out = to_image(pipeline.reconstruct(model, x_T, scene.caption, w, t))
+                x_T = pipeline.invert(model, image_to_pixels(scene.image), scene.caption, seed=0)
+                out = pixels_to_image(pipeline.reconstruct(model, x_T, scene.caption, w, t)[0])
                 scores.append((psnr(out, scene.image), ssim(out, scene.image)))
             psnrs, ssims = zip(*scores)
             rows.append({"model": name, "decoding": label, "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
@@ -98,14 +89,15 @@ def inversion(models: dict[str, ICDModel], scenes: list[Scene], guidance: float,
     return rows
 
 
-def generation(models: dict[str, ICDModel], specs: list[Spec], guidance: float, tau: float) -> list[dict]:
+def generation(models: dict[str, Session], specs: list[Spec], guidance: float, tau: float) -> list[dict]:
     rows = []
     for name, model in models.items():
         t = 1.0 if "DDIM" in model.manifest.name else tau
         checks, started = [], time.perf_counter()
         size = model.manifest.resolution
         for i, spec in enumerate(specs):
-            image = to_image(pipeline.generate(model, spec.caption, seed=i, width=size, height=size, guidance=guidance, tau=t))
+            image = pixels_to_image(pipeline.generate(model, spec.caption, seed=i, width=size, height=size,
+                                                      guidance=guidance, tau=t)[0])
             checks.append(follows(image, spec))
         rate = lambda key: float(np.mean([c[key] for c in checks if key in c]))  # noqa: E731
         rows.append({"model": name, "guidance": guidance, "tau": t, "background": rate("background"),
@@ -136,7 +128,7 @@ def edit_success(kind: str, image: Image.Image, target: Scene) -> bool:
     return background_of(image, [thing.mask]) == target.background
 
 
-def editing(models: dict[str, ICDModel], specs: list[Spec], methods: tuple[str, ...], guidance: float,
+def editing(models: dict[str, Session], specs: list[Spec], methods: tuple[str, ...], guidance: float,
             tau: float) -> list[dict]:
     rows = []
     for name, model in models.items():
@@ -146,9 +138,9 @@ def editing(models: dict[str, ICDModel], specs: list[Spec], methods: tuple[str, 
             for i, spec in enumerate(specs):
                 kind, target_spec = edit_task(spec, i)
                 source, target = render(spec), render(target_spec)
-                x_T = pipeline.invert(model, to_tensor(source.image), source.caption, seed=0)
-                edited = to_image(pipeline.edit(model, x_T, source.caption, target.caption, method=method,
-                                                guidance=guidance, tau=tau, with_reconstruction=False).edited)
+                x_T = pipeline.invert(model, image_to_pixels(source.image), source.caption, seed=0)
+                edited = pixels_to_image(pipeline.edit(model, x_T, source.caption, target.caption, method=method,
+                                                       guidance=guidance, tau=tau, with_reconstruction=False).edited[0])
                 changed = source.objects[0].mask | target.objects[0].mask
                 keep = changed if kind == "background" else ~changed
                 results[kind].append((edit_success(kind, edited, target), psnr(edited, source.image, keep),

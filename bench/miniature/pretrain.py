@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from icdcli.consistency import NUM_TRAIN_TIMESTEPS, alphas_cumprod
-from icdcli.miniworld import random_scene, world_tokenizer
+from icd.core.consistency import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from world import random_scene, world_tokenizer
 
 CAPTION_DROPOUT = 0.1
 KL_WEIGHT = 1e-6  # per latent element, against per-pixel reconstruction losses: keeps the latents bounded only
@@ -178,7 +178,7 @@ def train_unet(unet, text_encoder, tokenizer, latents: torch.Tensor, captions: l
 
 
 def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet) -> None:
-    """A diffusers SD folder with the project's scheduler conventions (see icdcli/tiny.py)."""
+    """A diffusers SD folder with the project's scheduler conventions (see tests/fixtures/tiny.py)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

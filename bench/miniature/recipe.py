@@ -5,7 +5,7 @@ Stages whose output folder already holds a finished model are skipped, so an int
 Two stage-2 variants train at a time, one thread each (a 2-core machine); on a GPU set --jobs 1.
 
 Usage: python bench/miniature/recipe.py --output /tmp/mini [--base DIR] [--variants icd-4 icd-4-nopres ...]
-       [--ship icdcli/assets/mini]
+       [--ship icdcli/assets/mini]  (the `icd` package's folder)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ VARIANTS = {  # name: (forward timesteps, reverse timesteps, extra settings)
 
 def run(command: list[str], log: Path, threads: int) -> subprocess.Popen:
     """Start a stage with its output in a log file; the command is printed as a user would type it."""
-    print("$", " ".join(command).replace(f"{sys.executable} -m train", "icd train"), flush=True)
+    print("$", " ".join(command).replace(f"{sys.executable} -m icd", "icd"), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
@@ -46,7 +46,7 @@ def train(stage: str, output: Path, settings: list[str], threads: int) -> subpro
         print(f"{output}: already trained")
         return None
     config = HERE / ("guidance.toml" if stage == "guidance" else "icd.toml")
-    command = [sys.executable, "-m", "train", stage, "--config", str(config), "-o", str(output),
+    command = [sys.executable, "-m", "icd", "train", stage, "--config", str(config), "-o", str(output),
                *(part for s in settings for part in ("--set", s))]
     if (output / "checkpoints").is_dir():
         command.append("--resume")
@@ -74,7 +74,7 @@ def main() -> None:
 
     data = out / "data"
     if not (data / "metadata.jsonl").is_file():
-        from icdcli.miniworld import write_imagefolder
+        from bench.miniature.world import write_imagefolder
 
         write_imagefolder(data, range(IMAGES), 64)
     common = [f"data.path={data}", f"data.latent_cache={out / 'latents.safetensors'}", *args.settings]

@@ -1,6 +1,6 @@
 """Check that a pretrained miniature base is a working text-to-image model of its world.
 
-Prints the VAE's reconstruction PSNR on held-out scenes and how often the judges of icdcli.miniworld find
+Prints the VAE's reconstruction PSNR on held-out scenes and how often the judges of world.py find
 a caption followed: by the real scenes (the judges' own accuracy), by their VAE reconstructions, and by
 images the base generates for the same captions with 50-step DDIM at classifier-free guidance scales
 1 (unguided), 3 and 7. Chance is 25% for the background, 17% for a single object's colour.
@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from icdcli.miniworld import follows, random_spec
+from world import follows, random_spec
+
+from icd.images import pixels_to_image
 from pretrain import to_unit, world_pixels
 
 HELD_OUT = 10**6  # scene seeds from here on are never trained on (pretrain.py uses 0..images-1)
@@ -34,8 +36,7 @@ def rates(images: list[Image.Image], specs) -> dict[str, float]:
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(row) for row in array]
+    return [pixels_to_image(row) for row in pixels]
 
 
 def grid(images: list[Image.Image], columns: int = 8) -> Image.Image:

@@ -1,7 +1,8 @@
 """Package a trained miniature iCD model as a self-contained fp16 folder (what ships as the `mini` model).
 
-The folder holds icd.json, teacher.pt, the two LoRAs and the base's tokenizer, text encoder, VAE, scheduler
-and UNet config (the teacher holds every UNet weight, so the base UNet's weights are left out).
+The folder holds icd.json, teacher.pt, the two LoRAs, the demo scene `icd demo` edits (demo.png, prompts in
+icd.json) and the base's tokenizer, text encoder, VAE, scheduler and UNet config (the teacher holds every UNet
+weight, so the base UNet's weights are left out).
 
 Usage: python bench/miniature/ship.py MODEL_DIR icdcli/assets/mini
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from world import DEMO_SCENE, DEMO_TARGET, render
 
-from icdcli.manifest import MANIFEST_NAME, load_manifest
+from icd.models.manifest import MANIFEST_NAME, load_manifest, write_model
 
 
 def _half(tensors: dict) -> dict:
@@ -28,33 +30,37 @@ def _half(tensors: dict) -> dict:
 EDIT_DEFAULTS = {"method": "p2p", "guidance": 2.0, "tau": 0.8}
 
 
+def _base(source: Path, target: Path) -> None:
+    for part in ("tokenizer", "scheduler"):
+        shutil.copytree(source / part, target / part)
+    for part in ("text_encoder", "vae"):
+        (target / part).mkdir(parents=True)
+        shutil.copy(source / part / "config.json", target / part)
+        [weights] = [p for p in (source / part).glob("*.safetensors")]
+        save_file(_half(load_file(weights)), target / part / weights.name, metadata={"format": "pt"})
+    (target / "unet").mkdir()
+    shutil.copy(source / "unet" / "config.json", target / "unet")
+    shutil.copy(source / "model_index.json", target)
+
+
 def ship(model_dir: Path, target: Path) -> None:
     manifest = load_manifest(model_dir)
-    base = Path(manifest.base)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    for part in ("tokenizer", "scheduler"):
-        shutil.copytree(base / part, staging / "base" / part)
-    for part in ("text_encoder", "vae"):
-        (staging / "base" / part).mkdir(parents=True)
-        shutil.copy(base / part / "config.json", staging / "base" / part)
-        [weights] = [p for p in (base / part).glob("*.safetensors")]
-        save_file(_half(load_file(weights)), staging / "base" / part / weights.name, metadata={"format": "pt"})
-    (staging / "base" / "unet").mkdir()
-    shutil.copy(base / "unet" / "config.json", staging / "base" / "unet")
-    shutil.copy(base / "model_index.json", staging / "base")
-    torch.save(_half(torch.load(manifest.teacher, map_location="cpu", weights_only=True)), staging / "teacher.pt")
-    for direction in ("forward", "reverse"):
-        lora = getattr(manifest, f"{direction}_lora")
-        save_file(_half(load_file(lora)), staging / f"{direction}.safetensors")
+    files = {
+        "base": lambda path: _base(Path(manifest.base), path),
+        "teacher.pt": lambda path: torch.save(_half(torch.load(manifest.teacher, map_location="cpu",
+                                                                weights_only=True)), path),
+        "forward.safetensors": lambda path: save_file(_half(load_file(manifest.forward_lora)), path),
+        "reverse.safetensors": lambda path: save_file(_half(load_file(manifest.reverse_lora)), path),
+        "demo.png": lambda path: render(DEMO_SCENE, manifest.resolution).image.save(path, format="PNG"),
+    }
     data = json.loads((model_dir / MANIFEST_NAME).read_text())
     data.update(name="mini", base="base", teacher="teacher.pt", forward_lora="forward.safetensors",
                 reverse_lora="reverse.safetensors", edit=EDIT_DEFAULTS,
+                demo={"image": "demo.png", "source": DEMO_SCENE.caption, "target": DEMO_TARGET.caption},
                 description="A demonstration model of the miniature world (bench/miniature): 64x64 scenes of "
                             "coloured shapes on four backgrounds. Not for photos.")
-    (staging / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    write_model(target, data, files)
 
 
 if __name__ == "__main__":

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from PIL import Image
 
-from .images import atomic_write
-from .jobs import EditOptions, Settings, edit_file, invert_file, reconstruct_file
-from .manifest import Manifest
-from .miniworld import Placed, Spec, render
+from icd.images import atomic_write
+from icd.models.manifest import Manifest
 
-SAMPLE = files("icdcli") / "assets" / "sample.png"
-# The miniature world's demo scene (not one it was trained on: training scenes are seeds 0-3999).
-MINI_SCENE = Spec("sandy", (Placed("circle", "red", 0.5, 0.5, 0.24),), seed=10**6 - 1)
-MINI_TARGET = MINI_SCENE.edited(colour="blue")
+from .jobs import EditOptions, Settings, edit_file, invert_file, reconstruct_file
+
+SAMPLE = files("icd") / "assets" / "sample.png"
 
 
 @dataclass(frozen=True)
@@ -28,11 +24,10 @@ class DemoInput:
 
 
 def demo_input(manifest: Manifest) -> DemoInput:
-    """The `mini` model edits a scene of its world; any other model, the bundled photo."""
-    if manifest.name == "mini":
-        buffer = io.BytesIO()
-        render(MINI_SCENE, manifest.resolution).image.save(buffer, format="PNG")
-        return DemoInput(buffer.getvalue(), MINI_SCENE.caption, MINI_TARGET.caption)
+    """The model's own demo picture and prompts (`mini`: a scene of its world); else the bundled photo."""
+    if manifest.demo is not None:
+        image, source, target = manifest.demo
+        return DemoInput(image.read_bytes(), source, target)
     return DemoInput(SAMPLE.read_bytes(), "a black cat in front of a house", "a white dog in front of a house")
 
 

@@ -1,4 +1,4 @@
-"""Model manifests (`icd.json`) and how a `--model` argument becomes one.
+"""Model manifests (`icd.json`): reading, checking and writing them, and the one writer of model folders.
 
 A manifest names the pieces of an iCD model: the base Stable Diffusion pipeline (a local diffusers folder
 or a Hugging Face hub id), the CFG-distilled teacher UNet weights, the forward (encoding) and reverse
@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from . import hub
-from .errors import ModelError
+from ..errors import ModelError
+from ..images import atomic_write
+from .cache import cached_download
+from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
 
 MANIFEST_NAME = "icd.json"
 KINDS = ("sd15", "sdxl")
-TINY_MODELS = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
-# Models shipped inside the package: `mini`, trained on the miniature world by bench/miniature/recipe.py.
-BUILTIN_MODELS = ("mini",)
+WEIGHT_KEYS = ("teacher", "forward_lora", "reverse_lora")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Manifest:
     resolution: int
     path: Path | None = None
     edit_defaults: tuple[tuple[str, str | float], ...] = ()  # a model's own edit method / guidance / tau
+    demo: tuple[Path, str, str] | None = None  # the picture `icd demo` edits, with its source and target prompts
 
     @cached_property
     def fingerprint(self) -> str:
@@ -77,7 +80,7 @@ def _weights_path(value, folder: Path, key: str, where: str) -> Path | None:
     if not isinstance(value, str):
         raise ModelError(f"{where}: '{key}' must be a path or URL")
     if value.startswith(("http://", "https://")):
-        return hub.cached_download(value)
+        return cached_download(value)
     path = (folder / value).resolve()
     if not path.is_file():
         raise ModelError(f"{where}: {key} file not found: {path}")
@@ -94,7 +97,7 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
         raise ModelError(f"{where}: 'base' must name a diffusers folder or a hub id")
     local_base = (folder / base).resolve()
     teacher = _weights_path(data.get("teacher"), folder, "teacher", where)
-    embed_dim = data.get("guidance_embed_dim", 512 if teacher else None)
+    embed_dim = data.get("guidance_embed_dim", GUIDANCE_EMBED_DIM if teacher else None)
     if embed_dim is not None and (not isinstance(embed_dim, int) or embed_dim <= 0 or embed_dim % 2):
         raise ModelError(f"{where}: 'guidance_embed_dim' must be a positive even integer")
     forward, reverse = _timesteps(data, "forward_timesteps", where), _timesteps(data, "reverse_timesteps", where)
@@ -104,6 +107,11 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
     edit_defaults = data.get("edit", {})
     if not isinstance(edit_defaults, dict) or not set(edit_defaults) <= {"method", "guidance", "tau"}:
         raise ModelError(f"{where}: 'edit' may only set method, guidance and tau")
+    demo = data.get("demo")
+    if demo is not None:
+        if not isinstance(demo, dict) or not all(isinstance(demo.get(k), str) for k in ("image", "source", "target")):
+            raise ModelError(f"{where}: 'demo' must give an image path, a source and a target prompt")
+        demo = (_weights_path(demo["image"], folder, "demo image", where), demo["source"], demo["target"])
     return Manifest(
         name=str(data.get("name") or folder.name),
         kind=kind,
@@ -112,12 +120,13 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
         guidance_embed_dim=embed_dim,
         forward_lora=_weights_path(data.get("forward_lora"), folder, "forward_lora", where),
         reverse_lora=_weights_path(data.get("reverse_lora"), folder, "reverse_lora", where),
-        lora_alpha=float(data.get("lora_alpha", 8)),
+        lora_alpha=float(data.get("lora_alpha", LORA_ALPHA)),
         forward_timesteps=forward,
         reverse_timesteps=reverse,
         resolution=resolution,
         path=path,
         edit_defaults=tuple(sorted(edit_defaults.items())),
+        demo=demo,
     )
 
 
@@ -137,27 +146,31 @@ def load_manifest(path: str | Path) -> Manifest:
     return parse_manifest(data, path.parent, str(path), path)
 
 
-def resolve_model(ref: str) -> Manifest:
-    """`--model` → manifest: a folder or icd.json path, a downloaded preset, or a built-in tiny model."""
-    candidate = Path(ref).expanduser()
-    if candidate.exists():
-        return load_manifest(candidate)
-    if ref in BUILTIN_MODELS:
-        from importlib.resources import files
+def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callable[[Path], object]] | None = None,
+                *, overwrite: bool = True) -> Path:
+    """The one writer of model folders: each of `files` (name -> writer of a path) atomically, then icd.json.
 
-        return load_manifest(Path(str(files("icdcli") / "assets" / ref)))
-    if ref in TINY_MODELS:
-        from .tiny import build_tiny_model
+    icd.json comes last, so a folder holding one is complete. Paths in `fields` (teacher, LoRAs, a local base)
+    are written relative to the folder where they can be, so the folder can move with what it names. The
+    manifest is checked as `load_manifest` will read it before it is written. Returns the icd.json path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in (files or {}).items():
+        atomic_write(folder / name, write, overwrite=overwrite)
+    data = dict(fields)
+    for key in (*WEIGHT_KEYS, "base"):
+        value = data.get(key)
+        if value is not None and not str(value).startswith(("http://", "https://")) and (folder / value).exists():
+            data[key] = _relative(folder / value, folder)
+    parse_manifest(data, folder, str(folder / MANIFEST_NAME))
+    path = folder / MANIFEST_NAME
+    atomic_write(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"), overwrite=True)
+    return path
 
-        folder = hub.icd_home() / "models" / ref
-        if not (folder / MANIFEST_NAME).is_file():
-            build_tiny_model(folder, kind=TINY_MODELS[ref])
-        return load_manifest(folder)
-    preset = hub.resolve_preset_name(ref)
-    if preset is not None:
-        manifest = hub.preset_dir(preset) / MANIFEST_NAME
-        if not manifest.is_file():
-            raise ModelError(f"model '{ref}' is not downloaded yet: run `icd pull {ref}`")
-        return load_manifest(manifest)
-    names = ", ".join([*hub.PRESETS, *hub.ALIASES, *BUILTIN_MODELS, *TINY_MODELS])
-    raise ModelError(f"unknown model '{ref}': not a folder with {MANIFEST_NAME} nor a preset ({names})")
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.resolve(), folder.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return str(path.resolve())

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from icdcli import pipeline
-from icdcli.jobs import load_model
-from icdcli.manifest import resolve_model
-from icdcli.models import DIRECTIONS, ICDModel, resolve_device, resolve_dtype
+from icd import pipeline
+from icd.models.hub import resolve_model
+from icd.models.loading import DIRECTIONS, PRECISIONS, Model, resolve_device, resolve_dtype
+from icd_export.artifacts import tool_versions
+from icd_export.build import export_model
+from icd_export.onnx import UNetGraph, input_names, random_inputs
 
-from .artifacts import PRECISIONS, tool_versions
-from .build import export_model
-from .onnx import UNetGraph, input_names, random_inputs
+from .session import Session, open_session
 
 SOURCE, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
 
@@ -70,7 +70,7 @@ def _flops(fn) -> int:
 
 
 @torch.inference_mode()
-def stage_flops(model: ICDModel, width: int, height: int) -> dict[str, int]:
+def stage_flops(model: Model, width: int, height: int) -> dict[str, int]:
     """FLOPs of one call of each module at this size (UNet at batch 1, VAE one image, text two prompts)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -104,7 +104,7 @@ def cold_start_s(manifest_path: Path, backend: str, device: str, dtype: str, wid
     with tempfile.TemporaryDirectory() as folder:
         photo = Path(folder) / "photo.png"
         Image.effect_noise((width, height), 64).convert("RGB").save(photo)
-        command = [sys.executable, "-c", "from icdcli.cli import main; main()", "edit", str(photo), "--src", SOURCE,
+        command = [sys.executable, "-c", "from icd.app.cli import main; main()", "edit", str(photo), "--src", SOURCE,
                    "--tgt", TARGET, "-m", str(manifest_path), "--backend", backend, "--device", device, "--dtype",
                    dtype, "--width", str(width), "--height", str(height), "-o", str(Path(folder) / "out.png"), "-q"]
         environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this run's thread count
@@ -130,30 +130,31 @@ def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dt
         export_model(manifest, (precision,), onnx=backend == "onnx", tensorrt=backend == "tensorrt",
                      sizes=((size, size), (manifest.resolution,) * 2), max_batch=max(batches), device=torch_device)
     started = time.perf_counter()
-    model = load_model(model_ref, device, dtype, DIRECTIONS, backend, compile, static_shapes=True)
+    session = open_session(manifest, device, dtype, backend, compile, static_shapes=True, directions=DIRECTIONS)
     load_s = time.perf_counter() - started
     report = {"model": manifest.name, "kind": manifest.kind, "fingerprint": manifest.fingerprint,
-              "device": device_name(torch_device), "backend": model.backend, "dtype": precision, "compile": compile,
+              "device": device_name(torch_device), "backend": session.backend, "dtype": precision, "compile": compile,
               "size": [size, size], "warmup": warmup, "repeats": repeats, "versions": tool_versions(),
               "matmul_tflops": matmul_tflops(torch_device, torch_dtype), "load_s": load_s}
     with torch.inference_mode():
-        report |= _measure(model, torch_device, size, warmup, repeats, () if stages_only else batches,
+        report |= _measure(session, torch_device, size, warmup, repeats, () if stages_only else batches,
                            report["matmul_tflops"], stages_only)
     if cold_start:
-        report["cold_start_s"] = cold_start_s(manifest.path, model.backend, device, precision, size, size)
+        report["cold_start_s"] = cold_start_s(manifest.path, session.backend, device, precision, size, size)
     return report
 
 
-def _measure(model: ICDModel, device: torch.device, size: int, warmup: int, repeats: int, batches, tflops: float,
-             stages_only: bool) -> dict:
+def _measure(session: Session, device: torch.device, size: int, warmup: int, repeats: int, batches,
+             tflops: float, stages_only: bool) -> dict:
+    model = session.model
     flops = stage_flops(model, size, size)
     steps = len(model.manifest.reverse_timesteps)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(1, 3, size, size, generator=generator) * 2 - 1
     cond1, cond2 = model.encode_text([SOURCE], (size, size)), model.encode_text([SOURCE, TARGET], (size, size))
     x1 = torch.randn(model.latent_shape(size, size), generator=generator).to(device)
-    x_T = None if stages_only else pipeline.invert(model, pixels, SOURCE, 0)
-    forward, reverse = model.denoiser("forward"), model.denoiser("reverse")
+    x_T = None if stages_only else pipeline.invert(session, pixels, SOURCE, 0)
+    forward, reverse = session.denoiser("forward"), session.denoiser("reverse")
     w0, w1, w2 = torch.zeros(1), torch.full((1,), 19.0), torch.tensor([0.0, 19.0])
     text1 = flops["text"] // 2
     invert_flops = text1 + flops["vae_encode"] + steps * flops["unet"]
@@ -172,11 +173,11 @@ def _measure(model: ICDModel, device: torch.device, size: int, warmup: int, repe
 
     def edit(method, latent=None):
         """What `icd edit` does: invert unless given x_T, edit, decode the edited row only."""
-        x = pipeline.invert(model, pixels, SOURCE, 0) if latent is None else latent
-        return pipeline.edit(model, x, SOURCE, TARGET, method=method, with_reconstruction=False)
+        x = pipeline.invert(session, pixels, SOURCE, 0) if latent is None else latent
+        return pipeline.edit(session, x, SOURCE, TARGET, method=method, with_reconstruction=False)
 
     end_to_end = {
-        "invert": ("invert: photo to x_T", lambda: pipeline.invert(model, pixels, SOURCE, 0), invert_flops),
+        "invert": ("invert: photo to x_T", lambda: pipeline.invert(session, pixels, SOURCE, 0), invert_flops),
         "edit_p2p": ("p2p edit from x_T (2 rows, 1 decoded)", lambda: edit("p2p", x_T), p2p_flops),
         "edit_swap": ("swap edit from x_T", lambda: edit("swap", x_T), swap_flops),
         "photo_edit_p2p": ("photo edit, p2p: invert + edit", lambda: edit("p2p"), invert_flops + p2p_flops),
@@ -189,7 +190,7 @@ def _measure(model: ICDModel, device: torch.device, size: int, warmup: int, repe
 
     throughput = {}
     for batch in batches:
-        ms = time_ms(lambda b=batch: pipeline.reconstruct(model, x_T.repeat(b, 1, 1, 1), SOURCE), device, warmup, repeats)
+        ms = time_ms(lambda b=batch: pipeline.reconstruct(session, x_T.repeat(b, 1, 1, 1), SOURCE), device, warmup, repeats)
         count = batch * (text1 + steps * flops["unet"] + flops["vae_decode"])
         throughput[str(batch)] = {"ms": ms, "images_per_s": batch / ms * 1000, "floor_ms": count / tflops / 1e9}
     return {"stages": timed(stages), "end_to_end": {} if stages_only else timed(end_to_end), "throughput": throughput}

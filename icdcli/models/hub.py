@@ -1,31 +1,29 @@
-"""Released iCD models: presets, the local cache, and the downloader behind `icd pull`.
+"""Which models exist: released presets and `icd pull`, the shipped ones, and how `--model` finds a model.
 
 The official files are tar.gz archives on a plain HTTPS bucket with no checksums, so downloads resume
-with Range requests, archives are checked for hostile members before anything is extracted, and every
-final file appears atomically: an interrupted pull never leaves something that looks installed.
+(cache.py), archives are checked for hostile members before anything is extracted, and every final file
+appears atomically: an interrupted pull never leaves something that looks installed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
 import os
 import posixpath
 import shutil
-import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from importlib.resources import files
 from pathlib import Path
 
-from tqdm import tqdm
+from ..errors import ModelError
+from .cache import _offline_var, download, icd_home
+from .manifest import MANIFEST_NAME, Manifest, load_manifest, write_model
+from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
 
-from .errors import ModelError
+# Models shipped inside the package: `mini`, trained on the miniature world by bench/miniature/recipe.py.
+BUILTIN_MODELS = ("mini",)
 
 DEFAULT_BASE_URL = "https://storage.yandexcloud.net/yandex-research/invertible-cd/"
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -41,10 +39,6 @@ BASE_FILES = {
                         "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
                         "tokenizer_2/*"],
 }
-GUIDANCE_EMBED_DIM = 512
-LORA_ALPHA = 8
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-_TRUTHY = {"1", "true", "yes", "on"}
 
 
 @dataclass(frozen=True)
@@ -86,76 +80,9 @@ def resolve_preset_name(name: str) -> str | None:
     return name if name in PRESETS else None
 
 
-def icd_home() -> Path:
-    """The cache root: $ICD_HOME, else $XDG_CACHE_HOME/icd, else ~/.cache/icd."""
-    if os.environ.get("ICD_HOME"):
-        return Path(os.environ["ICD_HOME"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "icd"
-    return Path.home() / ".cache" / "icd"
-
-
 def preset_dir(name: str) -> Path:
     """Where one preset's LoRAs and icd.json live."""
     return icd_home() / "models" / name
-
-
-def _offline_var() -> str | None:
-    """The first offline switch that is set truthy, read now so tests and users can flip it."""
-    return next((v for v in _OFFLINE_VARS if os.environ.get(v, "").strip().lower() in _TRUTHY), None)
-
-
-def is_offline() -> bool:
-    """Whether the user asked for no network access (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    return _offline_var() is not None
-
-
-def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30) -> Path:
-    """Fetch `url` to `dest`, resuming a previous `.part`; `dest` only ever appears complete."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(dest.suffix + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            content_range = response.headers.get("Content-Range", "")
-            if response.status != 206 or not content_range.startswith(f"bytes {offset}-"):
-                offset = 0  # the server ignored the Range header: start over
-            expected = offset + response.length if response.length is not None else None
-            with open(part, "ab" if offset else "wb") as out, tqdm(
-                    total=expected, initial=offset, desc=dest.name, unit="B", unit_scale=True,
-                    unit_divisor=1024, file=sys.stderr, disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            if e.headers.get("Content-Range", "") == f"bytes */{offset}":
-                os.replace(part, dest)  # the .part already held the whole file
-                return dest
-            part.unlink()  # the .part does not fit what the server has: start over
-            return download(url, dest, progress=progress, timeout=timeout)
-        raise ModelError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        raise ModelError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
-    if expected is not None and part.stat().st_size != expected:
-        raise ModelError(f"cannot download {url}: connection closed early; run again to resume")
-    os.replace(part, dest)
-    return dest
-
-
-def cached_download(url: str, *, progress: bool = True) -> Path:
-    """A weights file a manifest names by URL, fetched once into the cache (one folder per URL)."""
-    folder = icd_home() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    dest = folder / (posixpath.basename(urllib.parse.urlsplit(url).path) or "download")
-    if not dest.exists() and (var := _offline_var()):
-        raise ModelError(f"offline ({var} is set): {url} is not in the cache")
-    return download(url, dest, progress=progress)
 
 
 def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
@@ -253,23 +180,38 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
                               force_download=force)
         except Exception as e:  # huggingface_hub raises network, HTTP and cache errors of many types
             raise ModelError(f"cannot download base model {preset.base}: {str(e).splitlines()[0]}") from None
-    manifest = {
-        "name": resolved, "kind": preset.kind, "base": preset.base,
-        "teacher": Path(os.path.relpath(teacher, folder)).as_posix(),
-        "guidance_embed_dim": GUIDANCE_EMBED_DIM,
-        "forward_lora": forward.name, "reverse_lora": reverse.name, "lora_alpha": LORA_ALPHA,
-        "forward_timesteps": list(preset.forward_timesteps),
-        "reverse_timesteps": list(preset.reverse_timesteps),
-        "resolution": preset.resolution,
-    }
-    path = folder / "icd.json"
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_model(folder, {
+        "name": resolved, "kind": preset.kind, "base": preset.base, "teacher": str(teacher),
+        "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": forward.name, "reverse_lora": reverse.name,
+        "lora_alpha": LORA_ALPHA, "forward_timesteps": list(preset.forward_timesteps),
+        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": preset.resolution})
 
 
 def installed_models() -> list[tuple[str, Path]]:
     """The presets pulled into the cache, with their icd.json paths."""
     manifests = [(name, preset_dir(name) / "icd.json") for name in PRESETS]
     return [(name, path) for name, path in manifests if path.exists()]
+
+
+def builtin_dir(name: str) -> Path:
+    """Where a model shipped inside the package lives."""
+    return Path(str(files("icd") / "assets" / name))
+
+
+def resolve_model(ref: str) -> Manifest:
+    """`--model` -> manifest: a folder or icd.json path, a shipped model, a downloaded preset, or a model
+    built into the cache's models folder (`icd bench --random-weights`, the test suite's tiny models)."""
+    candidate = Path(ref).expanduser()
+    if candidate.exists():
+        return load_manifest(candidate)
+    if ref in BUILTIN_MODELS:
+        return load_manifest(builtin_dir(ref))
+    preset = resolve_preset_name(ref)
+    folder = preset_dir(preset or ref) if "/" not in ref else None
+    if folder is not None and (folder / MANIFEST_NAME).is_file():
+        return load_manifest(folder)
+    if preset is not None:
+        raise ModelError(f"model '{ref}' is not downloaded yet: run `icd pull {ref}`")
+    names = ", ".join([*PRESETS, *ALIASES, *BUILTIN_MODELS])
+    raise ModelError(f"unknown model '{ref}': not a folder with {MANIFEST_NAME}, a preset ({names}) or a model "
+                     f"in {icd_home() / 'models'}")

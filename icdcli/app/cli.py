@@ -12,8 +12,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import ICDError
+from icd import __version__
+from icd.errors import ICDError
+
+from .training import train
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MODEL = "sd15"
@@ -57,17 +59,13 @@ def _error(message: str) -> None:
     tqdm.write(f"icd: error: {message}", file=sys.stderr)
 
 
-def _load(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = (), backend: str = "auto",
+def _open(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = (), backend: str = "auto",
           compile: bool = False, static_shapes: bool = False):
-    """Model by reference; a failure here ends the command with one line (exit 1)."""
-    from .jobs import load_model
+    """The session for a model; a failure here ends the command with one line (via `Main`)."""
+    from .session import open_session
 
     _quiet_libraries()
-    try:
-        return load_model(model_ref, device, dtype, directions, backend, compile, static_shapes)
-    except ICDError as err:
-        _error(str(err))
-        sys.exit(1)
+    return open_session(model_ref, device, dtype, backend, compile, static_shapes, directions)
 
 
 def run_batch(items: list, describe, work, *, as_json: bool, quiet: bool) -> int:
@@ -108,40 +106,50 @@ def run_batch(items: list, describe, work, *, as_json: bool, quiet: bool) -> int
     return 1 if failed else 0
 
 
-BACKEND_OPTION = click.option(
-    "--backend", type=click.Choice(["auto", "torch", "onnx", "tensorrt"]), default="auto", show_default=True,
-    envvar="ICD_BACKEND", show_envvar=True, help="What runs the UNets. auto: TensorRT, else ONNX Runtime, when "
-    "`icd export` has built their files for this model, else torch. Prompt-to-Prompt decoding always runs on torch.")
+# Every option that several commands share, declared once; `uses(...)` attaches them. ICD_* variables give
+# the defaults of the model, device, dtype and backend options wherever they appear.
+OPTIONS = {
+    "model": click.option("-m", "--model", envvar="ICD_MODEL", show_envvar=True,
+                          help=f"A preset name (see `icd pull --list`), `mini`, a model in the cache, or a folder/"
+                               f"icd.json path. Default: {DEFAULT_MODEL} (reconstruct: the one recorded in each "
+                               f"latent file; demo: mini)."),
+    "device": click.option("--device", default="auto", show_default=True, envvar="ICD_DEVICE", show_envvar=True,
+                           help="auto, cpu, cuda or cuda:N."),
+    "dtype": click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
+                          show_default=True, envvar="ICD_DTYPE", show_envvar=True,
+                          help="auto = fp16 on a GPU, fp32 on a CPU."),
+    "backend": click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "tensorrt"]), default="auto",
+                            show_default=True, envvar="ICD_BACKEND", show_envvar=True,
+                            help="What runs the UNets. auto: TensorRT, else ONNX Runtime, when `icd export` has built "
+                                 "their files for this model, else torch. Prompt-to-Prompt decoding always runs on "
+                                 "torch."),
+    "compile": click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (slow first "
+                            "item; with CUDA graphs when --width and --height fix the size)."),
+    "width": click.option("--width", type=click.IntRange(min=8), help="Working width in pixels (a multiple of 64 "
+                          "for SD1.5, 32 for SDXL). Default: keep the aspect ratio at the model's resolution."),
+    "height": click.option("--height", type=click.IntRange(min=8), help="Working height in pixels."),
+    "output": click.option("-o", "--output", type=click.Path(), help="Output file for one result, folder for "
+                           "several. Default: the current folder."),
+    "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+    "json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (one line per item)."),
+    "quiet": click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+}
+MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite", "json",
+             "quiet")
 
 
-def model_options(command):
-    """Options every model-running command shares."""
-    options = [
-        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ICD_MODEL", show_envvar=True,
-                     help="A preset name (see `icd pull --list`), `tiny`, or a folder/icd.json path."),
-        click.option("--device", default="auto", show_default=True, envvar="ICD_DEVICE", show_envvar=True,
-                     help="auto, cpu, cuda or cuda:N."),
-        click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
-                     show_default=True, envvar="ICD_DTYPE", show_envvar=True, help="auto = fp16 on a GPU, fp32 on a CPU."),
-        BACKEND_OPTION,
-        click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (slow first item; "
-                     "with CUDA graphs when --width and --height fix the size)."),
-        click.option("--width", type=click.IntRange(min=8), help="Working width in pixels (a multiple of 64 "
-                     "for SD1.5, 32 for SDXL). Default: keep the aspect ratio at the model's resolution."),
-        click.option("--height", type=click.IntRange(min=8), help="Working height in pixels."),
-        click.option("-o", "--output", type=click.Path(), help="Output file for one result, folder for several. "
-                     "Default: the current folder."),
-        click.option("--overwrite", is_flag=True, help="Replace existing output files."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON line per item on stdout."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-    ]
-    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+def uses(*names: str):
+    """Attach the shared options `names`, in that order in the help."""
+    def attach(command):
+        return functools.reduce(lambda cmd, name: OPTIONS[name](cmd), reversed(names), command)
+
+    return attach
 
 
-def _settings(model, model_ref, seed, width, height, overwrite):
+def _settings(session, model_ref, seed, width, height, overwrite):
     from .jobs import Settings
 
-    return Settings(model=model, model_ref=model_ref, seed=seed, width=width, height=height, overwrite=overwrite)
+    return Settings(session=session, model_ref=model_ref, seed=seed, width=width, height=height, overwrite=overwrite)
 
 
 def _check_output(output: str | None, count: int) -> None:
@@ -151,7 +159,18 @@ def _check_output(output: str | None, count: int) -> None:
         raise click.UsageError(f"-o {output} names one file, but there are {count} results: give a folder")
 
 
-@click.group(context_settings=CONTEXT)
+class Main(click.Group):
+    """The `icd` group: the one place where an ICDError becomes its line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ICDError as err:
+            _error(str(err))
+            ctx.exit(1)
+
+
+@click.group(cls=Main, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="icd")
 def main() -> None:
     """Edit photos with text in a few UNet steps (Invertible Consistency Distillation).
@@ -163,7 +182,7 @@ def main() -> None:
       icd edit photos/ --src "a cat" --tgt "a tiger" -o edited/
       icd invert photo.jpg --prompt "a pug" && icd edit photo.latent.safetensors --tgt "a bear"
       icd generate "a lighthouse at dusk" -n 4 -o out/
-      icd demo                                        # offline, on the built-in tiny model
+      icd demo                                        # offline, with the shipped mini model
     """
     _setup_logging()
 
@@ -186,7 +205,7 @@ def main() -> None:
               "(repeatable). Default: each new target word x4.")
 @click.option("--blend", metavar="SRC_WORDS:TGT_WORDS", help="p2p: change only where these words attend, "
               "e.g. --blend pug:bear.")
-@model_options
+@uses(*MODEL_RUN)
 def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, self_replace, amplify, blend,
          model, device, dtype, backend, compile, width, height, output, overwrite, as_json, quiet):
     """Edit photos (or latent files from `icd invert`) from a source prompt to a target prompt.
@@ -205,8 +224,9 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
       icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --blend cat:tiger
       icd edit photos/*.jpg --src "a dog" --tgt "a wolf" --method none -o wolves/
     """
+    from icd.p2p import P2PConfig
+
     from .jobs import IMAGE_SUFFIXES, EditOptions, edit_file, expand_inputs, needs_inversion, output_path, output_stem
-    from .p2p import P2PConfig
 
     config = P2PConfig(cross_replace=cross_replace, self_replace=self_replace,
                        amplify=_parse_amplify(amplify), blend=_parse_blend(blend))
@@ -215,12 +235,13 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
         raise click.UsageError("no input files found")
     _check_output(output, len(paths))
     directions = ("forward", "reverse") if needs_inversion(paths) else ("reverse",)
-    loaded = _load(model, device, dtype, directions, backend, compile, bool(width and height))
-    settings = _settings(loaded, model, seed, width, height, overwrite)
+    model = model or DEFAULT_MODEL
+    session = _open(model, device, dtype, directions, backend, compile, bool(width and height))
+    settings = _settings(session, model, seed, width, height, overwrite)
     options = EditOptions(source, target, method, guidance, tau, config)
 
     def work(path):
-        out = output_path(output, path.name, f"{output_stem(path)}-edit.png", len(paths) > 1)
+        out = output_path(output, f"{output_stem(path)}-edit.png", len(paths) > 1)
         return edit_file(settings, path, options, out)
 
     sys.exit(run_batch(paths, str, work, as_json=as_json, quiet=quiet))
@@ -252,7 +273,7 @@ def _parse_blend(value: str | None):
 @click.argument("images", nargs=-1, required=True)
 @click.option("--prompt", required=True, help="Prompt describing the photos (the source prompt of later edits).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise added before encoding.")
-@model_options
+@uses(*MODEL_RUN)
 def invert(images, prompt, seed, model, device, dtype, backend, compile, width, height, output, overwrite, as_json,
            quiet):
     """Encode photos into latent files (x_T plus metadata) for fast repeated edits.
@@ -266,11 +287,12 @@ def invert(images, prompt, seed, model, device, dtype, backend, compile, width, 
 
     paths = expand_inputs(list(images), IMAGE_SUFFIXES)
     _check_output(output, len(paths))
-    loaded = _load(model, device, dtype, ("forward",), backend, compile, bool(width and height))
-    settings = _settings(loaded, model, seed, width, height, overwrite)
+    model = model or DEFAULT_MODEL
+    session = _open(model, device, dtype, ("forward",), backend, compile, bool(width and height))
+    settings = _settings(session, model, seed, width, height, overwrite)
 
     def work(path):
-        out = output_path(output, path.name, path.stem + LATENT_NAME, len(paths) > 1)
+        out = output_path(output, path.stem + LATENT_NAME, len(paths) > 1)
         return invert_file(settings, path, prompt, out), []
 
     sys.exit(run_batch(paths, str, work, as_json=as_json, quiet=quiet))
@@ -278,28 +300,21 @@ def invert(images, prompt, seed, model, device, dtype, backend, compile, width, 
 
 @main.command()
 @click.argument("latents", nargs=-1, required=True)
-@click.option("-m", "--model", help="Model to decode with. Default: the one recorded in each latent file.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True)
-@BACKEND_OPTION
-@click.option("-o", "--output", type=click.Path(), help="Output file for one result, folder for several.")
-@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per item on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def reconstruct(latents, model, device, dtype, backend, output, overwrite, as_json, quiet):
+@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "json", "quiet")
+def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, as_json, quiet):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
-    from .jobs import expand_inputs, load_model, output_path, output_stem, reconstruct_file
-    from .latents import load_latent
+    from icd.latents import load_latent
+
+    from .jobs import expand_inputs, output_path, output_stem, reconstruct_file
 
     paths = expand_inputs(list(latents), {".safetensors"})
     _check_output(output, len(paths))
-    _quiet_libraries()
 
     def work(path):
         model_ref = model or load_latent(path)[1].model
-        loaded = load_model(model_ref, device, dtype, ("reverse",), backend)
-        settings = _settings(loaded, model_ref, 0, None, None, overwrite)
-        out = output_path(output, path.name, f"{output_stem(path)}-recon.png", len(paths) > 1)
+        session = _open(model_ref, device, dtype, ("reverse",), backend, compile)
+        settings = _settings(session, model_ref, 0, None, None, overwrite)
+        out = output_path(output, f"{output_stem(path)}-recon.png", len(paths) > 1)
         return reconstruct_file(settings, path, out), []
 
     sys.exit(run_batch(paths, str, work, as_json=as_json, quiet=quiet))
@@ -311,7 +326,7 @@ def reconstruct(latents, model, device, dtype, backend, output, overwrite, as_js
 @click.option("--seed", type=int, help="Seed of the first image (the next ones use seed+1, ...). Default: random.")
 @click.option("--guidance", type=float, default=7.0, show_default=True, help=GUIDANCE_HELP)
 @click.option("--tau", type=click.FloatRange(0, 1), default=1.0, show_default=True, help=TAU_HELP)
-@model_options
+@uses(*MODEL_RUN)
 def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, compile, width, height, output,
              overwrite, as_json, quiet):
     """Generate images from a prompt in the model's 3-4 steps.
@@ -325,11 +340,12 @@ def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, 
     _check_output(output, count)
     first = secrets.randbelow(2**31) if seed is None else seed
     seeds = [first + i for i in range(count)]
-    loaded = _load(model, device, dtype, ("reverse",), backend, compile, static_shapes=True)
-    settings = _settings(loaded, model, first, width, height, overwrite)
+    model = model or DEFAULT_MODEL
+    session = _open(model, device, dtype, ("reverse",), backend, compile, static_shapes=True)
+    settings = _settings(session, model, first, width, height, overwrite)
 
     def work(item_seed):
-        out = output_path(output, prompt, f"{slug(prompt)}-{item_seed}.png", count > 1)
+        out = output_path(output, f"{slug(prompt)}-{item_seed}.png", count > 1)
         return generate_file(settings, prompt, item_seed, guidance, tau, out), []
 
     sys.exit(run_batch(seeds, lambda s: f"seed {s}", work, as_json=as_json, quiet=quiet))
@@ -347,8 +363,7 @@ def _sizes(values) -> tuple[tuple[int, int], ...]:
 
 
 @main.command("export")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ICD_MODEL", show_envvar=True,
-              help="A preset name, `tiny`, or a folder/icd.json path.")
+@uses("model", "device")
 @click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
               help="Precisions to build (repeatable). Default: fp16 with a CUDA GPU, else fp32.")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="ONNX graphs (fp32/fp16), checked in "
@@ -359,9 +374,8 @@ def _sizes(values) -> tuple[tuple[int, int], ...]:
 @click.option("--max-batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="TensorRT: the largest batch the engines take.")
 @click.option("--force", is_flag=True, help="Rebuild everything, even what is still valid.")
-@click.option("--device", default="auto", show_default=True, help="Where graphs are traced: auto, cpu, cuda.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_command(model, precisions, onnx, tensorrt, sizes, max_batch, force, device, as_json):
+@uses("json")
+def export_command(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, as_json):
     """Build the fast-start and engine files of a model: fused UNet weights, ONNX graphs, TensorRT engines.
 
     They go to $ICD_HOME/artifacts/<model fingerprint>/ with an index; what is still valid is reused,
@@ -372,24 +386,19 @@ def export_command(model, precisions, onnx, tensorrt, sizes, max_batch, force, d
     Examples:
       icd export -m sd15                          # fp16 weights and graphs on a GPU machine
       icd export -m sd15 --tensorrt --size 512x512 --size 768x512
-      icd export -m tiny                          # fp32 on a CPU
+      icd export -m mini                          # fp32 on a CPU (graphs are traced on --device)
     """
-    from export.artifacts import artifacts_dir
-    from export.build import export_model
-
-    from .manifest import resolve_model
-    from .models import resolve_device
+    from icd.models.hub import resolve_model
+    from icd.models.loading import resolve_device
+    from icd_export.artifacts import artifacts_dir
+    from icd_export.build import export_model
 
     _quiet_libraries()
-    try:
-        manifest = resolve_model(model)
-        torch_device = resolve_device(device)
-        chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))
-        built = export_model(manifest, chosen, onnx=onnx, tensorrt=tensorrt, sizes=_sizes(sizes),
-                             max_batch=max_batch, force=force, device=torch_device)
-    except ICDError as err:
-        _error(str(err))
-        sys.exit(1)
+    manifest = resolve_model(model or DEFAULT_MODEL)
+    torch_device = resolve_device(device)
+    chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))
+    built = export_model(manifest, chosen, onnx=onnx, tensorrt=tensorrt, sizes=_sizes(sizes),
+                         max_batch=max_batch, force=force, device=torch_device)
     folder = artifacts_dir(manifest)
     if as_json:
         click.echo(json.dumps({"folder": str(folder), "fingerprint": manifest.fingerprint,
@@ -401,14 +410,9 @@ def export_command(model, precisions, onnx, tensorrt, sizes, max_batch, force, d
 
 
 @main.command()
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ICD_MODEL", show_envvar=True,
-              help="A preset name, `tiny`, or a folder/icd.json path.")
+@uses("model", "device", "dtype", "backend", "compile")
 @click.option("--random-weights", type=click.Choice(["sd15", "sdxl"]), help="Measure the real SD1.5/SDXL "
               "architecture with random weights instead of --model (built once into the cache, no download).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True)
-@BACKEND_OPTION
-@click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (CUDA graphs on a GPU).")
 @click.option("--size", type=click.IntRange(min=64), default=512, show_default=True, help="Square image side in "
               "pixels (128 on a CPU).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per stage.")
@@ -421,8 +425,8 @@ def export_command(model, precisions, onnx, tensorrt, sizes, max_batch, force, d
               "Default: torch's.")
 @click.option("--stages-only", is_flag=True, help="Only the single stages: no whole edits, batches or cold start "
               "(for CPUs).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench(model, random_weights, device, dtype, backend, compile, size, repeats, warmup, batches, cold_start,
+@uses("json")
+def bench(model, device, dtype, backend, compile, random_weights, size, repeats, warmup, batches, cold_start,
           threads, stages_only, as_json):
     """Time every stage of an edit (text, VAE, each UNet call), whole edits, batches and a cold start,
     each next to its floor (FLOPs over the measured matmul rate).
@@ -435,22 +439,17 @@ def bench(model, random_weights, device, dtype, backend, compile, size, repeats,
     """
     import torch
 
-    from export.bench import format_report, run_bench
+    from icd.models.offline import build_random_model
+
+    from .bench import format_report, run_bench
 
     _quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
-    try:
-        if random_weights:
-            from export.random_models import build_random_model
-
-            model = str(build_random_model(random_weights))
-        report = run_bench(model, backend=backend, device=device, dtype=dtype, size=size, warmup=warmup,
-                           repeats=repeats, batches=batches or (1, 2, 4), compile=compile, cold_start=cold_start,
-                           stages_only=stages_only)
-    except ICDError as err:
-        _error(str(err))
-        sys.exit(1)
+    model = str(build_random_model(random_weights)) if random_weights else model or DEFAULT_MODEL
+    report = run_bench(model, backend=backend, device=device, dtype=dtype, size=size, warmup=warmup,
+                       repeats=repeats, batches=batches or (1, 2, 4), compile=compile, cold_start=cold_start,
+                       stages_only=stages_only)
     click.echo(json.dumps(report) if as_json else format_report(report))
 
 
@@ -468,7 +467,7 @@ def pull(name, show_list, force):
     Example:
       icd pull sd15
     """
-    from . import hub
+    from icd.models import hub
 
     if show_list or not name:
         for preset in hub.PRESETS.values():
@@ -477,11 +476,7 @@ def pull(name, show_list, force):
         for alias, target in hub.ALIASES.items():
             click.echo(f"{alias:16} {'':11} alias of {target}")
         return
-    try:
-        click.echo(hub.pull(name, force=force))
-    except ICDError as err:
-        _error(str(err))
-        sys.exit(1)
+    click.echo(hub.pull(name, force=force))
 
 
 @main.command()
@@ -491,7 +486,7 @@ def info():
 
     import torch
 
-    from . import hub
+    from icd.models import cache, hub
 
     click.echo(f"icd {__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     if torch.cuda.is_available():
@@ -504,7 +499,7 @@ def info():
     backends = ["torch"] + [name for name, module in (("onnx", "onnxruntime"), ("tensorrt", "tensorrt"))
                             if importlib.util.find_spec(module)]
     click.echo(f"backends: {', '.join(backends)}")
-    click.echo(f"cache: {hub.icd_home()}")
+    click.echo(f"cache: {cache.icd_home()}")
     installed = hub.installed_models()
     click.echo("models: " + (", ".join(name for name, _ in installed) if installed else "none (run `icd pull sd15`)"))
 
@@ -512,10 +507,8 @@ def info():
 @main.command()
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="icd-demo", show_default=True,
               help="Folder for the demo's files.")
-@click.option("-m", "--model", default="mini", show_default=True, help="Model to run the demo with.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace files of an earlier demo run.")
-def demo(output, model, device, overwrite):
+@uses("model", "device", "dtype", "overwrite")
+def demo(output, model, device, dtype, overwrite):
     """Invert, edit and reconstruct a sample, offline, and write a before/after picture.
 
     The default `mini` model ships with icd: it was trained by bench/miniature/recipe.py on a miniature
@@ -524,16 +517,10 @@ def demo(output, model, device, overwrite):
     """
     from .demo import run_demo
 
-    settings = _settings(_load(model, device, "auto", ("forward", "reverse")), model, 0, None, None, overwrite)
-    try:
-        for path in run_demo(settings, Path(output)):
-            click.echo(path)
-    except ICDError as err:
-        _error(str(err))
-        sys.exit(1)
+    model = model or "mini"
+    settings = _settings(_open(model, device, dtype, ("forward", "reverse")), model, 0, None, None, overwrite)
+    for path in run_demo(settings, Path(output)):
+        click.echo(path)
 
-
-
-from train.cli import train  # noqa: E402  (it imports only click at load time: `icd --help` stays fast)
 
 main.add_command(train)

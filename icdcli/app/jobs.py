@@ -11,14 +11,15 @@ import re
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import ICDError, InputError
-from .images import LoadedImage, from_model_output, load_image, save_image, to_model_input, working_size
-from .latents import LatentInfo, is_latent_file, load_latent, save_latent
-from .manifest import Manifest, resolve_model
-from .models import ICDModel, choose_compile_mode, get_model, resolve_device
-from .p2p import P2PConfig
-from .pipeline import edit, edit_settings, guidance_on_steps, generate, invert, reconstruct
+from icd import __version__
+from icd.errors import ICDError, InputError
+from icd.images import LoadedImage, from_model_output, load_image, save_image, to_model_input, working_size
+from icd.latents import LatentInfo, is_latent_file, load_latent, save_latent
+from icd.models.manifest import Manifest
+from icd.p2p import P2PConfig
+from icd.pipeline import edit, edit_settings, generate, guidance_on_steps, invert, reconstruct
+
+from .session import Session
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -43,7 +44,7 @@ def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def output_path(output: str | None, item_name: str, default_name: str, many: bool) -> Path:
+def output_path(output: str | None, default_name: str, many: bool) -> Path:
     """`-o` is the file for a single result, or the folder for several; default: the current folder."""
     if output is None:
         return Path(default_name)
@@ -58,31 +59,15 @@ def output_stem(path: Path) -> str:
     return name[: -len(LATENT_NAME)] if name.endswith(LATENT_NAME) else path.stem
 
 
-def load_model(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = (), backend: str = "torch",
-               compile: bool = False, static_shapes: bool = False) -> ICDModel:
-    """Resolve and load a model with the denoisers a job needs, so that a broken model fails before any item.
-
-    `compile` applies torch.compile to the PyTorch UNets, with CUDA graphs when `static_shapes` (every item
-    has the same size)."""
-    manifest = resolve_model(model_ref)
-    mode = choose_compile_mode(resolve_device(device), static_shapes) if compile else None
-    model = get_model(manifest, device, dtype, backend, mode)
-    if model.backend == "torch":
-        model.unets(*directions)  # the teacher is read once for both
-    for direction in directions:
-        model.denoiser(direction)
-    return model
-
-
 def needs_inversion(paths: list[Path]) -> bool:
     return any(not is_latent_file(p) for p in paths)
 
 
 @dataclass
 class Settings:
-    """What every job shares: the model and the run's parameters."""
+    """What every job shares: the opened model and the run's parameters."""
 
-    model: ICDModel
+    session: Session
     model_ref: str
     seed: int = 0
     width: int | None = None
@@ -91,20 +76,20 @@ class Settings:
 
     @property
     def manifest(self) -> Manifest:
-        return self.model.manifest
+        return self.session.manifest
 
     def metadata(self, **fields) -> dict:
         return {"model": self.model_ref, "model_fingerprint": self.manifest.fingerprint,
                 "icd_version": __version__, **{k: v for k, v in fields.items() if v is not None}}
 
     def size_for(self, original: tuple[int, int]) -> tuple[int, int]:
-        return working_size(original, resolution=self.manifest.resolution, multiple=self.model.size_multiple,
+        return working_size(original, resolution=self.manifest.resolution, multiple=self.session.model.size_multiple,
                             width=self.width, height=self.height)
 
 
 def _invert_image(settings: Settings, image: LoadedImage, prompt: str) -> tuple:
     size = settings.size_for(image.original_size)
-    latent = invert(settings.model, to_model_input(image, size), prompt, settings.seed)
+    latent = invert(settings.session, to_model_input(image, size), prompt, settings.seed)
     info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
                       seed=settings.seed, width=size[0], height=size[1], original_width=image.original_size[0],
                       original_height=image.original_size[1], source=str(image.path))
@@ -134,7 +119,7 @@ def _resized(pixels, info: LatentInfo):
 def reconstruct_file(settings: Settings, path: Path, output: Path) -> Path:
     """Latent file -> image, decoded with its own prompt and w = 0."""
     latent, info = _load_checked_latent(settings, path)
-    image = _resized(reconstruct(settings.model, latent, info.prompt), info)
+    image = _resized(reconstruct(settings.session, latent, info.prompt), info)
     save_image(image, output, overwrite=settings.overwrite,
                metadata=settings.metadata(command="reconstruct", prompt=info.prompt, seed=info.seed, source=info.source))
     return output
@@ -163,13 +148,13 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
         latent, info = _invert_image(settings, original, options.source)
         source = options.source
     method, guidance, tau = astuple(edit_settings(settings.manifest, options.method, options.guidance, options.tau))
-    result = edit(settings.model, latent, source, options.target, method=method, guidance=guidance, tau=tau,
+    result = edit(settings.session, latent, source, options.target, method=method, guidance=guidance, tau=tau,
                   p2p=options.p2p, with_reconstruction=False)
     image = from_model_output(result.edited[0], original) if original else _resized(result.edited, info)
     p2p = options.p2p or P2PConfig()
     p2p_fields = dict(cross_replace=p2p.cross_replace, self_replace=p2p.self_replace) if method == "p2p" else {}
     metadata = settings.metadata(command="edit", prompt=options.target, source_prompt=source, method=method,
-                                 guidance_steps=guidance_on_steps(settings.model, guidance, tau),
+                                 guidance_steps=guidance_on_steps(settings.manifest, guidance, tau),
                                  guidance_w=guidance, tau=tau, seed=info.seed, source=str(path), **p2p_fields)
     save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
     return output, result.notes
@@ -182,9 +167,9 @@ def slug(prompt: str, limit: int = 40) -> str:
 
 def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, tau: float, output: Path) -> Path:
     width, height = working_size((settings.manifest.resolution,) * 2, resolution=settings.manifest.resolution,
-                                 multiple=settings.model.size_multiple, width=settings.width, height=settings.height)
-    pixels = generate(settings.model, prompt, seed, width, height, guidance, tau)
+                                 multiple=settings.session.model.size_multiple, width=settings.width, height=settings.height)
+    pixels = generate(settings.session, prompt, seed, width, height, guidance, tau)
     metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
-                                 guidance_steps=guidance_on_steps(settings.model, guidance, tau))
+                                 guidance_steps=guidance_on_steps(settings.manifest, guidance, tau))
     save_image(from_model_output(pixels[0], None), output, metadata=metadata, overwrite=settings.overwrite)
     return output

@@ -1,4 +1,5 @@
-"""Real-size SD1.5 and SDXL iCD models with random weights, built offline, to measure speed anywhere.
+"""Models built offline from configs: real-size SD1.5 and SDXL architectures with random weights, to measure
+speed anywhere (`icd bench --random-weights`), and the character-level tokenizer such models use.
 
 `CONFIGS` holds the published architectures (the base pipelines' unet/vae/text_encoder configs). The model
 is written once into the cache as a complete model folder in the official formats (diffusers base folder,
@@ -9,12 +10,33 @@ for a downloaded model. The pictures are noise; only the timings mean something.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from icdcli.hub import icd_home
+from .cache import icd_home
+from .manifest import MANIFEST_NAME, write_model
+from .official import FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, LORA_ALPHA, LORA_RANK, REVERSE_TIMESTEPS
+
+# Characters the character-level tokenizer knows; every other character is dropped by CLIP's BPE as unknown.
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def character_tokenizer(directory: str | Path):
+    """A character-level CLIP tokenizer (a word is several tokens), saved in `directory` as a base's tokenizer."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for char in _ALPHABET:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
 
 _CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)
@@ -45,8 +67,6 @@ CONFIGS = {
                                         num_attention_heads=20, hidden_act="gelu", projection_dim=1280)],
     },
 }
-GUIDANCE_EMBED_DIM = 512
-LORA_RANK = 64
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")  # a LoRA on the attention projections: fusion does real work
 
 
@@ -72,35 +92,31 @@ def build_random_model(kind: str, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from icdcli.tiny import TINY_TIMESTEPS, tiny_tokenizer
-
     folder = random_model_dir(kind)
-    if (folder / "icd.json").is_file():
-        return folder / "icd.json"
+    if (folder / MANIFEST_NAME).is_file():
+        return folder / MANIFEST_NAME
     config = CONFIGS[kind]
-    staging = folder.with_name(folder.name + ".building")
-    shutil.rmtree(staging, ignore_errors=True)
     torch.manual_seed(seed)
-    base = staging / "base"
-    for i, encoder in enumerate(config["text_encoders"]):
-        suffix = "_2" if i else ""
-        tokenizer = base / f"tokenizer{suffix}"  # character-level: the token count, not the vocabulary, costs
-        tiny_tokenizer(tokenizer).save_pretrained(tokenizer)
-        cls = CLIPTextModelWithProjection if i else CLIPTextModel
-        text_config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **encoder)
-        cls(text_config).save_pretrained(base / f"text_encoder{suffix}")
-    AutoencoderKL(**config["vae"]).save_pretrained(base / "vae")
+
+    def base(path: Path) -> None:
+        for i, encoder in enumerate(config["text_encoders"]):
+            suffix = "_2" if i else ""
+            character_tokenizer(path / f"tokenizer{suffix}")  # the token count, not the vocabulary, costs
+            cls = CLIPTextModelWithProjection if i else CLIPTextModel
+            cls(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **encoder)).save_pretrained(
+                path / f"text_encoder{suffix}")
+        AutoencoderKL(**config["vae"]).save_pretrained(path / "vae")
+        teacher.save_config(path / "unet")
+
     teacher = UNet2DConditionModel(**config["unet"], time_cond_proj_dim=GUIDANCE_EMBED_DIM)
-    teacher.save_config(base / "unet")
-    save_file({k: v.half().contiguous() for k, v in teacher.state_dict().items()}, str(staging / "teacher.safetensors"))
     generator = torch.Generator().manual_seed(seed)
+    files = {"base": base,
+             "teacher.safetensors": lambda path: save_file(
+                 {k: v.half().contiguous() for k, v in teacher.state_dict().items()}, str(path))}
     for direction in ("forward", "reverse"):
-        save_file(_lora(teacher, generator), str(staging / f"{direction}.safetensors"))
-    manifest = {"name": f"random-{kind}", "kind": kind, "base": "base", "teacher": "teacher.safetensors",
-                "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": "forward.safetensors",
-                "reverse_lora": "reverse.safetensors", "lora_alpha": 8, **TINY_TIMESTEPS,
-                "resolution": config["resolution"]}
-    (staging / "icd.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder / "icd.json"
+        files[f"{direction}.safetensors"] = lambda path, lora=_lora(teacher, generator): save_file(lora, str(path))
+    return write_model(folder, {
+        "name": f"random-{kind}", "kind": kind, "base": "base", "teacher": "teacher.safetensors",
+        "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": "forward.safetensors",
+        "reverse_lora": "reverse.safetensors", "lora_alpha": LORA_ALPHA, "forward_timesteps": list(FORWARD_TIMESTEPS),
+        "reverse_timesteps": list(REVERSE_TIMESTEPS), "resolution": config["resolution"]}, files)

@@ -1,13 +1,17 @@
 """The iCD equations, to be read beside the paper (Starodubcev et al., NeurIPS 2024).
 
 - Noise schedule: Stable Diffusion's "scaled linear" betas, 0.00085 -> 0.012 over 1000 steps;
-  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), and t = 0 is the clean latent (alpha = 1, sigma = 0):
+  one rule for noising, for the jump and for training alike.
 - Guidance embedding e(w): the teacher was distilled to produce eps_c + w (eps_c - eps_u) from one pass
   fed e(w), where w is the classical guidance scale minus one (w = 0 is conditional-only, not unguided).
+  `guided_eps` is that formula, for the two-pass fallback and for the distillation target.
 - Consistency jump (a DDIM step with the model's own epsilon): from time t to boundary s,
-  x0 = (x_t - sigma_t eps) / alpha_t and x_s = alpha_s x0 + sigma_s eps, with alpha = 1, sigma = 0 at s = 0.
+  x0 = (x_t - sigma_t eps) / alpha_t and x_s = alpha_s x0 + sigma_s eps.
   The reverse model jumps down (s < t), the forward model up (s > t): one formula for both.
 - Dynamic guidance: w is used when t / 1000 <= tau and replaced by 0 at higher noise.
+
+Timesteps are a Python int (one for the batch, as in sampling) or a tensor with one per row (training).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
-ENCODE_START_TIMESTEP = 19  # where encoding starts: the first point of the 50-step DDIM grid
-GUIDANCE_EMBED_DIM = 512
+
+Timesteps = int | torch.Tensor
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -29,24 +33,35 @@ def alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-_ABAR = alphas_cumprod()
+# abar with the clean boundary folded in: index 0 holds 1.0 (alpha = 1, sigma = 0).
+_ABAR = torch.cat([torch.ones(1), alphas_cumprod()[1:]]).double()
+_ABAR_ON: dict[torch.device, torch.Tensor] = {}
 
 
-def alpha_sigma(t: int) -> tuple[float, float]:
-    """(alpha_t, sigma_t); t = 0 is the clean-image boundary with alpha = 1, sigma = 0."""
-    if t == 0:
-        return 1.0, 0.0
-    abar = _ABAR[t].item()
-    return math.sqrt(abar), math.sqrt(1.0 - abar)
+def _abar_on(device: torch.device) -> torch.Tensor:
+    """The abar table on `device`, copied there once, so indexing it by a device tensor never syncs."""
+    table = _ABAR_ON.get(device)
+    if table is None:
+        table = _ABAR_ON[device] = _ABAR.to(device)
+    return table
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-    """x_t = alpha_t x0 + sigma_t noise (t > 0)."""
-    abar = _ABAR[t].item()
-    return math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * noise
+def alpha_sigma(t: Timesteps) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t): floats for an int t, (B, 1, 1, 1) float32 tensors for one timestep per row."""
+    if isinstance(t, torch.Tensor):
+        abar = _abar_on(t.device)[t.long()].view(-1, 1, 1, 1)
+        return abar.sqrt().float(), (1.0 - abar).sqrt().float()
+    abar = _ABAR[t]
+    return abar.sqrt().item(), (1.0 - abar).sqrt().item()
 
 
-def consistency_jump(x_t: torch.Tensor, eps: torch.Tensor, t: int, s: int) -> torch.Tensor:
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: Timesteps) -> torch.Tensor:
+    """x_t = alpha_t x0 + sigma_t noise (x0 itself at t = 0)."""
+    alpha, sigma = alpha_sigma(t)
+    return alpha * x0 + sigma * noise
+
+
+def consistency_jump(x_t: torch.Tensor, eps: torch.Tensor, t: Timesteps, s: Timesteps) -> torch.Tensor:
     """Jump from time t to boundary s with the model's epsilon (computed in fp32)."""
     alpha_t, sigma_t = alpha_sigma(t)
     alpha_s, sigma_s = alpha_sigma(s)
@@ -55,12 +70,17 @@ def consistency_jump(x_t: torch.Tensor, eps: torch.Tensor, t: int, s: int) -> to
     return alpha_s * x0 + sigma_s * eps
 
 
-def guidance_embedding(w: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> torch.Tensor:
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """e(w) for a 1-D tensor of guidance values: [sin(1000 w f_k), cos(1000 w f_k)], f_k = 1e4^(-k/(dim/2-1))."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
     angles = 1000.0 * w.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def guided_eps(eps_c: torch.Tensor, eps_u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance in the paper's convention: eps_c + w (eps_c - eps_u), one w per row."""
+    return eps_c + w.to(eps_c.device, eps_c.dtype).view(-1, 1, 1, 1) * (eps_c - eps_u)
 
 
 def dynamic_guidance(w: float, t: int, tau: float) -> float:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 _PATTERNS = [
     (re.compile(r"^(?:unet\.)?base_model\.model\.(.+)\.lora_([AB])\.weight$"), "peft"),

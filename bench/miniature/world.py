@@ -253,3 +253,9 @@ def world_tokenizer(directory: str | Path) -> CLIPTokenizer:
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+
+
+# The scene `icd demo` edits with `mini` (not one it was trained on: training scenes are seeds 0-3999);
+# ship.py packs its picture and prompts into the model folder.
+DEMO_SCENE = Spec("sandy", (Placed("circle", "red", 0.5, 0.5, 0.24),), seed=10**6 - 1)
+DEMO_TARGET = DEMO_SCENE.edited(colour="blue")

@@ -1,13 +1,9 @@
 """`icd train guidance` and `icd train icd`. Torch, diffusers and accelerate are imported inside the commands,
-so that `icd --help` stays fast."""
+so that `icd --help` stays fast; errors become their one line and exit code in the `icd` group."""
 
 from __future__ import annotations
 
-import sys
-
 import click
-
-from icdcli.errors import ICDError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -24,21 +20,17 @@ def _stage_options(command):
 
 
 def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output: str, resume: bool) -> None:
-    from .config import ConfigError, GuidanceConfig, ICDConfig, load_config
+    from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
 
     try:
         config = load_config(GuidanceConfig if stage == "guidance" else ICDConfig, config_file, settings)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
-    try:
-        if stage == "guidance":
-            from .guidance import train_guidance as train_stage
-        else:
-            from .icd import train_icd as train_stage
-        summary = train_stage(config, output, resume)
-    except ICDError as err:  # ConfigError included: some settings are only checked against the model
-        click.echo(f"icd: error: {err}", err=True)
-        sys.exit(1)
+    if stage == "guidance":
+        from icd_train.guidance import train_guidance as train_stage
+    else:
+        from icd_train.icd import train_icd as train_stage
+    summary = train_stage(config, output, resume)  # a ConfigError here (checked against the model) exits 1
     for when in ("eval_before", "eval_after"):
         if when in summary:
             values = ", ".join(f"{name} {value:.4g}" for name, value in summary[when].items())
@@ -56,7 +48,7 @@ def train() -> None:
           --set data.path=photos/ -o teacher/
       icd train icd --set model.path=teacher/ --set data.path=photos/ -o my-icd/
       icd edit photo.jpg --model my-icd/ --src "a cat" --tgt "a tiger"
-      accelerate launch --multi_gpu --num_processes 8 -m train icd --config sd15.toml -o my-icd/
+      accelerate launch --multi_gpu --num_processes 8 -m icd train icd --config sd15.toml -o my-icd/
 
     data.path is a folder of images with captions: metadata.jsonl lines {"file_name": ..., "text": ...}
     (Hugging Face imagefolder), or a CSV with file_name and text or caption columns.

@@ -1,0 +1,95 @@
+"""`--backend auto|torch|onnx|tensorrt`: which engine supplies the UNets' epsilon functions.
+
+Each engine supplies only an epsilon function (core.denoiser's contract); the session wraps it in the one
+guidance wrapper. auto takes the fastest engine that can run here and whose artifacts already exist, and
+never builds anything: TensorRT (an engine for this GPU), then ONNX Runtime (graphs of the model's
+precision), then PyTorch. A named engine whose artifacts are missing is reported as such, and the app
+announces and runs the export. On the development CPU ONNX Runtime ran UNet calls 2.2x (tiny) to 2.3-4.8x
+(SD1.5 at 128 px) faster than PyTorch, one thread each (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from icd.core.denoiser import EpsFn
+from icd.errors import ICDError
+from icd.models.loading import DIRECTIONS, PRECISIONS, Model
+from icd.models.manifest import Manifest
+
+from .artifacts import Index
+
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+ENGINES = ("tensorrt", "onnx")  # fastest first
+
+
+def problem(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot run here (a missing package, device or precision), in one line, or None."""
+    if backend == "tensorrt":
+        from .tensorrt import tensorrt_problem
+
+        return tensorrt_problem(device, dtype)
+    if backend == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed (pip install 'icd[onnx]')"
+        if dtype == torch.bfloat16:
+            return "ONNX graphs are fp32 or fp16, not bf16"
+        if device.type == "cuda":
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return "onnxruntime has no CUDA provider (pip install onnxruntime-gpu, or use --device cpu)"
+    return None
+
+
+def exported(backend: str, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether both UNets' artifacts for `backend` are built and valid."""
+    index = Index.open(manifest)
+    if backend == "onnx":
+        return all(index.find(kind="onnx", direction=d, precision=PRECISIONS[dtype]) for d in DIRECTIONS)
+    from .tensorrt import find_engine
+
+    return all(find_engine(index, d, device) for d in DIRECTIONS)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The engine to run, whether its artifacts must be built first, and why it was chosen."""
+
+    backend: str
+    needs_export: bool = False
+    reason: str = ""
+
+
+def choose_backend(requested: str, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> Choice:
+    """The concrete backend for `requested`. Nothing is built here: `needs_export` says what is missing."""
+    if requested not in BACKENDS:
+        raise ICDError(f"unknown backend '{requested}': choose {', '.join(BACKENDS)}")
+    if requested == "auto":
+        for backend in ENGINES:
+            if problem(backend, device, dtype) is None and exported(backend, manifest, device, dtype):
+                return Choice(backend, reason="auto: the fastest with artifacts for this model")
+        return Choice("torch", reason="auto: no ONNX graphs or engines for this model yet; `icd export` makes them")
+    if requested == "torch":
+        return Choice("torch")
+    if why := problem(requested, device, dtype):
+        raise ICDError(f"--backend {requested}: {why}")
+    return Choice(requested, needs_export=not exported(requested, manifest, device, dtype))
+
+
+def engine_eps(backend: str, model: Model, direction: str) -> EpsFn:
+    """The ONNX Runtime or TensorRT epsilon function of one UNet of `model`."""
+    index = Index.open(model.manifest)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTEps
+
+        return TensorRTEps(index, direction, model.device)
+    from .onnx import OnnxEps, onnx_session
+
+    name = index.find(kind="onnx", direction=direction, precision=PRECISIONS[model.dtype])
+    if name is None:
+        raise ICDError(f"the ONNX graph of the {direction} UNet is gone: run `icd export -m {model.manifest.name}`")
+    return OnnxEps(onnx_session(index.folder / name, model.device), model.device, model.dtype)

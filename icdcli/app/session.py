@@ -1,0 +1,123 @@
+"""A session: one model opened for running, the only place where engines are wired to the pipeline.
+
+It loads the text encoders and VAE, settles the backend (announcing an export when a named engine lacks its
+files), and hands the pipeline a denoiser per direction (any engine's epsilon function behind the one
+guidance wrapper) and, for Prompt-to-Prompt, the eager PyTorch reverse UNet as its attention host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from icd.core.consistency import ddim_grid
+from icd.core.denoiser import Denoiser, Guided
+from icd.models.hub import resolve_model
+from icd.models.loading import PRECISIONS, Model, load_teacher, ready_unet, resolve_device, resolve_dtype, unet_eps
+from icd.models.manifest import Manifest
+from icd.p2p import AttentionHost
+from icd_export.artifacts import fused_unets
+from icd_export.compiled import choose_compile_mode, compiled_eps
+from icd_export.registry import choose_backend, engine_eps
+
+log = logging.getLogger("icd")
+
+
+@dataclass
+class Session:
+    """A model ready to run on one backend: what `icd.pipeline`'s functions take as their runtime."""
+
+    model: Model
+    backend: str = "torch"
+    compile_mode: str | None = None
+    _unets: dict = field(default_factory=dict)
+    _denoisers: dict = field(default_factory=dict)
+    _host: AttentionHost | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.model.manifest
+
+    def unets(self, *directions: str) -> list:
+        """The eager PyTorch UNets, loaded once (the teacher is read once for all directions)."""
+        missing = tuple(d for d in directions if d not in self._unets)
+        model = self.model
+        for direction, unet in zip(missing, fused_unets(model.manifest, model.unet_config, missing, model.dtype,
+                                                        model.device)):
+            self._unets[direction] = ready_unet(unet, model.device, model.dtype)
+        return [self._unets[d] for d in directions]
+
+    def _guided(self, eps) -> Denoiser:
+        model = self.model
+        return Guided(eps, model.guidance_embed_dim, model.unconditional(), model.device, model.dtype)
+
+    def denoiser(self, direction: str) -> Denoiser:
+        """The denoiser of the session's backend for one UNet, made once."""
+        if direction not in self._denoisers:
+            if self.backend != "torch":
+                eps = engine_eps(self.backend, self.model, direction)
+            else:
+                (unet,) = self.unets(direction)
+                eps = compiled_eps(unet, self.model.dtype, self.compile_mode) if self.compile_mode else \
+                    unet_eps(unet, self.model.dtype)
+            self._denoisers[direction] = self._guided(eps)
+        return self._denoisers[direction]
+
+    def attention_host(self) -> AttentionHost:
+        """Prompt-to-Prompt's hooks need the eager PyTorch reverse UNet, whatever the backend."""
+        if self._host is None:
+            if self.backend != "torch" or self.compile_mode:
+                log.info("prompt-to-prompt edits attention maps: its decoding runs on eager torch, not %s",
+                         "torch.compile" if self.backend == "torch" else self.backend)
+            (unet,) = self.unets("reverse")
+            self._host = AttentionHost(unet, self._guided(unet_eps(unet, self.model.dtype)))
+        return self._host
+
+    def teacher_solver(self, steps: int = 50) -> Session:
+        """This model with its teacher in both students' places, on the `steps`-step DDIM grid: the slow
+        multi-step inversion that the paper compares iCD with. Text encoders and VAE are shared."""
+        grid = ddim_grid(steps)
+        manifest = replace(self.manifest, name=f"{self.manifest.name} (teacher DDIM-{steps})",
+                           forward_timesteps=tuple(grid[:-1]), reverse_timesteps=tuple(grid))
+        teacher = ready_unet(load_teacher(self.manifest, self.model.unet_config), self.model.device, self.model.dtype)
+        return Session(replace(self.model, manifest=manifest), _unets={"forward": teacher, "reverse": teacher})
+
+
+def _settle_backend(requested: str, model: Model) -> str:
+    """The backend to run; a named engine whose files are missing is exported here, and said so."""
+    from icd_export.build import export_model
+
+    choice = choose_backend(requested, model.manifest, model.device, model.dtype)
+    if choice.reason:
+        log.info("backend: %s (%s)", choice.backend, choice.reason)
+    if choice.needs_export:
+        log.info("no %s artifacts for model '%s' yet: building them once (`icd export` does it ahead)",
+                 choice.backend, model.manifest.name)
+        export_model(model.manifest, (PRECISIONS[model.dtype],), tensorrt=choice.backend == "tensorrt",
+                     device=model.device)
+    return choice.backend
+
+
+_OPEN: dict = {}
+
+
+def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "auto", backend: str = "auto",
+                 compile: bool = False, static_shapes: bool = False, directions: tuple[str, ...] = ()) -> Session:
+    """Open a model once per process and settings, with the denoisers of `directions` ready, so that a broken
+    model fails before any item. `compile` applies torch.compile to the PyTorch UNets, with CUDA graphs when
+    `static_shapes` (every item has the same size)."""
+    manifest = model_ref if isinstance(model_ref, Manifest) else resolve_model(model_ref)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    mode = choose_compile_mode(torch_device, static_shapes) if compile else None
+    key = (manifest, torch_device, torch_dtype, backend, mode)
+    if key not in _OPEN:
+        model = Model.load(manifest, torch_device, torch_dtype)
+        _OPEN[key] = Session(model, _settle_backend(backend, model), mode)
+    session = _OPEN[key]
+    if session.backend == "torch":
+        session.unets(*directions)  # the teacher is read once for both
+    for direction in directions:
+        session.denoiser(direction)
+    return session
+

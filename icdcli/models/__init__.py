@@ -1,0 +1,1 @@
+"""Model glue (diffusers): manifests, downloads, LoRA files, text encoders, the VAE and the UNets."""

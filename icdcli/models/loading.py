@@ -1,0 +1,256 @@
+"""Loading an iCD model's parts, and the glue that differs between SD1.5 and SDXL.
+
+`Model` holds what every run needs besides the UNets: the text encoders (SD1.5 vs SDXL conditioning), the
+VAE, and the UNet's config. The UNets themselves come from `load_teacher` and `fuse_unets` (teacher +
+LoRA), and `unet_eps` makes a PyTorch UNet one epsilon function of the core's contract.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..core.consistency import Timesteps
+from ..core.denoiser import Conditioning, EpsFn
+from ..errors import ICDError, ModelError
+from .lora import fuse_lora
+from .manifest import Manifest
+
+log = logging.getLogger("icd")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
+DIRECTIONS = ("forward", "reverse")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ICDError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ICDError(f"--device {name}: icd runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ICDError(f"--device {name} requested but {why}: use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto = fp16 on a GPU, fp32 on a CPU (CPU fp16 kernels are missing or slow)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ICDError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and name == "fp16":
+        raise ICDError("fp16 is not supported on the CPU: use --dtype fp32 or bf16")
+    return DTYPES[name]
+
+
+def _missing_base(base: str, part: str, err: Exception) -> ModelError:
+    """Loading never touches the network (so it cannot hang): a base model not on disk says how to get it."""
+    hint = "" if Path(base).is_dir() else f" (not in the Hugging Face cache: `icd pull` a preset, or `hf download {base}`)"
+    return ModelError(f"cannot load {part} of base model {base}{hint}: {str(err).splitlines()[0]}")
+
+
+def _from_base(cls, base: str, subfolder: str):
+    """Load one component of the base pipeline from disk (full-precision files, else the fp16 variant
+    that `icd pull` fetches for SDXL); a missing one is a one-line ModelError."""
+    try:
+        return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        try:
+            return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True, variant="fp16")
+        except (OSError, ValueError):
+            raise _missing_base(base, f"'{subfolder}'", err) from None
+
+
+def unet_config(manifest: Manifest) -> dict:
+    """The base UNet's config, plus the guidance embedding when a CFG-distilled teacher is used."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(manifest.base, subfolder="unet", local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise _missing_base(manifest.base, "the UNet config", err) from None
+    if manifest.teacher is not None:
+        config = {**config, "time_cond_proj_dim": manifest.guidance_embed_dim}
+    return config
+
+
+def unet_from_state(config: dict, state: Mapping, where: str, kind: str | None = None):
+    """A UNet of `config` holding exactly `state` (built on the meta device: no random init, no copy)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    try:
+        unet.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        raise ModelError(f"{where}: does not fit the {kind + ' ' if kind else ''}UNet ({detail})") from None
+    return unet
+
+
+def _load_state_dict(path: Path) -> Mapping:
+    """A teacher's weights; `.pt` files are unpickled with weights_only=True (no code runs)."""
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip errors come in many types
+        raise ModelError(f"{path}: not a loadable teacher state dict ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path}: holds a {type(state).__name__}, not a UNet state dict")
+    return state
+
+
+def load_teacher(manifest: Manifest, config: dict):
+    """A fresh fp32 teacher UNet on the CPU: the CFG-distilled one when the manifest names it, else the base's."""
+    from diffusers import UNet2DConditionModel
+
+    if manifest.teacher is None:
+        return _from_base(UNet2DConditionModel, manifest.base, "unet")
+    state = _load_state_dict(manifest.teacher)
+    return unet_from_state(config, state, str(manifest.teacher), manifest.kind).float()
+
+
+def fuse_unets(manifest: Manifest, config: dict, directions: tuple[str, ...]) -> list:
+    """Fresh fp32 UNets on the CPU, teacher + each direction's LoRA; the teacher is read once for all."""
+    if not directions:
+        return []
+    teacher = load_teacher(manifest, config)
+    fused = []
+    for i, direction in enumerate(directions):
+        unet = teacher if i == len(directions) - 1 else copy.deepcopy(teacher)
+        lora = getattr(manifest, f"{direction}_lora")
+        if lora is None:
+            raise ModelError(f"model '{manifest.name}' has no {direction} LoRA")
+        fuse_lora(unet, lora, manifest.lora_alpha)
+        fused.append(unet)
+    return fused
+
+
+def ready_unet(unet, device: torch.device, dtype: torch.dtype):
+    """On the run's device and dtype, for inference; channels-last on a GPU, the layout that cuDNN's fp16
+    tensor-core convolutions use (the gain is not measured yet: no GPU in development)."""
+    unet = unet.to(device, dtype).eval().requires_grad_(False)
+    return unet.to(memory_format=torch.channels_last) if device.type == "cuda" else unet
+
+
+def unet_eps(unet, dtype: torch.dtype | None = None) -> EpsFn:
+    """A diffusers UNet as an epsilon function; `dtype` casts the latents (None leaves them to autocast)."""
+
+    def eps(x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            timestep = t.to(x.device)
+        else:
+            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        sample = x if dtype is None else x.to(dtype)
+        return unet(sample, timestep, timestep_cond=timestep_cond, return_dict=False, **cond.unet_kwargs())[0]
+
+    return eps
+
+
+@dataclass
+class Model:
+    """An iCD model's text encoders and VAE on a device, with its manifest and UNet config."""
+
+    manifest: Manifest
+    device: torch.device
+    dtype: torch.dtype
+    unet_config: dict
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+    vae: object = None
+
+    @classmethod
+    def load(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> Model:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        tokenizers, encoders = [], []
+        for i, suffix in enumerate(["", "_2"] if manifest.kind == "sdxl" else [""]):
+            tokenizer = _from_base(CLIPTokenizer, manifest.base, "tokenizer" + suffix)
+            if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers builds an empty one from nothing
+                raise _missing_base(manifest.base, f"'tokenizer{suffix}'", OSError("no vocabulary files found"))
+            tokenizers.append(tokenizer)
+            encoder_cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
+            encoders.append(_from_base(encoder_cls, manifest.base, "text_encoder" + suffix).to(device, dtype).eval())
+        vae = _from_base(AutoencoderKL, manifest.base, "vae")
+        # The SDXL VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then.
+        vae_dtype = torch.float32 if vae.config.force_upcast else dtype
+        return cls(manifest, device, dtype, unet_config(manifest), tokenizers, encoders, vae.to(device, vae_dtype).eval())
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must divide by this so every UNet downsampling stays exact (64 SD1.5, 32 SDXL)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet_config["up_block_types"]) - 1)
+
+    def latent_shape(self, width: int, height: int, batch: int = 1) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (batch, self.vae.config.latent_channels, height // f, width // f)
+
+    def image_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """(width, height) in pixels of latents."""
+        f = self.vae_scale_factor
+        return latents.shape[-1] * f, latents.shape[-2] * f
+
+    @property
+    def guidance_embed_dim(self) -> int | None:
+        return self.unet_config.get("time_cond_proj_dim")
+
+    def unconditional(self) -> Conditioning | None:
+        """The empty prompt's conditioning for classical two-pass guidance; None with a guidance embedding."""
+        return None if self.guidance_embed_dim else self.encode_text([""], (self.manifest.resolution,) * 2)
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """CLIP conditioning; SDXL: both encoders' penultimate states, the pooled vector and size ids."""
+        for prompt in set(prompts):
+            count = len(self.tokenizers[0](prompt).input_ids)
+            limit = self.tokenizers[0].model_max_length
+            if count > limit:
+                log.warning("prompt is %d tokens, over CLIP's %d: the end is cut off: %r", count, limit, prompt)
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            if self.manifest.kind == "sd15":
+                hidden.append(encoder(ids)[0])
+            else:
+                out = encoder(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]  # text_embeds of the projection model (the last encoder)
+        embeds = torch.cat(hidden, dim=-1)
+        if self.manifest.kind == "sd15":
+            return Conditioning(embeds)
+        width, height = size
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=embeds.dtype)
+        return Conditioning(embeds, pooled, time_ids.repeat(len(prompts), 1))
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled posterior mean (fp32)."""
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return posterior.mean.float() * self.vae.config.scaling_factor
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1] (fp32, on the CPU)."""
+        scaled = (latents / self.vae.config.scaling_factor).to(self.device, self.vae.dtype)
+        return self.vae.decode(scaled, return_dict=False)[0].float().clamp(-1, 1).cpu()
