@@ -5,6 +5,10 @@ class ICDError(Exception):
     """A failure with a message meant for the user (no traceback needed)."""
 
 
+class UsageError(ICDError):
+    """A bad option, option combination or job: found before any model loads; the CLI exits 2."""
+
+
 class InputError(ICDError):
     """An input file (image or latent) that cannot be used."""
 

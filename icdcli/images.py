@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .errors import ICDError, InputError, OutputExistsError
+from .errors import ICDError, InputError
+from .files import atomic_write
 
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
@@ -198,30 +197,6 @@ def from_model_output(pixels: torch.Tensor, original: LoadedImage | None) -> Ima
     if original.alpha is not None:
         image.putalpha(original.alpha)
     return image
-
-
-def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwrite: bool = False) -> None:
-    """Write through `write_fn(temporary_path)` then rename, so a crash never leaves a half-written output."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path.name} exists (use --overwrite to replace it)")
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_fn(temporary)
-        if temporary.is_dir():  # a folder (a model's base): replaced whole
-            if path.exists():
-                shutil.rmtree(path)
-        else:
-            with open(temporary, "rb+") as written:
-                os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
-        raise ICDError(f"{path.name}: cannot write ({reason})") from exc
-    finally:
-        with suppress(OSError):  # cleanup must not hide the real error
-            shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
 
 
 def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import InputError
-from .images import atomic_write
+from .files import atomic_write
 
 FORMAT = "icd-latent-1"
 LATENT_SUFFIX = ".safetensors"

@@ -12,8 +12,8 @@ from PIL import Image
 
 from icd import images
 from icd.errors import ICDError, InputError, OutputExistsError
+from icd.files import atomic_write
 from icd.images import (
-    atomic_write,
     from_model_output,
     load_image,
     read_metadata,

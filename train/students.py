@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from icd.errors import ModelError
-from icd.images import atomic_write
+from icd.files import atomic_write
 
 from .config import ConfigError, LoraSection
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from icd.images import atomic_write
+from icd.files import atomic_write
 from icd.models.manifest import Manifest
 
 from .jobs import EditOptions, Settings, edit_file, invert_file, reconstruct_file

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import ModelError
-from ..images import atomic_write
+from ..files import atomic_write
 from .cache import cached_download
 from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
 
