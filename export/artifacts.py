@@ -2,15 +2,19 @@
 
 Everything lives in `icd_home()/artifacts/<model fingerprint>/`: fused UNet weights (safetensors), ONNX
 graphs and TensorRT engines. `index.json` records for each file what it is (kind, direction, precision,
-shapes...), the model fingerprint, the format version, the tool versions, and the size and SHA-256 of its
-files. A file is used only when its entry matches what is asked for and its files still have the recorded
-sizes; anything else (another model, an older format, a build cut short, a file changed since) is rebuilt.
+shapes...), the model fingerprint, the format version, the tool versions, and the size and SHA-256 of each
+of its files. A file is used only when its entry matches what is asked for and its files still have the
+recorded sizes; anything else (another model, an older format, a build cut short, a file changed since) is
+rebuilt. Sizes are checked at every start, hashes only by `icd export --verify` (hashing gigabytes costs
+seconds); a file damaged in place that fails to load is forgotten with a warning and rebuilt by the next export.
+Writers of the index hold a lock file and merge with what is on disk, so concurrent exports lose no entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,25 +22,27 @@ from pathlib import Path
 import torch
 
 from icd import __version__
-from icd.models.cache import icd_home
+from icd.errors import ICDError
+from icd.models.cache import exclusive_lock, icd_home, writing_cache
 from icd.models.loading import DTYPES, PRECISIONS, fuse_unets, unet_from_state
 from icd.models.manifest import Manifest
 
-FORMAT = 1
+log = logging.getLogger("icd")
+
+FORMAT = 2  # 2: a SHA-256 per file
 INDEX_NAME = "index.json"
+LOCK_NAME = ".lock"
 
 
 def artifacts_dir(manifest: Manifest) -> Path:
     return icd_home() / "artifacts" / manifest.fingerprint
 
 
-def file_digest(paths: list[Path]) -> str:
-    """SHA-256 over the files in order (computed once, at build time)."""
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -53,19 +59,32 @@ class Index:
     folder: Path
     fingerprint: str
     entries: dict[str, dict] = field(default_factory=dict)
+    _changes: dict[str, dict | None] = field(default_factory=dict)  # what this process recorded or removed
 
     @classmethod
     def open(cls, manifest: Manifest) -> Index:
         """The folder's index; an unreadable one, another model's or an older format's counts as empty."""
-        folder = artifacts_dir(manifest)
-        index = cls(folder, manifest.fingerprint)
-        try:
-            data = json.loads((folder / INDEX_NAME).read_text())
-        except (OSError, ValueError):
-            return index
-        if isinstance(data, dict) and data.get("format") == FORMAT and data.get("fingerprint") == manifest.fingerprint:
-            index.entries = dict(data.get("artifacts", {}))
+        index = cls(artifacts_dir(manifest), manifest.fingerprint)
+        index.entries = index._read()
         return index
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            data = json.loads((self.folder / INDEX_NAME).read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        if isinstance(data, dict) and data.get("format") == FORMAT and data.get("fingerprint") == self.fingerprint:
+            artifacts = data.get("artifacts", {})
+            return {k: v for k, v in artifacts.items() if isinstance(v, dict)} if isinstance(artifacts, dict) else {}
+        return {}
+
+    def reload(self) -> None:
+        """Read the entries again (another Index of this folder, or another process, may have changed them)."""
+        self.entries = self._read()
+
+    def lock(self):
+        """Exclusive between processes: held by an export for its whole run, and by every index write."""
+        return exclusive_lock(self.folder / LOCK_NAME)
 
     def matching(self, **spec) -> list[str]:
         """The artifacts whose entries have all of `spec`'s values, valid or not."""
@@ -77,33 +96,54 @@ class Index:
 
     def intact(self, name: str) -> bool:
         files = self.entries[name].get("files", {})
-        return bool(files) and all((self.folder / f).is_file() and (self.folder / f).stat().st_size == size
-                                   for f, size in files.items())
+        return bool(files) and isinstance(files, dict) and all(
+            (self.folder / f).is_file() and (self.folder / f).stat().st_size == size for f, size in files.items())
 
     def files(self, name: str) -> list[Path]:
-        return [self.folder / f for f in self.entries[name]["files"]]
+        return [self.folder / f for f in self.entries[name].get("files", {})]
+
+    def damaged_files(self, name: str) -> list[str]:
+        """The files of an artifact whose SHA-256 differs from the one recorded at build time (the full check)."""
+        recorded = self.entries[name].get("file_sha256", {})
+        return [f for f in self.entries[name].get("files", {})
+                if not (self.folder / f).is_file() or recorded.get(f) != file_sha256(self.folder / f)]
 
     def record(self, name: str, files: list[Path], **spec) -> dict:
         """Describe a freshly built artifact (its files already in the folder) and save the index."""
-        entry = {**spec, "files": {p.name: p.stat().st_size for p in files}, "sha256": file_digest(files),
+        digests = {p.name: file_sha256(p) for p in files}
+        entry = {**spec, "files": {p.name: p.stat().st_size for p in files}, "file_sha256": digests,
+                 "sha256": hashlib.sha256("".join(digests.values()).encode()).hexdigest(),
                  "versions": tool_versions()}
-        self.entries = {k: v for k, v in self.entries.items() if k != name} | {name: entry}
+        self._changes[name] = entry
         self._save()
         return entry
 
     def remove(self, name: str) -> None:
         """Forget an artifact and delete its files."""
-        for path in self.files(name):
-            path.unlink(missing_ok=True)
-        del self.entries[name]
-        self._save()
+        with self.lock():
+            for path in self.files(name):
+                path.unlink(missing_ok=True)
+            self._changes[name] = None
+            self._save()
+
+    def forget_damaged(self, name: str, why: str, instead: str) -> None:
+        """A file that fails to load or to hash: one warning line, then it is deleted and rebuilt later."""
+        log.warning("%s is damaged (%s): %s; the next `icd export` rebuilds it", self.folder / name, why, instead)
+        self.remove(name)
 
     def _save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        data = {"format": FORMAT, "fingerprint": self.fingerprint, "artifacts": self.entries}
-        temporary = self.folder / (INDEX_NAME + ".tmp")
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, self.folder / INDEX_NAME)
+        """Merge this process's changes into the index on disk, under the lock: another export's entries stay."""
+        with self.lock(), writing_cache():
+            merged = self._read()
+            for name, entry in self._changes.items():
+                merged.pop(name, None)
+                if entry is not None:
+                    merged[name] = entry
+            self.entries = merged
+            data = {"format": FORMAT, "fingerprint": self.fingerprint, "artifacts": merged}
+            temporary = self.folder / (INDEX_NAME + ".tmp")
+            temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            os.replace(temporary, self.folder / INDEX_NAME)
 
 
 @dataclass(frozen=True)
@@ -136,7 +176,9 @@ def save_fused_unet(index: Index, unet, direction: str, precision: str) -> str:
 
 
 def load_fused_unet(manifest: Manifest, config: dict, direction: str, dtype: torch.dtype, device: torch.device):
-    """The fused UNet from valid artifacts (in `dtype`, else fp32 cast on loading), or None when there is none."""
+    """The fused UNet from valid artifacts (in `dtype`, else fp32 cast on loading), or None when there is none
+    or it fails to load (then it is forgotten, with a warning)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = Index.open(manifest)
@@ -144,7 +186,12 @@ def load_fused_unet(manifest: Manifest, config: dict, direction: str, dtype: tor
         kind="unet", direction=direction, precision="fp32")
     if name is None:
         return None
-    return unet_from_state(config, load_file(str(index.folder / name), device=str(device)), str(index.folder / name))
+    path = index.folder / name
+    try:
+        return unet_from_state(config, load_file(str(path), device=str(device)), str(path))
+    except (ICDError, OSError, SafetensorError) as err:
+        index.forget_damaged(name, str(err).splitlines()[0], "using the teacher and LoRA instead")
+        return None
 
 
 def fused_unets(manifest: Manifest, config: dict, directions: tuple[str, ...], dtype: torch.dtype,

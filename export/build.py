@@ -7,6 +7,7 @@ import logging
 import torch
 
 from icd.errors import ICDError
+from icd.models.cache import writing_cache
 from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
 from icd.models.manifest import Manifest
 
@@ -18,17 +19,32 @@ log = logging.getLogger("icd")
 
 def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool = True, tensorrt: bool = False,
                  sizes: tuple[tuple[int, int], ...] = (), max_batch: int = 2, force: bool = False,
-                 device: torch.device = torch.device("cpu")) -> list[Built]:
+                 verify: bool = False, device: torch.device = torch.device("cpu")) -> list[Built]:
     """Make every requested artifact of both UNets valid, building only what is missing or stale (everything
     with `force`). TensorRT engines are built from fp16 graphs, with profiles for `sizes` (width, height in
-    pixels; default the model's resolution) and batches up to `max_batch`. Graphs are traced on `device`."""
+    pixels; default the model's resolution) and batches up to `max_batch`. Graphs are traced on `device`.
+    `verify` first hashes every file of the model's artifacts and rebuilds those that differ from the index.
+    One export of a model runs at a time (a lock file); a second waits, then reuses what the first built."""
     if tensorrt:  # before any work
         from .tensorrt import tensorrt_problem
 
         if why := tensorrt_problem(torch.device("cuda"), torch.float16):
             raise ICDError(f"--tensorrt: {why}")
-    index = Index.open(manifest)
     config = unet_config(manifest)
+    with writing_cache(), Index.open(manifest).lock():
+        index = Index.open(manifest)  # read again under the lock: another export may just have finished
+        if verify:
+            for name in list(index.entries):
+                if damaged := index.damaged_files(name):
+                    index.forget_damaged(name, f"{', '.join(damaged)} differs from its recorded SHA-256",
+                                         "rebuilding it now")
+        return _export(index, manifest, config, precisions, onnx=onnx, tensorrt=tensorrt, sizes=sizes,
+                       max_batch=max_batch, force=force, device=device)
+
+
+def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[str, ...], *, onnx: bool,
+            tensorrt: bool, sizes: tuple[tuple[int, int], ...], max_batch: int, force: bool,
+            device: torch.device) -> list[Built]:
     graph_precisions = ({p for p in precisions if p != "bf16"} if onnx else set()) | ({"fp16"} if tensorrt else set())
     done: list[Built] = []
     for direction in DIRECTIONS:
@@ -37,6 +53,9 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
 
         stale_weights, stale_graphs = stale("unet", precisions), stale("onnx", graph_precisions)
         unet = _fp32_unet(manifest, config, direction, force) if stale_weights or stale_graphs else None
+        if unet is not None:  # loading may have found a damaged file and forgotten it
+            index.reload()
+            stale_weights = stale("unet", precisions)
         for precision in precisions:
             if precision in stale_weights:
                 log.info("saving the fused %s UNet (%s)", direction, precision)

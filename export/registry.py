@@ -17,10 +17,10 @@ import torch
 
 from icd.core.denoiser import EpsFn
 from icd.errors import ICDError
-from icd.models.loading import DIRECTIONS, PRECISIONS, Model
+from icd.models.loading import DIRECTIONS, PRECISIONS, Model, ready_unet, unet_eps
 from icd.models.manifest import Manifest
 
-from .artifacts import Index
+from .artifacts import Index, fused_unets
 
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 ENGINES = ("tensorrt", "onnx")  # fastest first
@@ -81,15 +81,33 @@ def choose_backend(requested: str, manifest: Manifest, device: torch.device, dty
 
 
 def engine_eps(backend: str, model: Model, direction: str) -> EpsFn:
-    """The ONNX Runtime or TensorRT epsilon function of one UNet of `model`."""
+    """The ONNX Runtime or TensorRT epsilon function of one UNet of `model`. An engine file that fails to load
+    (damaged in place) is forgotten with one warning line, and this UNet runs on PyTorch instead."""
     index = Index.open(model.manifest)
     if backend == "tensorrt":
-        from .tensorrt import TensorRTEps
+        from .tensorrt import TensorRTEps, find_engine
 
-        return TensorRTEps(index, direction, model.device)
+        name = find_engine(index, direction, model.device)
+        try:
+            return TensorRTEps(index, direction, model.device)
+        except Exception as err:  # noqa: BLE001 - TensorRT and CUDA raise many types on a bad engine file
+            if name is None:  # no engine at all: TensorRTEps said what to run
+                raise
+            return _torch_instead(index, name, err, model, direction)
     from .onnx import OnnxEps, onnx_session
 
     name = index.find(kind="onnx", direction=direction, precision=PRECISIONS[model.dtype])
     if name is None:
         raise ICDError(f"the ONNX graph of the {direction} UNet is gone: run `icd export -m {model.manifest.name}`")
-    return OnnxEps(onnx_session(index.folder / name, model.device), model.device, model.dtype)
+    try:
+        return OnnxEps(onnx_session(index.folder / name, model.device), model.device, model.dtype)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail...)
+        return _torch_instead(index, name, err, model, direction)
+
+
+def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str) -> EpsFn:
+    """The PyTorch epsilon function of a UNet whose engine file `name` would not load (it is forgotten)."""
+    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    index.forget_damaged(name, why, f"running the {direction} UNet on PyTorch")
+    (unet,) = fused_unets(model.manifest, model.unet_config, (direction,), model.dtype, model.device)
+    return unet_eps(ready_unet(unet, model.device, model.dtype), model.dtype)

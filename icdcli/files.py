@@ -1,40 +1,211 @@
 """Files the user gave or asked for: how outputs appear (whole, atomically) and what inputs may be.
 
 Every writer of a user-visible file goes through `atomic_write`, so a crash or a signal never leaves a
-half-written output under the final name.
+half-written output under the final name, and an output never replaces a file it was not allowed to.
+Every reader of a user's input goes through `open_regular`, so a FIFO, a device or a folder given by mistake
+is refused at once instead of hanging or reading forever.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import shutil
+import stat
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import ICDError, OutputExistsError
+from .errors import ICDError, InputError, OutputExistsError
+
+# `.NAME.<pid>-<hex>.tmp`: the writer's pid lets a later run tell an abandoned temporary from a live one.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]+\.tmp")
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a device"),
+          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+# File systems without hard links (FAT on a USB stick, some network shares) answer os.link with these.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+_UMASK_LOCK = threading.Lock()
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """The input opened for binary reading if it is a regular file (symlinks followed), else one InputError.
+
+    The kind is checked before opening (a device is never opened) and again on the open descriptor (the
+    path may have changed in between); the open itself is non-blocking, so a FIFO cannot hang it.
+    """
+    path = Path(path)
+    name = path.name
+    try:
+        _refuse_unless_regular(name, os.stat(path).st_mode)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{name}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot open ({exc.strerror})") from None
+    try:
+        _refuse_unless_regular(name, os.fstat(descriptor).st_mode)
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _refuse_unless_regular(name: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((kind for is_kind, kind in _KINDS if is_kind(mode)), "an unknown kind of file")
+    raise InputError(f"{name}: not a regular file ({kind})")
 
 
 def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwrite: bool = False) -> None:
-    """Write through `write_fn(temporary_path)` then rename, so a crash never leaves a half-written output."""
+    """Write through `write_fn(temporary_path)`, then put the result under `path` in one step.
+
+    Without `overwrite` the last step claims the name atomically: a file that appeared at `path` while
+    `write_fn` ran is kept and OutputExistsError raised. The output gets the modes a plain file (or folder)
+    creation would give under the umask, whatever `write_fn` used.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path.name} exists (use --overwrite to replace it)")
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(temporary)
-        if temporary.is_dir():  # a folder (a model's base): replaced whole
-            if path.exists():
-                shutil.rmtree(path)
+        _follow_umask(temporary)
+        if temporary.is_dir():
+            _move_folder(temporary, path, overwrite)
         else:
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
-        os.replace(temporary, path)
+            _move_file(temporary, path, overwrite)
+        _sync_folder(path.parent)
     except OSError as exc:
         reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
         raise ICDError(f"{path.name}: cannot write ({reason})") from exc
     finally:
         with suppress(OSError):  # cleanup must not hide the real error
             shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
+
+
+def _exists_error(path: Path) -> OutputExistsError:
+    return OutputExistsError(f"{path.name} exists (use --overwrite to replace it)")
+
+
+def _move_file(temporary: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)  # fails, rather than replaces, when the name was taken meanwhile
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        _claim_then_replace(temporary, path, lambda: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)))
+
+
+def _move_folder(temporary: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    else:
+        _claim_then_replace(temporary, path, lambda: os.mkdir(path))
+
+
+def _claim_then_replace(temporary: Path, path: Path, claim: Callable[[], object]) -> None:
+    """Create an empty placeholder at `path` exclusively (the atomic claim), then move the result over it."""
+    try:
+        claim()
+    except FileExistsError:
+        raise _exists_error(path) from None
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        with suppress(OSError):  # give the name back, unless someone wrote into the placeholder meanwhile
+            _remove_if_empty(path)
+        raise
+
+
+def _remove_if_empty(path: Path) -> None:
+    if path.is_dir():
+        os.rmdir(path)  # refuses a folder that is not empty
+    elif path.stat().st_size == 0:
+        path.unlink()
+
+
+def _follow_umask(temporary: Path) -> None:
+    """Give the temporary (and everything in it) the modes a normal creation would: 0o666 or 0o777 less the umask.
+
+    Some writers create 0600 files (safetensors does, through its own temporary files).
+    """
+    umask = _umask()
+    entries = [temporary]
+    if temporary.is_dir() and not temporary.is_symlink():
+        for folder, folders, files in os.walk(temporary):
+            entries += [Path(folder, name) for name in folders + files]
+    for entry in entries:
+        mode = entry.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
+        os.chmod(entry, full & ~umask)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: done under a lock, with a harmless value meanwhile)."""
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the new name itself durable; some file systems cannot sync a folder, which costs nothing then."""
+    with suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def sweep_temporaries(folder: str | Path) -> int:
+    """Remove the temporaries that writers which have since died left in `folder`; returns how many.
+
+    Only `.NAME.<pid>-<hex>.tmp` entries whose pid is no live process go; a live writer's (or another
+    user's) and anything not named exactly so are left alone.
+    """
+    removed = 0
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or _is_live(int(match["pid"])):
+            continue
+        with suppress(OSError):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed += 1
+    return removed
+
+
+def _is_live(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id: not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or a number no pid can be
+        return True
+    return True

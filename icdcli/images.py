@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .errors import ICDError, InputError
-from .files import atomic_write
+from .errors import ICDError, InputError, UsageError
+from .files import atomic_write, open_regular
 
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
@@ -43,8 +44,12 @@ MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # read as 16-bit full scale
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-_EXIF_IFD, _USER_COMMENT, _SOFTWARE = 0x8769, 0x9286, 0x0131
-_ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF UserComment character-code header
+OUTPUT_SUFFIXES = frozenset(_FORMATS)  # what save_image writes
+_EXIF_IFD, _USER_COMMENT, _SOFTWARE, _DESCRIPTION, _ORIENTATION = 0x8769, 0x9286, 0x0131, 0x010E, 0x0112
+# EXIF UserComment starts with its character code: A1111 writes UNICODE (UTF-16, in the EXIF byte order).
+_ASCII_PREFIX, _UNICODE_PREFIX = b"ASCII\0\0\0", b"UNICODE\0"
+_JPEG_EXIF_LIMIT = 65533  # one JPEG marker segment holds the whole EXIF block
+_PILLOW_THRESHOLD_LOCK = threading.RLock()
 
 
 @dataclass
@@ -73,37 +78,87 @@ def max_pixels_limit() -> int:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """Image.open with every failure turned into one InputError line that starts with the file name."""
+def _pillow_pixel_threshold(pixels: int | None) -> Iterator[None]:
+    """Pillow's own decompression-bomb threshold set to `pixels` (None: off) for a while, then restored.
+
+    Pillow checks its threshold (about 89.5 megapixels) when it reads a header and again while decoding some
+    formats. We check our own limit from the header first, so ours decides and ICD_MAX_PIXELS can lift it.
+    The threshold is a module global: the lock keeps two of our threads from restoring each other's value.
+    """
+    with _PILLOW_THRESHOLD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextmanager
+def _opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """The image with only its header read, refused when over `max_pixels` (when given), decodable within it.
+
+    Every failure is one InputError line that starts with the file name.
+    """
     name = path.name
-    if path.is_dir():
-        raise InputError(f"{name}: is a directory, not an image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                yield im
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image (cannot identify the format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{name}: refused as a possible decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, EOFError, ValueError):
-        raise InputError(f"{name}: truncated or corrupt image data") from None
+    with open_regular(path) as file:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with _pillow_pixel_threshold(None):
+                    opened = Image.open(file)
+                with opened as im:
+                    if max_pixels is None:
+                        yield im
+                        return
+                    _check_pixel_count(name, _oriented_size(im), max_pixels)
+                    with _pillow_pixel_threshold(max_pixels):
+                        yield im
+        except UnidentifiedImageError:
+            raise InputError(f"{name}: not an image (cannot identify the format)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"{name}: refused as a possible decompression bomb ({exc})") from None
+        except (OSError, SyntaxError, EOFError, ValueError):
+            raise InputError(f"{name}: truncated or corrupt image data") from None
+
+
+def _check_pixel_count(name: str, size: tuple[int, int], limit: int) -> None:
+    width, height = size
+    if width * height > limit:
+        raise InputError(f"{name}: {width}x{height} pixels is over the {_describe(limit)} limit "
+                         f"(set {MAX_PIXELS_ENV} to raise it)")
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as the photo is shown: EXIF orientations 5 to 8 turn it a quarter."""
+    width, height = im.size
+    return (height, width) if _header_exif(im).get(_ORIENTATION) in {5, 6, 7, 8} else (width, height)
+
+
+def _header_exif(im: Image.Image) -> Image.Exif:
+    """The EXIF block as far as the header holds it (PNG's own getexif decodes the pixels to look further)."""
+    if hasattr(im, "tag_v2"):  # TIFF: the tags are the header
+        return im.getexif()
+    exif = Image.Exif()
+    if "exif" in im.info:
+        exif.load(im.info["exif"])
+    return exif
+
+
+def probe_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """The (width, height) load_image would give, from the header alone, with the same refusals.
+
+    Cheap enough to check every input before any model loads; the pixel data is neither read nor checked.
+    """
+    path = Path(path)
+    with _opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
+        return _oriented_size(im)
 
 
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImage:
     """Open any still image as 8-bit RGB plus optional alpha; `max_pixels` defaults to max_pixels_limit()."""
     path = Path(path)
-    limit = max_pixels_limit() if max_pixels is None else max_pixels
-    with _opened(path) as im:
-        width, height = im.size
-        if width * height > limit:
-            raise InputError(f"{path.name}: {width}x{height} pixels is over the {_describe(limit)} limit "
-                             f"(set {MAX_PIXELS_ENV} to raise it)")
+    with _opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
         im.load()
         mode = im.mode
         im = ImageOps.exif_transpose(im)
@@ -145,9 +200,9 @@ def working_size(original_size: tuple[int, int], *, resolution: int, multiple: i
     """The (w, h) the model works at; see the module docstring for the policy."""
     orig_w, orig_h = original_size
     if width is not None:
-        _check_multiple("width", width, multiple)
+        check_multiple("width", width, multiple)
     if height is not None:
-        _check_multiple("height", height, multiple)
+        check_multiple("height", height, multiple)
     if width is not None and height is not None:
         return width, height
     if width is not None:
@@ -162,12 +217,13 @@ def _nearest_multiple(value: float, multiple: int) -> int:
     return max(1, int(value / multiple + 0.5)) * multiple
 
 
-def _check_multiple(name: str, value: int, multiple: int) -> None:
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    """--width/--height must be positive multiples of the model's `multiple`: a usage error names the nearest."""
     if value > 0 and value % multiple == 0:
         return
     below = value // multiple * multiple
     nearest = f"{below} or {below + multiple}" if below > 0 else f"{multiple}"
-    raise ICDError(f"--{name} {value} is not a positive multiple of {multiple} "
+    raise UsageError(f"--{name} {value} is not a positive multiple of {multiple} "
                    f"(nearest valid: {nearest})")
 
 
@@ -178,7 +234,13 @@ def image_to_pixels(image: Image.Image) -> torch.Tensor:
 
 
 def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
-    """A (3, h, w) tensor in [-1, 1] (values outside clamped) as an RGB picture."""
+    """A (3, h, w) tensor in [-1, 1] (values outside clamped) as an RGB picture.
+
+    Every result passes here, so this is where a numerically broken one (fp16 overflow) stops, before a
+    black or noisy picture is written as if it were fine.
+    """
+    if not torch.isfinite(pixels).all():
+        raise ICDError("the result holds NaN or inf values: nothing was written (try --dtype fp32)")
     scaled = (pixels.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
     return Image.fromarray(scaled.round().to(torch.uint8).permute(1, 2, 0).numpy())
 
@@ -200,21 +262,30 @@ def from_model_output(pixels: torch.Tensor, original: LoadedImage | None) -> Ima
 
 
 def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:
-    """Save in the format the suffix names, with the generation parameters embedded."""
+    """Save in the format the suffix names, with the generation parameters embedded twice.
+
+    The A1111 `parameters` text, for the tools that read it, and our own JSON, for read_metadata: PNG text
+    chunks `parameters` and `icd`; in a JPEG or WebP, EXIF UserComment and ImageDescription.
+    """
     path = Path(path)
     image_format = _FORMATS.get(path.suffix.lower())
     if image_format is None:
         raise ICDError(f"{path.name}: unknown image format {path.suffix!r} (use .png, .jpg, .jpeg or .webp)")
-    data = json.dumps(metadata, default=str)
+    data = json.dumps(metadata, default=str)  # ASCII: json escapes the rest
+    parameters = parameters_text(metadata, img.size)
     if image_format == "PNG":
         info = PngInfo()
-        info.add_text("parameters", parameters_text(metadata, img.size))
+        info.add_text("parameters", parameters)
         info.add_text("icd", data)
         options = {"pnginfo": info}
-    else:
+    else:  # where A1111 and the tools that read its files look in a JPEG or WebP; our JSON beside it
         exif = Image.Exif()
         exif[_SOFTWARE] = f"icd {__version__}"
-        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII_PREFIX + data.encode("ascii")
+        exif[_DESCRIPTION] = data
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")  # "MM" EXIF
+        if image_format == "JPEG" and len(exif.tobytes()) > _JPEG_EXIF_LIMIT:
+            raise ICDError(f"{path.name}: the parameters are too long for a JPEG's EXIF block "
+                           "(save as .png or .webp)")
         options = {"exif": exif, "quality": 95}
         if image_format == "JPEG" and img.mode != "RGB":
             img = _over_white(img)  # JPEG has no alpha
@@ -235,10 +306,21 @@ def parameters_text(metadata: dict, size: tuple[int, int]) -> str:
     lines = [str(metadata.get("prompt", ""))]
     known = {"prompt", "guidance_steps", "guidance_w", "seed", "model"}
     for key, value in metadata.items():
-        if key not in known and isinstance(value, (str, int, float)):
-            fields.setdefault(key.replace("_", " ").capitalize(), value)
+        if key not in known and value is not None:
+            fields.setdefault(key.replace("_", " ").capitalize(), _readable(value))
     pairs = [f"{label}: {_quoted(value)}" for label, value in fields.items() if value is not None]
     return "\n".join([*lines, ", ".join(pairs)])
+
+
+def _readable(value: object, nested: bool = False) -> str:
+    """A value as a person would write it: a list as `a, b`, a mapping as `key: value` pairs, inner ones in ()."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{key}: {_readable(item, True)}" for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_readable(item, True) for item in value)
+    else:
+        return str(value)
+    return f"({text})" if nested else text
 
 
 def _quoted(value: object) -> str:
@@ -248,16 +330,36 @@ def _quoted(value: object) -> str:
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The `icd` metadata written by save_image ({} when the file has none)."""
-    path = Path(path)
-    with _opened(path) as im:
-        text = getattr(im, "text", {}).get("icd")  # PNG text chunk
-        if text is None:
-            comment = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-            if isinstance(comment, bytes) and comment.startswith(_ASCII_PREFIX):
-                text = comment[len(_ASCII_PREFIX):].decode("ascii", errors="replace")
+    """The `icd` metadata written by save_image ({} when the file has none); reads the header only."""
+    text = _embedded_texts(Path(path))[1]
     try:
         parsed = json.loads(text) if text else {}
     except ValueError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
+
+
+def read_parameters(path: str | Path) -> str | None:
+    """The A1111-style `parameters` text written by save_image (None when the file has none)."""
+    return _embedded_texts(Path(path))[0]
+
+
+def _embedded_texts(path: Path) -> tuple[str | None, str | None]:
+    """(parameters text, icd JSON) as save_image embeds them: PNG text chunks, else EXIF fields."""
+    with _opened(path) as im:
+        if im.format == "PNG":
+            parameters, data = im.info.get("parameters"), im.info.get("icd")
+        else:
+            exif = _header_exif(im)
+            parameters, data = _user_comment(exif), exif.get(_DESCRIPTION)
+    return tuple(text if isinstance(text, str) else None for text in (parameters, data))
+
+
+def _user_comment(exif: Image.Exif) -> str | None:
+    comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if not isinstance(comment, bytes):
+        return None
+    code, text = comment[:8], comment[8:]
+    if code == _UNICODE_PREFIX:
+        return text.decode("utf-16-le" if exif.endian == "<" else "utf-16-be", errors="replace")
+    return text.decode("ascii", errors="replace") if code == _ASCII_PREFIX else None

@@ -1,70 +1,179 @@
 """Latent files written by `icd invert`: x_T plus everything needed to decode it later.
 
-A `.safetensors` file with one tensor, `latent` (1, C, h, w) fp32, and string metadata: the model
+A `.safetensors` file with one tensor, `latent` (1, 4, height/8, width/8) fp32, and string metadata: the model
 (reference and fingerprint), the prompt, the seed, the working and original image sizes and the icd
 version. Edits and reconstructions read the prompt and sizes from here, so they need nothing else.
+
+Reading checks everything from the header first (`read_latent_info`: cheap enough for every input before a
+model loads), then the values (`load_latent`). Any file that is not a sound latent gives one InputError line
+naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
 from pathlib import Path
+from typing import Annotated, BinaryIO, TypeVar
 
 import torch
-from safetensors import safe_open
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from . import __version__
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, open_regular
 
 FORMAT = "icd-latent-1"
 LATENT_SUFFIX = ".safetensors"
+LATENT_NAME = ".latent.safetensors"  # what `icd invert` names its files: NAME.latent.safetensors
+LATENT_CHANNELS = 4
+VAE_FACTOR = 8  # pixels per latent cell, each way
+MAX_SIDE = 16384
+MAX_HEADER_BYTES = 1 << 20  # a latent's header is a few hundred bytes; this refuses a bogus length at once
+_FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the float dtypes safetensors names
+_NOT_A_LATENT = "a safetensors file, but not an icd latent (make one with `icd invert`)"
+
+Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+Count = Annotated[int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class LatentInfo:
+class LatentInfo(BaseModel):
+    """What a latent file records beside the tensor. Unknown fields are ignored, so newer files still read."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore", protected_namespaces=())
+
     model: str  # the --model reference used for inversion
     model_fingerprint: str
     prompt: str
-    seed: int
-    width: int  # working size the latent was encoded at
-    height: int
-    original_width: int
-    original_height: int
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1)]
+    width: Side  # working size the latent was encoded at
+    height: Side
+    original_width: Side
+    original_height: Side
     source: str  # the image file it came from
     icd_version: str = __version__
 
 
-def save_latent(path: Path, latent: torch.Tensor, info: LatentInfo, *, overwrite: bool = False) -> None:
-    metadata = {"format": FORMAT, "icd": json.dumps(asdict(info))}
+class _TensorEntry(BaseModel):
+    """One tensor's line in a safetensors header."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    dtype: str
+    shape: list[Count]
+    data_offsets: Annotated[list[Count], Field(min_length=2, max_length=2)]  # [start, end) in the data
+
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def save_latent(path: str | Path, latent: torch.Tensor, info: LatentInfo, *, overwrite: bool = False) -> None:
+    metadata = {"format": FORMAT, "icd": info.model_dump_json()}
     tensors = {"latent": latent.detach().float().cpu().contiguous()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
-def load_latent(path: Path) -> tuple[torch.Tensor, LatentInfo]:
-    """Read a latent file; anything else gives one InputError line."""
-    path = Path(path)
+def read_latent_info(path: str | Path) -> LatentInfo:
+    """The latent file's record, with the format, the metadata and the tensor's shape checked from the header."""
+    with open_regular(path) as file:
+        return _read_header(file, Path(path).name)
+
+
+def load_latent(path: str | Path) -> tuple[torch.Tensor, LatentInfo]:
+    """The latent (float32) and its record; the header is checked first, then the values themselves."""
+    name = Path(path).name
+    with open_regular(path) as file:
+        info = _read_header(file, name)
+        file.seek(0)
+        data = file.read()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT or "latent" not in f.keys():
-                raise InputError(f"{path.name}: a safetensors file, but not an icd latent (make one with `icd invert`)")
-            latent = f.get_tensor("latent")
-        info = LatentInfo(**json.loads(metadata["icd"]))
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(f"{path.name}: no such file") from None
-    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
-        raise InputError(f"{path.name}: not a readable icd latent file ({str(err).splitlines()[0]})") from None
-    except Exception as err:  # safetensors' own error type for corrupt headers
-        raise InputError(f"{path.name}: corrupt latent file ({str(err).splitlines()[0]})") from None
-    if latent.dim() != 4 or latent.shape[0] != 1:
-        raise InputError(f"{path.name}: latent has shape {tuple(latent.shape)}, expected (1, C, h, w)")
-    return latent, info
+        latent = load_safetensors(data)["latent"]
+    except SafetensorError as err:
+        raise InputError(f"{name}: corrupt latent file ({str(err).splitlines()[0]})") from None
+    if not torch.isfinite(latent).all():
+        raise InputError(f"{name}: the latent holds NaN or inf values")
+    return latent.float(), info
 
 
-def is_latent_file(path: Path) -> bool:
+def _read_header(file: BinaryIO, name: str) -> LatentInfo:
+    """The record from a safetensors header, checked against the tensor's entry; the tensor data is not read."""
+    size = os.fstat(file.fileno()).st_size
+    if size == 0:
+        raise InputError(f"{name}: empty file, not an icd latent")
+    if size < 8:
+        raise InputError(f"{name}: too short for a safetensors file ({size} bytes)")
+    header_length = int.from_bytes(file.read(8), "little")
+    if header_length > MAX_HEADER_BYTES:
+        raise InputError(f"{name}: not an icd latent (its header claims {header_length} bytes; "
+                         f"a latent's is under {MAX_HEADER_BYTES})")
+    raw = file.read(header_length)
+    if len(raw) < header_length:
+        raise InputError(f"{name}: truncated (the file ends inside its {header_length}-byte header)")
+    try:
+        header = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise InputError(f"{name}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{name}: not a safetensors file (its header is not a JSON object)")
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or "latent" not in header:
+        raise InputError(f"{name}: {_NOT_A_LATENT}")
+    others = sorted(set(header) - {"__metadata__", "latent"})
+    if others:
+        raise InputError(f"{name}: holds tensors other than 'latent' ({', '.join(others)}), not an icd latent")
+    info = _parse_info(name, metadata.get("icd"))
+    entry = _validated(_TensorEntry, header["latent"], f"{name}: tensor 'latent' field")
+    _check_tensor(name, entry, info)
+    expected_size = 8 + header_length + entry.data_offsets[1]
+    if size < expected_size:
+        raise InputError(f"{name}: truncated ({size} bytes; its header needs {expected_size})")
+    if size > expected_size:
+        raise InputError(f"{name}: {size - expected_size} bytes of unexpected data after the latent")
+    return info
+
+
+def _parse_info(name: str, text: object) -> LatentInfo:
+    if not isinstance(text, str):
+        raise InputError(f"{name}: metadata 'icd' is missing")
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        raise InputError(f"{name}: metadata 'icd' is not JSON") from None
+    if not isinstance(fields, dict):
+        raise InputError(f"{name}: metadata 'icd' is not a JSON object")
+    return _validated(LatentInfo, fields, f"{name}: metadata field")
+
+
+def _validated(schema: type[Schema], fields: object, context: str) -> Schema:
+    """`schema` filled from `fields`, or one InputError line: `context 'field': what is wrong` (the first error)."""
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InputError(f"{context} '{where}': {first['msg']}") from None
+
+
+def _check_tensor(name: str, entry: _TensorEntry, info: LatentInfo) -> None:
+    """The tensor must be (1, 4, height/8, width/8) floats for the working size the record names."""
+    shape = tuple(entry.shape)
+    if entry.dtype not in _FLOAT_BYTES:
+        raise InputError(f"{name}: latent has dtype {entry.dtype}, expected floats (F32)")
+    if len(shape) != 4 or shape[0] != 1:
+        raise InputError(f"{name}: latent has shape {shape}, expected (1, C, h, w)")
+    if shape[1] != LATENT_CHANNELS:
+        raise InputError(f"{name}: latent has {shape[1]} channels, expected {LATENT_CHANNELS}")
+    expected = (info.height // VAE_FACTOR, info.width // VAE_FACTOR)
+    if shape[2:] != expected:
+        raise InputError(f"{name}: latent is {shape[3]}x{shape[2]}, expected {expected[1]}x{expected[0]} "
+                         f"for its {info.width}x{info.height} working size")
+    start, end = entry.data_offsets
+    if end - start != _FLOAT_BYTES[entry.dtype] * shape[1] * shape[2] * shape[3]:
+        raise InputError(f"{name}: tensor 'latent' has {end - start} bytes of data, not what its shape needs")
+
+
+def is_latent_file(path: str | Path) -> bool:
     return Path(path).suffix == LATENT_SUFFIX

@@ -18,10 +18,9 @@ from .core.denoiser import Denoiser
 from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
 from .errors import ICDError
 from .models.loading import Model
-from .models.manifest import Manifest
+from .models.manifest import EDIT_METHODS, Manifest
 from .p2p import AttentionHost, P2PConfig, PromptToPrompt
 
-METHODS = ("p2p", "swap", "none")
 
 
 class Runtime(Protocol):
@@ -54,8 +53,8 @@ def edit_settings(manifest: Manifest, method: str | None = None, guidance: float
     defaults = replace(EDIT_DEFAULTS[manifest.kind], **dict(manifest.edit_defaults))
     settings = EditDefaults(method or defaults.method, defaults.guidance if guidance is None else guidance,
                             defaults.tau if tau is None else tau)
-    if settings.method not in METHODS:
-        raise ICDError(f"unknown edit method '{settings.method}': choose {', '.join(METHODS)}")
+    if settings.method not in EDIT_METHODS:
+        raise ICDError(f"unknown edit method '{settings.method}': choose {', '.join(EDIT_METHODS)}")
     return settings
 
 

@@ -98,7 +98,8 @@ def test_outputs_are_never_overwritten_without_flag(icd_home, tmp_path):
     first = (tmp_path / "dog-edit.png").read_bytes()
     result = icd(*args, "--tgt", "a fox", cwd=tmp_path)
     assert result.exit_code == 1
-    assert "icd: error: dog-edit.png exists (use --overwrite to replace it)" in result.stderr
+    assert f"icd: error: {source}: dog-edit.png exists (use --overwrite to replace it, or --skip-existing to " \
+           "leave it)" in result.stderr
     assert (tmp_path / "dog-edit.png").read_bytes() == first
     assert icd(*args, "--tgt", "a fox", "--overwrite", cwd=tmp_path).exit_code == 0
     assert read_metadata(tmp_path / "dog-edit.png")["prompt"] == "a fox"
@@ -139,10 +140,10 @@ def test_model_problems_are_one_line(icd_home, tmp_path):
     assert result.exit_code == 1
     assert result.stderr.strip() == "icd: error: model 'sd15' is not downloaded yet: run `icd pull sd15`"
     result = icd("edit", source, "--src", "x", "--tgt", "y", "-m", "nope", cwd=tmp_path)
-    assert result.exit_code == 1 and "unknown model 'nope'" in result.stderr
+    assert result.exit_code == 2 and "unknown model 'nope'" in result.stderr
     result = icd("edit", source, "--src", "x", "--tgt", "y", "-m", "tiny", "--device", "cuda", cwd=tmp_path)
-    assert result.exit_code == 1
-    assert "--device cuda requested but" in result.stderr and "use --device cpu" in result.stderr
+    assert result.exit_code == 2
+    assert "--device cuda" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = icd("pull", "sd15", cwd=tmp_path)
     assert result.exit_code == 1 and "offline" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

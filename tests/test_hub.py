@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from icd.errors import ModelError
+from icd.errors import ModelError, UsageError
 from icd.models import cache, hub
 
 FORWARD = b"forward lora bytes"
@@ -304,7 +304,7 @@ def test_offline_switch_reads_environment_now(monkeypatch, value, offline):
 
 
 def test_unknown_preset_lists_names(home):
-    with pytest.raises(ModelError) as error:
+    with pytest.raises(UsageError) as error:
         hub.pull("sd3")
     assert str(error.value) == (
         "unknown model 'sd3'; choose one of: sd15-4step-259, sd15-4step-249, sd15-3step, "

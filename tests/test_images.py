@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,10 @@ from icd.files import atomic_write
 from icd.images import (
     from_model_output,
     load_image,
+    parameters_text,
+    pixels_to_image,
     read_metadata,
+    read_parameters,
     save_image,
     to_model_input,
     working_size,
@@ -66,17 +70,20 @@ def test_truncated_jpeg(tmp_path):
 def test_missing_file_and_directory(tmp_path):
     assert load_error(tmp_path / "nope.png") == "nope.png: no such file"
     (tmp_path / "photos").mkdir()
-    assert load_error(tmp_path / "photos") == "photos: is a directory, not an image file"
+    assert load_error(tmp_path / "photos") == "photos: not a regular file (a directory)"
 
 
 def test_permission_denied(tmp_path, monkeypatch):
     path = tmp_path / "locked.png"
     Image.new("RGB", (4, 4)).save(path)
+    real_open = os.open
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    def refuse(target, *args, **kwargs):  # chmod would not stop root, who runs some of these tests
+        if Path(target) == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(target, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     assert load_error(path) == "locked.png: permission denied"
 
 
@@ -103,13 +110,28 @@ def test_default_limit_and_megapixel_wording(tmp_path, monkeypatch):
         "wide.png: 2000x1000 pixels is over the 1-megapixel limit (set ICD_MAX_PIXELS to raise it)")
 
 
-def test_pillow_decompression_bomb_guard_becomes_an_input_error(tmp_path, monkeypatch):
-    path = tmp_path / "bomb.png"
-    Image.new("L", (100, 100)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10000 pixels > 2x: DecompressionBombError
-    assert load_error(path).startswith("bomb.png: refused as a possible decompression bomb (")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 9000)  # between 1x and 2x: the warning
-    assert load_error(path).startswith("bomb.png: refused as a possible decompression bomb (")
+def test_our_limit_decides_over_pillows_and_pillows_is_restored(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("L", (100, 100), 9).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10000 pixels: Pillow alone would refuse them
+    assert load_unchanged(path).rgb.getpixel((50, 50)) == (9, 9, 9)
+    assert images.probe_image(path) == (100, 100)
+    assert load_error(path, max_pixels=9999).startswith("big.png: 100x100 pixels is over the 9999-pixel limit")
+    assert Image.MAX_IMAGE_PIXELS == 4000
+
+
+@pytest.mark.parametrize("raised", [Image.DecompressionBombError("too big"),
+                                    Image.DecompressionBombWarning("too big")])
+def test_pillow_decompression_bomb_guard_becomes_an_input_error(tmp_path, monkeypatch, raised):
+    """Pillow checks again while decoding some formats (GIF frames, ICO entries): its refusal is one line too."""
+    path = tmp_path / "bomb.gif"
+    Image.new("L", (10, 10)).save(path)
+
+    def refuse(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(Image.Image, "load", refuse)
+    assert load_error(path) == "bomb.gif: refused as a possible decompression bomb (too big)"
 
 
 # --- load_image: odd but valid inputs ----------------------------------------------------------
@@ -246,6 +268,16 @@ def test_model_input_range_shape_and_round_trip(tmp_path):
     assert restored.getpixel((5, 30)) == (0, 0, 0) and restored.getpixel((90, 30)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_result_with_nan_or_inf_is_refused(tmp_path, bad):
+    pixels = torch.zeros(3, 8, 8)
+    pixels[1, 4, 4] = bad
+    with pytest.raises(ICDError, match=r"^the result holds NaN or inf values: nothing was written \(try --dtype fp32\)$"):
+        pixels_to_image(pixels)
+    with pytest.raises(ICDError, match="NaN or inf"):
+        from_model_output(pixels, None)
+
+
 def test_generated_output_is_returned_at_tensor_size():
     pixels = torch.full((3, 16, 32), -2.0)  # out of range values are clamped
     pixels[0] = 0.0
@@ -269,7 +301,7 @@ def test_png_metadata_round_trip_and_parameters_text(tmp_path):
         assert saved.text["parameters"] == (
             "a cat, in the snow\n"
             "Steps: 4, Sampler: iCD, CFG scale: 7.5, Seed: 42, Size: 24x16, Model: sd15-icd, Tau: 0.8, "
-            "Source prompt: a dog")
+            "Source prompt: a dog, Loras: a.safetensors")
         assert json.loads(saved.text["icd"]) == METADATA
         assert saved.getpixel((0, 0)) == (1, 2, 3)
 
@@ -293,10 +325,37 @@ def test_webp_metadata_keeps_alpha(tmp_path):
         assert saved.format == "WEBP" and saved.getpixel((8, 8))[3] == 0
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_every_format_carries_the_same_parameters_and_icd_json(tmp_path, suffix):
+    """A1111 readers find `parameters` (a PNG text chunk, else EXIF UserComment); our JSON comes back whole."""
+    metadata = {**METADATA, "prompt": "café → snow", "blend": [0.5, 0.25], "amplify": {"cross": 2, "self": [1, 3]}}
+    path = tmp_path / f"out{suffix}"
+    save_image(Image.new("RGB", (24, 16), (1, 2, 3)), path, metadata=metadata)
+    assert read_metadata(path) == metadata
+    assert read_parameters(path) == parameters_text(metadata, (24, 16)) == (
+        "café → snow\n"
+        "Steps: 4, Sampler: iCD, CFG scale: 7.5, Seed: 42, Size: 24x16, Model: sd15-icd, Tau: 0.8, "
+        'Source prompt: a dog, Loras: a.safetensors, Blend: "0.5, 0.25", Amplify: "cross: 2, self: (1, 3)"')
+    if suffix != ".png":
+        with Image.open(path) as saved:
+            comment = saved.getexif().get_ifd(0x8769)[0x9286]
+        assert comment == b"UNICODE\0" + read_parameters(path).encode("utf-16-be")  # what A1111 writes
+
+
+def test_jpeg_parameters_too_long_for_exif_are_refused_before_writing(tmp_path):
+    with pytest.raises(ICDError, match=r"^out.jpg: the parameters are too long for a JPEG's EXIF block "
+                                       r"\(save as .png or .webp\)$"):
+        save_image(Image.new("RGB", (4, 4)), tmp_path / "out.jpg", metadata={"prompt": "x" * 40000})
+    assert list(tmp_path.iterdir()) == []
+    save_image(Image.new("RGB", (4, 4)), tmp_path / "out.webp", metadata={"prompt": "x" * 40000})
+    assert read_metadata(tmp_path / "out.webp") == {"prompt": "x" * 40000}
+
+
 def test_read_metadata_of_a_plain_image_is_empty(tmp_path):
     path = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(path)
     assert read_metadata(path) == {}
+    assert read_parameters(path) is None
 
 
 def test_unknown_suffix_is_refused(tmp_path):

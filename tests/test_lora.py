@@ -245,13 +245,15 @@ def test_error_shape_mismatch(base_unet, lora_tensors, tmp_path):
     tensors = dict(lora_tensors)
     tensors[f"{PEFT_PREFIX}{TO_Q}.lora_A.weight"] = torch.zeros(RANK, 33)  # the layer takes 32 inputs
     unet = copy.deepcopy(base_unet)
-    expect_model_error(unet, write(tmp_path, "shape.safetensors", tensors), TO_Q, "(32, 33)", "(32, 32)")
+    expect_model_error(unet, write(tmp_path, "shape.safetensors", tensors), TO_Q,
+                       f"A is ({RANK}, 33) but the Linear takes in=32: A should be ({RANK}, 32)")
 
 
 def test_error_conv_kernel_mismatch(base_unet, lora_tensors, tmp_path):
     tensors = dict(lora_tensors)
     tensors[f"{PEFT_PREFIX}{CONV3}.lora_A.weight"] = torch.zeros(RANK, 32, 1, 1)  # the layer is 3x3
-    expect_model_error(copy.deepcopy(base_unet), write(tmp_path, "kernel.safetensors", tensors), CONV3)
+    expect_model_error(copy.deepcopy(base_unet), write(tmp_path, "kernel.safetensors", tensors), CONV3,
+                       "takes in=32 with a 3x3 kernel")
 
 
 def test_error_rank_mismatch_between_a_and_b(base_unet, lora_tensors, tmp_path):

@@ -8,6 +8,7 @@ move the measurements by a wide margin; BENCHMARKS.md ("Training (tiny, CPU)") h
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from icd.app.cli import main
 from icd.app.session import Session
 from icd.app.training import train
 from icd.images import read_metadata
+from icd.models.hub import resolve_model
 from icd.models.loading import DIRECTIONS, Model, load_teacher, unet_config
 from icd.models.manifest import load_manifest
 
@@ -81,6 +83,7 @@ def test_guidance_stage_writes_a_strict_loading_teacher_that_learned_the_guidanc
     assert after["guidance_gap"] < 0.8 * before["guidance_gap"]
     manifest = load_manifest(teacher)
     assert manifest.teacher == (teacher / "teacher.pt").resolve() and manifest.guidance_embed_dim == 512
+    assert manifest.base == str((teacher / "base").resolve())  # the tiny base folder, carried inside
     assert manifest.forward_lora is None and manifest.reverse_lora is None
     unet = load_teacher(manifest, unet_config(manifest))  # strict load_state_dict
     assert unet.config.time_cond_proj_dim == 512
@@ -102,7 +105,9 @@ def test_training_moves_the_three_measurements(runs):
 def test_model_folder_runs_in_icd_edit(runs, tmp_path):
     folder = runs["recipe"]
     data = json.loads((folder / "icd.json").read_text())
-    assert data["teacher"] == "../teacher/teacher.pt" and data["lora_alpha"] == 8
+    assert (data["teacher"], data["base"], data["lora_alpha"]) == ("teacher.pt", "base", 8)  # carried inside
+    assert (folder / "teacher.pt").stat().st_ino == (folder.parent / "teacher" / "teacher.pt").stat().st_ino
+    assert data["edit"] == {"method": "p2p", "guidance": 19.0, "tau": 0.8}  # w 19 was trained
     assert (data["forward_lora"], data["reverse_lora"]) == ("forward.safetensors", "reverse.safetensors")
     assert data["forward_timesteps"] == [19, 259, 519, 779] and data["reverse_timesteps"] == [259, 519, 779, 999]
     forward, reverse = (load_file(str(folder / f"{d}.safetensors")) for d in ("forward", "reverse"))
@@ -143,18 +148,27 @@ def test_resume_continues_the_run_exactly(setup, teacher, tmp_path):
 
 
 def test_sdxl_conditioning_and_cached_latents(setup, tmp_path):
-    """Both stages on the tiny SDXL model (pooled embeddings and size ids), from a latent cache."""
+    """Both stages on the tiny SDXL model (pooled embeddings and size ids), from a latent cache; the model folder
+    still runs once moved away from the teacher and base it was trained from, which are then deleted."""
     _, _, data = setup
     model = build_tiny_model(tmp_path / "tiny-sdxl", kind="sdxl").parent
     cache = tmp_path / "latents.safetensors"
     settings = (f"data.path={data}", f"data.latent_cache={cache}", *COMMON, "train.max_steps=1", "train.eval_samples=0")
     assert invoke("guidance", tmp_path / "teacher", f"model.path={model}", *settings).exit_code == 0
-    assert cache.is_file()
+    cached = cache.stat().st_mtime_ns
     result = invoke("icd", tmp_path / "icd", f"model.path={tmp_path / 'teacher'}", *settings, "lora.rank=2",
-                    "icd.schedule=summed")
+                    "icd.schedule=summed", "icd.guidance_scales=0,4")
     assert result.exit_code == 0, result.output
-    manifest = load_manifest(tmp_path / "icd")
-    assert manifest.kind == "sdxl"
+    assert cache.stat().st_mtime_ns == cached  # the teacher's carried base/ is the same VAE: the cache is reused
+    (tmp_path / "elsewhere").mkdir()
+    moved = shutil.move(tmp_path / "icd", tmp_path / "elsewhere" / "icd")
+    shutil.rmtree(tmp_path / "teacher")
+    shutil.rmtree(model)
+    data = json.loads((moved / "icd.json").read_text())
+    assert not [value for value in data.values() if isinstance(value, str) and value.startswith(("..", "/"))]
+    assert data["edit"] == {"method": "swap", "guidance": 4.0, "tau": 0.7}  # within the trained 0..4
+    manifest = resolve_model(str(moved))
+    assert manifest.kind == "sdxl" and manifest.base == str(moved / "base")
     # the UNets `icd edit` runs: the teacher with each LoRA fused (UNets only, no text encoders needed)
     session = Session(Model(manifest, torch.device("cpu"), torch.float32, unet_config(manifest)))
     forward, _ = session.unets(*DIRECTIONS)

@@ -1,10 +1,16 @@
 """train/: configuration, data, loss schedule and passes, LoRA files (fast; no training run)."""
 
 import copy
+import errno
 import json
 import logging
 import math
+import os
 import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,12 +21,17 @@ from fixtures.tiny import tiny_unet_config
 from icd.core.consistency import add_noise, consistency_jump, ddim_grid, guidance_embedding
 from icd.core.denoiser import Conditioning, Guided
 from icd.errors import ICDError
-from icd.models.loading import unet_eps
+from icd.models.hub import resolve_model
+from icd.models.loading import load_teacher, unet_config, unet_eps
 from icd.models.lora import fuse_lora
+from icd.models.manifest import load_manifest
 from icd.models.official import LORA_TARGETS
+from icd.pipeline import edit_settings
 from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
-from icd_train.data import ImageDataset, cached_latents, read_examples, square_pixels
-from icd_train.guidance import guidance_student
+from icd_train.data import ImageDataset, cached_latents, read_examples, square_pixels, vae_identity
+from icd_train.guidance import base_manifest, guidance_student, write_teacher_model
+from icd_train.icd import edit_defaults, write_icd_model
+from icd_train.loop import MetricsLog, _save_checkpoint, check_output
 from icd_train.losses import LOSSES, Draw, PassRunner, Rows, Schedule, distance_for, huber, loss_weights, noised
 from icd_train.students import load_lora, make_student, save_lora
 
@@ -152,6 +163,15 @@ def test_latent_cache_is_reused_and_rebuilt(tmp_path):
     assert again[1]["latents"].shape == (1, 4, 4)
     cached_latents(cache, examples, 32, "base", encode)
     assert len(calls) == 2
+    assert [p.name for p in cache.parent.iterdir()] == ["latents.safetensors"]  # written whole, no leftovers
+
+
+def test_latent_cache_knows_a_carried_base_by_its_vae(tiny_models, tmp_path):
+    """A base placed inside a model folder (another path) is the same VAE; another VAE is not."""
+    carried = shutil.copytree(tiny_models / "tiny" / "base", tmp_path / "model" / "base")
+    assert vae_identity(str(carried)) == vae_identity(str(tiny_models / "tiny" / "base"))
+    assert vae_identity(str(carried)) != vae_identity(str(tiny_models / "tiny-sdxl" / "base"))
+    assert vae_identity("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 # --- timesteps and boundaries ------------------------------------------------------------------------
@@ -360,3 +380,145 @@ def test_guidance_student_starts_as_the_base(teacher):
     assert student.config.time_cond_proj_dim == 512
     with pytest.raises(ICDError, match="already has a guidance embedding"):
         guidance_student(teacher, 512)
+
+
+# --- the output folders: self-contained, relative paths, edit defaults, atomic logs and checkpoints ----------
+
+HUB_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@pytest.fixture
+def source(tiny_models, tmp_path):
+    """A private copy of the tiny model (teacher.pt, a local base/ and two LoRAs), free to delete."""
+    return shutil.copytree(tiny_models / "tiny", tmp_path / "source")
+
+
+def _loras(model) -> dict:
+    manifest = load_manifest(model)
+    return {"forward": load_file(str(manifest.forward_lora)), "reverse": load_file(str(manifest.reverse_lora))}
+
+
+def _paths(data: dict) -> list[str]:
+    """Every string an icd.json holds that could be a path (all but the prose fields)."""
+    return [value for key, value in data.items() if isinstance(value, str) and key not in ("name", "kind")]
+
+
+def test_icd_model_carries_hard_links_to_its_teacher_and_base(source, tmp_path):
+    config = load_config(ICDConfig, overrides=(*REQUIRED, "icd.guidance_scales=0,2,6", "data.resolution=64"))
+    output = tmp_path / "trained"
+    (source / "teacher.pt").chmod(0o444)
+    for _ in range(2):  # the second time as a resumed run saves again: the links are already there
+        write_icd_model(output, load_manifest(source), config, _loras(source))
+    assert (source / "teacher.pt").stat().st_mode & 0o777 == 0o444  # linking left the source's modes alone
+    data = json.loads((output / "icd.json").read_text())
+    assert (data["teacher"], data["base"]) == ("teacher.pt", "base")
+    assert (data["forward_lora"], data["reverse_lora"]) == ("forward.safetensors", "reverse.safetensors")
+    assert not any(path.startswith(("..", "/")) for path in _paths(data))
+    assert data["edit"] == {"method": "p2p", "guidance": 6.0, "tau": 0.8}
+    same_inode = [(source / name).stat().st_ino == (output / name).stat().st_ino
+                  for name in ("teacher.pt", "base/model_index.json", "base/unet/config.json")]
+    assert same_inode == [True, True, True]
+    assert sorted(p.name for p in output.iterdir()) == ["base", "forward.safetensors", "icd.json",
+                                                        "reverse.safetensors", "teacher.pt"]
+    assert not [p.name for p in output.rglob(".*")]  # no temporary left behind
+
+
+def test_icd_model_is_copied_where_hard_links_fail(source, tmp_path, monkeypatch):
+    attempts = []
+
+    def cross_device(src, dst, **kwargs):
+        attempts.append(dst)
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    output = tmp_path / "trained"
+    write_icd_model(output, load_manifest(source), load_config(ICDConfig, overrides=REQUIRED), _loras(source))
+    assert attempts  # a link was tried first
+    for name in ("teacher.pt", "base/model_index.json", "base/vae/config.json"):
+        copied, original = output / name, source / name
+        assert copied.stat().st_ino != original.stat().st_ino and copied.read_bytes() == original.read_bytes()
+    assert not [p.name for p in output.rglob(".*")]  # no temporary left behind
+    assert json.loads((output / "icd.json").read_text())["teacher"] == "teacher.pt"
+
+
+def test_moved_model_folder_still_loads_without_its_sources(source, tmp_path):
+    output = tmp_path / "trained"
+    write_icd_model(output, load_manifest(source), load_config(ICDConfig, overrides=REQUIRED), _loras(source))
+    (tmp_path / "elsewhere").mkdir()
+    moved = shutil.move(output, tmp_path / "elsewhere" / "moved")
+    shutil.rmtree(source)
+    manifest = resolve_model(str(moved))
+    assert manifest.teacher == moved / "teacher.pt" and manifest.base == str(moved / "base")
+    assert manifest.forward_lora == moved / "forward.safetensors"
+    assert load_teacher(manifest, unet_config(manifest)).config.time_cond_proj_dim == 512  # strict load
+    assert edit_settings(manifest).guidance == 19.0  # the default scales include the official w
+
+
+def test_teacher_folder_carries_a_local_base_and_keeps_a_hub_id(source, tmp_path):
+    config = load_config(GuidanceConfig, overrides=REQUIRED)
+    state = torch.load(source / "teacher.pt", weights_only=True)
+    local = tmp_path / "teacher"
+    write_teacher_model(local, base_manifest(str(source / "base"), 64), config, state)
+    data = json.loads((local / "icd.json").read_text())
+    assert (data["teacher"], data["base"]) == ("teacher.pt", "base") and "edit" not in data
+    assert (local / "base" / "model_index.json").stat().st_ino == (source / "base" / "model_index.json").stat().st_ino
+    moved = shutil.move(local, tmp_path / "moved")
+    shutil.rmtree(source / "base")
+    manifest = load_manifest(moved)
+    assert manifest.base == str(moved / "base") and manifest.teacher == moved / "teacher.pt"
+    assert unet_config(manifest)["time_cond_proj_dim"] == 512
+    hub = tmp_path / "hub-teacher"
+    write_teacher_model(hub, replace(manifest, base=HUB_BASE), config, state)
+    assert json.loads((hub / "icd.json").read_text())["base"] == HUB_BASE
+    assert sorted(p.name for p in hub.iterdir()) == ["icd.json", "teacher.pt"]
+
+
+@pytest.mark.parametrize("kind, scales, expected", [
+    ("sd15", [0, 7, 11, 15, 19], ("p2p", 19.0, 0.8)),  # the official w lies within the trained range
+    ("sd15", [0, 2, 6], ("p2p", 6.0, 0.8)),  # above it: the largest trained scale
+    ("sd15", [20, 30], ("p2p", 30.0, 0.8)),  # below it: the largest too
+    ("sdxl", [3, 0], ("swap", 3.0, 0.7)),
+    ("sdxl", [10, 25], ("swap", 19.0, 0.7)),
+])
+def test_edit_defaults_stay_within_the_trained_guidance(kind, scales, expected):
+    assert tuple(edit_defaults(kind, scales).values()) == expected
+
+
+def _accelerator(**extra):
+    return SimpleNamespace(is_main_process=True, init_trackers=lambda *args, **kwargs: None,
+                           log=lambda *args, **kwargs: None, wait_for_everyone=lambda: None, **extra)
+
+
+def test_metrics_log_is_replaced_whole_and_resumes_at_its_checkpoint(tmp_path):
+    log_file = tmp_path / "logs" / "metrics.jsonl"
+    log_file.parent.mkdir()
+    log_file.write_text("".join(json.dumps({"step": step, "loss": step}) + "\n" for step in range(4)))
+    metrics = MetricsLog(_accelerator(), tmp_path, {}, resumed_step=2)  # step 3 is repeated by the resumed run
+    metrics.write(3, {"loss": 30})
+    assert [json.loads(line) for line in log_file.read_text().splitlines()] == [
+        {"step": 0, "loss": 0}, {"step": 1, "loss": 1}, {"step": 2, "loss": 2}, {"step": 3, "loss": 30}]
+    MetricsLog(_accelerator(), tmp_path, {}).write(1, {"loss": 9})  # a fresh run: a stale log is replaced
+    assert log_file.read_text() == '{"step": 1, "loss": 9}\n'
+    assert [p.name for p in log_file.parent.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_checkpoint_appears_only_once_complete(tmp_path):
+    def interrupted(folder):
+        (Path(folder) / "model.safetensors").parent.mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _save_checkpoint(_accelerator(save_state=interrupted), tmp_path, 2, keep=2)
+    with pytest.raises(ICDError, match="no checkpoint to resume from"):
+        check_output(tmp_path, resume=True)
+
+    def complete(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"whole")
+
+    for step in (2, 4, 6):
+        _save_checkpoint(_accelerator(save_state=complete), tmp_path, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    assert check_output(tmp_path, resume=True) == tmp_path / "checkpoints" / "step-0000006"
+    assert (tmp_path / "checkpoints" / "step-0000006" / "model.safetensors").read_bytes() == b"whole"

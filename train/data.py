@@ -10,6 +10,7 @@ once in a safetensors file (posterior means, as at inference) to skip the VAE du
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from icd.errors import ICDError, InputError
+from icd.files import atomic_write
 from icd.images import load_image, to_model_input
 
 log = logging.getLogger("icd")
@@ -142,9 +144,9 @@ def encode_examples(examples: list[Example], resolution: int, encode, batch_size
     return LatentDataset(torch.cat(latents), captions)
 
 
-def cached_latents(cache: Path, examples: list[Example], resolution: int, base: str, encode) -> LatentDataset:
-    """The latent cache at `cache`, (re)built when it was made from other images, size or base model."""
-    key = json.dumps({"base": base, "resolution": resolution, "files": [str(e.path) for e in examples]})
+def cached_latents(cache: Path, examples: list[Example], resolution: int, vae: str, encode) -> LatentDataset:
+    """The latent cache at `cache`, (re)built when it was made from other images, size or VAE (`vae_identity`)."""
+    key = json.dumps({"vae": vae, "resolution": resolution, "files": [str(e.path) for e in examples]})
     if cache.is_file():
         try:
             with safe_open(str(cache), "pt") as f:
@@ -155,10 +157,24 @@ def cached_latents(cache: Path, examples: list[Example], resolution: int, base: 
         except Exception as err:  # safetensors raises several types for a damaged file
             log.warning("%s: unreadable latent cache, rebuilding (%s)", cache, str(err).splitlines()[0])
     dataset = encode_examples(examples, resolution, encode)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": dataset.latents.contiguous()}, str(cache),
-              metadata={"key": key, "captions": json.dumps(dataset.captions)})
+    atomic_write(cache, lambda temporary: save_file({"latents": dataset.latents.contiguous()}, str(temporary),
+                                                    metadata={"key": key, "captions": json.dumps(dataset.captions)}),
+                 overwrite=True)
     return dataset
+
+
+def vae_identity(base: str) -> str:
+    """What a latent cache records as the VAE that made it: a hub id, or for a local base folder a digest of its
+    VAE files (names, sizes, first megabyte), so the same base carried into another model folder still matches."""
+    vae = Path(base) / "vae"
+    if not vae.is_dir():
+        return base
+    digest = hashlib.sha256()
+    for path in sorted(p for p in vae.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(vae).as_posix()} {path.stat().st_size}".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+    return f"vae-{digest.hexdigest()[:16]}"
 
 
 def build_dataset(data, model, accelerator) -> Dataset:
@@ -167,7 +183,7 @@ def build_dataset(data, model, accelerator) -> Dataset:
     if not data.latent_cache:
         return ImageDataset(examples, data.resolution)
     with accelerator.main_process_first():
-        return cached_latents(Path(data.latent_cache), examples, data.resolution, model.manifest.base,
+        return cached_latents(Path(data.latent_cache), examples, data.resolution, vae_identity(model.manifest.base),
                               model.encode_image)
 
 

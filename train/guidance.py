@@ -5,7 +5,7 @@ to zero so that it starts as the base model. All its weights learn eps_c + w (ep
 base, for w drawn per sample from guidance.scales (w = classical scale - 1; the paper's SD1.5 set is
 0, 7, 11, 15, 19) and fed as e(w). It is saved in the official teacher format: `teacher.pt`, a plain state
 dict strict-loadable into the base UNet config with time_cond_proj_dim = 512, plus an icd.json without LoRAs
-that `icd train icd` takes as its model.
+that `icd train icd` takes as its model. A local base folder travels inside the output folder (loop.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from icd.models.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_ma
 
 from .config import GuidanceConfig, ICDSection
 from .data import batch_inputs, build_dataset, first_items, text_conditioning
-from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
-
-TEACHER_FILE = "teacher.pt"
+from .loop import (TEACHER_FILE, carry_inside, check_resolution, clip_and_step, make_loader, make_optimizer, run,
+                   weight_dtype)
 
 
 def base_manifest(path: str, resolution: int) -> Manifest:
@@ -114,13 +113,18 @@ class GuidanceStage:
 
     def save(self) -> None:
         state = {key: value.detach().cpu() for key, value in self.student.state_dict().items()}
-        manifest = self.model.manifest
-        write_model(self.output, {
-            "name": self.output.name, "kind": manifest.kind, "base": manifest.base, "teacher": TEACHER_FILE,
-            "guidance_embed_dim": self.config.guidance.embed_dim,
-            "forward_timesteps": list(manifest.forward_timesteps),
-            "reverse_timesteps": list(manifest.reverse_timesteps), "resolution": self.config.data.resolution},
-            {TEACHER_FILE: lambda temporary: torch.save(state, temporary)})
+        write_teacher_model(self.output, self.model.manifest, self.config, state)
+
+
+def write_teacher_model(output: Path, base: Manifest, config: GuidanceConfig, state: dict[str, torch.Tensor]) -> Path:
+    """The teacher folder `icd train icd` takes: `state` as teacher.pt, the `base` model's local folder placed
+    inside (a hub id stays one), and an icd.json without LoRAs. Returns the icd.json path."""
+    carried = carry_inside(output, None, base.base)
+    files = {TEACHER_FILE: lambda temporary: torch.save(state, temporary)}
+    return write_model(output, {
+        "name": output.name, "kind": base.kind, **carried, "teacher": TEACHER_FILE,
+        "guidance_embed_dim": config.guidance.embed_dim, "forward_timesteps": list(base.forward_timesteps),
+        "reverse_timesteps": list(base.reverse_timesteps), "resolution": config.data.resolution}, files)
 
 
 def train_guidance(config: GuidanceConfig, output: str | Path, resume: bool = False) -> dict:

@@ -8,6 +8,9 @@ Update schedule (icd.schedule):
   through 5 batched UNet calls. BENCHMARKS.md compares the two.
 One AdamW holds both students' LoRA parameters (a param group each). Adam is per parameter and skips those
 without gradients, so this equals one optimizer per student, and a single fp16 GradScaler stays valid.
+
+The model folder carries its teacher (and a local base) inside, and edit defaults whose guidance lies within the
+scales the reverse student was trained on: outside them it was never taught, and edits degrade.
 """
 
 from __future__ import annotations
@@ -19,14 +22,42 @@ from safetensors.torch import save_file
 
 from icd.errors import ModelError
 from icd.models.loading import DIRECTIONS, Model, load_teacher
-from icd.models.manifest import load_manifest, write_model
+from icd.models.manifest import Manifest, load_manifest, write_model
+from icd.pipeline import EDIT_DEFAULTS
 
 from .config import ICDConfig
 from .data import batch_inputs, build_dataset, first_items
 from .evaluate import ICDProbe
-from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
+from .loop import carry_inside, check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
 from .losses import LOSSES, PassRunner, Schedule, distance_for, draw, loss_weights
 from .students import load_lora, lora_weights, make_student, save_lora, trainable
+
+
+def edit_defaults(kind: str, guidance_scales: list[float]) -> dict:
+    """The "edit" entry of a trained model's icd.json: its kind's official method and tau, and the official
+    guidance when it lies within the trained scales, else the largest trained scale."""
+    official = EDIT_DEFAULTS[kind]
+    guidance = official.guidance
+    if not min(guidance_scales) <= guidance <= max(guidance_scales):
+        guidance = max(guidance_scales)
+    return {"method": official.method, "guidance": float(guidance), "tau": official.tau}
+
+
+def write_icd_model(output: Path, teacher: Manifest, config: ICDConfig,
+                    loras: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """The model folder `icd edit --model` runs: the two LoRAs (`loras`: direction -> official LoRA tensors),
+    the teacher and a local base of the `teacher` model placed inside, and an icd.json naming them by paths
+    within the folder, with edit defaults for the trained guidance range. Returns the icd.json path."""
+    icd = config.icd
+    carried = carry_inside(output, teacher.teacher, teacher.base)
+    files = {f"{direction}.safetensors": lambda path, weights=weights: save_file(weights, str(path))
+             for direction, weights in loras.items()}
+    return write_model(output, {
+        "name": output.name, "kind": teacher.kind, **carried, "guidance_embed_dim": teacher.guidance_embed_dim,
+        "forward_lora": "forward.safetensors", "reverse_lora": "reverse.safetensors",
+        "lora_alpha": config.lora.alpha, "forward_timesteps": icd.forward_timesteps,
+        "reverse_timesteps": icd.reverse_timesteps, "resolution": config.data.resolution,
+        "edit": edit_defaults(teacher.kind, icd.guidance_scales)}, files)
 
 
 class ICDStage:
@@ -89,16 +120,8 @@ class ICDStage:
             return self._probe(self.students["forward"], self.students["reverse"])
 
     def save(self) -> None:
-        """The model folder `icd edit --model` runs: both LoRAs and an icd.json naming the teacher."""
-        manifest, icd = self.model.manifest, self.config.icd
-        loras = {f"{direction}.safetensors": lambda path, weights=lora_weights(student): save_file(weights, str(path))
-                 for direction, student in self.students.items()}
-        write_model(self.output, {
-            "name": self.output.name, "kind": manifest.kind, "base": manifest.base,
-            "teacher": manifest.teacher, "guidance_embed_dim": self.embed_dim,
-            "forward_lora": "forward.safetensors", "reverse_lora": "reverse.safetensors",
-            "lora_alpha": self.config.lora.alpha, "forward_timesteps": icd.forward_timesteps,
-            "reverse_timesteps": icd.reverse_timesteps, "resolution": self.config.data.resolution}, loras)
+        write_icd_model(self.output, self.model.manifest, self.config,
+                        {direction: lora_weights(student) for direction, student in self.students.items()})
 
     def _save_hook(self, models, weights, folder) -> None:
         if self.accelerator.is_main_process:

@@ -5,6 +5,11 @@ Runs single-process on a CPU and unchanged under `accelerate launch` (DDP, one o
 shards the data loader, wraps the trained models, syncs gradients and writes per-process RNG states.
 Every iteration's random draws are seeded by (seed, process, batch index), so a resumed run draws what the
 uninterrupted one would have, without storing generator states.
+
+The model folder is self-contained: the weights it builds on (the teacher, a local base folder) are placed inside
+it, hard-linked where the filesystem allows (no extra disk; icd's writers replace files by renaming, so a later
+rewrite of the original never changes the link) and copied otherwise, so the folder can be moved or shared whole.
+Every file the run writes appears atomically: the model files, config.json, the metrics log and each checkpoint.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import secrets
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -21,12 +29,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from icd.errors import ICDError
+from icd.files import atomic_write
 from icd.models.manifest import MANIFEST_NAME
 
 from .config import ConfigError, TrainSection, flat_scalars, to_json
 
 log = logging.getLogger("icd")
 CHECKPOINTS = "checkpoints"
+TEACHER_FILE = "teacher.pt"  # the teacher's name inside a model folder (the official teacher format)
+BASE_FOLDER = "base"  # a local base model's name inside a model folder
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -122,24 +133,41 @@ class Progress:
 
 
 class MetricsLog:
-    """Scalars to logs/metrics.jsonl (always) and to TensorBoard when it is installed; main process only."""
+    """Scalars to logs/metrics.jsonl (always) and to TensorBoard when it is installed; main process only.
 
-    def __init__(self, accelerator, output: Path, hparams: dict):
+    The log is small (a line per logged step), so each write replaces it whole: a crash never leaves a torn
+    line. A resumed run keeps the lines up to its checkpoint's step and drops those of the steps it repeats.
+    """
+
+    def __init__(self, accelerator, output: Path, hparams: dict, resumed_step: int | None = None):
         self.accelerator, self.file = accelerator, output / "logs" / "metrics.jsonl"
-        if accelerator.is_main_process:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.lines: list[str] = []
+        if accelerator.is_main_process and resumed_step is not None and self.file.is_file():
+            self.lines = [line + "\n" for line in self.file.read_text().splitlines()
+                          if line.strip() and json.loads(line)["step"] <= resumed_step]
         accelerator.init_trackers("icd-train", config=hparams)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
-            with open(self.file, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            self.lines.append(json.dumps({"step": step, **values}) + "\n")
+            atomic_write(self.file, lambda temporary: temporary.write_text("".join(self.lines)), overwrite=True)
         self.accelerator.log(values, step=step)
 
 
 def _save_checkpoint(accelerator, output: Path, step: int, keep: int) -> None:
-    accelerator.save_state(str(output / CHECKPOINTS / f"step-{step:07d}"))
+    """Every process writes its part into a hidden folder, renamed to step-N once all are done: a run killed
+    while saving leaves no step-N that --resume would take for complete."""
+    final = output / CHECKPOINTS / f"step-{step:07d}"
+    partial_folder = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process and partial_folder.exists():  # left by a run killed while saving
+        shutil.rmtree(partial_folder)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial_folder))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial_folder, final)
         for old in sorted((output / CHECKPOINTS).glob("step-*"))[:-keep]:
             shutil.rmtree(old)
 
@@ -154,7 +182,7 @@ def fit(stage: Stage, train: TrainSection, output: Path, hparams: dict, resume_f
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         log.info("resumed from %s at step %d", resume_from, progress.step)
-    metrics = MetricsLog(accelerator, output, hparams)
+    metrics = MetricsLog(accelerator, output, hparams, None if resume_from is None else progress.step)
     summary: dict = {"start_step": progress.step}
 
     def evaluate(key: str) -> None:
@@ -238,5 +266,43 @@ def run(make_stage, config, output: Path, resume: bool) -> dict:
     accelerator = make_accelerator(config.train, output)
     stage = make_stage(config, output, accelerator)
     if accelerator.is_main_process:
-        (output / "config.json").write_text(to_json(config))
+        atomic_write(output / "config.json", lambda temporary: temporary.write_text(to_json(config)), overwrite=True)
     return fit(stage, config.train, output, flat_scalars(config), resume_from)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`source` at `target`: a hard link on the same filesystem (no extra disk), else a copy by atomic_write.
+
+    A link is whole the moment it exists; made under a temporary name and renamed over `target`, it replaces an
+    earlier one in one step. It bypasses atomic_write, whose mode fixing would change the source's modes too.
+    """
+    if target.exists() and os.path.samefile(source, target):
+        return  # already this file (a resumed run saving again); renaming a link onto itself does nothing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(source, temporary)
+    except OSError:  # another filesystem (EXDEV), one without hard links, or not permitted
+        atomic_write(target, partial(shutil.copyfile, source), overwrite=True)
+        return
+    try:
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ICDError(f"{target.name}: cannot write ({exc.strerror})") from exc
+
+
+def carry_inside(output: Path, teacher: Path | None, base: str) -> dict:
+    """Place the teacher and a local base folder inside the model folder `output`; returns the icd.json fields
+    naming them there. A hub-id base stays a hub id (the hub cache holds it)."""
+    fields = {"base": base}
+    if teacher is not None:
+        link_or_copy(teacher, output / TEACHER_FILE)
+        fields["teacher"] = TEACHER_FILE
+    if Path(base).is_dir():
+        for folder, _, names in os.walk(base, followlinks=True):  # a hub snapshot's files are links to blobs
+            for name in names:
+                source = Path(folder, name)
+                link_or_copy(source, output / BASE_FOLDER / source.relative_to(base))
+        fields["base"] = BASE_FOLDER
+    return fields

@@ -5,15 +5,24 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import secrets
+import signal
 import sys
-import time
+import threading
+import traceback
+import warnings
+from dataclasses import astuple
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from icd import __version__
-from icd.errors import ICDError
+from icd.errors import ICDError, UsageError
+
+if TYPE_CHECKING:
+    from icd.models.manifest import Manifest
 
 from .training import train
 
@@ -24,10 +33,37 @@ GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG sca
                  "prompt alone, without extra guidance.")
 TAU_HELP = ("Dynamic guidance: w is used on steps with t/1000 <= tau and 0 on the noisier ones above. "
             "1.0 = guidance on every step.")
+MODEL_DEFAULT_HELP = "Default: the model's own (its icd.json; else SD1.5 {sd15}, SDXL {sdxl})."
+MAX_SIDE = 8192  # pixels: beyond this a working size is a typo, not a photo
+MAX_SEED = 2**64 - 1  # what torch's generators take
+
+
+class Finite(click.ParamType):
+    """A float that is a real number (click's FloatRange lets nan through), within optional bounds."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            self.fail(f"{value} is not in the range {self.low:g}..{self.high:g}" if self.high is not None
+                      else f"{value} is below {self.low:g}", param, ctx)
+        return number
 
 
 def _quiet_libraries() -> None:
-    """Keep stderr for our own progress and errors: silence the libraries' bars and notices."""
+    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
+    (all shown with -v)."""
+    if _verbose():
+        return
     import diffusers
     import transformers
     from huggingface_hub.utils import disable_progress_bars
@@ -36,6 +72,7 @@ def _quiet_libraries() -> None:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     disable_progress_bars()
+    warnings.simplefilter("ignore")
 
 
 class _OneLineHandler(logging.Handler):
@@ -49,18 +86,30 @@ def _setup_logging() -> None:
     log = logging.getLogger("icd")
     if not log.handlers:
         log.addHandler(_OneLineHandler())
-        log.setLevel(logging.INFO)
         log.propagate = False
+    log.setLevel(logging.INFO)
 
 
-def _error(message: str) -> None:
-    from tqdm import tqdm
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """-q: errors only; -v: also debug lines, the libraries' warnings and bars, and tracebacks."""
+    if not value:
+        return
+    level = logging.ERROR if param.name == "quiet" else logging.DEBUG
+    if ctx.meta.setdefault("icd.verbosity", level) != level:
+        raise click.UsageError("-q and -v cannot be used together")
+    logging.getLogger("icd").setLevel(level)
 
-    tqdm.write(f"icd: error: {message}", file=sys.stderr)
+
+def _quiet() -> bool:
+    return not logging.getLogger("icd").isEnabledFor(logging.WARNING)
 
 
-def _open(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] = (), backend: str = "auto",
-          compile: bool = False, static_shapes: bool = False):
+def _verbose() -> bool:
+    return logging.getLogger("icd").isEnabledFor(logging.DEBUG)
+
+
+def _open(model_ref: str | Manifest, device: str, dtype: str, directions: tuple[str, ...] = (),
+          backend: str = "auto", compile: bool = False, static_shapes: bool = False):
     """The session for a model; a failure here ends the command with one line (via `Main`)."""
     from .session import open_session
 
@@ -68,42 +117,11 @@ def _open(model_ref: str, device: str, dtype: str, directions: tuple[str, ...] =
     return open_session(model_ref, device, dtype, backend, compile, static_shapes, directions)
 
 
-def run_batch(items: list, describe, work, *, as_json: bool, quiet: bool) -> int:
-    """Run `work(item)` on each item; a failure is one line and the batch goes on. Returns the exit code."""
-    import torch
-    from tqdm import tqdm
+def _finish(items, work, as_json: bool) -> None:
+    """Run the planned items and exit with the batch's code."""
+    from .batch import run
 
-    failed = 0
-    notes_seen: set[str] = set()
-    bar = tqdm(items, file=sys.stderr, disable=True if quiet else None, unit="item", dynamic_ncols=True)
-    for item in bar:
-        started = time.perf_counter()
-        record = {"input": describe(item)}
-        try:
-            output, notes = work(item)
-            record.update(status="ok", output=str(output))
-            for note in notes:
-                if note not in notes_seen:
-                    notes_seen.add(note)
-                    logging.getLogger("icd").warning(note)
-        except ICDError as err:
-            record.update(status="error", error=str(err))
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            record.update(status="error", error=f"{record['input']}: out of memory: try a smaller --width/--height "
-                                                "or --dtype fp16")
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        if record["status"] == "error":
-            failed += 1
-            _error(record["error"])
-        if as_json:
-            bar.write(json.dumps(record), file=sys.stdout)
-        elif record["status"] == "ok":
-            bar.write(record["output"], file=sys.stdout)
-    bar.close()
-    if failed and len(items) > 1:
-        _error(f"{failed} of {len(items)} items failed")
-    return 1 if failed else 0
+    sys.exit(run(items, work, as_json=as_json, quiet=_quiet()).exit_code)
 
 
 # Every option that several commands share, declared once; `uses(...)` attaches them. ICD_* variables give
@@ -111,8 +129,8 @@ def run_batch(items: list, describe, work, *, as_json: bool, quiet: bool) -> int
 OPTIONS = {
     "model": click.option("-m", "--model", envvar="ICD_MODEL", show_envvar=True,
                           help=f"A preset name (see `icd pull --list`), `mini`, a model in the cache, or a folder/"
-                               f"icd.json path. Default: {DEFAULT_MODEL} (reconstruct: the one recorded in each "
-                               f"latent file; demo: mini)."),
+                               f"icd.json path (write ./NAME for a folder that shares a preset's name). Default: "
+                               f"{DEFAULT_MODEL} (reconstruct: the one recorded in each latent file; demo: mini)."),
     "device": click.option("--device", default="auto", show_default=True, envvar="ICD_DEVICE", show_envvar=True,
                            help="auto, cpu, cuda or cuda:N."),
     "dtype": click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
@@ -125,17 +143,23 @@ OPTIONS = {
                                  "torch."),
     "compile": click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (slow first "
                             "item; with CUDA graphs when --width and --height fix the size)."),
-    "width": click.option("--width", type=click.IntRange(min=8), help="Working width in pixels (a multiple of 64 "
-                          "for SD1.5, 32 for SDXL). Default: keep the aspect ratio at the model's resolution."),
-    "height": click.option("--height", type=click.IntRange(min=8), help="Working height in pixels."),
+    "width": click.option("--width", type=click.IntRange(8, MAX_SIDE), help="Working width in pixels (a multiple "
+                          "of 64 for SD1.5, 32 for SDXL). Default: keep the aspect ratio at the model's resolution."),
+    "height": click.option("--height", type=click.IntRange(8, MAX_SIDE), help="Working height in pixels."),
     "output": click.option("-o", "--output", type=click.Path(), help="Output file for one result, folder for "
                            "several. Default: the current folder."),
     "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+    "skip_existing": click.option("--skip-existing", is_flag=True, help="Leave items whose output exists, "
+                                  "e.g. to finish an interrupted batch."),
     "json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (one line per item)."),
-    "quiet": click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    "quiet": click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
+                          help="Print nothing but errors."),
+    "verbose": click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
+                            help="Also print details, the libraries' warnings and the traceback of an unexpected "
+                                 "error (so does ICD_DEBUG=1)."),
 }
-MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite", "json",
-             "quiet")
+MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite",
+             "skip_existing", "json", "quiet", "verbose")
 
 
 def uses(*names: str):
@@ -152,22 +176,112 @@ def _settings(session, model_ref, seed, width, height, overwrite):
     return Settings(session=session, model_ref=model_ref, seed=seed, width=width, height=height, overwrite=overwrite)
 
 
-def _check_output(output: str | None, count: int) -> None:
-    from .jobs import OUTPUT_SUFFIXES
+def _check_output(output: str | None, count: int, *, latent: bool = False) -> None:
+    """-o must name what the command writes: an image (or a latent file for invert), or a folder."""
+    if output is None:
+        return
+    from icd.latents import LATENT_NAME
+    from icd.images import OUTPUT_SUFFIXES
 
-    if output and count > 1 and (Path(output).suffix.lower() in OUTPUT_SUFFIXES or output.endswith(".safetensors")):
-        raise click.UsageError(f"-o {output} names one file, but there are {count} results: give a folder")
+    path = Path(output)
+    names_file = path.suffix.lower() in OUTPUT_SUFFIXES or output.endswith(".safetensors")
+    if latent and names_file and not output.endswith(LATENT_NAME):
+        raise UsageError(f"-o {output}: invert writes latent files: name one NAME{LATENT_NAME}, or a folder")
+    if not latent and output.endswith(".safetensors"):
+        raise UsageError(f"-o {output}: this command writes images: name a .png, .jpg or .webp file, or a folder")
+    if not names_file and path.suffix and not path.is_dir() and path.suffix.lower()[1:].isalpha() \
+            and len(path.suffix) <= 5:
+        raise UsageError(f"-o {output}: unknown image format {path.suffix!r} (use .png, .jpg, .jpeg or .webp, "
+                         "or name a folder)")
+    if names_file and count > 1:
+        raise UsageError(f"-o {output} names one file, but there are {count} results: give a folder")
+    if path.is_file() and not names_file:
+        raise UsageError(f"-o {output} is a file: give a folder for the results")
+
+
+def _resolve(model_ref: str) -> Manifest:
+    """The model's manifest: cheap (no weights), so every later check can use it before anything loads."""
+    from icd.models.hub import resolve_model
+
+    return resolve_model(model_ref)
+
+
+def _check_size(manifest: Manifest, width: int | None, height: int | None) -> None:
+    from icd.images import check_multiple
+    from icd.models.geometry import size_multiple
+
+    multiple = size_multiple(manifest)
+    if multiple is not None:
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                check_multiple(name, value, multiple)
+
+
+def _check_engine(device: str, dtype: str, backend: str, compile: bool) -> None:
+    """The device exists, takes the dtype, and the backend options fit together."""
+    from icd.models.loading import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))
+    if compile and backend in ("onnx", "tensorrt"):
+        raise UsageError(f"--compile applies to the torch backend, not --backend {backend}")
 
 
 class Main(click.Group):
-    """The `icd` group: the one place where an ICDError becomes its line on stderr and exit code 1."""
+    """The `icd` group: the one place where errors become their line on stderr and an exit code
+    (2 usage, 1 failure, 130/143 interrupted), and where SIGTERM unwinds like Ctrl-C, so that no
+    temporary file outlives a killed run."""
 
     def invoke(self, ctx: click.Context):
+        from .batch import debugging, error_line
+
+        previous = _on_sigterm()
         try:
             return super().invoke(ctx)
+        except UsageError as err:
+            error_line(str(err))
+            ctx.exit(2)
+        except click.UsageError as err:  # click's own: one line too, with where to find help
+            path = err.ctx.command_path if err.ctx else "icd"
+            error_line(f"{err.format_message()} (see `{path} -h`)")
+            ctx.exit(2)
         except ICDError as err:
-            _error(str(err))
+            error_line(str(err))
             ctx.exit(1)
+        except _Terminated:
+            error_line("terminated: no result was left half-written")
+            ctx.exit(143)
+        except KeyboardInterrupt:
+            error_line("interrupted: no result was left half-written")
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as err:  # the last wall: one line, the traceback only when asked for
+            if debugging():
+                traceback.print_exc(file=sys.stderr)
+            error_line(f"unexpected {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                       + ("" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)"))
+            ctx.exit(1)
+        finally:
+            _restore_sigterm(previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every cleanup on the way out runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _on_sigterm():
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=Main, context_settings=CONTEXT)
@@ -181,33 +295,66 @@ def main() -> None:
       icd edit photo.jpg --src "a pug" --tgt "a bear"
       icd edit photos/ --src "a cat" --tgt "a tiger" -o edited/
       icd invert photo.jpg --prompt "a pug" && icd edit photo.latent.safetensors --tgt "a bear"
+      icd edit --from photo-edit.png --tgt "a wolf"   # rerun an edit with one thing changed
       icd generate "a lighthouse at dusk" -n 4 -o out/
       icd demo                                        # offline, with the shipped mini model
+
+    Exit codes: 0 done, 1 an item or the model failed (the rest of a batch still runs), 2 a usage error
+    (found before anything loads), 130/143 interrupted.
     """
     _setup_logging()
 
 
+def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--from IMAGE: the parameters recorded in a result of `icd edit` become this run's defaults (options given
+    on the command line still win), and its input the input when none is named."""
+    if value is None:
+        return None
+    from icd.images import read_metadata
+
+    try:
+        recorded = read_metadata(value)
+    except ICDError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+    if recorded.get("command") != "edit":
+        raise click.BadParameter(f"{value} holds no parameters of `icd edit`", ctx, param)
+    names = {"source": "source_prompt", "target": "prompt", "method": "method", "guidance": "guidance_w",
+             "tau": "tau", "seed": "seed", "cross_replace": "cross_replace", "self_replace": "self_replace",
+             "amplify": "amplify", "blend": "blend", "model": "model", "dtype": "dtype", "backend": "backend",
+             "width": "width", "height": "height"}
+    defaults = {option: recorded[key] for option, key in names.items() if recorded.get(key) is not None}
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["icd.rerun_input"] = recorded.get("source")
+    return value
+
+
 @main.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("--src", "source", help="Prompt describing the input photo (not needed for latent files).")
-@click.option("--tgt", "target", required=True, help="Prompt describing the wanted result.")
+@click.option("--tgt", "target", help="Prompt describing the wanted result (required).")
 @click.option("--method", type=click.Choice(["p2p", "swap", "none"]), help="p2p: Prompt-to-Prompt attention "
-              "control (SD1.5 default); swap: source prompt on the unguided steps, target on the guided ones "
-              "(SDXL default); none: target prompt only.")
-@click.option("--guidance", type=float, help=GUIDANCE_HELP + " Default 19.")
-@click.option("--tau", type=click.FloatRange(0, 1), help=TAU_HELP + " Default 0.8 (SD1.5), 0.7 (SDXL).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise added before encoding.")
-@click.option("--cross-replace", type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help="p2p: fraction of steps on which the target's cross-attention comes from the source.")
-@click.option("--self-replace", type=click.FloatRange(0, 1), default=0.6, show_default=True,
-              help="p2p: fraction of steps on which the target's self-attention comes from the source.")
+              "control; swap: source prompt on the unguided steps, target on the guided ones; none: target prompt "
+              "only. " + MODEL_DEFAULT_HELP.format(sd15="p2p", sdxl="swap"))
+@click.option("--guidance", type=Finite(0), help=GUIDANCE_HELP + " " + MODEL_DEFAULT_HELP.format(sd15="19",
+                                                                                                  sdxl="19"))
+@click.option("--tau", type=Finite(0, 1), help=TAU_HELP + " " + MODEL_DEFAULT_HELP.format(sd15="0.8", sdxl="0.7"))
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the noise added before encoding.")
+@click.option("--cross-replace", type=Finite(0, 1), help="p2p: fraction of steps on which the target's "
+              "cross-attention comes from the source. Default 0.3.")
+@click.option("--self-replace", type=Finite(0, 1), help="p2p: fraction of steps on which the target's "
+              "self-attention comes from the source. Default 0.6.")
 @click.option("--amplify", multiple=True, metavar="WORD=F", help="p2p: scale a target word's attention by F "
               "(repeatable). Default: each new target word x4.")
 @click.option("--blend", metavar="SRC_WORDS:TGT_WORDS", help="p2p: change only where these words attend, "
               "e.g. --blend pug:bear.")
+@click.option("--from", "from_image", metavar="IMAGE", is_eager=True, callback=_rerun_defaults,
+              help="Rerun the edit recorded in a result of `icd edit`: its input, prompts and every setting, "
+                   "unless given here.")
 @uses(*MODEL_RUN)
 def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, self_replace, amplify, blend,
-         model, device, dtype, backend, compile, width, height, output, overwrite, as_json, quiet):
+         from_image, model, device, dtype, backend, compile, width, height, output, overwrite, skip_existing,
+         as_json):
     """Edit photos (or latent files from `icd invert`) from a source prompt to a target prompt.
 
     INPUTS are image files, folders of images, globs, or .latent.safetensors files.
@@ -223,28 +370,52 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
       icd edit photo.jpg --src "a pug" --tgt "a bear"
       icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --blend cat:tiger
       icd edit photos/*.jpg --src "a dog" --tgt "a wolf" --method none -o wolves/
+      icd edit --from photo-edit.png --guidance 12 -o stronger.png
     """
     from icd.p2p import P2PConfig
+    from icd.pipeline import edit_settings
 
-    from .jobs import IMAGE_SUFFIXES, EditOptions, edit_file, expand_inputs, needs_inversion, output_path, output_stem
+    from .batch import file_items, plan
+    from .jobs import IMAGE_SUFFIXES, EditOptions, check_input, edit_file, expand_inputs, needs_inversion, output_stem
 
-    config = P2PConfig(cross_replace=cross_replace, self_replace=self_replace,
-                       amplify=_parse_amplify(amplify), blend=_parse_blend(blend))
+    rerun_input = click.get_current_context().meta.get("icd.rerun_input")
+    if not inputs and rerun_input:
+        inputs = (rerun_input,)
+    if not inputs:
+        raise UsageError("no INPUTS: name image or latent files, folders or globs")
+    if not target:
+        raise UsageError("--tgt is required: the prompt describing the wanted result")
     paths = expand_inputs(list(inputs), IMAGE_SUFFIXES | {".safetensors"})
-    if not paths:
-        raise click.UsageError("no input files found")
+    images = [path for path in paths if needs_inversion([path])]
+    if images and not source:
+        raise UsageError(f"--src is needed to edit images ({images[0]}); latent files carry their own prompt")
+    if not images and (width or height):
+        raise UsageError("--width/--height apply to images: a latent file keeps the size it was inverted at")
     _check_output(output, len(paths))
-    directions = ("forward", "reverse") if needs_inversion(paths) else ("reverse",)
+    _check_engine(device, dtype, backend, compile)
+    amplified, blended = _parse_amplify(amplify), _parse_blend(blend)
     model = model or DEFAULT_MODEL
-    session = _open(model, device, dtype, directions, backend, compile, bool(width and height))
+    manifest = _resolve(model)
+    _check_size(manifest, width, height)
+    method, guidance, tau = astuple(edit_settings(manifest, method, guidance, tau))
+    p2p_given = [flag for flag, value in (("--cross-replace", cross_replace), ("--self-replace", self_replace),
+                                          ("--amplify", amplify), ("--blend", blend)) if value]
+    if p2p_given and method != "p2p":
+        raise UsageError(f"{', '.join(p2p_given)} apply to --method p2p, not {method}")
+    defaults = P2PConfig()
+    config = P2PConfig(cross_replace=defaults.cross_replace if cross_replace is None else cross_replace,
+                       self_replace=defaults.self_replace if self_replace is None else self_replace,
+                       amplify=amplified, blend=blended)
+    items = plan(file_items(paths, output, lambda path: f"{output_stem(path)}-edit.png"), paths,
+                 overwrite=overwrite, skip_existing=skip_existing,
+                 check=lambda item: check_input(item.source, manifest, model))
+    if not any(item.runnable for item in items):
+        _finish(items, None, as_json)
+    directions = ("forward", "reverse") if images else ("reverse",)
+    session = _open(manifest, device, dtype, directions, backend, compile, bool(width and height))
     settings = _settings(session, model, seed, width, height, overwrite)
     options = EditOptions(source, target, method, guidance, tau, config)
-
-    def work(path):
-        out = output_path(output, f"{output_stem(path)}-edit.png", len(paths) > 1)
-        return edit_file(settings, path, options, out)
-
-    sys.exit(run_batch(paths, str, work, as_json=as_json, quiet=quiet))
+    _finish(items, lambda item: edit_file(settings, item.source, options, item.output), as_json)
 
 
 def _parse_amplify(values) -> dict[str, float] | None:
@@ -254,9 +425,13 @@ def _parse_amplify(values) -> dict[str, float] | None:
     for value in values:
         word, _, factor = value.partition("=")
         try:
-            amplify[word.strip().lower()] = float(factor)
+            number = float(factor)
         except ValueError:
-            raise click.BadParameter(f"'{value}' is not WORD=FACTOR, e.g. bear=4", param_hint="--amplify") from None
+            number = math.nan
+        if not word.strip() or not math.isfinite(number) or number < 0:
+            raise click.BadParameter(f"'{value}' is not WORD=FACTOR with a finite factor >= 0, e.g. bear=4",
+                                     param_hint="--amplify")
+        amplify[word.strip().lower()] = number
     return amplify
 
 
@@ -272,10 +447,11 @@ def _parse_blend(value: str | None):
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--prompt", required=True, help="Prompt describing the photos (the source prompt of later edits).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise added before encoding.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the noise added before encoding.")
 @uses(*MODEL_RUN)
-def invert(images, prompt, seed, model, device, dtype, backend, compile, width, height, output, overwrite, as_json,
-           quiet):
+def invert(images, prompt, seed, model, device, dtype, backend, compile, width, height, output, overwrite,
+           skip_existing, as_json):
     """Encode photos into latent files (x_T plus metadata) for fast repeated edits.
 
     \b
@@ -283,72 +459,93 @@ def invert(images, prompt, seed, model, device, dtype, backend, compile, width, 
       icd invert photo.jpg --prompt "a pug on the grass"
       icd edit photo.latent.safetensors --tgt "a bear on the grass"
     """
-    from .jobs import IMAGE_SUFFIXES, LATENT_NAME, expand_inputs, invert_file, output_path
+    from icd.images import probe_image
+
+    from .batch import file_items, plan
+    from .jobs import IMAGE_SUFFIXES, LATENT_NAME, expand_inputs, invert_file
 
     paths = expand_inputs(list(images), IMAGE_SUFFIXES)
-    _check_output(output, len(paths))
+    _check_output(output, len(paths), latent=True)
+    _check_engine(device, dtype, backend, compile)
     model = model or DEFAULT_MODEL
-    session = _open(model, device, dtype, ("forward",), backend, compile, bool(width and height))
+    manifest = _resolve(model)
+    _check_size(manifest, width, height)
+    items = plan(file_items(paths, output, lambda path: path.stem + LATENT_NAME), paths, overwrite=overwrite,
+                 skip_existing=skip_existing, check=lambda item: probe_image(item.source))
+    if not any(item.runnable for item in items):
+        _finish(items, None, as_json)
+    session = _open(manifest, device, dtype, ("forward",), backend, compile, bool(width and height))
     settings = _settings(session, model, seed, width, height, overwrite)
-
-    def work(path):
-        out = output_path(output, path.stem + LATENT_NAME, len(paths) > 1)
-        return invert_file(settings, path, prompt, out), []
-
-    sys.exit(run_batch(paths, str, work, as_json=as_json, quiet=quiet))
+    _finish(items, lambda item: (invert_file(settings, item.source, prompt, item.output), []), as_json)
 
 
 @main.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "json", "quiet")
-def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, as_json, quiet):
+@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json", "quiet",
+      "verbose")
+def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
-    from icd.latents import load_latent
+    from icd.latents import read_latent_info
 
-    from .jobs import expand_inputs, output_path, output_stem, reconstruct_file
+    from .batch import file_items, plan
+    from .jobs import check_latent, expand_inputs, output_stem, reconstruct_file
 
     paths = expand_inputs(list(latents), {".safetensors"})
     _check_output(output, len(paths))
+    _check_engine(device, dtype, backend, compile)
+    refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
 
-    def work(path):
-        model_ref = model or load_latent(path)[1].model
-        session = _open(model_ref, device, dtype, ("reverse",), backend, compile)
-        settings = _settings(session, model_ref, 0, None, None, overwrite)
-        out = output_path(output, f"{output_stem(path)}-recon.png", len(paths) > 1)
-        return reconstruct_file(settings, path, out), []
+    def check(item):
+        refs[item.source] = model or read_latent_info(item.source).model
+        check_latent(item.source, _resolve(refs[item.source]), refs[item.source])
 
-    sys.exit(run_batch(paths, str, work, as_json=as_json, quiet=quiet))
+    items = plan(file_items(paths, output, lambda path: f"{output_stem(path)}-recon.png"), paths,
+                 overwrite=overwrite, skip_existing=skip_existing, check=check)
+
+    def work(item):
+        model_ref = refs[item.source]
+        session = _open(_resolve(model_ref), device, dtype, ("reverse",), backend, compile)
+        return reconstruct_file(_settings(session, model_ref, 0, None, None, overwrite), item.source, item.output), []
+
+    _finish(items, work, as_json)
 
 
 @main.command()
 @click.argument("prompt")
-@click.option("-n", "--count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, help="Seed of the first image (the next ones use seed+1, ...). Default: random.")
-@click.option("--guidance", type=float, default=7.0, show_default=True, help=GUIDANCE_HELP)
-@click.option("--tau", type=click.FloatRange(0, 1), default=1.0, show_default=True, help=TAU_HELP)
+@click.option("-n", "--count", type=click.IntRange(1, 10_000), default=1, show_default=True,
+              help="Number of images.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), help="Seed of the first image (the next ones use seed+1, "
+              "...). Default: random.")
+@click.option("--guidance", type=Finite(0), default=7.0, show_default=True, help=GUIDANCE_HELP)
+@click.option("--tau", type=Finite(0, 1), default=1.0, show_default=True, help=TAU_HELP)
 @uses(*MODEL_RUN)
 def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, compile, width, height, output,
-             overwrite, as_json, quiet):
+             overwrite, skip_existing, as_json):
     """Generate images from a prompt in the model's 3-4 steps.
 
     \b
     Example:
       icd generate "a lighthouse at dusk, oil painting" -n 4 -o out/
     """
+    from .batch import Item, plan
     from .jobs import generate_file, output_path, slug
 
     _check_output(output, count)
+    _check_engine(device, dtype, backend, compile)
     first = secrets.randbelow(2**31) if seed is None else seed
-    seeds = [first + i for i in range(count)]
+    if first + count - 1 > MAX_SEED:
+        raise UsageError(f"--seed {first} with -n {count} runs past the largest seed, {MAX_SEED}")
     model = model or DEFAULT_MODEL
-    session = _open(model, device, dtype, ("reverse",), backend, compile, static_shapes=True)
+    manifest = _resolve(model)
+    _check_size(manifest, width, height)
+    items = plan([Item(f"seed {s}", s, output_path(output, f"{slug(prompt)}-{s}.png", count > 1))
+                  for s in range(first, first + count)], [], overwrite=overwrite, skip_existing=skip_existing)
+    if not any(item.runnable for item in items):
+        _finish(items, None, as_json)
+    session = _open(manifest, device, dtype, ("reverse",), backend, compile, static_shapes=True)
     settings = _settings(session, model, first, width, height, overwrite)
-
-    def work(item_seed):
-        out = output_path(output, f"{slug(prompt)}-{item_seed}.png", count > 1)
-        return generate_file(settings, prompt, item_seed, guidance, tau, out), []
-
-    sys.exit(run_batch(seeds, lambda s: f"seed {s}", work, as_json=as_json, quiet=quiet))
+    _finish(items, lambda item: (generate_file(settings, prompt, item.source, guidance, tau, item.output), []),
+            as_json)
 
 
 def _sizes(values) -> tuple[tuple[int, int], ...]:
@@ -374,8 +571,10 @@ def _sizes(values) -> tuple[tuple[int, int], ...]:
 @click.option("--max-batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="TensorRT: the largest batch the engines take.")
 @click.option("--force", is_flag=True, help="Rebuild everything, even what is still valid.")
-@uses("json")
-def export_command(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, as_json):
+@click.option("--verify", is_flag=True, help="Check every existing file against the hash recorded when it was "
+              "built (reads them whole), and rebuild what differs.")
+@uses("json", "quiet", "verbose")
+def export_command(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, verify, as_json):
     """Build the fast-start and engine files of a model: fused UNet weights, ONNX graphs, TensorRT engines.
 
     They go to $ICD_HOME/artifacts/<model fingerprint>/ with an index; what is still valid is reused,
@@ -387,6 +586,7 @@ def export_command(model, device, precisions, onnx, tensorrt, sizes, max_batch, 
       icd export -m sd15                          # fp16 weights and graphs on a GPU machine
       icd export -m sd15 --tensorrt --size 512x512 --size 768x512
       icd export -m mini                          # fp32 on a CPU (graphs are traced on --device)
+      icd export -m sd15 --verify                 # after a disk problem: rehash, rebuild what differs
     """
     from icd.models.hub import resolve_model
     from icd.models.loading import resolve_device
@@ -398,7 +598,7 @@ def export_command(model, device, precisions, onnx, tensorrt, sizes, max_batch, 
     torch_device = resolve_device(device)
     chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))
     built = export_model(manifest, chosen, onnx=onnx, tensorrt=tensorrt, sizes=_sizes(sizes),
-                         max_batch=max_batch, force=force, device=torch_device)
+                         max_batch=max_batch, force=force, device=torch_device, verify=verify)
     folder = artifacts_dir(manifest)
     if as_json:
         click.echo(json.dumps({"folder": str(folder), "fingerprint": manifest.fingerprint,
@@ -425,7 +625,7 @@ def export_command(model, device, precisions, onnx, tensorrt, sizes, max_batch, 
               "Default: torch's.")
 @click.option("--stages-only", is_flag=True, help="Only the single stages: no whole edits, batches or cold start "
               "(for CPUs).")
-@uses("json")
+@uses("json", "quiet", "verbose")
 def bench(model, device, dtype, backend, compile, random_weights, size, repeats, warmup, batches, cold_start,
           threads, stages_only, as_json):
     """Time every stage of an edit (text, VAE, each UNet call), whole edits, batches and a cold start,
@@ -455,7 +655,8 @@ def bench(model, device, dtype, backend, compile, random_weights, size, repeats,
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--list", "show_list", is_flag=True, help="List the presets and whether each is downloaded.")
+@click.option("--list", "show_list", is_flag=True, help="List the presets and every model that runs offline "
+              "(shipped, pulled or built), with their sizes.")
 @click.option("--force", is_flag=True, help="Download again even if present.")
 def pull(name, show_list, force):
     """Download a released iCD model (teacher, LoRAs and base model) into the cache.
@@ -470,18 +671,32 @@ def pull(name, show_list, force):
     from icd.models import hub
 
     if show_list or not name:
+        offline = {entry.name: entry for entry in hub.available_models()}
         for preset in hub.PRESETS.values():
-            state = "downloaded" if (hub.preset_dir(preset.name) / "icd.json").is_file() else "-"
-            click.echo(f"{preset.name:16} {state:11} {preset.description}")
+            entry = offline.pop(preset.name, None)
+            state = f"pulled, {_bytes(entry.size_bytes)}" if entry else "-"
+            click.echo(f"{preset.name:16} {state:18} {preset.description}")
         for alias, target in hub.ALIASES.items():
-            click.echo(f"{alias:16} {'':11} alias of {target}")
+            click.echo(f"{alias:16} {'':18} alias of {target}")
+        for entry in offline.values():
+            click.echo(f"{entry.name:16} {entry.source + ', ' + _bytes(entry.size_bytes):18} {entry.path}")
         return
     click.echo(hub.pull(name, force=force))
 
 
+def _bytes(size: float) -> str:
+    """A size for people: 812 B, 4.1 MB, 2.3 GB."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            break
+        size /= 1000
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
 @main.command()
 def info():
-    """Show the device, the available backends and the downloaded models."""
+    """Show the device, the available backends and every model that runs offline."""
     import importlib.util
 
     import torch
@@ -500,14 +715,14 @@ def info():
                             if importlib.util.find_spec(module)]
     click.echo(f"backends: {', '.join(backends)}")
     click.echo(f"cache: {cache.icd_home()}")
-    installed = hub.installed_models()
-    click.echo("models: " + (", ".join(name for name, _ in installed) if installed else "none (run `icd pull sd15`)"))
+    offline = hub.available_models()
+    click.echo("models: " + ", ".join(f"{entry.name} ({entry.source}, {_bytes(entry.size_bytes)})" for entry in offline))
 
 
 @main.command()
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="icd-demo", show_default=True,
               help="Folder for the demo's files.")
-@uses("model", "device", "dtype", "overwrite")
+@uses("model", "device", "dtype", "overwrite", "quiet", "verbose")
 def demo(output, model, device, dtype, overwrite):
     """Invert, edit and reconstruct a sample, offline, and write a before/after picture.
 
@@ -520,7 +735,8 @@ def demo(output, model, device, dtype, overwrite):
     model = model or "mini"
     settings = _settings(_open(model, device, dtype, ("forward", "reverse")), model, 0, None, None, overwrite)
     for path in run_demo(settings, Path(output)):
-        click.echo(path)
+        if not _quiet():
+            click.echo(path)
 
 
 main.add_command(train)

@@ -12,9 +12,10 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from icd import __version__
-from icd.errors import ICDError, InputError
-from icd.images import LoadedImage, from_model_output, load_image, save_image, to_model_input, working_size
-from icd.latents import LatentInfo, is_latent_file, load_latent, save_latent
+from icd.errors import ICDError, InputError, UsageError
+from icd.images import LoadedImage, from_model_output, load_image, probe_image, save_image, to_model_input, working_size
+from icd.latents import LatentInfo, is_latent_file, load_latent, read_latent_info, save_latent
+from icd.models.loading import PRECISIONS
 from icd.models.manifest import Manifest
 from icd.p2p import P2PConfig
 from icd.pipeline import edit, edit_settings, generate, guidance_on_steps, invert, reconstruct
@@ -29,7 +30,8 @@ LATENT_NAME = ".latent.safetensors"
 def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
     """Files as given, folders as their files with `suffixes` (sorted, not recursive), globs expanded.
 
-    A name that matches nothing is kept, so that it fails as its own item with a clear message.
+    A name that matches nothing is kept, so that it fails as its own item with a clear message; nothing at
+    all to work on is a UsageError.
     """
     found: list[Path] = []
     for arg in args:
@@ -41,6 +43,8 @@ def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
             found += sorted(Path(p) for p in glob.glob(arg) if Path(p).is_file())
         else:
             found.append(path)
+    if not found:
+        raise UsageError(f"no input files in {' '.join(args)} (looked for {', '.join(sorted(suffixes))})")
     return list(dict.fromkeys(found))
 
 
@@ -79,8 +83,11 @@ class Settings:
         return self.session.manifest
 
     def metadata(self, **fields) -> dict:
+        """Every parameter that changes the pixels, for the result's metadata (and `icd edit --from`)."""
+        session = self.session
         return {"model": self.model_ref, "model_fingerprint": self.manifest.fingerprint,
-                "icd_version": __version__, **{k: v for k, v in fields.items() if v is not None}}
+                "backend": session.backend, "dtype": PRECISIONS[session.model.dtype], "icd_version": __version__,
+                **{k: v for k, v in fields.items() if v is not None}}
 
     def size_for(self, original: tuple[int, int]) -> tuple[int, int]:
         return working_size(original, resolution=self.manifest.resolution, multiple=self.session.model.size_multiple,
@@ -103,12 +110,26 @@ def invert_file(settings: Settings, path: Path, prompt: str, output: Path) -> Pa
     return output
 
 
-def _load_checked_latent(settings: Settings, path: Path):
-    latent, info = load_latent(path)
-    if info.model_fingerprint != settings.manifest.fingerprint:
+def check_latent(path: Path, manifest: Manifest, model_ref: str) -> LatentInfo:
+    """A latent file's header, and that it was inverted with this model (cheap: no tensor is read)."""
+    info = read_latent_info(path)
+    if info.model_fingerprint != manifest.fingerprint:
         raise InputError(f"{path.name}: inverted with model '{info.model}' ({info.model_fingerprint}), "
-                         f"not '{settings.model_ref}' ({settings.manifest.fingerprint}): use --model {info.model}")
-    return latent, info
+                         f"not '{model_ref}' ({manifest.fingerprint}): use --model {info.model}")
+    return info
+
+
+def check_input(path: Path, manifest: Manifest, model_ref: str) -> None:
+    """The cheap header pass of one edit input: an image's format and size, or a latent's metadata."""
+    if is_latent_file(path):
+        check_latent(path, manifest, model_ref)
+    else:
+        probe_image(path)
+
+
+def _load_checked_latent(settings: Settings, path: Path):
+    check_latent(path, settings.manifest, settings.model_ref)
+    return load_latent(path)
 
 
 def _resized(pixels, info: LatentInfo):
@@ -151,13 +172,23 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
     result = edit(settings.session, latent, source, options.target, method=method, guidance=guidance, tau=tau,
                   p2p=options.p2p, with_reconstruction=False)
     image = from_model_output(result.edited[0], original) if original else _resized(result.edited, info)
-    p2p = options.p2p or P2PConfig()
-    p2p_fields = dict(cross_replace=p2p.cross_replace, self_replace=p2p.self_replace) if method == "p2p" else {}
+    size = {} if original is None else {"width": info.width, "height": info.height}
     metadata = settings.metadata(command="edit", prompt=options.target, source_prompt=source, method=method,
                                  guidance_steps=guidance_on_steps(settings.manifest, guidance, tau),
-                                 guidance_w=guidance, tau=tau, seed=info.seed, source=str(path), **p2p_fields)
+                                 guidance_w=guidance, tau=tau, seed=info.seed, source=str(path), **size,
+                                 **(p2p_fields(options.p2p or P2PConfig()) if method == "p2p" else {}))
     save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
     return output, result.notes
+
+
+def p2p_fields(config: P2PConfig) -> dict:
+    """Prompt-to-Prompt's settings as metadata, in the forms the command line takes them back."""
+    fields = {"cross_replace": config.cross_replace, "self_replace": config.self_replace}
+    if config.amplify is not None:
+        fields["amplify"] = [f"{word}={factor:g}" for word, factor in config.amplify.items()]
+    if config.blend is not None:
+        fields["blend"] = " ".join(config.blend[0]) + ":" + " ".join(config.blend[1])
+    return fields
 
 
 def slug(prompt: str, limit: int = 40) -> str:
@@ -170,6 +201,7 @@ def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, t
                                  multiple=settings.session.model.size_multiple, width=settings.width, height=settings.height)
     pixels = generate(settings.session, prompt, seed, width, height, guidance, tau)
     metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
+                                 width=width, height=height,
                                  guidance_steps=guidance_on_steps(settings.manifest, guidance, tau))
     save_image(from_model_output(pixels[0], None), output, metadata=metadata, overwrite=settings.overwrite)
     return output

@@ -61,7 +61,8 @@ def guidance(config_file, settings, output, resume):
     """Stage 1: distil classifier-free guidance into the base UNet (a w-embedded teacher).
 
     model.path is a diffusers base model (folder or cached hub id) or an iCD model folder (its base is
-    used). Writes teacher.pt (the official teacher format) and an icd.json that `icd train icd` takes.
+    used). Writes teacher.pt (the official teacher format) and an icd.json that `icd train icd` takes; a
+    local base folder is placed inside --output (hard-linked where possible), so the folder can move.
     Settings: [model] path; [data] path, captions, resolution, latent_cache, workers; [train] max_steps,
     batch_size, lr, mixed_precision, ... (see train/config.py); [guidance] scales, embed_dim.
     """
@@ -74,9 +75,11 @@ def icd(config_file, settings, output, resume):
     """Stage 2: distil the forward (encoding) and reverse (decoding) consistency LoRAs.
 
     model.path is a model folder with a guidance-embedded teacher (from `icd train guidance`, or a released
-    iCD model). Writes forward.safetensors, reverse.safetensors and an icd.json that `icd edit --model`
-    runs. Settings: [lora] rank, alpha, targets; [icd] forward_timesteps, reverse_timesteps, ddim_steps,
-    guidance_scales, loss, huber_c, forward_preservation, reverse_preservation, schedule (official or
-    summed), eval_guidance; and [model], [data], [train] as for `guidance`.
+    iCD model). Writes forward.safetensors, reverse.safetensors, the teacher (and a local base folder),
+    hard-linked where possible, and an icd.json that `icd edit --model` runs: a folder that can move, whose
+    edit defaults keep the guidance within icd.guidance_scales. Settings: [lora] rank, alpha, targets;
+    [icd] forward_timesteps, reverse_timesteps, ddim_steps, guidance_scales, loss, huber_c,
+    forward_preservation, reverse_preservation, schedule (official or summed), eval_guidance; and [model],
+    [data], [train] as for `guidance`.
     """
     _run("icd", config_file, settings, output, resume)

@@ -6,6 +6,7 @@ leaves something that looks complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -14,6 +15,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,6 +25,14 @@ from ..errors import ModelError
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUTHY = {"1", "true", "yes", "on"}
+# Errors of the local disk (not of the network) while a download or a build writes into the cache.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                errno.EEXIST}
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent builds there are not guarded
+    fcntl = None
 
 
 def icd_home() -> Path:
@@ -31,6 +42,67 @@ def icd_home() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "icd"
     return Path.home() / ".cache" / "icd"
+
+
+def cache_error(err: OSError) -> ModelError:
+    """A failed write into the cache (a file where a folder should be, no permission, a full disk), in one line."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    return ModelError(f"cannot write to the icd cache ICD_HOME={icd_home()}: {reason}")
+
+
+def is_disk_error(err: OSError) -> bool:
+    """Whether an OSError came from the local disk (a path, a full disk, no permission), not the network."""
+    return not isinstance(err, urllib.error.URLError) and (err.errno in _DISK_ERRNOS or bool(err.filename))
+
+
+@contextmanager
+def writing_cache() -> Iterator[None]:
+    """Around code that writes into the cache: a disk error becomes `cache_error`'s one line."""
+    try:
+        yield
+    except OSError as err:
+        raise cache_error(err) from None
+
+
+_HELD_LOCKS: set[Path] = set()
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock file (flock) between processes; taking it again inside the block is a no-op, so a
+    locked build may call helpers that lock the same file."""
+    path = Path(path)
+    if path in _HELD_LOCKS or fcntl is None:
+        yield
+        return
+    with writing_cache():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(path)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(path)
+
+
+def _verdict_path(key: str) -> Path:
+    return icd_home() / "checked" / key
+
+
+def already_checked(key: str) -> bool:
+    """Whether an expensive check of a model's files (named by `key`, with the model's fingerprint) passed."""
+    return _verdict_path(key).is_file()
+
+
+def remember_checked(key: str) -> None:
+    """Record a passed check so later starts skip it; a cache that cannot be written only costs the check again."""
+    try:
+        _verdict_path(key).parent.mkdir(parents=True, exist_ok=True)
+        _verdict_path(key).touch()
+    except OSError:
+        pass
 
 
 def _offline_var() -> str | None:
@@ -43,7 +115,8 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30
     dest = Path(dest)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with writing_cache():
+        dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
@@ -70,17 +143,27 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30
             return download(url, dest, progress=progress, timeout=timeout)
         raise ModelError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if isinstance(e, OSError) and is_disk_error(e):
+            raise cache_error(e) from None
         raise ModelError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
     if expected is not None and part.stat().st_size != expected:
         raise ModelError(f"cannot download {url}: connection closed early; run again to resume")
-    os.replace(part, dest)
+    with writing_cache():
+        os.replace(part, dest)
     return dest
 
 
+def cached_download_path(url: str) -> Path:
+    """Where a URL's file lives in the cache (one folder per URL, the URL's file name)."""
+    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    if name in ("", ".", ".."):
+        raise ModelError(f"{url}: the URL names no file (its path must end in a file name)")
+    return icd_home() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
 def cached_download(url: str, *, progress: bool = True) -> Path:
-    """A weights file a manifest names by URL, fetched once into the cache (one folder per URL)."""
-    folder = icd_home() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    dest = folder / (posixpath.basename(urllib.parse.urlsplit(url).path) or "download")
+    """A weights file a manifest names by URL, fetched once into the cache."""
+    dest = cached_download_path(url)
     if not dest.exists() and (var := _offline_var()):
         raise ModelError(f"offline ({var} is set): {url} is not in the cache")
     return download(url, dest, progress=progress)

@@ -7,6 +7,7 @@ appears atomically: an interrupted pull never leaves something that looks instal
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import shutil
@@ -16,11 +17,14 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
-from ..errors import ModelError
-from .cache import _offline_var, download, icd_home
-from .manifest import MANIFEST_NAME, Manifest, load_manifest, write_model
+from ..errors import ModelError, UsageError
+from .cache import _offline_var, cache_error, download, icd_home, is_disk_error, writing_cache
+from .manifest import MANIFEST_NAME, Manifest, load_manifest, model_files, write_model
 from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
+
+log = logging.getLogger("icd")
 
 # Models shipped inside the package: `mini`, trained on the miniature world by bench/miniature/recipe.py.
 BUILTIN_MODELS = ("mini",)
@@ -101,9 +105,19 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+def refuse_symlinks(*paths: Path) -> None:
+    """Unpacking and deleting stay inside icd's own folders: one reached through a symbolic link is refused."""
+    for path in paths:
+        if path.is_symlink():
+            raise ModelError(f"{path} is a symbolic link: icd unpacks and deletes only inside its own folders; "
+                             "replace it with a real folder")
+
+
 def safe_extract(archive: Path, target: Path) -> list[Path]:
     """Unpack a tar archive into `target` (replacing it); refuse it whole if any member is hostile."""
     archive, target = Path(archive), Path(target)
+    refuse_symlinks(target.parent, target)
+    staging = None
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
@@ -112,16 +126,16 @@ def safe_extract(archive: Path, target: Path) -> list[Path]:
                     raise ModelError(f"refusing {archive.name}: unsafe member {member.name!r} ({reason})")
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            try:
-                tar.extractall(staging, members=members, filter="data")
-            except BaseException:
-                shutil.rmtree(staging)
-                raise
+            tar.extractall(staging, members=members, filter="data")
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging, target)
     except (tarfile.TarError, EOFError, OSError) as e:
+        if staging is not None and staging.is_dir():
+            shutil.rmtree(staging)
+        if isinstance(e, OSError) and is_disk_error(e):
+            raise cache_error(e) from None
         raise ModelError(f"cannot unpack {archive.name}: {e}") from None
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
     return sorted(p for p in target.rglob("*") if p.is_file() and not p.is_symlink())
 
 
@@ -130,28 +144,29 @@ def _install(archive_name: str, wanted: dict[str, Path], *, base_url: str, force
     """Download and unpack one archive, then move the one file matching each pattern to its path."""
     downloads = icd_home() / "downloads"
     archive = downloads / archive_name
+    unpacked = downloads / archive_name.removesuffix(".tar.gz")
+    refuse_symlinks(downloads, archive, unpacked)
     if force:
         archive.unlink(missing_ok=True)
         archive.with_suffix(archive.suffix + ".part").unlink(missing_ok=True)
     download(base_url.rstrip("/") + "/" + archive_name, archive, progress=progress)
-    unpacked = downloads / archive_name.removesuffix(".tar.gz")
     try:
         files = safe_extract(archive, unpacked)
-    except ModelError:
-        archive.unlink()  # a truncated or bad archive must not be reused by the next pull
-        raise
-    found = {}
-    for pattern in wanted:
-        matches = [f for f in files if fnmatch(f.name, pattern)]
-        if len(matches) != 1:
-            raise ModelError(f"{archive_name} holds {len(matches)} files matching {pattern}, "
-                             "expected exactly one")
-        found[pattern] = matches[0]
-    for pattern, path in wanted.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(found[pattern], path)
-    shutil.rmtree(unpacked)
-    archive.unlink()
+        found = {}
+        for pattern in wanted:
+            matches = [f for f in files if fnmatch(f.name, pattern)]
+            if len(matches) != 1:
+                raise ModelError(f"{archive_name} holds {len(matches)} files matching {pattern}, "
+                                 "expected exactly one")
+            found[pattern] = matches[0]
+        with writing_cache():
+            for pattern, path in wanted.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(found[pattern], path)
+    finally:  # done or refused, the archive and what was unpacked from it go (a bad one must not be reused)
+        if unpacked.is_dir() and not unpacked.is_symlink():
+            shutil.rmtree(unpacked)
+        archive.unlink(missing_ok=True)
 
 
 def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str = DEFAULT_BASE_URL,
@@ -159,12 +174,14 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
     """Download one preset (teacher, LoRAs, optionally the base model) and return its icd.json path."""
     resolved = resolve_preset_name(name)
     if resolved is None:
-        raise ModelError(f"unknown model '{name}'; choose one of: {', '.join([*PRESETS, *ALIASES])}")
+        raise UsageError(f"unknown model '{name}'; choose one of: {', '.join([*PRESETS, *ALIASES])}")
     if var := _offline_var():
         raise ModelError(f"offline ({var} is set): cannot download '{name}'; "
                          f"unset it and run `icd pull {name}` again")
     preset = PRESETS[resolved]
     folder = preset_dir(resolved)
+    with writing_cache():
+        icd_home().mkdir(parents=True, exist_ok=True)
     teacher = icd_home() / "teachers" / preset.kind / preset.teacher_archive.removesuffix(".tar.gz")
     forward, reverse = folder / "forward.safetensors", folder / "reverse.safetensors"
     if force or not teacher.exists():
@@ -198,20 +215,84 @@ def builtin_dir(name: str) -> Path:
     return Path(str(files("icd") / "assets" / name))
 
 
+def _is_path(ref: str) -> bool:
+    """Whether `--model` names a path (./tiny, tiny/, ~/m, a/b) rather than a shipped, pulled or built model."""
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in ref for sep in separators) or ref in (".", "..") or ref.startswith("~")
+
+
 def resolve_model(ref: str) -> Manifest:
-    """`--model` -> manifest: a folder or icd.json path, a shipped model, a downloaded preset, or a model
-    built into the cache's models folder (`icd bench --random-weights`, the test suite's tiny models)."""
+    """`--model` -> manifest. A reference with a path separator is a folder or icd.json path; a bare name is a
+    shipped model or a preset first (a same-named folder here then needs ./name), then a folder here, then a
+    model built into the cache's models folder (`icd bench --random-weights`, the test suite's tiny models)."""
     candidate = Path(ref).expanduser()
+    if _is_path(ref):
+        if not candidate.exists():
+            raise ModelError(f"no model folder or {MANIFEST_NAME} at {ref}")
+        return load_manifest(candidate)
+    preset = resolve_preset_name(ref)
+    if ref in BUILTIN_MODELS or preset is not None:
+        what = "the shipped model" if ref in BUILTIN_MODELS else "a preset"
+        folder_hint = f"for the folder use ./{ref}"
+        if candidate.exists():
+            log.warning("'%s' is %s; %s", ref, what, folder_hint)
+        if ref in BUILTIN_MODELS:
+            return load_manifest(builtin_dir(ref))
+        if (preset_dir(preset) / MANIFEST_NAME).is_file():
+            return load_manifest(preset_dir(preset))
+        hint = f" ({folder_hint})" if candidate.exists() else ""
+        raise ModelError(f"model '{ref}' is not downloaded yet: run `icd pull {ref}`{hint}")
     if candidate.exists():
         return load_manifest(candidate)
-    if ref in BUILTIN_MODELS:
-        return load_manifest(builtin_dir(ref))
-    preset = resolve_preset_name(ref)
-    folder = preset_dir(preset or ref) if "/" not in ref else None
-    if folder is not None and (folder / MANIFEST_NAME).is_file():
-        return load_manifest(folder)
-    if preset is not None:
-        raise ModelError(f"model '{ref}' is not downloaded yet: run `icd pull {ref}`")
+    if (preset_dir(ref) / MANIFEST_NAME).is_file():
+        return load_manifest(preset_dir(ref))
     names = ", ".join([*PRESETS, *ALIASES, *BUILTIN_MODELS])
-    raise ModelError(f"unknown model '{ref}': not a folder with {MANIFEST_NAME}, a preset ({names}) or a model "
+    raise UsageError(f"unknown model '{ref}': not a folder with {MANIFEST_NAME}, a preset ({names}) or a model "
                      f"in {icd_home() / 'models'}")
+
+
+@dataclass(frozen=True)
+class AvailableModel:
+    """A model `--model NAME` finds, for `icd info` and `icd pull --list`."""
+
+    name: str
+    source: Literal["shipped", "pulled", "built"]
+    path: Path  # the model's folder
+    size_bytes: int  # its files, with a teacher and a local base kept elsewhere
+    offline: bool  # whether it runs without the network (nothing left to download)
+
+
+def _files_size(paths: list[Path]) -> int:
+    """Bytes of the files under `paths` (files or folders), each file counted once."""
+    seen: set[Path] = set()
+    for path in paths:
+        for file in ([path] if path.is_file() else path.rglob("*")):
+            if file.is_file():
+                seen.add(file.resolve())
+    return sum(file.stat().st_size for file in seen)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "unet/config.json"), str)
+
+
+def available_models() -> list[AvailableModel]:
+    """The shipped models, then every model folder in the cache's models folder (pulled presets and built
+    ones), by name. A folder whose icd.json cannot be read is left out with a warning."""
+    folders = [(name, "shipped", builtin_dir(name)) for name in BUILTIN_MODELS]
+    models = icd_home() / "models"
+    if models.is_dir():
+        folders += [(f.name, "pulled" if f.name in PRESETS else "built", f) for f in sorted(models.iterdir())
+                    if (f / MANIFEST_NAME).is_file()]
+    available = []
+    for name, source, folder in folders:
+        try:
+            local, remote = model_files(folder)
+        except ModelError as err:
+            log.warning("skipping %s: %s", folder, err)
+            continue
+        offline = all(not ref.startswith(("http://", "https://")) and _in_hub_cache(ref) for ref in remote)
+        available.append(AvailableModel(name, source, folder, _files_size(local), offline))
+    return available

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 from ..core.consistency import Timesteps
 from ..core.denoiser import Conditioning, EpsFn
-from ..errors import ICDError, ModelError
-from .lora import fuse_lora
+from ..errors import ModelError, UsageError
+from .cache import already_checked, remember_checked
+from .lora import first_non_finite, fuse_lora
+from .geometry import multiple_of
 from .manifest import Manifest
 
 log = logging.getLogger("icd")
@@ -29,19 +31,28 @@ PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
 DIRECTIONS = ("forward", "reverse")
 
 
+def _device_choices() -> str:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ", ".join(["auto", "cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count))])
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """`--device`: auto, cpu, cuda or cuda:N of a visible GPU; anything else is one UsageError line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ICDError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ICDError(f"--device {name}: icd runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        why = "not a device icd runs on"
+    elif device.type == "cuda" and not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ICDError(f"--device {name} requested but {why}: use --device cpu")
-    return device
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        why = f"only {torch.cuda.device_count()} CUDA GPU(s) are visible"
+    else:
+        return device
+    raise UsageError(f"--device {name}: {why}; choose one of: {_device_choices()}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -49,9 +60,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ICDError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {name}: unknown precision; choose one of: auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and name == "fp16":
-        raise ICDError("fp16 is not supported on the CPU: use --dtype fp32 or bf16")
+        raise UsageError("--dtype fp16: not supported on the CPU; choose one of: auto, fp32, bf16")
     return DTYPES[name]
 
 
@@ -102,7 +113,8 @@ def unet_from_state(config: dict, state: Mapping, where: str, kind: str | None =
 
 
 def _load_state_dict(path: Path) -> Mapping:
-    """A teacher's weights; `.pt` files are unpickled with weights_only=True (no code runs)."""
+    """A teacher's weights; `.pt` files are unpickled with weights_only=True (no code runs). Anything but a
+    non-empty mapping of parameter names to tensors is one ModelError line."""
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -112,7 +124,25 @@ def _load_state_dict(path: Path) -> Mapping:
         raise ModelError(f"{path}: not a loadable teacher state dict ({str(err).splitlines()[0]})") from None
     if not isinstance(state, Mapping):
         raise ModelError(f"{path}: holds a {type(state).__name__}, not a UNet state dict")
+    if not state:
+        raise ModelError(f"{path}: holds an empty state dict, not the UNet's weights")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ModelError(f"{path}: key {key!r} ({type(key).__name__}) is not a parameter name")
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(f"{path}: '{key}' holds a {type(value).__name__}, not a tensor")
     return state
+
+
+def _finite_once(manifest: Manifest, part: str, path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN or inf weights, checked once per model: the verdict is kept in the cache, keyed by the
+    model's fingerprint, so later starts skip the pass over every weight."""
+    key = f"{manifest.fingerprint}-{part}"
+    if already_checked(key):
+        return
+    if (bad := first_non_finite(tensors)) is not None:
+        raise ModelError(f"{path}: tensor '{bad}' holds NaN or infinite values")
+    remember_checked(key)
 
 
 def load_teacher(manifest: Manifest, config: dict):
@@ -122,6 +152,7 @@ def load_teacher(manifest: Manifest, config: dict):
     if manifest.teacher is None:
         return _from_base(UNet2DConditionModel, manifest.base, "unet")
     state = _load_state_dict(manifest.teacher)
+    _finite_once(manifest, "teacher", manifest.teacher, state)
     return unet_from_state(config, state, str(manifest.teacher), manifest.kind).float()
 
 
@@ -136,7 +167,8 @@ def fuse_unets(manifest: Manifest, config: dict, directions: tuple[str, ...]) ->
         lora = getattr(manifest, f"{direction}_lora")
         if lora is None:
             raise ModelError(f"model '{manifest.name}' has no {direction} LoRA")
-        fuse_lora(unet, lora, manifest.lora_alpha)
+        fuse_lora(unet, lora, manifest.lora_alpha,
+                  check=lambda path, tensors, part=direction: _finite_once(manifest, part, path, tensors))
         fused.append(unet)
     return fused
 
@@ -198,8 +230,7 @@ class Model:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must divide by this so every UNet downsampling stays exact (64 SD1.5, 32 SDXL)."""
-        return self.vae_scale_factor * 2 ** (len(self.unet_config["up_block_types"]) - 1)
+        return multiple_of(self.vae.config, self.unet_config)
 
     def latent_shape(self, width: int, height: int, batch: int = 1) -> tuple[int, ...]:
         f = self.vae_scale_factor

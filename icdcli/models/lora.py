@@ -11,7 +11,9 @@ alpha = rank, as generic loaders do, makes the LoRA eight times too strong.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +40,22 @@ class LoraLayer:
     alpha: float | None = None
 
 
-def read_lora(path: Path, module_names: set[str]) -> dict[str, LoraLayer]:
-    """Group a LoRA file's tensors by the UNet module they adapt (names checked against the UNet)."""
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None when all are finite."""
+    return next((name for name, tensor in tensors.items()
+                 if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+
+
+def read_lora(path: Path, module_names: set[str],
+              check: Callable[[Path, Mapping[str, torch.Tensor]], None] | None = None) -> dict[str, LoraLayer]:
+    """Group a LoRA file's tensors by the UNet module they adapt (names checked against the UNet); `check`
+    sees the file's tensors first (loading's once-per-model NaN/inf check)."""
     try:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises several types for corrupt files
-        raise ModelError(f"{path}: not a readable safetensors LoRA file ({err})") from None
+        raise ModelError(f"{path}: not a readable safetensors LoRA file ({str(err).splitlines()[0]})") from None
+    if check is not None:
+        check(path, tensors)
     kohya_names = {name.replace(".", "_"): name for name in module_names}
     layers: dict[str, LoraLayer] = {}
 
@@ -65,7 +77,12 @@ def read_lora(path: Path, module_names: set[str]) -> dict[str, LoraLayer]:
             alpha = _ALPHA.match(key)
             if not alpha:
                 raise ModelError(f"{path}: unrecognised LoRA key '{key}'")
-            alphas[alpha[1]] = float(tensor.item())
+            if tensor.numel() != 1:
+                raise ModelError(f"{path}: '{key}' must hold one number, not a tensor of shape {tuple(tensor.shape)}")
+            value = float(tensor.float().item())
+            if not (math.isfinite(value) and value > 0):
+                raise ModelError(f"{path}: '{key}' must be a positive finite number, not {value}")
+            alphas[alpha[1]] = value
     for raw, value in alphas.items():
         name = raw if raw in module_names else kohya_names.get(raw, raw)
         if name in layers:
@@ -75,6 +92,9 @@ def read_lora(path: Path, module_names: set[str]) -> dict[str, LoraLayer]:
     for name, layer in layers.items():
         if layer.down is None or layer.up is None:
             raise ModelError(f"{path}: LoRA for '{name}' lacks its {'A/down' if layer.down is None else 'B/up'} matrix")
+        if layer.down.ndim not in (2, 4) or layer.up.ndim != layer.down.ndim:
+            raise ModelError(f"{path}: LoRA for '{name}': A is {tuple(layer.down.shape)} and B "
+                             f"{tuple(layer.up.shape)}, not two matrices (2-D) or two conv kernels (4-D)")
         if layer.down.shape[0] != layer.up.shape[1]:
             raise ModelError(f"{path}: LoRA for '{name}' has A of rank {layer.down.shape[0]} but B of rank {layer.up.shape[1]}")
     return layers
@@ -89,19 +109,35 @@ def lora_delta(layer: LoraLayer, default_alpha: float) -> torch.Tensor:
     return scale * delta.reshape(up.shape[0], *down.shape[1:])
 
 
+def _misfit(layer: LoraLayer, module: nn.Module) -> str | None:
+    """How a LoRA's A and B fail to fit the module they adapt, or None: A is (rank, in[, k, k]), B
+    (out, rank[, 1, 1])."""
+    weight = module.weight
+    rank, kernel = layer.down.shape[0], tuple(weight.shape[2:])
+    takes = f"in={weight.shape[1]}" + (f" with a {kernel[0]}x{kernel[1]} kernel" if kernel else "")
+    want_down, want_up = (rank, *weight.shape[1:]), (weight.shape[0], rank, *(1 for _ in kernel))
+    if tuple(layer.down.shape) != want_down:
+        return f"A is {tuple(layer.down.shape)} but the {type(module).__name__} takes {takes}: A should be {want_down}"
+    if tuple(layer.up.shape) != want_up:
+        return f"B is {tuple(layer.up.shape)} but the {type(module).__name__} gives out={weight.shape[0]}: " \
+               f"B should be {want_up}"
+    return None
+
+
 @torch.no_grad()
-def fuse_lora(unet: nn.Module, path: Path, default_alpha: float) -> int:
-    """Add a LoRA file's updates into the UNet's weights in place; returns the number of layers fused."""
+def fuse_lora(unet: nn.Module, path: Path, default_alpha: float,
+              check: Callable[[Path, Mapping[str, torch.Tensor]], None] | None = None) -> int:
+    """Add a LoRA file's updates into the UNet's weights in place; returns the number of layers fused. Every
+    layer is checked before any weight changes, so a bad file leaves the UNet as it was."""
     modules = dict(unet.named_modules())
-    layers = read_lora(path, set(modules))
+    layers = read_lora(path, set(modules), check)
     for name, layer in layers.items():
         module = modules[name]
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise ModelError(f"{path}: '{name}' is a {type(module).__name__}, not a linear or conv layer")
-        delta = lora_delta(layer, default_alpha)
-        if delta.shape != module.weight.shape:
-            raise ModelError(
-                f"{path}: LoRA for '{name}' has shape {tuple(delta.shape)}, the layer {tuple(module.weight.shape)}"
-            )
-        module.weight += delta.to(module.weight.device, module.weight.dtype)
+        if why := _misfit(layer, module):
+            raise ModelError(f"{path}: LoRA for '{name}': {why}")
+    for name, layer in layers.items():
+        module = modules[name]
+        module.weight += lora_delta(layer, default_alpha).to(module.weight.device, module.weight.dtype)
     return len(layers)

@@ -11,19 +11,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ModelError
 from ..files import atomic_write
-from .cache import cached_download
+from .cache import cached_download, cached_download_path
 from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
 
 MANIFEST_NAME = "icd.json"
 KINDS = ("sd15", "sdxl")
+EDIT_METHODS = ("p2p", "swap", "none")  # what icd.pipeline.edit can do
 WEIGHT_KEYS = ("teacher", "forward_lora", "reverse_lora")
+MAX_STEPS = 16  # a consistency model's few steps; a schedule of hundreds would run for minutes per picture
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -67,19 +74,95 @@ class Manifest:
         return digest.hexdigest()[:16]
 
 
-def _timesteps(data: dict, key: str, where: str) -> tuple[int, ...]:
-    value = data.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(t, int) and 0 < t < 1000 for t in value):
-        raise ModelError(f"{where}: '{key}' must be a non-empty list of integer timesteps in 1..999")
-    return tuple(sorted(value))
+class _Strict(BaseModel):
+    """Strict types: in a manifest the string "8" or true is no number, and a misspelt key is an error."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
-def _weights_path(value, folder: Path, key: str, where: str) -> Path | None:
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Timestep = Annotated[int, Field(ge=1, le=999)]
+
+
+def _few_distinct_steps(steps: list[int]) -> list[int]:
+    """A few distinct boundaries, sorted (the file may list them in any order)."""
+    if len(steps) > MAX_STEPS:
+        raise ValueError(f"{len(steps)} timesteps, but a consistency model takes at most {MAX_STEPS} steps")
+    if repeated := sorted({t for t in steps if steps.count(t) > 1}):
+        raise ValueError(f"each timestep may appear once, {repeated[0]} repeats")
+    return sorted(steps)
+
+
+Timesteps = Annotated[list[Timestep], Field(min_length=1), AfterValidator(_few_distinct_steps)]
+
+
+class _EditSchema(_Strict):
+    method: Literal[EDIT_METHODS] | None = None
+    guidance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    tau: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+
+
+class _DemoSchema(_Strict):
+    image: str
+    source: str
+    target: str
+
+
+class ManifestSchema(_Strict):
+    """What an icd.json may hold; fields it does not name (a description, notes) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = None
+    kind: Literal[KINDS]
+    base: Annotated[str, Field(min_length=1)]
+    teacher: str | None = None
+    guidance_embed_dim: Annotated[int, Field(gt=0, multiple_of=2)] | None = None
+    forward_lora: str | None = None
+    reverse_lora: str | None = None
+    lora_alpha: PositiveNumber = LORA_ALPHA
+    forward_timesteps: Timesteps
+    reverse_timesteps: Timesteps
+    resolution: Annotated[int, Field(ge=8)] | None = None
+    edit: _EditSchema = _EditSchema()
+    demo: _DemoSchema | None = None
+
+
+def _schema_problem(err: ValidationError) -> str:
+    """Pydantic's first complaint, compactly: "field 'edit.tau': Input should be ... (got 1.5)"."""
+    first = err.errors(include_url=False)[0]
+    names = [str(part) for part in first["loc"] if isinstance(part, str)]
+    items = [str(part) for part in first["loc"] if isinstance(part, int)]
+    where = f"field '{'.'.join(names)}'" + (f" (item {', '.join(items)})" if items else "")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "model_type":  # pydantic would name the schema class
+        message = "Input should be a JSON object"
+    value = first.get("input")
+    if first["type"] != "missing" and not isinstance(value, (dict, list)):
+        message += f" (got {reprlib.repr(value)})"
+    return f"{where}: {message}"
+
+
+def validate_fields(data, where: str) -> ManifestSchema:
+    """The manifest's fields checked against the schema (no file is looked at); one ModelError line."""
+    if not isinstance(data, dict):
+        raise ModelError(f"{where}: the manifest must be a JSON object")
+    try:
+        return ManifestSchema.model_validate(data)
+    except ValidationError as err:
+        raise ModelError(f"{where}: {_schema_problem(err)}") from None
+    except RecursionError:
+        raise ModelError(f"{where}: the manifest is nested too deeply") from None
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _weights_path(value: str | None, folder: Path, key: str, where: str) -> Path | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ModelError(f"{where}: '{key}' must be a path or URL")
-    if value.startswith(("http://", "https://")):
+    if _is_url(value):
         return cached_download(value)
     path = (folder / value).resolve()
     if not path.is_file():
@@ -89,45 +172,44 @@ def _weights_path(value, folder: Path, key: str, where: str) -> Path | None:
 
 def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = None) -> Manifest:
     """Validate a manifest dict; every problem becomes one ModelError line naming the field."""
-    kind = data.get("kind")
-    if kind not in KINDS:
-        raise ModelError(f"{where}: 'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
-    base = data.get("base")
-    if not isinstance(base, str) or not base:
-        raise ModelError(f"{where}: 'base' must name a diffusers folder or a hub id")
-    local_base = (folder / base).resolve()
-    teacher = _weights_path(data.get("teacher"), folder, "teacher", where)
-    embed_dim = data.get("guidance_embed_dim", GUIDANCE_EMBED_DIM if teacher else None)
-    if embed_dim is not None and (not isinstance(embed_dim, int) or embed_dim <= 0 or embed_dim % 2):
-        raise ModelError(f"{where}: 'guidance_embed_dim' must be a positive even integer")
-    forward, reverse = _timesteps(data, "forward_timesteps", where), _timesteps(data, "reverse_timesteps", where)
-    resolution = data.get("resolution", 512 if kind == "sd15" else 1024)
-    if not isinstance(resolution, int) or resolution < 8:
-        raise ModelError(f"{where}: 'resolution' must be an integer number of pixels")
-    edit_defaults = data.get("edit", {})
-    if not isinstance(edit_defaults, dict) or not set(edit_defaults) <= {"method", "guidance", "tau"}:
-        raise ModelError(f"{where}: 'edit' may only set method, guidance and tau")
-    demo = data.get("demo")
+    fields = validate_fields(data, where)
+    local_base = (folder / fields.base).resolve()
+    teacher = _weights_path(fields.teacher, folder, "teacher", where)
+    embed_dim = fields.guidance_embed_dim
+    if "guidance_embed_dim" not in fields.model_fields_set and teacher is not None:
+        embed_dim = GUIDANCE_EMBED_DIM
+    demo = fields.demo
     if demo is not None:
-        if not isinstance(demo, dict) or not all(isinstance(demo.get(k), str) for k in ("image", "source", "target")):
-            raise ModelError(f"{where}: 'demo' must give an image path, a source and a target prompt")
-        demo = (_weights_path(demo["image"], folder, "demo image", where), demo["source"], demo["target"])
+        demo = (_weights_path(demo.image, folder, "demo image", where), demo.source, demo.target)
     return Manifest(
-        name=str(data.get("name") or folder.name),
-        kind=kind,
-        base=str(local_base) if local_base.is_dir() else base,
+        name=fields.name or folder.name,
+        kind=fields.kind,
+        base=str(local_base) if local_base.is_dir() else fields.base,
         teacher=teacher,
         guidance_embed_dim=embed_dim,
-        forward_lora=_weights_path(data.get("forward_lora"), folder, "forward_lora", where),
-        reverse_lora=_weights_path(data.get("reverse_lora"), folder, "reverse_lora", where),
-        lora_alpha=float(data.get("lora_alpha", LORA_ALPHA)),
-        forward_timesteps=forward,
-        reverse_timesteps=reverse,
-        resolution=resolution,
+        forward_lora=_weights_path(fields.forward_lora, folder, "forward_lora", where),
+        reverse_lora=_weights_path(fields.reverse_lora, folder, "reverse_lora", where),
+        lora_alpha=fields.lora_alpha,
+        forward_timesteps=tuple(fields.forward_timesteps),
+        reverse_timesteps=tuple(fields.reverse_timesteps),
+        resolution=fields.resolution or (512 if fields.kind == "sd15" else 1024),
         path=path,
-        edit_defaults=tuple(sorted(edit_defaults.items())),
+        edit_defaults=tuple(sorted(fields.edit.model_dump(exclude_none=True).items())),
         demo=demo,
     )
+
+
+def _read_json(path: Path):
+    """A manifest file's JSON, refused before parsing when it is too large to be one."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ModelError(f"{path}: {size} bytes, over the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may have")
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path}: not a readable JSON manifest ({err})") from None
+    except RecursionError:
+        raise ModelError(f"{path}: not a readable JSON manifest (nested too deeply)") from None
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -137,13 +219,27 @@ def load_manifest(path: str | Path) -> Manifest:
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise ModelError(f"no model manifest at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{path}: not a readable JSON manifest ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: the manifest must be a JSON object")
-    return parse_manifest(data, path.parent, str(path), path)
+    return parse_manifest(_read_json(path), path.parent, str(path), path)
+
+
+def model_files(path: str | Path) -> tuple[list[Path], list[str]]:
+    """What a model folder (or icd.json) is made of without fetching anything: the local files it uses (its
+    folder, teacher, LoRAs, local base), and what it still needs from the network (uncached URLs, a hub base)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    fields = validate_fields(_read_json(path), str(path))
+    folder = path.parent
+    local, remote = [folder], []
+    for value in (fields.teacher, fields.forward_lora, fields.reverse_lora):
+        if value is not None and _is_url(value):
+            cached = cached_download_path(value)
+            local.append(cached) if cached.is_file() else remote.append(value)
+        elif value is not None and (folder / value).is_file():
+            local.append((folder / value).resolve())
+    base = folder / fields.base
+    local.append(base.resolve()) if base.is_dir() else remote.append(fields.base)
+    return local, remote
 
 
 def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callable[[Path], object]] | None = None,
@@ -161,7 +257,7 @@ def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callabl
     data = dict(fields)
     for key in (*WEIGHT_KEYS, "base"):
         value = data.get(key)
-        if value is not None and not str(value).startswith(("http://", "https://")) and (folder / value).exists():
+        if value is not None and not _is_url(str(value)) and (folder / value).exists():
             data[key] = _relative(folder / value, folder)
     parse_manifest(data, folder, str(folder / MANIFEST_NAME))
     path = folder / MANIFEST_NAME

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import icd_home
+from .cache import exclusive_lock, icd_home, writing_cache
 from .manifest import MANIFEST_NAME, write_model
 from .official import FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, LORA_ALPHA, LORA_RANK, REVERSE_TIMESTEPS
 
@@ -88,13 +88,22 @@ def _lora(unet, generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 def build_random_model(kind: str, seed: int = 0) -> Path:
     """The random-weights model folder of `kind` (sd15 or sdxl), built on first use; returns its icd.json."""
+    folder = random_model_dir(kind)
+    if (folder / MANIFEST_NAME).is_file():
+        return folder / MANIFEST_NAME
+    # Two processes starting on a fresh cache: one builds, the other waits and then finds the model.
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock")), writing_cache():
+        if (folder / MANIFEST_NAME).is_file():
+            return folder / MANIFEST_NAME
+        return _build(kind, folder, seed)
+
+
+def _build(kind: str, folder: Path, seed: int) -> Path:
+    """Write the model folder (under build_random_model's lock; icd.json last, so a folder with one is whole)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = random_model_dir(kind)
-    if (folder / MANIFEST_NAME).is_file():
-        return folder / MANIFEST_NAME
     config = CONFIGS[kind]
     torch.manual_seed(seed)
 

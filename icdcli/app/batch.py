@@ -1,0 +1,235 @@
+"""Batches: every item planned and checked before any model loads, then each run behind its own wall.
+
+Planning names every output (unambiguously when two inputs share a name), refuses an output that would
+replace an input or an existing file (unless --overwrite; --skip-existing resumes a batch), and reads each
+input's header, so a batch that would fail at item 100 says so at once. Running turns any exception of an
+item into that item's one line; the batch goes on, and the exit code says whether everything worked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icd.errors import ICDError, UsageError
+from icd.files import sweep_temporaries
+
+log = logging.getLogger("icd")
+
+# How many parent folders may be put in front of a name to tell apart two inputs of the same name.
+MAX_NAME_DEPTH = 4
+
+
+@dataclass
+class Item:
+    """One unit of work: what the user named (`label`), its input (a file or a seed) and its output."""
+
+    label: str
+    source: Path | int
+    output: Path
+    error: str | None = None  # found while planning: reported, never run
+    skipped: bool = False  # --skip-existing and the output is there
+
+    @property
+    def runnable(self) -> bool:
+        return self.error is None and not self.skipped
+
+
+@dataclass
+class Report:
+    """What a batch printed, for the exit code: 0 all done, 1 an item failed."""
+
+    failed: int = 0
+    done: int = 0
+    skipped: int = 0
+    notes: set[str] = field(default_factory=set)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def debugging() -> bool:
+    """Tracebacks of unexpected errors are shown with -v or ICD_DEBUG=1."""
+    return os.environ.get("ICD_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"} or \
+        logging.getLogger("icd").isEnabledFor(logging.DEBUG)
+
+
+def error_line(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"icd: error: {message}", file=sys.stderr)
+
+
+def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[Path, str]:
+    """Each input's output name; inputs whose names clash get their parent folders' names in front
+    (a/x.png and b/x.png -> a-x-edit.png, b-x-edit.png). Inputs that cannot be told apart are a UsageError."""
+    names = {path: name_for(path) for path in inputs}
+    for depth in range(1, MAX_NAME_DEPTH + 1):
+        clashes = _clashes(names)
+        if not clashes:
+            return names
+        for path in (p for group in clashes for p in group):
+            parents = path.resolve().parent.parts[1:][-depth:]
+            names[path] = "-".join([*parents, name_for(path)])
+    if clashes := _clashes(names):
+        first, second = clashes[0][:2]
+        raise UsageError(f"{first} and {second} would both be written to {names[first]}: run them separately")
+    return names
+
+
+def _clashes(names: dict[Path, str]) -> list[list[Path]]:
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path, name in names.items():
+        groups[name.lower()].append(path)  # case-insensitive file systems clash on case alone
+    return [group for group in groups.values() if len(group) > 1]
+
+
+class _Inputs:
+    """The batch's input files, to tell whether an output would be one of them (by path or, through a link,
+    by identity), in one lookup per output."""
+
+    def __init__(self, paths: Iterable[Path]):
+        self.paths, self.identities = set(), set()
+        for path in paths:
+            self.paths.add(path.resolve())
+            with suppress(OSError):
+                self.identities.add(_identity(path))
+
+    def __contains__(self, output: Path) -> bool:
+        if output.resolve() in self.paths:
+            return True
+        try:
+            return _identity(output) in self.identities
+        except OSError:  # not there yet: it cannot be an input
+            return False
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+def plan(items: list[Item], inputs: Iterable[Path], *, overwrite: bool, skip_existing: bool,
+         check: Callable[[Item], None] | None = None) -> list[Item]:
+    """Mark the items that must not run: an output that is one of the inputs, an existing output (an error
+    without --overwrite, skipped with --skip-existing), and an input whose header `check` refuses."""
+    inputs = _Inputs(inputs)
+    for item in items:
+        if item.output in inputs:
+            item.error = f"{item.label}: the output {item.output} is one of the inputs: choose another -o"
+        elif item.output.exists() and not overwrite:
+            if skip_existing:
+                item.skipped = True
+            else:
+                item.error = f"{item.label}: {item.output} exists (use --overwrite to replace it, " \
+                             "or --skip-existing to leave it)"
+        if item.runnable and check is not None:
+            try:
+                check(item)
+            except ICDError as err:
+                item.error = _named(item.label, str(err))
+    for folder in {item.output.parent for item in items}:
+        if folder.is_dir() and (swept := sweep_temporaries(folder)):
+            log.info("removed %d temporary file(s) left in %s by an interrupted run", swept, folder)
+    return items
+
+
+def _named(label: str, message: str) -> str:
+    """Every item's line starts with the item, once."""
+    return message if message.startswith((label, Path(label).name)) else f"{label}: {message}"
+
+
+def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as_json: bool, quiet: bool) -> Report:
+    """Report the planned failures at once, then run `work` on the others, each behind a wall."""
+    from tqdm import tqdm
+
+    report = Report()
+    runnable = []
+    for item in items:
+        if item.error:
+            _finish(report, item, {"status": "error", "error": item.error}, as_json, quiet)
+        elif item.skipped:
+            _finish(report, item, {"status": "skipped", "output": str(item.output)}, as_json, quiet)
+        else:
+            runnable.append(item)
+    if runnable and work is None:
+        raise ValueError("run: items to run but no work")
+    if report.skipped:
+        log.info("skipped %d item(s) whose output exists", report.skipped)
+    bar = tqdm(runnable, file=sys.stderr, disable=True if quiet else None, unit="item", dynamic_ncols=True,
+               leave=False)
+    for item in bar:
+        started = time.perf_counter()
+        record = _attempt(item, work, report)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        _finish(report, item, record, as_json, quiet)
+    bar.close()
+    if report.failed and len(items) > 1:
+        error_line(f"{report.failed} of {len(items)} items failed")
+    return report
+
+
+def _attempt(item: Item, work, report: Report) -> dict:
+    """One item's wall: whatever it raises becomes its one line (KeyboardInterrupt and exits pass)."""
+    try:
+        output, notes = work(item)
+    except ICDError as err:
+        return {"status": "error", "error": _named(item.label, str(err))}
+    except Exception as err:  # the wall: an unexpected failure of one item must not end the batch
+        if _is_out_of_memory(err):
+            return {"status": "error", "error": f"{item.label}: out of memory: try a smaller --width/--height "
+                                                "or --dtype fp16"}
+        if debugging():
+            traceback.print_exc(file=sys.stderr)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        hint = "" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)"
+        return {"status": "error", "error": f"{item.label}: unexpected {type(err).__name__}: {first}{hint}"}
+    for note in notes:
+        if note not in report.notes:
+            report.notes.add(note)
+            log.warning(note)
+    return {"status": "ok", "output": str(output)}
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return True
+    return False
+
+
+def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    status = record["status"]
+    if status == "error":
+        report.failed += 1
+        error_line(record["error"])
+    elif status == "skipped":
+        report.skipped += 1
+    else:
+        report.done += 1
+    if as_json:
+        tqdm.write(json.dumps({"input": item.label, **record}), file=sys.stdout)
+    elif status == "ok" and not quiet:
+        tqdm.write(record["output"], file=sys.stdout)
+
+
+def file_items(paths: list[Path], output: str | None, name_for: Callable[[Path], str]) -> list[Item]:
+    """One item per input file; its output is -o for a single result, else a distinct name in -o's folder."""
+    from .jobs import output_path
+
+    many = len(paths) > 1
+    names = distinct_names(paths, name_for)
+    return [Item(str(path), path, output_path(output, names[path], many)) for path in paths]
