@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -23,16 +22,7 @@ from fixtures.tiny import build_tiny_model  # noqa: E402
 
 from icd import pipeline  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 
 
 def main() -> None:

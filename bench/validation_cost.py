@@ -15,9 +15,7 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +27,7 @@ from PIL import Image  # noqa: E402
 from icd.app.batch import file_items, plan  # noqa: E402
 from icd.app.jobs import EditOptions, Settings, check_input, edit_file, invert_file, output_stem  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
+from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 
 
 def photo(path: Path, seed: int) -> Path:
@@ -38,15 +37,6 @@ def photo(path: Path, seed: int) -> Path:
     pixels = np.clip(gradient + rng.normal(0, 20, (768, 1024, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
     return path
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment above)
 
+from fixtures.downloads import Server  # noqa: E402
 from fixtures.tiny import TINY_KINDS, build_tiny_model  # noqa: E402
 
 # The tiny test models gain nothing from a thread pool, which stalls badly when the machine is busy.
@@ -33,3 +34,20 @@ def icd_home(tmp_path_factory, tiny_models):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ICD_HOME", str(home))
         yield home
+
+
+@pytest.fixture
+def server():
+    """A loopback file server for download tests."""
+    server = Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty icd cache with downloads allowed (they only ever reach the loopback server)."""
+    monkeypatch.setenv("ICD_HOME", str(tmp_path / "icd"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return tmp_path / "icd"

@@ -26,7 +26,7 @@ from icd.models import cache, hub, loading, lora
 from icd.models.hub import available_models, resolve_model
 from icd.models.loading import fuse_unets, load_teacher, resolve_device, resolve_dtype, unet_config
 from icd.models.manifest import MAX_STEPS, load_manifest, parse_manifest, write_model
-from test_hub import Server, targz
+from tests.fixtures.downloads import targz
 
 TESTS = Path(__file__).parent
 VALID = {"kind": "sd15", "base": "base", "forward_timesteps": [19, 259], "reverse_timesteps": [259, 999]}
@@ -215,18 +215,6 @@ def test_lora_shapes_checked_before_any_weight_changes(tiny, tmp_path, change, e
 
 # --- downloads and archives ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def server():
-    server = Server()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ICD_HOME", str(tmp_path / "icd"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    return tmp_path / "icd"
 
 
 @pytest.mark.parametrize("url", ["https://example.com/weights/..", "https://example.com/", "https://example.com",
