@@ -158,6 +158,11 @@ def onnx_name(direction: str, precision: str) -> str:
     return f"unet-{direction}-{precision}.onnx"
 
 
+def steered_onnx_name(precision: str) -> str:
+    """The reverse UNet's Prompt-to-Prompt graph (kind "onnx-p2p"), beside its plain graph."""
+    return f"unet-reverse-p2p-{precision}.onnx"
+
+
 def fused_name(direction: str, precision: str) -> str:
     return f"unet-{direction}-{precision}.safetensors"
 

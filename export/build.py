@@ -11,7 +11,7 @@ from icd.models.cache import writing_cache
 from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
 from icd.models.manifest import Manifest
 
-from .artifacts import Built, Index, fused_name, fused_unets, onnx_name, save_fused_unet
+from .artifacts import Built, Index, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
 from .onnx import example_latent, export_unet, verify_graph, verify_latent
 
 log = logging.getLogger("icd")
@@ -51,8 +51,12 @@ def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[st
         def stale(kind: str, wanted) -> list[str]:
             return [p for p in sorted(wanted) if force or not index.find(kind=kind, direction=direction, precision=p)]
 
+        # The reverse UNet also has the Prompt-to-Prompt graph, built and reused like the plain one.
+        steered = direction == "reverse"
+        stale_steered = stale("onnx-p2p", graph_precisions) if steered else []
         stale_weights, stale_graphs = stale("unet", precisions), stale("onnx", graph_precisions)
-        unet = _fp32_unet(manifest, config, direction, force) if stale_weights or stale_graphs else None
+        unet = _fp32_unet(manifest, config, direction, force) if stale_weights or stale_graphs or stale_steered \
+            else None
         if unet is not None:  # loading may have found a damaged file and forgotten it
             index.reload()
             stale_weights = stale("unet", precisions)
@@ -65,11 +69,17 @@ def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[st
             if precision in stale_graphs:
                 _export_graph(index, unet, direction, precision, device)
             done.append(Built(onnx_name(direction, precision), precision not in stale_graphs))
+        for precision in sorted(graph_precisions) if steered else ():
+            if precision in stale_steered:  # after the plain graph: this one sets P2P processors on the UNet
+                _export_graph(index, unet, direction, precision, device, steered=True)
+            done.append(Built(steered_onnx_name(precision), precision not in stale_steered))
         if tensorrt:
             from .tensorrt import ensure_engine
 
             sizes = sizes or ((manifest.resolution,) * 2,)
             done.append(ensure_engine(index, direction, config, sizes, max_batch, force))
+            if steered:
+                done.append(ensure_engine(index, direction, config, sizes, max_batch, force, steered=True))
     return done
 
 
@@ -80,12 +90,14 @@ def _fp32_unet(manifest: Manifest, config: dict, direction: str, force: bool):
     return fused_unets(manifest, config, (direction,), torch.float32, torch.device("cpu"))[0]
 
 
-def _export_graph(index: Index, unet, direction: str, precision: str, device: torch.device) -> None:
-    """Export at the odd example size and batch 2, check at another size and batch 1, record both."""
-    log.info("exporting the %s UNet to ONNX (%s)", direction, precision)
-    name = onnx_name(direction, precision)
-    files = export_unet(unet, index.folder / name, precision, device)
-    latent = verify_latent(unet.config)
-    error = verify_graph(index.folder / name, unet, precision, batch=1, latent=latent)
-    index.record(name, files, kind="onnx", direction=direction, precision=precision,
-                 example=[2, *example_latent(unet.config)], verified=[1, *latent], relative_error=error)
+def _export_graph(index: Index, unet, direction: str, precision: str, device: torch.device,
+                  steered: bool = False) -> None:
+    """Export at the odd example size and batch 2, check at another size and batch 1 (2: one source and
+    target pair for the Prompt-to-Prompt graph), record both."""
+    log.info("exporting the %s UNet%s to ONNX (%s)", direction, " with prompt-to-prompt" if steered else "", precision)
+    name = steered_onnx_name(precision) if steered else onnx_name(direction, precision)
+    files = export_unet(unet, index.folder / name, precision, device, steered=steered)
+    latent, batch = verify_latent(unet.config), 2 if steered else 1
+    error = verify_graph(index.folder / name, unet, precision, batch=batch, latent=latent, steered=steered)
+    index.record(name, files, kind="onnx-p2p" if steered else "onnx", direction=direction, precision=precision,
+                 example=[2, *example_latent(unet.config)], verified=[batch, *latent], relative_error=error)

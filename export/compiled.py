@@ -1,4 +1,11 @@
-"""torch.compile as an engine: the PyTorch UNet compiled, supplying the same epsilon function."""
+"""torch.compile as an engine: the PyTorch UNet compiled, supplying the same epsilon function, and the
+steered reverse UNet of Prompt-to-Prompt compiled the same way (its control is tensor inputs, so one graph
+per shape serves every step, row and edit).
+
+With CUDA graphs (max-autotune) a compiled call returns a buffer that the next replay of the same graph
+overwrites, so each call's output is cloned: two-pass guidance calls the UNet twice before it reads the first
+output, and the blend maps are kept across the steps of an edit.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,10 @@ import torch
 
 from icd.core.denoiser import EpsFn
 from icd.models.loading import unet_eps
+from icd.p2p import steered_eps
+
+BACKEND = "inductor"  # the compiler; tests set a fast one ("eager", "aot_eager")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def choose_compile_mode(device: torch.device, static_shapes: bool) -> str:
@@ -14,5 +25,29 @@ def choose_compile_mode(device: torch.device, static_shapes: bool) -> str:
     return "max-autotune" if device.type == "cuda" and static_shapes else "default"
 
 
+def compile_module(module, mode: str):
+    """One full graph per input shape; the mode applies to the inductor backend only."""
+    if BACKEND == "inductor":
+        return torch.compile(module, mode=mode, fullgraph=True)
+    return torch.compile(module, backend=BACKEND, fullgraph=True)
+
+
+def _cloned(run, mode: str):
+    """`run` whose outputs survive the next CUDA-graph replay (a no-op without CUDA graphs)."""
+    if mode not in CUDA_GRAPH_MODES:
+        return run
+
+    def owned(*args):
+        out = run(*args)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+    return owned
+
+
 def compiled_eps(unet, dtype: torch.dtype, mode: str) -> EpsFn:
-    return unet_eps(torch.compile(unet, mode=mode, fullgraph=True), dtype)
+    return _cloned(unet_eps(compile_module(unet, mode), dtype), mode)
+
+
+def compiled_steered(module, dtype: torch.dtype, mode: str):
+    """The steered run (x, t, cond, timestep_cond, control) -> (eps, blend maps) of a compiled `SteeredUNet`."""
+    return _cloned(steered_eps(compile_module(module, mode), dtype), mode)

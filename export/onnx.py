@@ -6,6 +6,11 @@ e(w) stay inputs: all they feed (the time-embedding MLP and each block's project
 SD1.5 UNet call's FLOPs at 512x512 (counted), so baking them per boundary timestep would multiply the
 graphs for nothing. Batch and latent size are dynamic.
 
+The reverse UNet has a second graph for Prompt-to-Prompt (`steered_graph_name`): the same UNet with its
+attention processors steered by the control tensors of `icd.p2p` as further inputs (`CONTROL_NAMES`), and
+the blend-word attention LocalBlend needs as a second output. It is exported once per model, not per prompt
+pair: the prompts, windows and steps are all inputs.
+
 diffusers' UNet picks a Python branch on whether the latent divides by 2**upsamplers; a traced graph keeps
 only the branch its example took. The example is therefore an "odd" size, whose branch (explicit upsample
 sizes) is right for every size, and each graph is checked in ONNX Runtime at another size and batch.
@@ -25,6 +30,7 @@ import torch
 from icd.core.consistency import Timesteps
 from icd.core.denoiser import Conditioning
 from icd.errors import ICDError
+from icd.p2p import CONTROL_NAMES, LEVELS, blend_level, level_grid, steer_attention, steered_call
 
 OPSET = 17
 TEXT_TOKENS = 77
@@ -44,12 +50,35 @@ class UNetGraph(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
+    outputs = ("eps",)
+
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        names = input_names(self.unet.config)[3:]
-        kwargs = dict(zip(names, extra))
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **self._kwargs(extra))[0]
+
+    def _kwargs(self, extra) -> dict:
+        kwargs = dict(zip(input_names(self.unet.config)[3:], extra))
         added = {k: kwargs.pop(k) for k in ("text_embeds", "time_ids") if k in kwargs}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added or None,
-                         return_dict=False, **kwargs)[0]
+        return {"added_cond_kwargs": added or None, **kwargs}
+
+
+class SteeredGraph(UNetGraph):
+    """The reverse UNet steered by Prompt-to-Prompt: the control tensors follow the UNet's inputs, and the
+    blend-word attention of the blend level comes out beside eps."""
+
+    outputs = ("eps", "blend_maps")
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        steer_attention(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        split = len(extra) - len(CONTROL_NAMES)
+        return steered_call(self.unet, sample, timestep, extra[split:], encoder_hidden_states=encoder_hidden_states,
+                            **self._kwargs(extra[:split]))
+
+
+def graph_class(steered: bool) -> type[UNetGraph]:
+    return SteeredGraph if steered else UNetGraph
 
 
 def input_names(config) -> list[str]:
@@ -59,6 +88,21 @@ def input_names(config) -> list[str]:
     if config.get("addition_embed_type") == "text_time":
         names += ["text_embeds", "time_ids"]
     return names
+
+
+def control_shapes() -> dict[str, tuple[int, ...]]:
+    """The Prompt-to-Prompt control inputs' shapes: fixed, whatever the batch and latent."""
+    return {"p2p_cross": (1,), "p2p_self": (LEVELS,), "p2p_weights": (TEXT_TOKENS, TEXT_TOKENS),
+            "p2p_keep": (TEXT_TOKENS,), "p2p_equalizer": (TEXT_TOKENS,), "p2p_blend": (2, TEXT_TOKENS)}
+
+
+def random_control(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Control inputs that edit: some self-attention levels and cross-attention on, a few kept tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    uniform = {name: torch.rand(shape, generator=generator) for name, shape in control_shapes().items()}
+    return {"p2p_cross": torch.tensor([True]), "p2p_self": torch.arange(LEVELS) % 2 == 1,
+            "p2p_weights": uniform["p2p_weights"].softmax(-1), "p2p_keep": uniform["p2p_keep"] > 0.8,
+            "p2p_equalizer": 1 + uniform["p2p_equalizer"], "p2p_blend": (uniform["p2p_blend"] > 0.8).float()}
 
 
 def input_shapes(config, batch: int, latent: tuple[int, int]) -> dict[str, tuple[int, ...]]:
@@ -113,25 +157,36 @@ def random_inputs(config, batch: int, latent: tuple[int, int], dtype: torch.dtyp
     return feeds
 
 
-def export_unet(unet, path: Path, precision: str, device: torch.device) -> list[Path]:
-    """Trace the UNet (any dtype, any device) into `path` (+ `path.data` for the weights) in `precision`."""
+def graph_feeds(config, batch: int, latent: tuple[int, int], precision: str, steered: bool, seed: int) -> dict:
+    """Random inputs of a graph by name: floats in the precision, the timestep and the control as they are."""
+    dtype = DTYPES[precision]
+    feeds = {name: t if name == "timestep" else t.to(dtype)
+             for name, t in random_inputs(config, batch, latent, torch.float32, seed).items()}
+    return feeds | (random_control(seed) if steered else {})
+
+
+def export_unet(unet, path: Path, precision: str, device: torch.device, steered: bool = False) -> list[Path]:
+    """Trace the UNet (any dtype, any device) into `path` (+ `path.data` for the weights) in `precision`;
+    `steered`: the Prompt-to-Prompt graph (its processors are set on the UNet)."""
     import onnx
 
     dtype = DTYPES[precision]
     same = unet.dtype == dtype and unet.device == device
-    graph = UNetGraph(unet if same else copy.deepcopy(unet).to(device, dtype)).eval()
-    names = input_names(unet.config)
-    example = random_inputs(unet.config, 2, example_latent(unet.config), dtype)
+    graph = graph_class(steered)(unet if same else copy.deepcopy(unet).to(device, dtype)).eval()
+    example = graph_feeds(unet.config, 2, example_latent(unet.config), precision, steered, seed=0)
+    names = list(example)
     example = tuple(example[name].to(device) for name in names)
-    axes = {name: {0: "batch"} for name in names} | {"sample": {0: "batch", 2: "height", 3: "width"},
-                                                      "eps": {0: "batch", 2: "height", 3: "width"}}
+    axes = {name: {0: "batch"} for name in input_names(unet.config)} | {
+        "sample": {0: "batch", 2: "height", 3: "width"}, "eps": {0: "batch", 2: "height", 3: "width"},
+        "blend_maps": {1: "blend_tokens"}}
+    axes = {name: axis for name, axis in axes.items() if name in names or name in graph.outputs}
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings(), torch.inference_mode(False):
         # The legacy exporter's deprecation notice and the tracer's notes on Python branches (see above).
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         traced = Path(scratch) / "unet.onnx"
         try:
-            torch.onnx.export(graph, example, str(traced), dynamo=False, input_names=names, output_names=["eps"],
+            torch.onnx.export(graph, example, str(traced), dynamo=False, input_names=names, output_names=list(graph.outputs),
                               dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
         except Exception as err:  # the exporter raises many types
             raise ExportError(f"ONNX export failed: {str(err).splitlines()[0]}") from None
@@ -144,8 +199,23 @@ def export_unet(unet, path: Path, precision: str, device: torch.device) -> list[
     return [path, data]
 
 
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def ort_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one CUDA stream that ONNX Runtime runs on and binds its I/O on, per device.
+
+    Not torch's default stream: its handle is 0, which ONNX Runtime reads as "no stream given" and then runs
+    on a stream of its own that nothing orders against torch's work. This stream is a real handle given to
+    the session, and each run makes it wait for torch's current stream (the inputs are written) and torch's
+    current stream wait for it (the outputs are written), so ORT's end-of-run host sync can stay off."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
+
+
 def onnx_session(path: Path, device: torch.device):
-    """An ONNX Runtime session on the CPU or, for a CUDA device, the CUDA provider on torch's stream.
+    """An ONNX Runtime session on the CPU or, for a CUDA device, the CUDA provider on `ort_stream`.
 
     On the CPU only the basic graph optimisations run: for the SD1.5 UNet they make a session in 2.3 s
     instead of 14 s with all of them, for calls 1.3x slower (1.6 s instead of 1.3 s at 128 px on the
@@ -157,7 +227,7 @@ def onnx_session(path: Path, device: torch.device):
     options.graph_optimization_level = levels.ORT_ENABLE_ALL if device.type == "cuda" else levels.ORT_ENABLE_BASIC
     options.log_severity_level = 3
     if device.type == "cuda":  # backends.select_backend has checked that onnxruntime has this provider
-        stream = torch.cuda.current_stream(device).cuda_stream
+        stream = ort_stream(device).cuda_stream
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream)})]
     else:
         options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch's
@@ -165,17 +235,20 @@ def onnx_session(path: Path, device: torch.device):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def verify_graph(path: Path, unet, precision: str, batch: int, latent: tuple[int, int]) -> float:
+def verify_graph(path: Path, unet, precision: str, batch: int, latent: tuple[int, int], steered: bool = False) -> float:
     """Run the graph in ONNX Runtime (CPU) and the fp32 UNet on the same random inputs; returns the largest
-    difference relative to the largest |eps|, and raises if it is over the precision's tolerance."""
+    difference of any output relative to its largest magnitude, and raises if it is over the precision's
+    tolerance."""
     session = onnx_session(path, torch.device("cpu"))
-    feeds = random_inputs(unet.config, batch, latent, torch.float32, seed=1)
+    graph = graph_class(steered)(unet)
+    feeds = graph_feeds(unet.config, batch, latent, "fp32", steered, seed=1)
     with torch.inference_mode():
-        reference = UNetGraph(unet)(*(feeds[name] for name in input_names(unet.config))).float()
-    dtype = DTYPES[precision]
-    feeds = {name: t if name == "timestep" else t.to(dtype) for name, t in feeds.items()}
-    (out,) = session.run(["eps"], {name: t.numpy() for name, t in feeds.items()})
-    error = ((torch.from_numpy(out).float() - reference).abs().max() / reference.abs().max()).item()
+        references = graph(*feeds.values())
+    references = references if steered else (references,)
+    feeds = graph_feeds(unet.config, batch, latent, precision, steered, seed=1)
+    outs = session.run(list(graph.outputs), {name: t.numpy() for name, t in feeds.items()})
+    error = max(((torch.from_numpy(out).float() - reference.float()).abs().max() / reference.abs().max()).item()
+                for out, reference in zip(outs, references, strict=True))
     if not error <= TOLERANCE[precision]:  # also catches NaN
         raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch at batch {batch}, latent "
                           f"{latent[0]}x{latent[1]} by {error:.3g} of the output's range (tolerance "
@@ -188,6 +261,7 @@ class OnnxEps:
 
     def __init__(self, session, device: torch.device, dtype: torch.dtype):
         self.session, self.device, self.dtype = session, device, dtype
+        self.outputs = [output.name for output in session.get_outputs()]
         if device.type == "cuda":
             import onnxruntime as ort
 
@@ -196,22 +270,51 @@ class OnnxEps:
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond) -> torch.Tensor:
-        feeds = graph_inputs(x, t, cond, timestep_cond, self.dtype)
+        return self._run(graph_inputs(x, t, cond, timestep_cond, self.dtype))[0]
+
+    def _run(self, feeds: dict) -> list[torch.Tensor]:
         if self.device.type == "cpu":
-            (out,) = self.session.run(["eps"], {name: tensor.numpy() for name, tensor in feeds.items()})
-            return torch.from_numpy(out)
+            outs = self.session.run(self.outputs, {name: tensor.numpy() for name, tensor in feeds.items()})
+            return [torch.from_numpy(out) for out in outs]
         return self._run_on_gpu(feeds)
 
-    def _run_on_gpu(self, feeds: dict) -> torch.Tensor:
-        """Bind torch's CUDA buffers directly: no copies through the host."""
+    def _output_shapes(self, feeds: dict) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [(tuple(feeds["sample"].shape), self.dtype)]
+
+    def _run_on_gpu(self, feeds: dict) -> list[torch.Tensor]:
+        """Bind torch's CUDA buffers directly (no copies through the host), ordered with torch's work through
+        `ort_stream` (see there)."""
         import numpy as np
 
-        numpy_type = {torch.float32: np.float32, torch.float16: np.float16}
+        numpy_type = {torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_}
         binding = self.session.io_binding()
         index = self.device.index or 0
+        current, stream = torch.cuda.current_stream(self.device), ort_stream(self.device)
+        stream.wait_stream(current)
         for name, tensor in feeds.items():
             binding.bind_input(name, "cuda", index, numpy_type[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
-        out = torch.empty(feeds["sample"].shape, dtype=self.dtype, device=self.device)
-        binding.bind_output("eps", "cuda", index, numpy_type[out.dtype], tuple(out.shape), out.data_ptr())
+        # Allocated on torch's stream, which waits for ORT's before anything reads or reuses them.
+        outs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._output_shapes(feeds)]
+        for name, out in zip(self.outputs, outs, strict=True):
+            binding.bind_output(name, "cuda", index, numpy_type[out.dtype], tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding, self._run_options)
-        return out
+        current.wait_stream(stream)
+        return outs
+
+
+class OnnxSteered(OnnxEps):
+    """The steered reverse graph: (x, t, cond, timestep_cond, control) -> (eps, blend maps), what
+    `icd.p2p.Steered` runs."""
+
+    def __init__(self, session, device: torch.device, dtype: torch.dtype, config):
+        super().__init__(session, device, dtype)
+        self.blend_level = blend_level(config)
+
+    def __call__(self, x, t, cond, timestep_cond, control) -> tuple[torch.Tensor, torch.Tensor]:
+        feeds = graph_inputs(x, t, cond, timestep_cond, self.dtype) | dict(zip(CONTROL_NAMES, control, strict=True))
+        eps, maps = self._run(feeds)
+        return eps, maps
+
+    def _output_shapes(self, feeds: dict) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        grid = level_grid(tuple(feeds["sample"].shape[-2:]), self.blend_level)
+        return [*super()._output_shapes(feeds), ((2, grid[0] * grid[1]), torch.float32)]

@@ -19,6 +19,7 @@ from icd.core.denoiser import EpsFn
 from icd.errors import ICDError
 from icd.models.loading import DIRECTIONS, PRECISIONS, Model, ready_unet, unet_eps
 from icd.models.manifest import Manifest
+from icd.p2p import SteeredUNet, steered_eps
 
 from .artifacts import Index, fused_unets
 
@@ -49,10 +50,12 @@ def exported(backend: str, manifest: Manifest, device: torch.device, dtype: torc
     """Whether both UNets' artifacts for `backend` are built and valid."""
     index = Index.open(manifest)
     if backend == "onnx":
-        return all(index.find(kind="onnx", direction=d, precision=PRECISIONS[dtype]) for d in DIRECTIONS)
+        precision = PRECISIONS[dtype]
+        return all(index.find(kind="onnx", direction=d, precision=precision) for d in DIRECTIONS) and \
+            bool(index.find(kind="onnx-p2p", direction="reverse", precision=precision))
     from .tensorrt import find_engine
 
-    return all(find_engine(index, d, device) for d in DIRECTIONS)
+    return all(find_engine(index, d, device) for d in DIRECTIONS) and bool(find_engine(index, "reverse", device, True))
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,38 @@ def engine_eps(backend: str, model: Model, direction: str) -> EpsFn:
         return _torch_instead(index, name, err, model, direction)
 
 
-def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str) -> EpsFn:
-    """The PyTorch epsilon function of a UNet whose engine file `name` would not load (it is forgotten)."""
+def engine_steered(backend: str, model: Model):
+    """The ONNX Runtime or TensorRT run of the reverse UNet's Prompt-to-Prompt graph, (x, t, cond,
+    timestep_cond, control) -> (eps, blend maps); a file that fails to load is forgotten as in `engine_eps`."""
+    index = Index.open(model.manifest)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTEps, find_engine
+
+        name = find_engine(index, "reverse", model.device, True)
+        try:
+            return TensorRTEps(index, "reverse", model.device, steered=True)
+        except Exception as err:  # noqa: BLE001 - as in engine_eps
+            if name is None:
+                raise
+            return _torch_instead(index, name, err, model, "reverse", steered=True)
+    from .onnx import OnnxSteered, onnx_session
+
+    name = index.find(kind="onnx-p2p", direction="reverse", precision=PRECISIONS[model.dtype])
+    if name is None:
+        raise ICDError(f"the prompt-to-prompt ONNX graph of the reverse UNet is gone: run `icd export -m "
+                       f"{model.manifest.name}`")
+    try:
+        return OnnxSteered(onnx_session(index.folder / name, model.device), model.device, model.dtype,
+                           model.unet_config)
+    except Exception as err:  # noqa: BLE001 - as in engine_eps
+        return _torch_instead(index, name, err, model, "reverse", steered=True)
+
+
+def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str, steered: bool = False):
+    """The PyTorch epsilon function (or steered run) of a UNet whose engine file `name` would not load (it is
+    forgotten)."""
     why = str(err).splitlines()[0] if str(err) else type(err).__name__
     index.forget_damaged(name, why, f"running the {direction} UNet on PyTorch")
     (unet,) = fused_unets(model.manifest, model.unet_config, (direction,), model.dtype, model.device)
-    return unet_eps(ready_unet(unet, model.device, model.dtype), model.dtype)
+    unet = ready_unet(unet, model.device, model.dtype)
+    return steered_eps(SteeredUNet(unet), model.dtype) if steered else unet_eps(unet, model.dtype)

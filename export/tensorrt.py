@@ -26,8 +26,10 @@ from icd.core.denoiser import Conditioning
 from icd.errors import ICDError
 from icd.models.cache import icd_home
 
-from .artifacts import Built, Index, onnx_name
-from .onnx import graph_inputs, input_shapes
+from icd.p2p import CONTROL_NAMES
+
+from .artifacts import Built, Index, onnx_name, steered_onnx_name
+from .onnx import control_shapes, graph_inputs, input_shapes
 
 log = logging.getLogger("icd")
 
@@ -66,21 +68,36 @@ def runtime_identity(trt, device: torch.device) -> dict:
     return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
-def profile_shapes(config, sizes: tuple[tuple[int, int], ...], max_batch: int) -> dict[str, list]:
-    """(min, opt, max) shape of each input: batches 1..max_batch (opt 1), latents spanning `sizes` (opt the first)."""
+def profile_shapes(config, sizes: tuple[tuple[int, int], ...], max_batch: int,
+                   steered: bool = False) -> dict[str, list]:
+    """(min, opt, max) shape of each input: batches 1..max_batch (opt 1), latents spanning `sizes` (opt the
+    first); the Prompt-to-Prompt graph runs pairs of rows (2, and 4 for two-pass guidance) and has the
+    control inputs, of fixed shapes."""
     latents = [(height // 8, width // 8) for width, height in sizes]
     low = (min(h for h, _ in latents), min(w for _, w in latents))
     high = (max(h for h, _ in latents), max(w for _, w in latents))
-    ends = (input_shapes(config, 1, low), input_shapes(config, 1, latents[0]), input_shapes(config, max_batch, high))
+    batches = (2, 2, max(4, max_batch)) if steered else (1, 1, max_batch)
+    ends = [input_shapes(config, batch, latent) for batch, latent in zip(batches, (low, latents[0], high))]
+    if steered:
+        ends = [shapes | control_shapes() for shapes in ends]
     return {name: [list(shapes[name]) for shapes in ends] for name in ends[0]}
 
 
-def engine_key(index: Index, direction: str, config, sizes, max_batch: int, identity: dict) -> dict:
-    graph = index.find(kind="onnx", direction=direction, precision=PRECISION)
+def _graph_kind(steered: bool) -> str:
+    return "onnx-p2p" if steered else "onnx"
+
+
+def _engine_kind(steered: bool) -> str:
+    return "engine-p2p" if steered else "engine"
+
+
+def engine_key(index: Index, direction: str, config, sizes, max_batch: int, identity: dict,
+               steered: bool = False) -> dict:
+    graph = index.find(kind=_graph_kind(steered), direction=direction, precision=PRECISION)
     if graph is None:
         raise ICDError(f"no fp16 ONNX graph of the {direction} UNet to build an engine from: run `icd export`")
     return {**identity, "graph_sha256": index.entries[graph]["sha256"], "precision": PRECISION,
-            "profile": profile_shapes(config, sizes, max_batch), "optimization_level": OPTIMIZATION_LEVEL}
+            "profile": profile_shapes(config, sizes, max_batch, steered), "optimization_level": OPTIMIZATION_LEVEL}
 
 
 def key_hash(key: dict) -> str:
@@ -121,44 +138,52 @@ def build_engine(trt, onnx_path: Path, profile: dict[str, list], timing_cache: P
     return bytes(plan)
 
 
-def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, force: bool) -> Built:
-    """The engine for this GPU, TensorRT, graph and profile: reused from the cache, else built."""
+def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, force: bool,
+                  steered: bool = False) -> Built:
+    """The engine for this GPU, TensorRT, graph and profile: reused from the cache, else built; `steered`:
+    from the reverse UNet's Prompt-to-Prompt graph."""
     trt = _tensorrt()
-    key = engine_key(index, direction, config, sizes, max_batch, runtime_identity(trt, torch.device("cuda")))
-    name = f"unet-{direction}-{key_hash(key)}.plan"
-    if not force and index.find(kind="engine", direction=direction, key=key_hash(key)) == name:
+    key = engine_key(index, direction, config, sizes, max_batch, runtime_identity(trt, torch.device("cuda")), steered)
+    kind = _engine_kind(steered)
+    name = f"unet-{direction}{'-p2p' if steered else ''}-{key_hash(key)}.plan"
+    if not force and index.find(kind=kind, direction=direction, key=key_hash(key)) == name:
         return Built(name, True)
     log.info("building the TensorRT engine of the %s UNet (minutes, once per GPU and TensorRT version)", direction)
-    plan = build_engine(trt, index.folder / onnx_name(direction, PRECISION), key["profile"], timing_cache_path(key))
+    graph = steered_onnx_name(PRECISION) if steered else onnx_name(direction, PRECISION)
+    plan = build_engine(trt, index.folder / graph, key["profile"], timing_cache_path(key))
     temporary = index.folder / (name + ".tmp")
     temporary.write_bytes(plan)
     os.replace(temporary, index.folder / name)
     # One engine per UNet and GPU: the one just built replaces any other profile's, so that it is the one used.
     identity = {k: key[k] for k in ("tensorrt", "gpu", "compute_capability")}
-    for older in index.matching(kind="engine", direction=direction, **identity):
+    for older in index.matching(kind=kind, direction=direction, **identity):
         if older != name:
             index.remove(older)
-    index.record(name, [index.folder / name], kind="engine", direction=direction, key=key_hash(key), **key)
+    index.record(name, [index.folder / name], kind=kind, direction=direction, key=key_hash(key), **key)
     return Built(name, False)
 
 
-def find_engine(index: Index, direction: str, device: torch.device) -> str | None:
+def find_engine(index: Index, direction: str, device: torch.device, steered: bool = False) -> str | None:
     """A cached engine of the current fp16 graph that runs on this GPU and TensorRT version (any profile)."""
-    graph = index.find(kind="onnx", direction=direction, precision=PRECISION)
+    graph = index.find(kind=_graph_kind(steered), direction=direction, precision=PRECISION)
     if graph is None:
         return None
     identity = runtime_identity(_tensorrt(), device)
-    return index.find(kind="engine", direction=direction, graph_sha256=index.entries[graph]["sha256"], **identity)
+    return index.find(kind=_engine_kind(steered), direction=direction, graph_sha256=index.entries[graph]["sha256"],
+                      **identity)
 
 
 class TensorRTEps:
-    """The TensorRT engine, an epsilon function of core.denoiser's contract. Each input shape's call is captured once into a CUDA graph over fixed buffers;
-    a call copies its inputs in, replays the graph and copies eps out: a handful of launches per UNet call."""
+    """The TensorRT engine, an epsilon function of core.denoiser's contract (`steered`: the run of the
+    Prompt-to-Prompt engine, (x, t, cond, timestep_cond, control) -> (eps, blend maps)). Each input shape's
+    call is captured once into a CUDA graph over fixed buffers, with an execution context of its own: a
+    context holds the shapes and addresses it was last given, which a graph captured for another shape must
+    not see changed under it. A call copies its inputs in, replays the graph and copies the outputs out."""
 
-    def __init__(self, index: Index, direction: str, device: torch.device):
+    def __init__(self, index: Index, direction: str, device: torch.device, steered: bool = False):
         self.device = device
         trt = _tensorrt()
-        name = find_engine(index, direction, device)
+        name = find_engine(index, direction, device, steered)
         if name is None:
             raise ICDError(f"no TensorRT engine of the {direction} UNet for this GPU: run `icd export --tensorrt`")
         self.entry = index.entries[name]
@@ -166,7 +191,7 @@ class TensorRTEps:
         self.engine = trt.Runtime(logger).deserialize_cuda_engine((index.folder / name).read_bytes())
         if self.engine is None:
             raise ICDError(f"TensorRT could not load {name}: run `icd export --tensorrt --force`")
-        self.context = self.engine.create_execution_context()
+        self.outputs = ("eps", "blend_maps") if steered else ("eps",)
         self.stream = torch.cuda.Stream(device)
         self._graphs: dict[tuple, tuple] = {}
 
@@ -177,35 +202,44 @@ class TensorRTEps:
                 raise ICDError(f"input {name} of shape {tuple(tensor.shape)} is outside the engine's profile "
                                f"({low} to {high}): rebuild with `icd export --tensorrt --size WxH --max-batch N`")
 
-    def _enqueue(self, buffers: dict, out: torch.Tensor) -> None:
-        for name, tensor in buffers.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        self.context.set_tensor_address("eps", out.data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _enqueue(self, context, buffers: dict, outs: dict) -> None:
+        for name, tensor in {**buffers, **outs}.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise ICDError("TensorRT failed to run the engine")
 
     def _capture(self, feeds: dict) -> tuple:
-        """Fixed buffers for this shape and a CUDA graph of one engine run over them."""
+        """A context, fixed buffers for this shape and a CUDA graph of one engine run over them."""
         self._check_profile(feeds)
+        context = self.engine.create_execution_context()
         buffers = {name: tensor.clone() for name, tensor in feeds.items()}
-        out = torch.empty(feeds["sample"].shape, dtype=torch.float16, device=self.device)
+        for name, tensor in buffers.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+        # eps is fp16 like the graph; the blend maps are computed in fp32 (icd.p2p)
+        outs = {name: torch.empty(tuple(context.get_tensor_shape(name)), device=self.device,
+                                  dtype=torch.float16 if name == "eps" else torch.float32) for name in self.outputs}
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            self._enqueue(buffers, out)  # the first run allocates what it needs, outside the capture
+            self._enqueue(context, buffers, outs)  # the first run allocates what it needs, outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.stream):
-                self._enqueue(buffers, out)
+                self._enqueue(context, buffers, outs)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return graph, buffers, out
+        return graph, context, buffers, outs
 
-    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond) -> torch.Tensor:
-        feeds = graph_inputs(x, t, cond, timestep_cond, torch.float16)
+    def _replay(self, feeds: dict) -> list[torch.Tensor]:
         shape = tuple((name, tuple(tensor.shape)) for name, tensor in feeds.items())
         if shape not in self._graphs:
             self._graphs[shape] = self._capture(feeds)
-        graph, buffers, out = self._graphs[shape]
+        graph, _, buffers, outs = self._graphs[shape]
         for name, tensor in feeds.items():
             buffers[name].copy_(tensor)
         graph.replay()
-        return out.clone()
+        return [out.clone() for out in outs.values()]  # the next replay overwrites the buffers
+
+    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, control=()):
+        feeds = graph_inputs(x, t, cond, timestep_cond, torch.float16)
+        if control:
+            feeds |= dict(zip(CONTROL_NAMES, control, strict=True))
+        outs = self._replay(feeds)
+        return tuple(outs) if control else outs[0]

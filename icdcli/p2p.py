@@ -10,15 +10,23 @@ Every UNet call sees row 0 = source prompt (the faithful reconstruction) and row
 
 Windows keep the official quantisation so the paper's launch settings mean what they meant: with K
 steps, cross-attention is replaced on steps [0, int(c*(K+1))) and self-attention on [0, int(s*K)).
+
+Everything an edit needs is a handful of tensors fixed when its controller is built (once per prompt pair,
+steps and latent size, then cached by the host): the token map and which target tokens keep their own maps,
+the reweights, the blend-word columns, and per step a cross-attention flag and a self-attention flag per
+UNet resolution level. The attention processors are set once on the reverse UNet and hold no state: a call
+with a `Steering` in its cross-attention kwargs is edited as its tensors say, a call without one is plain
+attention. So one graph serves every step and prompt pair: torch.compile compiles it once per shape, and the
+ONNX export takes the control as graph inputs (`CONTROL_NAMES`) and returns the blend maps as an output.
 """
 
 from __future__ import annotations
 
 import math
 import string
+from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,9 @@ from .core.denoiser import Denoiser
 from .errors import ICDError
 
 DEFAULT_AMPLIFY = 4.0
+LEVELS = 6  # self-attention flags per step, one per UNet resolution level (SD1.5 has 4, SDXL 3)
+CONTROL_NAMES = ("p2p_cross", "p2p_self", "p2p_weights", "p2p_keep", "p2p_equalizer", "p2p_blend")
+CACHED_CONTROLLERS = 16
 STOPWORDS = frozenset(
     "a an the and or but of in on at to with without for from by as is are was were be been this that these "
     "those it its his her their my your our into onto over under near".split()
@@ -144,8 +155,38 @@ def _window_warnings(num_steps: int, cross_replace: float, self_replace: float) 
     return found
 
 
+def level_grid(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
+    """The (h, w) of UNet resolution level `level` (0: the latent; each level halves, rounding up)."""
+    h, w = latent_size
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def attention_level(module_name: str, levels: int) -> int:
+    """The resolution level of an attention module, from its name in a diffusers UNet with `levels` levels."""
+    block, _, rest = module_name.partition(".")
+    if block == "mid_block":
+        return levels - 1
+    index = int(rest.split(".", 1)[0])
+    return index if block == "down_blocks" else levels - 1 - index
+
+
+def blend_level(config) -> int:
+    """The level whose cross-attention LocalBlend reads: latent/4 (16x16 at 512 px) where it has
+    cross-attention, else the coarsest level that has some."""
+    levels = len(config["block_out_channels"])
+    found = {i for i, kind in enumerate(config["down_block_types"]) if "CrossAttn" in kind}
+    found |= {levels - 1 - j for j, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}
+    if config.get("mid_block_type") and "CrossAttn" in config["mid_block_type"]:
+        found.add(levels - 1)
+    if not found:
+        raise ValueError("prompt-to-prompt needs a UNet with cross-attention")
+    return 2 if 2 in found else max(found)
+
+
 class PromptToPrompt:
-    """The controller: decides per layer and step whether attention is edited, and runs LocalBlend."""
+    """The controller of one edit: the control tensors (built here, once), the step under way, LocalBlend."""
 
     def __init__(self, tokenizer, source: str, target: str, num_steps: int, config: P2PConfig | None = None,
                  *, latent_size: tuple[int, int]):
@@ -156,36 +197,45 @@ class PromptToPrompt:
         self.cross_steps, self.self_steps = step_windows(num_steps, config.cross_replace, config.self_replace)
         self.warnings = _window_warnings(num_steps, config.cross_replace, config.self_replace)
         self.latent_size = tuple(latent_size)
-        self._self_max_tokens = self.latent_size[0] * self.latent_size[1] / 4
         length = tokenizer.model_max_length
 
         if len(source.split()) == len(target.split()):
-            self._weights = replacement_mapper(tokenizer, source, target)
-            self._keep = torch.zeros(length, dtype=torch.bool)
+            weights = replacement_mapper(tokenizer, source, target)
+            keep = torch.zeros(length, dtype=torch.bool)
         else:
             mapping = refinement_mapper(tokenizer, source, target)
-            self._weights = torch.zeros(length, length)
+            weights = torch.zeros(length, length)
             for t, s in enumerate(mapping):
                 if s is not None:
-                    self._weights[s, t] = 1.0
-            self._keep = torch.tensor([s is None for s in mapping])  # new tokens keep the target's maps
+                    weights[s, t] = 1.0
+            keep = torch.tensor([s is None for s in mapping])  # new tokens keep the target's maps
 
         source_words = set(prompt_words(source))
         self.amplify = dict(config.amplify) if config.amplify is not None else {
             w: DEFAULT_AMPLIFY for w in dict.fromkeys(prompt_words(target))
             if w and w not in source_words and w not in STOPWORDS
         }
-        self._equalizer = torch.ones(length)
+        equalizer = torch.ones(length)
         for word, factor in self.amplify.items():
-            self._equalizer[self._positions(tokenizer, target, word, "amplified")] = factor
+            equalizer[self._positions(tokenizer, target, word, "amplified")] = factor
 
-        self._blend_columns = None
-        if config.blend is not None:
-            self._blend_columns = torch.zeros(2, length)
+        self.blends = config.blend is not None
+        blend_columns = torch.zeros(2, length)
+        if self.blends:
             for row, (prompt, words) in enumerate(zip((source, target), config.blend, strict=True)):
                 for word in words:
-                    self._blend_columns[row, self._positions(tokenizer, prompt, word, "blend")] = 1.0
+                    blend_columns[row, self._positions(tokenizer, prompt, word, "blend")] = 1.0
         self._threshold = config.blend_threshold
+
+        # Self-attention is replaced in layers of at most latent/2 x latent/2 tokens, on the window's steps.
+        most = self.latent_size[0] * self.latent_size[1] / 4
+        small = torch.tensor([math.prod(level_grid(self.latent_size, level)) <= most for level in range(LEVELS)])
+        cross = torch.tensor([step in self.cross_steps for step in range(num_steps)])
+        self_gates = torch.tensor([step in self.self_steps for step in range(num_steps)])[:, None] & small
+        self._tensors = (cross, self_gates, weights, keep, equalizer, blend_columns)
+        self._on_device: dict[torch.device, tuple[list, tuple]] = {}
+        self._steps: list = []
+        self._fixed: tuple = ()
         self._reset()
 
     def _positions(self, tokenizer, prompt: str, word: str, role: str) -> list[int]:
@@ -196,61 +246,44 @@ class PromptToPrompt:
 
     def _reset(self) -> None:
         self.step = 0
-        self._maps: dict[int, torch.Tensor] = {}  # query tokens -> (2, tokens) blend-word attention, summed
-        self._blend_tokens: int | None = None  # the layer size LocalBlend reads, known after step 0
+        self._maps: torch.Tensor | None = None  # (2, tokens) blend-word attention at the blend level, summed
 
     def start(self, device: torch.device) -> None:
-        """Ready for a new decoding on `device`."""
+        """Ready for a new decoding on `device` (the tensors are copied there once)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            cross, self_gates, *fixed = (t.to(device) for t in self._tensors)
+            # One tensor per step (not views of one): torch.compile then sees the same inputs every step.
+            steps = [(cross[i:i + 1].clone(), self_gates[i].clone()) for i in range(len(cross))]
+            self._on_device[device] = steps, tuple(fixed)
+        self._steps, self._fixed = self._on_device[device]
         self._reset()
-        self._weights, self._keep, self._equalizer = (t.to(device) for t in (self._weights, self._keep, self._equalizer))
-        if self._blend_columns is not None:
-            self._blend_columns = self._blend_columns.to(device)
+
+    def control(self) -> tuple[torch.Tensor, ...]:
+        """The control tensors of the step under way, in `CONTROL_NAMES` order."""
+        return (*self._steps[self.step], *self._fixed)
+
+    def observe(self, maps: torch.Tensor) -> None:
+        """Adds the blend maps a UNet call of this step returned (every call counts, as officially)."""
+        if self.blends:
+            self._maps = maps if self._maps is None else self._maps + maps
+
+    @property
+    def blend_tokens(self) -> int | None:
+        """The token count of the layers LocalBlend reads, known after the first call."""
+        return None if self._maps is None else self._maps.shape[-1]
 
     def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """LocalBlend on the jumped latents (2 rows), then moves on to the next step."""
         if step != self.step:
             raise ValueError(f"after_step({step}) called while the controller is at step {self.step}")
-        if self._blend_columns is not None:
+        if self.blends:
             x = self._blend(x)
         self.step += 1
         return x
 
-    def _records(self, tokens: int) -> bool:
-        return self._blend_columns is not None and self._blend_tokens in (None, tokens)
-
-    def _attend(self, q, k, v, scale: float, mask, is_cross: bool) -> torch.Tensor:
-        """Attention of one module for (batch, heads, tokens, dim) inputs, edited where this step asks."""
-        tokens = q.shape[2]
-        edit_cross = is_cross and self.step in self.cross_steps
-        record = is_cross and self._records(tokens)
-        edit_self = not is_cross and self.step in self.self_steps and tokens <= self._self_max_tokens
-        if (edit_cross or record or edit_self) and q.shape[0] != 2:
-            raise ValueError(f"prompt-to-prompt needs a batch of 2 rows (source, target), got {q.shape[0]}")
-        if edit_cross or record:
-            scores = q.float() @ k.float().transpose(-1, -2) * scale
-            probs = (scores if mask is None else scores + mask).softmax(-1)
-            if record:
-                self._record(probs, tokens)
-            if edit_cross:
-                probs = self._edit_cross(probs)
-            return probs.to(v.dtype) @ v
-        if edit_self:  # the target's self-attention map becomes the source's: same queries and keys
-            q, k = q[:1].expand_as(q), k[:1].expand_as(k)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-    def _edit_cross(self, probs: torch.Tensor) -> torch.Tensor:
-        """Row 1's cross-attention from row 0's mapped to the target tokens, then reweighted."""
-        mapped = probs[0] @ self._weights
-        target = torch.where(self._keep, probs[1], mapped) * self._equalizer
-        return torch.stack([probs[0], target])
-
-    def _record(self, probs: torch.Tensor, tokens: int) -> None:
-        """Adds the head-averaged attention on each row's blend words (pre-edit, as officially)."""
-        maps = (probs * self._blend_columns[:, None, None, :]).sum(-1).mean(1)
-        self._maps[tokens] = self._maps.get(tokens, 0) + maps
-
     def _grid(self, tokens: int) -> tuple[int, int]:
-        """The (h, w) of a UNet level with `tokens` positions (each level halves, rounding up)."""
+        """The (h, w) of a UNet level with `tokens` positions."""
         h, w = self.latent_size
         while h * w > tokens:
             h, w = math.ceil(h / 2), math.ceil(w / 2)
@@ -260,12 +293,8 @@ class PromptToPrompt:
 
     def _blend(self, x: torch.Tensor) -> torch.Tensor:
         """Keeps the target only where the source or target blend words are attended (LocalBlend)."""
-        if self._blend_tokens is None:  # latent/4 layers (16x16 at 512px), else the coarsest ones
-            quarter = math.ceil(self.latent_size[0] / 4) * math.ceil(self.latent_size[1] / 4)
-            self._blend_tokens = quarter if quarter in self._maps else min(self._maps)
-            self._maps = {self._blend_tokens: self._maps[self._blend_tokens]}
         # Summed over layers rather than averaged: the max normalisation below removes the factor.
-        maps = self._maps[self._blend_tokens].view(2, 1, *self._grid(self._blend_tokens))
+        maps = self._maps.view(2, 1, *self._grid(self.blend_tokens))
         maps = F.max_pool2d(maps, 3, stride=1, padding=1)
         maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest")
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
@@ -273,32 +302,62 @@ class PromptToPrompt:
         return torch.stack([x[0], torch.where(mask, x[1], x[0])])
 
 
-@dataclass
-class AttentionHost:
-    """The eager PyTorch UNet whose attention Prompt-to-Prompt steers, and the denoiser that calls it."""
-
-    unet: Any
-    denoiser: Denoiser
-
-    @contextmanager
-    def attached(self, controller: PromptToPrompt):
-        """Routes every attention module of the UNet through `controller` for one decoding."""
-        original = self.unet.attn_processors
-        controller.start(self.unet.device)
-        self.unet.set_attn_processor(_Processor(controller))
-        try:
-            yield controller
-        finally:
-            self.unet.set_attn_processor(original)
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """(2P, ...) -> (P, 2, ...): rows go in (source, target) pairs; two-pass guidance batches two pairs."""
+    if x.shape[0] % 2:
+        raise ValueError(f"prompt-to-prompt needs rows in (source, target) pairs, got a batch of {x.shape[0]}")
+    return x.unflatten(0, (-1, 2))
 
 
-class _Processor:
-    """A diffusers attention processor (same module handling as AttnProcessor2_0) that defers to P2P."""
+class Steering:
+    """One steered UNet call's control tensors (see `CONTROL_NAMES`), handed to every attention processor
+    through the UNet's cross-attention kwargs; the blend level's layers add their blend-word attention to
+    `maps`. Every branch is a tensor select, so the call is one graph whatever the step or the prompts."""
 
-    def __init__(self, controller: PromptToPrompt):
-        self.controller = controller
+    def __init__(self, cross: torch.Tensor, self_gates: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor,
+                 equalizer: torch.Tensor, blend_columns: torch.Tensor):
+        self.cross, self.self_gates = cross, self_gates
+        self.weights, self.keep, self.equalizer, self.blend_columns = weights, keep, equalizer, blend_columns
+        self.maps: list[torch.Tensor] = []
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def cross_attention(self, q, k, v, scale: float, mask, records: bool) -> torch.Tensor:
+        """Row 1's cross-attention from row 0's mapped to the target tokens and reweighted, where the step
+        says so; the maps on the blend words (pre-edit, as officially) are kept when `records`."""
+        scores = q.float() @ k.float().transpose(-1, -2) * scale
+        probs = _pairs((scores if mask is None else scores + mask).softmax(-1))  # (P, 2, heads, tokens, L)
+        if records:
+            maps = (probs * self.blend_columns[None, :, None, None, :]).sum(-1).mean(2)
+            self.maps.append(maps.sum(0))
+        source, target = probs[:, 0], probs[:, 1]
+        edited = torch.where(self.keep, target, source @ self.weights) * self.equalizer
+        target = torch.where(self.cross, edited, target)
+        return torch.stack([source, target], 1).flatten(0, 1).to(v.dtype) @ v
+
+    def self_attention(self, q, k, v, scale: float, mask, level: int) -> torch.Tensor:
+        """The target's self-attention map becomes the source's (same queries and keys), where the step and
+        the layer's level say so."""
+        gate = self.self_gates[level]
+        q, k = (torch.where(gate, _pairs(x)[:, :1].expand(-1, 2, -1, -1, -1), _pairs(x)).flatten(0, 1)
+                for x in (q, k))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def blend_maps(self) -> torch.Tensor:
+        """(2, tokens): the blend-word attention of this call, summed over the blend level's layers."""
+        total = self.maps[0]
+        for maps in self.maps[1:]:
+            total = total + maps
+        return total
+
+
+class P2PProcessor:
+    """A diffusers attention processor (same module handling as AttnProcessor2_0): plain attention, or
+    steered by the call's `Steering`. Its only state is where its module sits in the UNet."""
+
+    def __init__(self, level: int, records: bool):
+        self.level, self.records = level, records
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 p2p: Steering | None = None):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -325,7 +384,12 @@ class _Processor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = self.controller._attend(q, k, v, attn.scale, attention_mask, is_cross)
+        if p2p is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+        elif is_cross:
+            out = p2p.cross_attention(q, k, v, attn.scale, attention_mask, self.records)
+        else:
+            out = p2p.self_attention(q, k, v, attn.scale, attention_mask, self.level)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if image_shape is not None:
@@ -333,3 +397,105 @@ class _Processor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def steer_attention(unet) -> None:
+    """Sets the Prompt-to-Prompt processors on every attention module, once per UNet: without a `Steering`
+    they compute plain attention, so the same UNet serves every method and is never re-hooked."""
+    if all(isinstance(p, P2PProcessor) for p in unet.attn_processors.values()):
+        return
+    levels = len(unet.config["block_out_channels"])
+    if levels > LEVELS:
+        raise ValueError(f"prompt-to-prompt supports UNets of at most {LEVELS} levels, this one has {levels}")
+    blend = blend_level(unet.config)
+    unet.set_attn_processor({
+        name: P2PProcessor(level, level == blend)
+        for name in unet.attn_processors for level in (attention_level(name, levels),)
+    })
+
+
+def steered_call(unet, sample, timestep, control, **unet_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One UNet call (processors set by `steer_attention`) under the control tensors: (eps, blend maps)."""
+    steering = Steering(*control)
+    eps = unet(sample, timestep, return_dict=False, cross_attention_kwargs={"p2p": steering}, **unet_kwargs)[0]
+    return eps, steering.blend_maps()
+
+
+class SteeredUNet(torch.nn.Module):
+    """The steered reverse UNet as a module of tensor inputs: what torch.compile compiles, once per shape."""
+
+    def __init__(self, unet):
+        super().__init__()
+        steer_attention(unet)
+        self.unet = unet
+
+    def forward(self, sample, timestep, control: tuple, timestep_cond=None, **cond_kwargs):
+        return steered_call(self.unet, sample, timestep, control, timestep_cond=timestep_cond, **cond_kwargs)
+
+
+def steered_eps(module, dtype: torch.dtype | None = None):
+    """(x, t, cond, timestep_cond, control) -> (eps, blend maps) over a `SteeredUNet`, eager or compiled;
+    `dtype` casts the latents (as `unet_eps` does)."""
+
+    def run(x, t, cond, timestep_cond, control):
+        if isinstance(t, torch.Tensor):
+            timestep = t.to(x.device)
+        else:
+            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        sample = x if dtype is None else x.to(dtype)
+        return module(sample, timestep, control, timestep_cond=timestep_cond, **cond.unet_kwargs())
+
+    return run
+
+
+class Steered:
+    """Core's epsilon function over a steered run (any engine's): it feeds the control of the edit under
+    way and hands the blend maps back to its controller."""
+
+    def __init__(self, run):
+        self.run = run
+        self.controller: PromptToPrompt | None = None
+
+    def __call__(self, x, t, cond, timestep_cond) -> torch.Tensor:
+        if self.controller is None:
+            raise ValueError("the steered UNet was called outside a prompt-to-prompt edit")
+        eps, maps = self.run(x, t, cond, timestep_cond, self.controller.control())
+        self.controller.observe(maps)
+        return eps
+
+
+@dataclass
+class AttentionHost:
+    """A runtime's steered reverse UNet (its `Steered` epsilon function and the denoiser around it), and the
+    controllers of the prompt pairs it has edited: each built once."""
+
+    steered: Steered
+    denoiser: Denoiser
+    device: torch.device
+    _controllers: OrderedDict = field(default_factory=OrderedDict)
+
+    def controller(self, tokenizer, source: str, target: str, num_steps: int, config: P2PConfig | None = None,
+                   *, latent_size: tuple[int, int]) -> PromptToPrompt:
+        """The controller of this edit, from the cache when the same prompts and settings were edited before."""
+        config = config or P2PConfig()
+        amplify = None if config.amplify is None else tuple(sorted(config.amplify.items()))
+        key = (source, target, num_steps, config.cross_replace, config.self_replace, amplify, config.blend,
+               config.blend_threshold, tuple(latent_size))
+        if key in self._controllers:
+            self._controllers.move_to_end(key)
+        else:
+            self._controllers[key] = PromptToPrompt(tokenizer, source, target, num_steps, config,
+                                                    latent_size=latent_size)
+            if len(self._controllers) > CACHED_CONTROLLERS:
+                self._controllers.popitem(last=False)
+        return self._controllers[key]
+
+    @contextmanager
+    def attached(self, controller: PromptToPrompt):
+        """Steers the UNet's calls with `controller` for one decoding."""
+        controller.start(self.device)
+        self.steered.controller = controller
+        try:
+            yield controller
+        finally:
+            self.steered.controller = None

@@ -19,8 +19,7 @@ from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
 from .errors import ICDError
 from .models.loading import Model
 from .models.manifest import EDIT_METHODS, Manifest
-from .p2p import AttentionHost, P2PConfig, PromptToPrompt
-
+from .p2p import AttentionHost, P2PConfig
 
 
 class Runtime(Protocol):
@@ -31,7 +30,7 @@ class Runtime(Protocol):
     def denoiser(self, direction: str) -> Denoiser: ...
 
     def attention_host(self) -> AttentionHost:
-        """The reverse UNet as an eager PyTorch module whose attention can be steered."""
+        """The reverse UNet with Prompt-to-Prompt's control as inputs, on the runtime's own engine."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,22 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
+def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loop's starting latents on the device, made inside inference mode like every later step's: a tensor
+    from outside it has other dispatch keys, which would make torch.compile compile the first call apart."""
+    return x.to(device, copy=True)
+
+
 @torch.inference_mode()
 def invert(runtime: Runtime, pixels: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
-    """Image pixels (1, 3, H, W) in [-1, 1] -> x_T (fp32, CPU), encoded under `prompt` with w = 0."""
+    """Image pixels (1, 3, H, W) in [-1, 1] -> x_T (fp32, on the model's device: an edit goes on there; a
+    caller that saves it moves it), encoded under `prompt` with w = 0."""
     model = runtime.model
     height, width = pixels.shape[-2:]
     z0 = model.encode_image(pixels)
     cond = model.encode_text([prompt], (width, height))
     noise = seeded_noise(tuple(z0.shape), seed)
-    return encode(runtime.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).cpu()
+    return encode(runtime.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).float()
 
 
 @torch.inference_mode()
@@ -80,7 +86,7 @@ def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str, guidance: floa
     """x_T -> pixels (B, 3, H, W) in [-1, 1]; with w = 0 this is the faithful inversion."""
     model = runtime.model
     cond = model.encode_text([prompt] * x_T.shape[0], model.image_size(x_T))
-    latents = decode(runtime.denoiser("reverse"), x_T.to(model.device), cond, model.manifest.reverse_timesteps,
+    latents = decode(runtime.denoiser("reverse"), on_device(x_T, model.device), cond, model.manifest.reverse_timesteps,
                      guidance, tau)
     return model.decode_latents(latents)
 
@@ -106,25 +112,25 @@ def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, metho
     """
     model = runtime.model
     method, guidance, tau = astuple(edit_settings(model.manifest, method, guidance, tau))
-    x_T = x_T.to(model.device)
+    x_T = on_device(x_T, model.device)
     cond_both = model.encode_text([source, target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)
     if method == "p2p":
-        controller = PromptToPrompt(model.tokenizers[0], source, target, len(schedule), p2p or P2PConfig(),
-                                    latent_size=tuple(x_T.shape[-2:]))
-        steps = [Step(jump, cond_both, torch.tensor([0.0, w])) for jump, w in schedule]
         host = runtime.attention_host()
-        with host.attached(controller):
-            latents = run_steps(host.denoiser, x_T.expand(2, -1, -1, -1), steps, controller.after_step)
+        controller = host.controller(model.tokenizers[0], source, target, len(schedule), p2p,
+                                     latent_size=tuple(x_T.shape[-2:]))
+        steps = [Step(jump, cond_both, (0.0, w)) for jump, w in schedule]
+        with host.attached(controller):  # both rows in memory (not a stride-0 view: one compiled graph)
+            latents = run_steps(host.denoiser, x_T.expand(2, -1, -1, -1).contiguous(), steps, controller.after_step)
         if not with_reconstruction:
             return EditResult(model.decode_latents(latents[1:]), None, list(controller.warnings))
         pixels = model.decode_latents(latents)
         return EditResult(pixels[1:], pixels[:1], list(controller.warnings))
     if method == "swap":
-        steps = [Step(jump, cond_src if jump.t / 1000 > tau else cond_tgt, torch.tensor([w])) for jump, w in schedule]
+        steps = [Step(jump, cond_src if jump.t / 1000 > tau else cond_tgt, (w,)) for jump, w in schedule]
     else:
-        steps = [Step(jump, cond_tgt, torch.tensor([w])) for jump, w in schedule]
+        steps = [Step(jump, cond_tgt, (w,)) for jump, w in schedule]
     return EditResult(model.decode_latents(run_steps(runtime.denoiser("reverse"), x_T, steps)), None)
 
 

@@ -93,8 +93,8 @@ def test_invert_reconstruct_edit_chain_with_json(icd_home, tmp_path):
 
 def test_outputs_are_never_overwritten_without_flag(icd_home, tmp_path):
     source = photo(tmp_path / "dog.png")
-    args = ("edit", source, "--src", "a dog", "--tgt", "a cat", "-m", "tiny", "--method", "swap")
-    assert icd(*args, cwd=tmp_path).exit_code == 0
+    args = ("edit", source, "--src", "a dog", "-m", "tiny", "--method", "swap")
+    assert icd(*args, "--tgt", "a cat", cwd=tmp_path).exit_code == 0
     first = (tmp_path / "dog-edit.png").read_bytes()
     result = icd(*args, "--tgt", "a fox", cwd=tmp_path)
     assert result.exit_code == 1
@@ -219,3 +219,36 @@ def test_base_model_missing_from_cache_fails_fast(icd_home, tmp_path):
     assert line.startswith("icd: error: cannot load 'tokenizer' of base model nobody/not-a-model (not in the "
                            "Hugging Face cache: `icd pull` a preset, or `hf download nobody/not-a-model`): no vocabulary files found")
     assert "\n" not in line
+
+
+def test_many_targets_and_seeds_invert_each_image_once_per_seed(icd_home, tmp_path, monkeypatch):
+    from icd.app.runner import LocalRunner
+
+    inversions = []
+    real = LocalRunner.invert
+    monkeypatch.setattr(LocalRunner, "invert", lambda self, pixels, prompt, seed: (
+        inversions.append(seed), real(self, pixels, prompt, seed))[1])
+    a, b = photo(tmp_path / "a.png"), photo(tmp_path / "b.png", color=(30, 200, 30))
+    result = icd("edit", a, b, "--src", "a red cat", "--tgt", "a dog", "--tgt", "A dog!", "--tgt", "a fox",
+                 "--seed", "4", "-n", "2", "--method", "none", "-m", "tiny", "-o", "out", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(inversions) == [4, 4, 5, 5]  # 2 images x 2 seeds, each reused for the 3 targets
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(f"{stem}-edit-{target}-s{seed}.png" for stem in "ab" for seed in (4, 5)
+                           for target in ("a-dog", "a-dog-2", "a-fox"))
+    meta = read_metadata(tmp_path / "out" / "b-edit-a-dog-2-s5.png")
+    assert (meta["prompt"], meta["seed"], meta["source"]) == ("A dog!", 5, str(b))
+    single = icd("edit", a, "--src", "a red cat", "--tgt", "a fox", "--seed", "5", "--method", "none", "-m", "tiny",
+                 "-o", "single.png", cwd=tmp_path)
+    assert single.exit_code == 0
+    assert Image.open(tmp_path / "single.png").tobytes() == \
+        Image.open(tmp_path / "out" / "a-edit-a-fox-s5.png").tobytes()  # as if edited alone
+
+
+def test_several_targets_for_one_output_file_or_seeds_with_n_are_usage_errors(icd_home, tmp_path):
+    a = photo(tmp_path / "a.png")
+    result = icd("edit", a, "--src", "x", "--tgt", "y", "--tgt", "z", "-m", "tiny", "-o", "one.png", cwd=tmp_path)
+    assert result.exit_code == 2 and "-o one.png names one file, but there are 2 results" in result.stderr
+    result = icd("edit", a, "--src", "x", "--tgt", "y", "--seed", "1", "--seed", "2", "-n", "3", cwd=tmp_path)
+    assert result.exit_code == 2 and "-n counts seeds up from one --seed" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

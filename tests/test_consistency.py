@@ -255,27 +255,41 @@ def test_guided_needs_an_embedding_or_the_unconditional_rows():
 
 
 @pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
-def test_guided_without_embedding_adds_the_unconditional_pass_only_when_needed(sdxl):
+def test_guided_without_embedding_adds_the_unconditional_rows_to_the_one_call_only_when_needed(sdxl):
     x, cond, uncond = _guided_inputs(sdxl)
     eps_fn = RecordingEps()
     denoiser = Guided(eps_fn, None, uncond)
     eps_c = RecordingEps()(x, 259, cond, None)
 
-    unguided = denoiser(x, 259, cond, torch.zeros(3))
+    unguided = denoiser(x, 259, cond, (0.0, 0.0, 0.0))
     assert len(eps_fn.calls) == 1 and eps_fn.calls[0][1] is cond and eps_fn.calls[0][2] is None
     torch.testing.assert_close(unguided, eps_c, rtol=0, atol=0)
 
-    w = torch.tensor([0.0, 2.0, 7.0])
+    w = (0.0, 2.0, 7.0)
     guided = denoiser(x, 259, cond, w)
-    assert len(eps_fn.calls) == 3  # the conditional pass, then the unconditional one
-    _, second, embedding = eps_fn.calls[2]
-    assert embedding is None and torch.equal(second.embeds, uncond.embeds.expand(3, -1, -1))
+    assert len(eps_fn.calls) == 2  # one call: the conditional rows, then the unconditional ones
+    _, both, embedding = eps_fn.calls[1]
+    assert embedding is None and torch.equal(both.embeds, torch.cat([cond.embeds, uncond.embeds.expand(3, -1, -1)]))
     if sdxl:  # the empty prompt's pooled embedding, the rows' own size ids
-        assert torch.equal(second.pooled, uncond.pooled.expand(3, -1)) and torch.equal(second.time_ids, cond.time_ids)
-    eps_u = RecordingEps()(x, 259, second, None)
-    torch.testing.assert_close(guided, guided_eps(eps_c, eps_u, w), rtol=0, atol=0)
+        assert torch.equal(both.pooled, torch.cat([cond.pooled, uncond.pooled.expand(3, -1)]))
+        assert torch.equal(both.time_ids, torch.cat([cond.time_ids, cond.time_ids]))
+    eps_u = RecordingEps()(x, 259, both.rows(slice(3, 6)), None)
+    torch.testing.assert_close(guided, guided_eps(eps_c, eps_u, torch.tensor(w)), rtol=0, atol=0)
     torch.testing.assert_close(guided[0], eps_c[0], rtol=0, atol=0)
     torch.testing.assert_close(guided[2], eps_c[2] + 7.0 * (eps_c[2] - eps_u[2]), rtol=0, atol=1e-5)
+    # training's per-row tensor of w gives the same, read back to the host once
+    torch.testing.assert_close(denoiser(x, 259, cond, torch.tensor(w)), guided, rtol=0, atol=0)
+
+
+def test_guided_keeps_the_device_tensors_per_tuple_of_values():
+    denoiser = Guided(RecordingEps(), 16)
+    first = denoiser.embedding((0.0, 7.0, 7.0))
+    assert denoiser.embedding(torch.tensor([0.0, 7.0, 7.0])) is first
+    assert torch.equal(first, guidance_embedding(torch.tensor([0.0, 7.0, 7.0]), 16))
+    for i in range(Guided.CACHED):
+        denoiser.embedding((float(i),))
+    assert len(denoiser._tensors) == Guided.CACHED  # bounded: the oldest went first
+    assert denoiser.embedding((0.0, 7.0, 7.0)) is not first
 
 
 # --- consistency jump ------------------------------------------------------------------------------------

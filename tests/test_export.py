@@ -105,6 +105,7 @@ def test_artifacts_reused_when_valid_rebuilt_when_not(icd_home):
     manifest = resolve_model("tiny")
     folder = artifacts_dir(manifest)
     expected = {f"unet-{d}-fp32.{ext}" for d in ("forward", "reverse") for ext in ("safetensors", "onnx")}
+    expected.add("unet-reverse-p2p-fp32.onnx")  # Prompt-to-Prompt's graph, beside the plain one
     first = names(export_model(manifest, ("fp32",)))
     assert first == dict.fromkeys(expected, False)
     assert folder.name == manifest.fingerprint

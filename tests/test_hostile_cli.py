@@ -270,8 +270,7 @@ def _icd_process(*args, cwd: Path) -> subprocess.Popen:
 def test_two_runs_into_one_folder_never_replace_each_others_results(icd_home, tmp_path):
     for i in range(6):
         photo(tmp_path / "in" / f"p{i}.png", colour=(40 * i, 90, 200))
-    args = ("edit", tmp_path / "in", "--src", "a cat", "--tgt", "a dog", "--method", "none", *TINY, "-o", "out",
-            "--json")
+    args = ("edit", tmp_path / "in", "--src", "a cat", "--method", "none", *TINY, "-o", "out", "--json")
     runs = [_icd_process(*args, "--tgt", tgt, cwd=tmp_path) for tgt in ("a dog", "a fox")]
     outputs = [run.communicate(timeout=240) for run in runs]
     written = []

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -200,6 +201,65 @@ def test_sizes(sd15, sdxl):
         assert model.size_multiple == 32
         assert model.latent_shape(160, 96) == (1, 4, 12, 20)
         assert model.latent_shape(64, 128, batch=3) == (3, 4, 16, 8)
+
+
+def with_vae_upcast(tiny_dirs, tmp_path, kind: str, force_upcast: bool | None):
+    """A copy of a tiny model whose VAE config sets force_upcast, or lacks it (None: as SD1.5's published one)."""
+    shutil.copytree(tiny_dirs[kind], tmp_path / kind)
+    config_path = tmp_path / kind / "base" / "vae" / "config.json"
+    config = {key: value for key, value in json.loads(config_path.read_text()).items() if key != "force_upcast"}
+    config_path.write_text(json.dumps(config if force_upcast is None else {**config, "force_upcast": force_upcast}))
+    return load_manifest(tmp_path / kind)
+
+
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize("kind, force_upcast, vae_dtypes", [
+    ("sd15", None, (FP32, FP16, BF16)),  # a missing flag reads as true, yet SD1.5's VAE is fp16-safe
+    ("sd15", True, (FP32, FP16, BF16)),  # the flag as diffusers writes its default (mini's config)
+    ("sdxl", True, (FP32, FP32, BF16)),  # the SDXL base VAE overflows in fp16; bf16 has fp32's range
+    ("sdxl", None, (FP32, FP32, BF16)),
+    ("sdxl", False, (FP32, FP16, BF16)),  # an fp16-safe VAE (sdxl-vae-fp16-fix) says so
+])
+def test_vae_runs_in_the_run_dtype_unless_sdxl_under_fp16(tiny_dirs, tmp_path, kind, force_upcast, vae_dtypes):
+    manifest = with_vae_upcast(tiny_dirs, tmp_path, kind, force_upcast)
+    for dtype, vae_dtype in zip((FP32, FP16, BF16), vae_dtypes):
+        model = Model.load(manifest, torch.device("cpu"), dtype)
+        assert (model.vae.dtype, model.text_encoders[0].dtype) == (vae_dtype, dtype)
+
+
+def encoder_batches(model: Model) -> list[int]:
+    """The batch size of each call of the model's (first) text encoder from now on."""
+    batches = []
+    model.text_encoders[0].register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    return batches
+
+
+def test_each_prompt_is_encoded_once_and_kept(tiny_dirs):
+    model = Model.load(load_manifest(tiny_dirs["sd15"]), torch.device("cpu"), torch.float32)
+    batches = encoder_batches(model)
+    source = model.encode_text(["a cat"], (SIZE, SIZE))  # as the inversion does
+    both = model.encode_text(["a cat", "a dog"], (SIZE, SIZE))  # then the edit
+    assert batches == [1, 1]  # "a dog" alone: "a cat" was kept
+    assert torch.equal(both.embeds[:1], source.embeds)
+    with torch.inference_mode():
+        both.embeds.add_(1.0)  # a caller writing into its result does not reach the kept rows
+    again = model.encode_text(["a dog", "a cat", "a dog"], (SIZE, SIZE))
+    assert batches == [1, 1] and torch.equal(again.embeds[1:2], source.embeds)
+    model.encode_text([f"prompt {i}" for i in range(Model.PROMPTS_KEPT)], (SIZE, SIZE))
+    assert batches == [1, 1, Model.PROMPTS_KEPT]
+    model.encode_text(["a dog", "a cat"], (SIZE, SIZE))  # the oldest were dropped: kept rows are bounded
+    assert batches == [1, 1, Model.PROMPTS_KEPT, 2]
+
+
+def test_sdxl_prompts_are_kept_per_size(tiny_dirs):
+    model = Model.load(load_manifest(tiny_dirs["sdxl"]), torch.device("cpu"), torch.float32)
+    batches = encoder_batches(model)
+    square, wide = model.encode_text(["a cat"], (SIZE, SIZE)), model.encode_text(["a cat"], (96, 64))
+    assert model.encode_text(["a cat"], (96, 64)).time_ids.tolist() == wide.time_ids.tolist() == [[64, 96, 0, 0, 64, 96]]
+    assert square.time_ids.tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]]
+    assert batches == [1, 1]
 
 
 # --- the denoiser ---------------------------------------------------------------------------------------

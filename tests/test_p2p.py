@@ -10,10 +10,15 @@ from icd.models.offline import character_tokenizer
 from icd.p2p import (
     AttentionHost,
     P2PConfig,
+    P2PProcessor,
     PromptToPrompt,
+    Steered,
+    SteeredUNet,
+    Steering,
     refinement_mapper,
     replacement_mapper,
     step_windows,
+    steered_eps,
     word_token_indices,
 )
 
@@ -53,18 +58,21 @@ def latents(identical_rows):
 
 
 def host_of(unet):
-    """The eager UNet and its denoiser, as a session hands them to Prompt-to-Prompt (no guidance embedding;
-    the tests run w = 0, so the unconditional rows are never used)."""
-    return AttentionHost(unet, Guided(unet_eps(unet), None, Conditioning(torch.zeros(1, 77, 32))))
+    """The steered eager UNet and its denoiser, as a torch session hands them to Prompt-to-Prompt (no
+    guidance embedding; the tests run w = 0, so the unconditional rows are never used)."""
+    steered = Steered(steered_eps(SteeredUNet(unet)))
+    return AttentionHost(steered, Guided(steered, None, Conditioning(torch.zeros(1, 77, 32))), torch.device("cpu"))
 
 
 @torch.no_grad()
 def run(unet, x, cond, controller=None, steps=(999, 519)):
-    """The denoiser calls of our decoding loop (w = 0: one pass; the jump is left out, x stays the same)."""
-    host, cond, w = host_of(unet), Conditioning(cond), torch.zeros(x.shape[0])
+    """The denoiser calls of our decoding loop (w = 0: one pass; the jump is left out, x stays the same).
+    Without a controller: a fresh UNet of the same weights with diffusers' own processors."""
+    cond, w = Conditioning(cond), torch.zeros(x.shape[0])
     if controller is None:
-        return [host.denoiser(x, t, cond, w) for t in steps]
-    outputs = []
+        plain = unet_eps(tiny_unet(unet.config.mid_block_type))
+        return [plain(x, t, cond, None) for t in steps]
+    host, outputs = host_of(unet), []
     with host.attached(controller):
         for i, t in enumerate(steps):
             outputs.append(host.denoiser(x, t, cond, w))
@@ -182,23 +190,31 @@ def test_reweight_scales_exactly_the_amplified_columns(tokenizer, unet, monkeypa
     x, cond = latents(identical_rows=False), encode(tokenizer, "a red cat", "a blue cat")
     config = P2PConfig(cross_replace=1.0, self_replace=0.0, amplify={"blue": 3.0})
     controller = PromptToPrompt(tokenizer, "a red cat", "a blue cat", 2, config, latent_size=LATENT)
-    edits, edit = [], controller._edit_cross
+    calls, cross_attention = [], Steering.cross_attention
 
-    def spy(probs):
-        edits.append((probs, edit(probs)))
-        return edits[-1][1]
+    def spy(steering, q, k, v, scale, mask, records):
+        calls.append((steering, q, k, scale))
+        return cross_attention(steering, q, k, v, scale, mask, records)
 
-    monkeypatch.setattr(controller, "_edit_cross", spy)
+    monkeypatch.setattr(Steering, "cross_attention", spy)
     run(unet, x, cond, controller)
-    assert len(edits) == 2 * 7  # every cross-attention layer on both steps
+    monkeypatch.undo()
+    assert len(calls) == 2 * 7  # every cross-attention layer on both steps
 
-    probs, edited = edits[0]
+    # The edited attention probabilities themselves: with v the identity, attention returns them.
+    steering, q, k, scale = calls[0]
+    eye = torch.eye(77).expand(*q.shape[:2], 77, 77)
+    edited = steering.cross_attention(q, k, eye, scale, None, records=False)
+    probs = (q @ k.transpose(-1, -2) * scale).softmax(-1)
     mapped = probs[0] @ replacement_mapper(tokenizer, "a red cat", "a blue cat")
     blue = [2, 3, 4, 5]
     others = [i for i in range(77) if i not in blue]
-    assert torch.equal(edited[0], probs[0])
-    torch.testing.assert_close(edited[1][..., blue], 3.0 * mapped[..., blue], rtol=0, atol=0)
-    torch.testing.assert_close(edited[1][..., others], mapped[..., others], rtol=0, atol=0)
+    assert torch.equal(edited[0], probs[0] @ torch.eye(77))
+    torch.testing.assert_close(edited[1][..., blue], 3.0 * mapped[..., blue], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(edited[1][..., others], mapped[..., others], rtol=1e-6, atol=1e-7)
+    steering.cross = torch.tensor([False])  # outside the window: the target's own maps
+    torch.testing.assert_close(steering.cross_attention(q, k, eye, scale, None, records=False), probs,
+                               rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mid_block_type", ["UNetMidBlock2DCrossAttn", None], ids=["quarter-layers", "coarsest"])
@@ -214,7 +230,7 @@ def test_local_blend(tokenizer, mid_block_type, threshold):
         host.denoiser(x, 999, Conditioning(cond), torch.zeros(2))
         blended = controller.after_step(0, jumped)
 
-    assert controller._blend_tokens == (12 if mid_block_type else 48)  # 4x3 = latent/4, else 8x6
+    assert controller.blend_tokens == (12 if mid_block_type else 48)  # 4x3 = latent/4, else 8x6
     assert torch.equal(blended[0], jumped[0])
     kept = (blended[1] == jumped[1]).all(0)  # inside the mask: the target, unchanged
     reset = (blended[1] == jumped[0]).all(0)  # outside: exactly the source
@@ -223,10 +239,42 @@ def test_local_blend(tokenizer, mid_block_type, threshold):
     assert {0.0: coverage == 1.0, 0.95: 0.0 < coverage < 1.0, 1.0: coverage == 0.0}[threshold]
 
 
-def test_attached_restores_processors_after_an_exception(tokenizer, unet):
-    original = unet.attn_processors
+def test_processors_set_once_and_steered_only_inside_an_edit(tokenizer):
+    unet = tiny_unet()
+    host = host_of(unet)
+    processors = unet.attn_processors
+    assert all(isinstance(p, P2PProcessor) for p in processors.values())
+    SteeredUNet(unet)  # a second steered module over the same UNet keeps its processors
+    assert all(p is processors[name] for name, p in unet.attn_processors.items())
+    levels = {name: p.level for name, p in processors.items()}
+    assert levels["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"] == 1
+    assert levels["mid_block.attentions.0.transformer_blocks.0.attn1.processor"] == 2
+    assert levels["up_blocks.2.attentions.0.transformer_blocks.0.attn2.processor"] == 0
+    assert {name for name, p in processors.items() if p.records} == {
+        "mid_block.attentions.0.transformer_blocks.0.attn1.processor",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.processor"}  # latent/4: the mid block
+
     controller = PromptToPrompt(tokenizer, "a cat", "a dog", 4, latent_size=LATENT)
-    with pytest.raises(RuntimeError, match="boom"), host_of(unet).attached(controller):
-        assert all(p is not original[name] for name, p in unet.attn_processors.items())
+    x, cond = latents(identical_rows=True), Conditioning(encode(tokenizer, "a cat", "a dog"))
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), host.attached(controller):
+        host.denoiser(x, 999, cond, torch.zeros(2))
         raise RuntimeError("boom")
-    assert all(p is original[name] for name, p in unet.attn_processors.items())
+    with pytest.raises(ValueError, match="called outside a prompt-to-prompt edit"), torch.no_grad():
+        host.denoiser(x, 999, cond, torch.zeros(2))
+    with pytest.raises(ValueError, match="rows in \\(source, target\\) pairs, got a batch of 3"), \
+            torch.no_grad(), host.attached(controller):
+        host.denoiser(torch.cat([x, x[:1]]), 999, Conditioning(cond.embeds[[0, 1, 1]]), torch.zeros(3))
+
+
+def test_controllers_built_once_per_prompt_pair(tokenizer, unet, monkeypatch):
+    built = []
+    real_init = PromptToPrompt.__init__
+    monkeypatch.setattr(PromptToPrompt, "__init__", lambda self, *a, **k: built.append(a[1:3]) or real_init(self, *a, **k))
+    host = host_of(unet)
+    config = P2PConfig(amplify={"dog": 2.0})
+    first = host.controller(tokenizer, "a cat", "a dog", 4, config, latent_size=LATENT)
+    again = host.controller(tokenizer, "a cat", "a dog", 4, P2PConfig(amplify={"dog": 2.0}), latent_size=LATENT)
+    other = host.controller(tokenizer, "a cat", "a cow", 4, config, latent_size=LATENT)
+    assert first is again and other is not first
+    assert built == [("a cat", "a dog"), ("a cat", "a cow")]
+    assert host.controller(tokenizer, "a cat", "a dog", 3, config, latent_size=LATENT) is not first

@@ -31,8 +31,9 @@ from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
 from icd_train.data import ImageDataset, cached_latents, read_examples, square_pixels, vae_identity
 from icd_train.guidance import base_manifest, guidance_student, write_teacher_model
 from icd_train.icd import edit_defaults, write_icd_model
-from icd_train.loop import MetricsLog, _save_checkpoint, check_output
-from icd_train.losses import LOSSES, Draw, PassRunner, Rows, Schedule, distance_for, huber, loss_weights, noised
+from icd_train.loop import MetricsLog, _save_checkpoint, check_output, cpu_processes, mean_over_processes
+from icd_train.losses import (LOSSES, Draw, PassRunner, RowRandom, Rows, Schedule, distance_for, draw, huber,
+                              loss_weights, noised)
 from icd_train.students import load_lora, make_student, save_lora
 
 REQUIRED = ("model.path=m", "data.path=d")
@@ -247,6 +248,54 @@ def _draw(rows=2):
     z0, noise = torch.randn(rows, 4, 2, 2, generator=generator), torch.randn(rows, 4, 2, 2, generator=generator)
     return Draw(z0, noise, Conditioning(torch.zeros(rows, 3, 8)), torch.tensor([7.0, 0.0])[:rows],
                 reverse_t=[279, 519][:rows], forward_t=[239, 19][:rows], segments=[(19, 259, 0), (259, 519, 259)][:rows])
+
+
+def test_a_lone_process_draws_what_a_plain_generator_draws():
+    """Single-process runs keep the draws they always had (one generator per batch, seeded by its index)."""
+    random, plain = RowRandom(11), torch.Generator().manual_seed(11)
+    assert random.randint(1000, 3) == torch.randint(1000, (3,), generator=plain).tolist()
+    assert torch.equal(random.randn(torch.Size([3, 4, 2, 2])), torch.randn(3, 4, 2, 2, generator=plain))
+
+
+def test_processes_draw_their_rows_of_the_global_batch():
+    """Two processes of 2 rows each draw, between them, exactly what one process of 4 rows draws."""
+    schedule = Schedule([19, 259, 519, 779], [259, 519, 779, 999])
+    z0 = torch.randn(4, 4, 2, 2)
+    cond = Conditioning(torch.randn(4, 3, 8))
+    whole = draw(z0, cond, schedule, [0.0, 7.0, 19.0], RowRandom(5))
+    halves = [draw(z0[rows], cond.rows(rows), schedule, [0.0, 7.0, 19.0], RowRandom(5, process, 2))
+              for process, rows in enumerate((slice(0, 2), slice(2, 4)))]
+    assert torch.equal(torch.cat([half.noise for half in halves]), whole.noise)
+    assert torch.equal(torch.cat([half.w for half in halves]), whole.w)
+    for key in ("reverse_t", "forward_t", "segments"):
+        assert getattr(halves[0], key) + getattr(halves[1], key) == getattr(whole, key)
+    assert not torch.equal(halves[0].noise, halves[1].noise)  # each process its own rows, not a copy
+
+
+def test_several_cpu_processes_are_one_accelerate_run(monkeypatch):
+    """accelerate makes several processes one gloo run only when told they are on the CPU."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not cpu_processes()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cpu_processes()
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert not cpu_processes()  # GPUs: accelerate finds the distributed run itself
+
+
+def test_logged_values_are_means_over_iterations_and_processes():
+    reductions = []
+
+    def reduce(tensor, reduction):
+        reductions.append(reduction)
+        return (tensor + torch.tensor([2.0, 10.0])) / 2  # with the other process's means: loss 2, 10 calls
+
+    sums = {"loss": torch.tensor(0.3, dtype=torch.float64), "unet_calls": 20.0}
+    lone = SimpleNamespace(num_processes=1, reduce=reduce)
+    assert mean_over_processes(lone, sums, count=2) == {"loss": 0.15, "unet_calls": 10.0} and not reductions
+    two = SimpleNamespace(num_processes=2, device="cpu", reduce=reduce)
+    assert mean_over_processes(two, sums, count=2) == pytest.approx({"loss": 1.075, "unet_calls": 10.0})
+    assert reductions == ["mean"]
 
 
 def test_four_losses_in_10_calls_one_at_a_time_or_5_together():

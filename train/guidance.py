@@ -26,6 +26,7 @@ from .config import GuidanceConfig, ICDSection
 from .data import batch_inputs, build_dataset, first_items, text_conditioning
 from .loop import (TEACHER_FILE, carry_inside, check_resolution, clip_and_step, make_loader, make_optimizer, run,
                    weight_dtype)
+from .losses import RowRandom
 
 
 def base_manifest(path: str, resolution: int) -> Manifest:
@@ -79,14 +80,14 @@ class GuidanceStage:
         self.models = (trained,)
         self.uncond = text_conditioning(self.model, [""], config.data.resolution)
 
-    def loss(self, unet, z0: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, unet, z0: torch.Tensor, cond: Conditioning, random: RowRandom) -> torch.Tensor:
         """MSE between unet(x_t, t, e(w)) and the base's guided eps, at random t, w and noise."""
         rows, device = z0.shape[0], z0.device
         scales = self.config.guidance.scales
-        t = torch.randint(NUM_TRAIN_TIMESTEPS, (rows,), generator=generator).tolist()
-        w = torch.tensor([scales[i] for i in torch.randint(len(scales), (rows,), generator=generator).tolist()])
+        t = random.randint(NUM_TRAIN_TIMESTEPS, rows)
+        w = torch.tensor([scales[i] for i in random.randint(len(scales), rows)])
         timesteps = torch.tensor(t, device=device)
-        x_t = add_noise(z0, torch.randn(z0.shape, generator=generator).to(device), timesteps)
+        x_t = add_noise(z0, random.randn(z0.shape).to(device), timesteps)
         uncond = self.uncond.rows([0] * rows)
         with torch.no_grad():  # both halves of classical guidance in one batched pass of the base
             both = Conditioning.cat([cond, replace(uncond, time_ids=cond.time_ids)])
@@ -95,10 +96,10 @@ class GuidanceStage:
         embedding = guidance_embedding(w, self.config.guidance.embed_dim).to(device)
         return F.mse_loss(unet_eps(unet)(x_t, timesteps, cond, embedding).float(), target)
 
-    def train_step(self, batch: dict, generator: torch.Generator) -> dict:
+    def train_step(self, batch: dict, random: RowRandom) -> dict:
         z0, cond = batch_inputs(self.model, batch, self.config.data.resolution)
         with self.accelerator.autocast():
-            loss = self.loss(self.models[0], z0, cond, generator)
+            loss = self.loss(self.models[0], z0, cond, random)
         self.accelerator.backward(loss)
         clip_and_step(self)
         return {"loss": loss.detach()}
@@ -109,7 +110,7 @@ class GuidanceStage:
         eval_batch = first_items(self.dataset, self.config.train.eval_samples)
         z0, cond = batch_inputs(self.model, eval_batch, self.config.data.resolution)
         with self.accelerator.autocast():
-            return {"guidance_gap": self.loss(self.student, z0, cond, torch.Generator().manual_seed(0)).item()}
+            return {"guidance_gap": self.loss(self.student, z0, cond, RowRandom(0)).item()}
 
     def save(self) -> None:
         state = {key: value.detach().cpu() for key, value in self.student.state_dict().items()}

@@ -29,7 +29,7 @@ from .config import ICDConfig
 from .data import batch_inputs, build_dataset, first_items
 from .evaluate import ICDProbe
 from .loop import carry_inside, check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
-from .losses import LOSSES, PassRunner, Schedule, distance_for, draw, loss_weights
+from .losses import LOSSES, PassRunner, RowRandom, Schedule, distance_for, draw, loss_weights
 from .students import load_lora, lora_weights, make_student, save_lora, trainable
 
 
@@ -91,9 +91,9 @@ class ICDStage:
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
-    def train_step(self, batch: dict, generator: torch.Generator) -> dict:
+    def train_step(self, batch: dict, random: RowRandom) -> dict:
         z0, cond = batch_inputs(self.model, batch, self.config.data.resolution)
-        d = draw(z0, cond, self.schedule, self.config.icd.guidance_scales, generator)
+        d = draw(z0, cond, self.schedule, self.config.icd.guidance_scales, random)
         names = list(self.weights)
         groups = [names] if self.config.icd.schedule == "summed" else [[name] for name in names]
         calls, rows = self.runner.calls, self.runner.rows

@@ -1,10 +1,12 @@
 """What both training stages share: the Accelerator, the data loader, the step loop with its logs, checkpoints
 and resume, and the output manifest.
 
-Runs single-process on a CPU and unchanged under `accelerate launch` (DDP, one or many nodes): accelerate
-shards the data loader, wraps the trained models, syncs gradients and writes per-process RNG states.
-Every iteration's random draws are seeded by (seed, process, batch index), so a resumed run draws what the
-uninterrupted one would have, without storing generator states.
+Runs single-process on a CPU and unchanged under `accelerate launch` or `torchrun` (DDP, one or many nodes, GPUs
+or CPU processes over gloo): accelerate shards the data loader, wraps the trained models, syncs gradients and
+writes per-process RNG states. Every iteration's random draws are seeded by (seed, batch index) and made for the
+whole global batch, each process keeping its own rows (losses.RowRandom): a resumed run draws what the
+uninterrupted one would have, without storing generator states, and N processes of batch B train what one
+process of batch N x B does. Logged training values are the means over all processes.
 
 The model folder is self-contained: the weights it builds on (the teacher, a local base folder) are placed inside
 it, hard-linked where the filesystem allows (no extra disk; icd's writers replace files by renaming, so a later
@@ -33,6 +35,7 @@ from icd.files import atomic_write
 from icd.models.manifest import MANIFEST_NAME
 
 from .config import ConfigError, TrainSection, flat_scalars, to_json
+from .losses import RowRandom
 
 log = logging.getLogger("icd")
 CHECKPOINTS = "checkpoints"
@@ -59,6 +62,7 @@ def make_accelerator(train: TrainSection, output: Path):
 
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(
+        cpu=cpu_processes(),
         mixed_precision=mixed_precision(train),
         # Steps are counted by optimizer updates, so the end of an epoch must not force an early one.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=train.gradient_accumulation,
@@ -70,6 +74,13 @@ def make_accelerator(train: TrainSection, output: Path):
     )
     set_seed(train.seed)  # the same initial weights everywhere (DDP also broadcasts them from process 0)
     return accelerator
+
+
+def cpu_processes() -> bool:
+    """Whether several processes were launched (torchrun, `accelerate launch --multi_gpu`) on a machine without
+    an accelerator. accelerate joins such processes into one gloo run only when told that the run is on the CPU;
+    otherwise each takes itself for a lone run and trains the whole data set alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -112,7 +123,7 @@ class Stage(Protocol):
     optimizer: object
     models: tuple  # the prepared (trained) models
 
-    def train_step(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor | float]: ...
+    def train_step(self, batch: dict, random: RowRandom) -> dict[str, torch.Tensor | float]: ...
 
     def evaluate(self) -> dict[str, float]: ...
 
@@ -152,6 +163,15 @@ class MetricsLog:
             self.lines.append(json.dumps({"step": step, **values}) + "\n")
             atomic_write(self.file, lambda temporary: temporary.write_text("".join(self.lines)), overwrite=True)
         self.accelerator.log(values, step=step)
+
+
+def mean_over_processes(accelerator, sums: dict, count: int) -> dict[str, float]:
+    """The means of `sums` over `count` iterations and over all processes (each has its own rows' values)."""
+    means = {name: float(total) / count for name, total in sums.items()}
+    if accelerator.num_processes == 1:
+        return means
+    local = torch.tensor(list(means.values()), device=accelerator.device)
+    return dict(zip(means, accelerator.reduce(local, reduction="mean").tolist()))
 
 
 def _save_checkpoint(accelerator, output: Path, step: int, keep: int) -> None:
@@ -202,10 +222,9 @@ def fit(stage: Stage, train: TrainSection, output: Path, hparams: dict, resume_f
     window_count, seconds, micro = 0, 0.0, progress.step * train.gradient_accumulation
     while progress.step < train.max_steps:
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(train.seed + micro * accelerator.num_processes
-                                                  + accelerator.process_index)
+        random = RowRandom(train.seed + micro, accelerator.process_index, accelerator.num_processes)
         with accelerator.accumulate(*stage.models):
-            values = stage.train_step(next(batches), generator)
+            values = stage.train_step(next(batches), random)
         micro, window_count = micro + 1, window_count + 1
         for name, value in values.items():
             window[name] = window.get(name, 0.0) + value
@@ -216,7 +235,7 @@ def fit(stage: Stage, train: TrainSection, output: Path, hparams: dict, resume_f
         bar.update(1)
         last = progress.step == train.max_steps
         if progress.step % train.log_every == 0 or last:
-            summary["train"] = {name: float(total) / window_count for name, total in window.items()}
+            summary["train"] = mean_over_processes(accelerator, window, window_count)
             window, window_count = {}, 0
             bar.set_postfix({name: f"{value:.4g}" for name, value in summary["train"].items() if "loss" in name})
             metrics.write(progress.step, {f"train/{name}": value for name, value in summary["train"].items()})

@@ -166,15 +166,37 @@ class Draw:
     segments: list[tuple[int, int, int]]
 
 
-def draw(z0: torch.Tensor, cond: Conditioning, schedule: Schedule, scales: list[float],
-         generator: torch.Generator) -> Draw:
-    """Uniform start points, segments and guidance values per row; noise from the same generator."""
+class RowRandom:
+    """One iteration's random draws for this process's rows of the global batch.
+
+    Every process draws the values of the whole global batch (its rows times the processes) from the same
+    seed and keeps its own contiguous slice, the rows its data shard holds: so the draws do not depend on how
+    many processes share the batch, and two processes of batch B train what one process of batch 2B does.
+    """
+
+    def __init__(self, seed: int, process: int = 0, processes: int = 1):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.process, self.processes = process, processes
+
+    def _own(self, values: torch.Tensor) -> torch.Tensor:
+        rows = values.shape[0] // self.processes
+        return values[self.process * rows:(self.process + 1) * rows]
+
+    def randint(self, high: int, rows: int) -> list[int]:
+        return self._own(torch.randint(high, (rows * self.processes,), generator=self.generator)).tolist()
+
+    def randn(self, shape: torch.Size) -> torch.Tensor:
+        return self._own(torch.randn((shape[0] * self.processes, *shape[1:]), generator=self.generator))
+
+
+def draw(z0: torch.Tensor, cond: Conditioning, schedule: Schedule, scales: list[float], random: RowRandom) -> Draw:
+    """Uniform start points, segments and guidance values per row; noise from the same draws."""
     rows = z0.shape[0]
 
     def pick(options: list) -> list:
-        return [options[i] for i in torch.randint(len(options), (rows,), generator=generator).tolist()]
+        return [options[i] for i in random.randint(len(options), rows)]
 
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    noise = random.randn(z0.shape).to(z0.device)
     return Draw(z0, noise, cond, torch.tensor(pick(scales)), pick(schedule.grid), pick(schedule.forward_starts),
                 pick(schedule.segments))
 

@@ -38,6 +38,7 @@ class Item:
     output: Path
     error: str | None = None  # found while planning: reported, never run
     skipped: bool = False  # --skip-existing and the output is there
+    job: object = None  # the item's own parameters, when they differ between items (seed, target, ...)
 
     @property
     def runnable(self) -> bool:
@@ -52,6 +53,7 @@ class Report:
     done: int = 0
     skipped: int = 0
     notes: set[str] = field(default_factory=set)
+    records: list[dict] = field(default_factory=list)  # each item's JSON record, for --json-log
 
     @property
     def exit_code(self) -> int:
@@ -210,7 +212,7 @@ def _is_out_of_memory(err: Exception) -> bool:
 
 
 def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool) -> None:
-    from tqdm import tqdm
+    from .distributed import current_launch
 
     status = record["status"]
     if status == "error":
@@ -220,16 +222,27 @@ def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool
         report.skipped += 1
     else:
         report.done += 1
+    launch = current_launch()
+    record = {"input": item.label, **record, **({"rank": launch.rank} if launch.several else {})}
+    report.records.append(record)
     if as_json:
-        tqdm.write(json.dumps({"input": item.label, **record}), file=sys.stdout)
+        _line(json.dumps(record))
     elif status == "ok" and not quiet:
-        tqdm.write(record["output"], file=sys.stdout)
+        _line(record["output"])
 
 
-def file_items(paths: list[Path], output: str | None, name_for: Callable[[Path], str]) -> list[Item]:
-    """One item per input file; its output is -o for a single result, else a distinct name in -o's folder."""
+def _line(text: str) -> None:
+    """One whole line on stdout in one write, so lines of processes sharing a pipe never interleave."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def file_items(paths: list[Path], output: str | None, name_for: Callable[[Path], str], *,
+               many: bool | None = None) -> list[Item]:
+    """One item per input file; its output is -o for a single result, else a distinct name in -o's folder
+    (`many`: whether the command writes several results in all; default: whether there are several paths)."""
     from .jobs import output_path
 
-    many = len(paths) > 1
+    many = len(paths) > 1 if many is None else many
     names = distinct_names(paths, name_for)
     return [Item(str(path), path, output_path(output, names[path], many)) for path in paths]

@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from .training import train
 
+log = logging.getLogger("icd")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MODEL = "sd15"
 
@@ -110,18 +111,35 @@ def _verbose() -> bool:
 
 def _open(model_ref: str | Manifest, device: str, dtype: str, directions: tuple[str, ...] = (),
           backend: str = "auto", compile: bool = False, static_shapes: bool = False):
-    """The session for a model; a failure here ends the command with one line (via `Main`)."""
+    """The session for a model; a failure here ends the command with one line (via `Main`). Under
+    `accelerate launch` or `torchrun`, `auto` means this process's own GPU."""
+    from .distributed import local_device
     from .session import open_session
 
     _quiet_libraries()
-    return open_session(model_ref, device, dtype, backend, compile, static_shapes, directions)
+    return open_session(model_ref, local_device(device), dtype, backend, compile, static_shapes, directions)
 
 
 def _finish(items, work, as_json: bool) -> None:
-    """Run the planned items and exit with the batch's code."""
+    """Run this process's share of the planned items (all of them, unless several processes were launched:
+    each plans the whole batch, so names agree, and runs every world-th item), write the --json-log, and
+    exit with the batch's code."""
     from .batch import run
+    from .distributed import merge_json_log, process_share
 
-    sys.exit(run(items, work, as_json=as_json, quiet=_quiet()).exit_code)
+    ctx = click.get_current_context()
+    log_path = ctx.meta.get("icd.json_log")
+    if log_path and Path(log_path).exists() and not ctx.params.get("overwrite"):
+        raise UsageError(f"--json-log {log_path} exists (use --overwrite to replace it)")
+    report = run(process_share(items), work, as_json=as_json, quiet=_quiet())
+    if log_path:
+        merge_json_log(log_path, report.records)
+    sys.exit(report.exit_code)
+
+
+def _remember_json_log(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta["icd.json_log"] = value
 
 
 # Every option that several commands share, declared once; `uses(...)` attaches them. ICD_* variables give
@@ -138,9 +156,8 @@ OPTIONS = {
                           help="auto = fp16 on a GPU, fp32 on a CPU."),
     "backend": click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "tensorrt"]), default="auto",
                             show_default=True, envvar="ICD_BACKEND", show_envvar=True,
-                            help="What runs the UNets. auto: TensorRT, else ONNX Runtime, when `icd export` has built "
-                                 "their files for this model, else torch. Prompt-to-Prompt decoding always runs on "
-                                 "torch."),
+                            help="What runs the UNets, for every edit method. auto: TensorRT, else ONNX Runtime, when "
+                                 "`icd export` has built their files for this model, else torch."),
     "compile": click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (slow first "
                             "item; with CUDA graphs when --width and --height fix the size)."),
     "width": click.option("--width", type=click.IntRange(8, MAX_SIDE), help="Working width in pixels (a multiple "
@@ -151,7 +168,12 @@ OPTIONS = {
     "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
     "skip_existing": click.option("--skip-existing", is_flag=True, help="Leave items whose output exists, "
                                   "e.g. to finish an interrupted batch."),
+    "no_server": click.option("--no-server", is_flag=True, help="Load the model in this process even when "
+                              "`icd serve` serves it."),
     "json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (one line per item)."),
+    "json_log": click.option("--json-log", type=click.Path(dir_okay=False), expose_value=False,
+                             callback=_remember_json_log, help="Also write every item's JSON record to this file "
+                             "(under torchrun or accelerate launch: one file for all processes)."),
     "quiet": click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
                           help="Print nothing but errors."),
     "verbose": click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
@@ -159,7 +181,7 @@ OPTIONS = {
                                  "error (so does ICD_DEBUG=1)."),
 }
 MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite",
-             "skip_existing", "json", "quiet", "verbose")
+             "skip_existing", "json", "json_log", "quiet", "verbose", "no_server")
 
 
 def uses(*names: str):
@@ -170,10 +192,29 @@ def uses(*names: str):
     return attach
 
 
-def _settings(session, model_ref, seed, width, height, overwrite):
+def _settings(runner, model_ref, seed, width, height, overwrite):
     from .jobs import Settings
 
-    return Settings(session=session, model_ref=model_ref, seed=seed, width=width, height=height, overwrite=overwrite)
+    return Settings(runner=runner, model_ref=model_ref, seed=seed, width=width, height=height, overwrite=overwrite)
+
+
+def _runner(manifest: Manifest, device: str, dtype: str, directions: tuple[str, ...], backend: str, compile: bool,
+            static_shapes: bool = False, no_server: bool = False):
+    """What runs the jobs: a running `icd serve` of this model, device and dtype (said once), falling back to
+    this process if it goes away; else, or with --no-server, the model opened here."""
+    from .runner import LocalRunner
+
+    def open_here():
+        return LocalRunner(_open(manifest, device, dtype, directions, backend, compile, static_shapes))
+
+    if not no_server:
+        from .client import FallbackRunner, find_server
+
+        remote = find_server(manifest, device, dtype, backend, compile)
+        if remote is not None:
+            log.info("using the server at %s", remote.path)
+            return FallbackRunner(remote, open_here)
+    return open_here()
 
 
 def _check_output(output: str | None, count: int, *, latent: bool = False) -> None:
@@ -221,7 +262,9 @@ def _check_engine(device: str, dtype: str, backend: str, compile: bool) -> None:
     """The device exists, takes the dtype, and the backend options fit together."""
     from icd.models.loading import resolve_device, resolve_dtype
 
-    resolve_dtype(dtype, resolve_device(device))
+    from .distributed import local_device
+
+    resolve_dtype(dtype, resolve_device(local_device(device)))
     if compile and backend in ("onnx", "tensorrt"):
         raise UsageError(f"--compile applies to the torch backend, not --backend {backend}")
 
@@ -318,11 +361,12 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(str(err), ctx, param) from None
     if recorded.get("command") != "edit":
         raise click.BadParameter(f"{value} holds no parameters of `icd edit`", ctx, param)
-    names = {"source": "source_prompt", "target": "prompt", "method": "method", "guidance": "guidance_w",
-             "tau": "tau", "seed": "seed", "cross_replace": "cross_replace", "self_replace": "self_replace",
+    names = {"source": "source_prompt", "targets": "prompt", "method": "method", "guidance": "guidance_w",
+             "tau": "tau", "seeds": "seed", "cross_replace": "cross_replace", "self_replace": "self_replace",
              "amplify": "amplify", "blend": "blend", "model": "model", "dtype": "dtype", "backend": "backend",
              "width": "width", "height": "height"}
     defaults = {option: recorded[key] for option, key in names.items() if recorded.get(key) is not None}
+    defaults |= {option: [defaults[option]] for option in ("targets", "seeds") if option in defaults}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["icd.rerun_input"] = recorded.get("source")
     return value
@@ -331,15 +375,18 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
 @main.command()
 @click.argument("inputs", nargs=-1)
 @click.option("--src", "source", help="Prompt describing the input photo (not needed for latent files).")
-@click.option("--tgt", "target", help="Prompt describing the wanted result (required).")
+@click.option("--tgt", "targets", multiple=True, help="Prompt describing the wanted result (required). Repeatable: "
+              "one output per target, NAME-edit-<target>.png, all from one inversion.")
 @click.option("--method", type=click.Choice(["p2p", "swap", "none"]), help="p2p: Prompt-to-Prompt attention "
               "control; swap: source prompt on the unguided steps, target on the guided ones; none: target prompt "
               "only. " + MODEL_DEFAULT_HELP.format(sd15="p2p", sdxl="swap"))
 @click.option("--guidance", type=Finite(0), help=GUIDANCE_HELP + " " + MODEL_DEFAULT_HELP.format(sd15="19",
                                                                                                   sdxl="19"))
 @click.option("--tau", type=Finite(0, 1), help=TAU_HELP + " " + MODEL_DEFAULT_HELP.format(sd15="0.8", sdxl="0.7"))
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
-              help="Seed of the noise added before encoding.")
+@click.option("--seed", "seeds", type=click.IntRange(0, MAX_SEED), multiple=True,
+              help="Seed of the noise added before encoding (default 0). Repeatable: one output per seed, "
+                   "NAME-edit-s<seed>.png.")
+@click.option("-n", "--count", type=click.IntRange(1, 10_000), help="Edit with N seeds: --seed, --seed+1, ...")
 @click.option("--cross-replace", type=Finite(0, 1), help="p2p: fraction of steps on which the target's "
               "cross-attention comes from the source. Default 0.3.")
 @click.option("--self-replace", type=Finite(0, 1), help="p2p: fraction of steps on which the target's "
@@ -351,10 +398,14 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--from", "from_image", metavar="IMAGE", is_eager=True, callback=_rerun_defaults,
               help="Rerun the edit recorded in a result of `icd edit`: its input, prompts and every setting, "
                    "unless given here.")
+@click.option("--jobs", "jobs_file", type=click.Path(dir_okay=False), help="A job file: JSON lines or CSV with "
+              "one edit per row (image, source, target, seed, method, guidance, tau, blend, amplify, output; "
+              "paths relative to the file; default output NAME-edit-<target>-s<seed>.png in -o), all checked "
+              "before the model loads.")
 @uses(*MODEL_RUN)
-def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, self_replace, amplify, blend,
-         from_image, model, device, dtype, backend, compile, width, height, output, overwrite, skip_existing,
-         as_json):
+def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_replace, self_replace, amplify, blend,
+         from_image, jobs_file, model, device, dtype, backend, compile, width, height, output, overwrite,
+         skip_existing, as_json, no_server):
     """Edit photos (or latent files from `icd invert`) from a source prompt to a target prompt.
 
     INPUTS are image files, folders of images, globs, or .latent.safetensors files.
@@ -370,120 +421,277 @@ def edit(inputs, source, target, method, guidance, tau, seed, cross_replace, sel
       icd edit photo.jpg --src "a pug" --tgt "a bear"
       icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --blend cat:tiger
       icd edit photos/*.jpg --src "a dog" --tgt "a wolf" --method none -o wolves/
+      icd edit photo.jpg --src "a pug" --tgt "a bear" --tgt "a lion" -n 3 -o variants/
+      icd edit --jobs edits.jsonl -o out/
       icd edit --from photo-edit.png --guidance 12 -o stronger.png
     """
     from icd.p2p import P2PConfig
     from icd.pipeline import edit_settings
 
-    from .batch import file_items, plan
-    from .jobs import IMAGE_SUFFIXES, EditOptions, check_input, edit_file, expand_inputs, needs_inversion, output_stem
+    from .batch import plan
+    from .jobs import IMAGE_SUFFIXES, EditOptions, check_input, expand_inputs, needs_inversion
 
-    rerun_input = click.get_current_context().meta.get("icd.rerun_input")
-    if not inputs and rerun_input:
-        inputs = (rerun_input,)
-    if not inputs:
-        raise UsageError("no INPUTS: name image or latent files, folders or globs")
-    if not target:
-        raise UsageError("--tgt is required: the prompt describing the wanted result")
-    paths = expand_inputs(list(inputs), IMAGE_SUFFIXES | {".safetensors"})
-    images = [path for path in paths if needs_inversion([path])]
-    if images and not source:
-        raise UsageError(f"--src is needed to edit images ({images[0]}); latent files carry their own prompt")
-    if not images and (width or height):
-        raise UsageError("--width/--height apply to images: a latent file keeps the size it was inverted at")
-    _check_output(output, len(paths))
-    _check_engine(device, dtype, backend, compile)
-    amplified, blended = _parse_amplify(amplify), _parse_blend(blend)
-    model = model or DEFAULT_MODEL
-    manifest = _resolve(model)
-    _check_size(manifest, width, height)
-    method, guidance, tau = astuple(edit_settings(manifest, method, guidance, tau))
-    p2p_given = [flag for flag, value in (("--cross-replace", cross_replace), ("--self-replace", self_replace),
-                                          ("--amplify", amplify), ("--blend", blend)) if value]
-    if p2p_given and method != "p2p":
-        raise UsageError(f"{', '.join(p2p_given)} apply to --method p2p, not {method}")
-    defaults = P2PConfig()
-    config = P2PConfig(cross_replace=defaults.cross_replace if cross_replace is None else cross_replace,
-                       self_replace=defaults.self_replace if self_replace is None else self_replace,
-                       amplify=amplified, blend=blended)
-    items = plan(file_items(paths, output, lambda path: f"{output_stem(path)}-edit.png"), paths,
-                 overwrite=overwrite, skip_existing=skip_existing,
+    if jobs_file:
+        given = [flag for flag, value in (("INPUTS", inputs), ("--src", source), ("--tgt", targets),
+                                          ("--seed", seeds), ("-n", count)) if value]
+        if given:
+            raise UsageError(f"--jobs {jobs_file} holds the inputs, prompts and seeds: drop {', '.join(given)}")
+        _check_output(output, 2)
+        _check_engine(device, dtype, backend, compile)
+        model = model or DEFAULT_MODEL
+        manifest = _resolve(model)
+        _check_size(manifest, width, height)
+        items = _edit_job_items(jobs_file, manifest, output)
+        paths = [item.source for item in items]
+    else:
+        rerun_input = click.get_current_context().meta.get("icd.rerun_input")
+        if not inputs and rerun_input:
+            inputs = (rerun_input,)
+        if not inputs:
+            raise UsageError("no INPUTS: name image or latent files, folders or globs")
+        if not targets:
+            raise UsageError("--tgt is required: the prompt describing the wanted result")
+        seeds = _seeds(seeds, count)
+        paths = expand_inputs(list(inputs), IMAGE_SUFFIXES | {".safetensors"})
+        images = [path for path in paths if needs_inversion([path])]
+        if images and not source:
+            raise UsageError(f"--src is needed to edit images ({images[0]}); latent files carry their own prompt")
+        if not images and (width or height):
+            raise UsageError("--width/--height apply to images: a latent file keeps the size it was inverted at")
+        targets = tuple(dict.fromkeys(targets))
+        _check_output(output, len(targets) * (len(images) * len(seeds) + len(paths) - len(images)))
+        _check_engine(device, dtype, backend, compile)
+        amplified, blended = _parse_amplify(amplify), _parse_blend(blend)
+        model = model or DEFAULT_MODEL
+        manifest = _resolve(model)
+        _check_size(manifest, width, height)
+        method, guidance, tau = astuple(edit_settings(manifest, method, guidance, tau))
+        p2p_given = [flag for flag, value in (("--cross-replace", cross_replace), ("--self-replace", self_replace),
+                                              ("--amplify", amplify), ("--blend", blend)) if value]
+        if p2p_given and method != "p2p":
+            raise UsageError(f"{', '.join(p2p_given)} apply to --method p2p, not {method}")
+        defaults = P2PConfig()
+        config = P2PConfig(cross_replace=defaults.cross_replace if cross_replace is None else cross_replace,
+                           self_replace=defaults.self_replace if self_replace is None else self_replace,
+                           amplify=amplified, blend=blended)
+        items = _edit_items(paths, output, [EditOptions(source, target, method, guidance, tau, config)
+                                            for target in targets], seeds)
+    items = plan(items, paths, overwrite=overwrite, skip_existing=skip_existing,
                  check=lambda item: check_input(item.source, manifest, model))
     if not any(item.runnable for item in items):
         _finish(items, None, as_json)
-    directions = ("forward", "reverse") if images else ("reverse",)
-    session = _open(manifest, device, dtype, directions, backend, compile, bool(width and height))
-    settings = _settings(session, model, seed, width, height, overwrite)
-    options = EditOptions(source, target, method, guidance, tau, config)
-    _finish(items, lambda item: edit_file(settings, item.source, options, item.output), as_json)
+    directions = ("forward", "reverse") if needs_inversion(paths) else ("reverse",)
+    settings = _settings(_runner(manifest, device, dtype, directions, backend, compile, bool(width and height),
+                                 no_server), model, 0, width, height, overwrite)
+    _finish(_by_inversion(items), lambda item: _edit_one(settings, item), as_json)
+
+
+def _edit_one(settings, item):
+    from . import jobs
+
+    seed, options = item.job
+    return jobs.edit_file(replace(settings, seed=seed), item.source, options, item.output)
+
+
+def _seeds(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
+    """--seed (repeatable) and -n N: the seeds to edit with, each once."""
+    if count is None:
+        return tuple(dict.fromkeys(seeds)) or (0,)
+    if len(seeds) > 1:
+        raise UsageError("-n counts seeds up from one --seed: give one --seed with -n, or several --seed alone")
+    first = seeds[0] if seeds else 0
+    if first + count - 1 > MAX_SEED:
+        raise UsageError(f"--seed {first} with -n {count} runs past the largest seed, {MAX_SEED}")
+    return tuple(range(first, first + count))
+
+
+def _edit_items(paths: list[Path], output: str | None, options: list, seeds: tuple[int, ...]) -> list:
+    """One item per input, seed and target; names carry the target and seed when there are several
+    (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per target."""
+    from .batch import file_items
+    from .jobs import needs_inversion, output_stem
+
+    images = [path for path in paths if needs_inversion([path])]
+    latents = [path for path in paths if path not in images]
+    many = len(options) * (len(images) * len(seeds) + len(latents)) > 1
+    labels = _target_names([option.target for option in options])
+    items = []
+    for group, group_seeds in ((images, seeds), (latents, seeds[:1])):
+        for seed in group_seeds if group else ():
+            for option in options:
+                suffix = (f"-{labels[option.target]}" if len(options) > 1 else "") + \
+                         (f"-s{seed}" if len(seeds) > 1 and group is images else "")
+                for item in file_items(group, output, lambda path: f"{output_stem(path)}-edit{suffix}.png",
+                                       many=many):
+                    if suffix:
+                        item.label = f"{item.label} ({option.target!r}, seed {seed})"
+                    item.job = (seed, option)
+                    items.append(item)
+    return items
+
+
+def _target_names(targets: list[str]) -> dict[str, str]:
+    """A distinct file-name part for each target prompt (two that slug alike get -2, -3, ...)."""
+    from .jobs import slug
+
+    names, taken = {}, set()
+    for target in targets:
+        name, number = slug(target), 1
+        while name.lower() in taken:
+            number += 1
+            name = f"{slug(target)}-{number}"
+        names[target] = name
+        taken.add(name.lower())
+    return names
+
+
+def _by_inversion(items: list) -> list:
+    """The items reordered so that those sharing an inversion (input, source prompt, seed) follow each
+    other, which is what lets the job cache reuse it; otherwise in the order given."""
+    first: dict = {}
+    for index, item in enumerate(items):
+        seed, options = item.job
+        first.setdefault((item.source, options.source, seed), index)
+    return sorted(items, key=lambda item: first[(item.source, item.job[1].source, item.job[0])])
+
+
+def _edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
+    """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads."""
+    from icd.latents import is_latent_file
+    from icd.p2p import P2PConfig
+    from icd.pipeline import edit_settings
+
+    from .batch import Item
+    from .jobfile import EditJob, read_jobs
+    from .jobs import EditOptions, output_path, output_stem, slug
+
+    folder = Path(jobs_file).parent
+    items, rows = [], {}
+    for number, job in read_jobs(jobs_file, EditJob):
+        where = f"{jobs_file} row {number}"
+        path = folder / job.image
+        method, guidance, tau = astuple(edit_settings(manifest, job.method, job.guidance, job.tau))
+        p2p_given = [name for name in ("blend", "amplify") if getattr(job, name)]
+        if p2p_given and method != "p2p":
+            raise UsageError(f"{where}: {', '.join(p2p_given)} apply to method p2p, not {method}")
+        if not job.source and not is_latent_file(path):
+            raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
+        options = EditOptions(job.source, job.target, method, guidance, tau,
+                              P2PConfig(amplify=job.amplify_words(), blend=job.blend_words()))
+        name = f"{output_stem(path)}-edit-{slug(job.target)}-s{job.seed}.png"
+        target = folder / job.output if job.output else output_path(output, name, True)
+        if target.resolve() in rows:
+            raise UsageError(f"{where}: output {target} is also row {rows[target.resolve()]}'s: give each row "
+                             "its own output")
+        rows[target.resolve()] = number
+        items.append(Item(where, path, target, job=(job.seed, options)))
+    return items
 
 
 def _parse_amplify(values) -> dict[str, float] | None:
-    if not values:
-        return None
-    amplify = {}
-    for value in values:
-        word, _, factor = value.partition("=")
-        try:
-            number = float(factor)
-        except ValueError:
-            number = math.nan
-        if not word.strip() or not math.isfinite(number) or number < 0:
-            raise click.BadParameter(f"'{value}' is not WORD=FACTOR with a finite factor >= 0, e.g. bear=4",
-                                     param_hint="--amplify")
-        amplify[word.strip().lower()] = number
-    return amplify
+    from .jobfile import parse_amplify
+
+    try:
+        return parse_amplify(values)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--amplify") from None
 
 
 def _parse_blend(value: str | None):
-    if value is None:
-        return None
-    src, sep, tgt = value.partition(":")
-    if not sep or not src.split() or not tgt.split():
-        raise click.BadParameter(f"'{value}' is not SRC_WORDS:TGT_WORDS, e.g. pug:bear", param_hint="--blend")
-    return tuple(src.lower().split()), tuple(tgt.lower().split())
+    from .jobfile import parse_blend
+
+    try:
+        return parse_blend(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--blend") from None
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True)
-@click.option("--prompt", required=True, help="Prompt describing the photos (the source prompt of later edits).")
+@click.argument("images", nargs=-1)
+@click.option("--prompt", help="Prompt describing the photos (the source prompt of later edits). Default: each "
+              "image's caption in the metadata.jsonl of its folder (Hugging Face style: file_name, text).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the noise added before encoding.")
+@click.option("--jobs", "jobs_file", type=click.Path(dir_okay=False), help="A job file: JSON lines or CSV with "
+              "one inversion per row (image, source, seed, output; paths relative to the file).")
 @uses(*MODEL_RUN)
-def invert(images, prompt, seed, model, device, dtype, backend, compile, width, height, output, overwrite,
-           skip_existing, as_json):
+def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compile, width, height, output,
+           overwrite, skip_existing, as_json, no_server):
     """Encode photos into latent files (x_T plus metadata) for fast repeated edits.
 
     \b
-    Example:
+    Examples:
       icd invert photo.jpg --prompt "a pug on the grass"
       icd edit photo.latent.safetensors --tgt "a bear on the grass"
+      icd invert photos/ -o latents/                  # captions from photos/metadata.jsonl
     """
     from icd.images import probe_image
 
-    from .batch import file_items, plan
-    from .jobs import IMAGE_SUFFIXES, LATENT_NAME, expand_inputs, invert_file
+    from .batch import Item, file_items, plan
+    from .jobfile import InvertJob, read_jobs
+    from .jobs import IMAGE_SUFFIXES, LATENT_NAME, expand_inputs, invert_file, output_path, output_stem
 
-    paths = expand_inputs(list(images), IMAGE_SUFFIXES)
-    _check_output(output, len(paths), latent=True)
+    if jobs_file:
+        if images or prompt:
+            raise UsageError(f"--jobs {jobs_file} holds the images and prompts: drop "
+                             f"{', '.join(flag for flag, value in (('IMAGES', images), ('--prompt', prompt)) if value)}")
+        folder = Path(jobs_file).parent
+        items = [Item(f"{jobs_file} row {number}", folder / job.image,
+                      folder / job.output if job.output else
+                      output_path(output, output_stem(folder / job.image) + LATENT_NAME, True),
+                      job=(job.seed, job.source)) for number, job in read_jobs(jobs_file, InvertJob)]
+    else:
+        if not images:
+            raise UsageError("no IMAGES: name image files, folders or globs (or give --jobs FILE)")
+        paths = expand_inputs(list(images), IMAGE_SUFFIXES)
+        items = file_items(paths, output, lambda path: path.stem + LATENT_NAME)
+        for item in items:
+            item.job = (seed, prompt)
+    _check_output(output, max(len(items), 2 if jobs_file else 1), latent=True)
+    _captions(items)
     _check_engine(device, dtype, backend, compile)
     model = model or DEFAULT_MODEL
     manifest = _resolve(model)
     _check_size(manifest, width, height)
-    items = plan(file_items(paths, output, lambda path: path.stem + LATENT_NAME), paths, overwrite=overwrite,
-                 skip_existing=skip_existing, check=lambda item: probe_image(item.source))
+    items = plan(items, [item.source for item in items], overwrite=overwrite, skip_existing=skip_existing,
+                 check=lambda item: probe_image(item.source))
     if not any(item.runnable for item in items):
         _finish(items, None, as_json)
-    session = _open(manifest, device, dtype, ("forward",), backend, compile, bool(width and height))
-    settings = _settings(session, model, seed, width, height, overwrite)
-    _finish(items, lambda item: (invert_file(settings, item.source, prompt, item.output), []), as_json)
+    settings = _settings(_runner(manifest, device, dtype, ("forward",), backend, compile, bool(width and height),
+                                 no_server), model, seed, width, height, overwrite)
+
+    def work(item):
+        item_seed, item_prompt = item.job
+        return invert_file(replace(settings, seed=item_seed), item.source, item_prompt, item.output), []
+
+    _finish(items, work, as_json)
+
+
+def _captions(items) -> None:
+    """Give each item without a prompt its caption from its folder's metadata.jsonl; none is a usage error."""
+    from .jobfile import CAPTIONS_NAME, captions
+
+    folders: dict[Path, dict[str, str]] = {}
+    for item in items:
+        seed, prompt = item.job
+        if prompt:
+            continue
+        folder = item.source.parent
+        if folder not in folders:
+            folders[folder] = captions(folder)
+        caption = folders[folder].get(item.source.name)
+        if caption is None:
+            raise UsageError(f"{item.label}: no --prompt, and no caption for {item.source.name} in "
+                             f"{folder / CAPTIONS_NAME}")
+        item.job = (seed, caption)
 
 
 @main.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json", "quiet",
-      "verbose")
-def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json):
+@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json", "json_log",
+      "quiet", "verbose", "no_server")
+def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json,
+                no_server):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
     from icd.latents import read_latent_info
 
@@ -494,6 +702,7 @@ def reconstruct(latents, model, device, dtype, backend, compile, output, overwri
     _check_output(output, len(paths))
     _check_engine(device, dtype, backend, compile)
     refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
+    runners: dict[str, object] = {}  # one per model, found or opened at its first item
 
     def check(item):
         refs[item.source] = model or read_latent_info(item.source).model
@@ -504,8 +713,11 @@ def reconstruct(latents, model, device, dtype, backend, compile, output, overwri
 
     def work(item):
         model_ref = refs[item.source]
-        session = _open(_resolve(model_ref), device, dtype, ("reverse",), backend, compile)
-        return reconstruct_file(_settings(session, model_ref, 0, None, None, overwrite), item.source, item.output), []
+        if model_ref not in runners:
+            runners[model_ref] = _runner(_resolve(model_ref), device, dtype, ("reverse",), backend, compile,
+                                         no_server=no_server)
+        settings = _settings(runners[model_ref], model_ref, 0, None, None, overwrite)
+        return reconstruct_file(settings, item.source, item.output), []
 
     _finish(items, work, as_json)
 
@@ -520,7 +732,7 @@ def reconstruct(latents, model, device, dtype, backend, compile, output, overwri
 @click.option("--tau", type=Finite(0, 1), default=1.0, show_default=True, help=TAU_HELP)
 @uses(*MODEL_RUN)
 def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, compile, width, height, output,
-             overwrite, skip_existing, as_json):
+             overwrite, skip_existing, as_json, no_server):
     """Generate images from a prompt in the model's 3-4 steps.
 
     \b
@@ -542,10 +754,77 @@ def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, 
                   for s in range(first, first + count)], [], overwrite=overwrite, skip_existing=skip_existing)
     if not any(item.runnable for item in items):
         _finish(items, None, as_json)
-    session = _open(manifest, device, dtype, ("reverse",), backend, compile, static_shapes=True)
-    settings = _settings(session, model, first, width, height, overwrite)
+    runner = _runner(manifest, device, dtype, ("reverse",), backend, compile, static_shapes=True, no_server=no_server)
+    settings = _settings(runner, model, first, width, height, overwrite)
     _finish(items, lambda item: (generate_file(settings, prompt, item.source, guidance, tau, item.output), []),
             as_json)
+
+
+@main.command()
+@uses("model", "device", "dtype", "backend", "compile")
+@click.option("--status", is_flag=True, help="Describe the running servers (exit 1 when there is none).")
+@click.option("--stop", is_flag=True, help="Stop the running server (of -m, when several run).")
+@uses("quiet", "verbose")
+def serve(model, device, dtype, backend, compile, status, stop):
+    """Hold a model in memory and run the jobs of every `icd` command of this user, so that a shell loop of
+    `icd edit` calls pays the model's start-up once.
+
+    Commands use a server of the same model, device and dtype by themselves (and say so), and go on in their
+    own process if it stops; --no-server opts out. The socket is $ICD_HOME/serve/<model>-<device>-<dtype>.sock,
+    for its owner only. Ctrl-C or SIGTERM ends the server after the job in flight.
+
+    \b
+    Examples:
+      icd serve -m mini &
+      for f in scenes/*.png; do icd edit "$f" -m mini --src "a red circle" --tgt "a blue circle"; done
+      icd serve --status
+      icd serve --stop
+    """
+    from icd.models.loading import PRECISIONS, resolve_device, resolve_dtype
+
+    from .client import running_servers, stop_server
+    from .runner import LocalRunner
+    from .server import Server, clear_stale, serve_folder, socket_path
+
+    if status and stop:
+        raise UsageError("--status and --stop cannot be used together")
+    if status or stop:
+        found = running_servers()
+        live = [(path, facts) for path, facts in found if facts is not None]
+        if status:
+            for path, facts in found:
+                click.echo(f"{path}: " + ("stale (no server answers; the next `icd serve` replaces it)"
+                                          if facts is None else _served(facts)))
+        if not live:
+            raise ICDError(f"no server is running (in {serve_folder()})")
+        if stop:
+            if model:
+                fingerprint = _resolve(model).fingerprint
+                live = [(path, facts) for path, facts in live if facts["fingerprint"] == fingerprint]
+                if not live:
+                    raise ICDError(f"no server of model '{model}' is running")
+            if len(live) > 1:
+                raise UsageError(f"{len(live)} servers are running: name the one to stop with -m (see "
+                                 "`icd serve --status`)")
+            path, facts = live[0]
+            stop_server(path, facts)
+            if not _quiet():
+                click.echo(f"stopped the server at {path}")
+        return
+    _check_engine(device, dtype, backend, compile)
+    model = model or DEFAULT_MODEL
+    manifest = _resolve(model)
+    torch_device = resolve_device(device)
+    path = socket_path(manifest.name, torch_device, PRECISIONS[resolve_dtype(dtype, torch_device)])
+    clear_stale(path)
+    runner = LocalRunner(_open(manifest, device, dtype, ("forward", "reverse"), backend, compile))
+    Server(runner, model, compile, path).serve(ready=lambda line: click.echo(line))
+
+
+def _served(facts: dict) -> str:
+    from .server import describe
+
+    return f"{describe(facts)}, pid {facts['pid']}"
 
 
 def _sizes(values) -> tuple[tuple[int, int], ...]:
@@ -732,8 +1011,11 @@ def demo(output, model, device, dtype, overwrite):
     """
     from .demo import run_demo
 
+    from .runner import LocalRunner
+
     model = model or "mini"
-    settings = _settings(_open(model, device, dtype, ("forward", "reverse")), model, 0, None, None, overwrite)
+    settings = _settings(LocalRunner(_open(model, device, dtype, ("forward", "reverse"))), model, 0, None, None,
+                         overwrite)
     for path in run_demo(settings, Path(output)):
         if not _quiet():
             click.echo(path)

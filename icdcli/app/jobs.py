@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import glob
 import re
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 from icd import __version__
 from icd.errors import ICDError, InputError, UsageError
 from icd.images import LoadedImage, from_model_output, load_image, probe_image, save_image, to_model_input, working_size
 from icd.latents import LatentInfo, is_latent_file, load_latent, read_latent_info, save_latent
-from icd.models.loading import PRECISIONS
 from icd.models.manifest import Manifest
 from icd.p2p import P2PConfig
-from icd.pipeline import edit, edit_settings, generate, guidance_on_steps, invert, reconstruct
+from icd.pipeline import edit_settings, guidance_on_steps
 
-from .session import Session
+from .runner import Runner
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -68,35 +67,58 @@ def needs_inversion(paths: list[Path]) -> bool:
 
 
 @dataclass
-class Settings:
-    """What every job shares: the opened model and the run's parameters."""
+class Inverted:
+    latent: object  # x_T, a torch tensor
+    info: LatentInfo
+    original: LoadedImage
 
-    session: Session
+
+class InversionCache:
+    """The last inversion, so that several targets of one (image, source prompt, seed) invert it once:
+    the CLI orders a batch's items so that those of one inversion follow each other."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value: Inverted | None = None
+
+    def get(self, key: tuple, compute) -> Inverted:
+        if key != self.key:
+            self.key = None  # a failed inversion is not kept as the last one
+            self.value = compute()
+            self.key = key
+        return self.value
+
+
+@dataclass
+class Settings:
+    """What every job shares: the model (in this process or a server's) and the run's parameters."""
+
+    runner: Runner
     model_ref: str
     seed: int = 0
     width: int | None = None
     height: int | None = None
     overwrite: bool = False
+    inversions: InversionCache = field(default_factory=InversionCache)
 
     @property
     def manifest(self) -> Manifest:
-        return self.session.manifest
+        return self.runner.manifest
 
     def metadata(self, **fields) -> dict:
         """Every parameter that changes the pixels, for the result's metadata (and `icd edit --from`)."""
-        session = self.session
         return {"model": self.model_ref, "model_fingerprint": self.manifest.fingerprint,
-                "backend": session.backend, "dtype": PRECISIONS[session.model.dtype], "icd_version": __version__,
+                "backend": self.runner.backend, "dtype": self.runner.dtype, "icd_version": __version__,
                 **{k: v for k, v in fields.items() if v is not None}}
 
     def size_for(self, original: tuple[int, int]) -> tuple[int, int]:
-        return working_size(original, resolution=self.manifest.resolution, multiple=self.session.model.size_multiple,
+        return working_size(original, resolution=self.manifest.resolution, multiple=self.runner.size_multiple,
                             width=self.width, height=self.height)
 
 
 def _invert_image(settings: Settings, image: LoadedImage, prompt: str) -> tuple:
     size = settings.size_for(image.original_size)
-    latent = invert(settings.session, to_model_input(image, size), prompt, settings.seed)
+    latent = settings.runner.invert(to_model_input(image, size), prompt, settings.seed)
     info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
                       seed=settings.seed, width=size[0], height=size[1], original_width=image.original_size[0],
                       original_height=image.original_size[1], source=str(image.path))
@@ -140,7 +162,7 @@ def _resized(pixels, info: LatentInfo):
 def reconstruct_file(settings: Settings, path: Path, output: Path) -> Path:
     """Latent file -> image, decoded with its own prompt and w = 0."""
     latent, info = _load_checked_latent(settings, path)
-    image = _resized(reconstruct(settings.session, latent, info.prompt), info)
+    image = _resized(settings.runner.reconstruct(latent, info.prompt), info)
     save_image(image, output, overwrite=settings.overwrite,
                metadata=settings.metadata(command="reconstruct", prompt=info.prompt, seed=info.seed, source=info.source))
     return output
@@ -165,20 +187,26 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
     else:
         if not options.source:
             raise ICDError("--src is needed to edit an image (a latent file carries its own prompt)")
-        original = load_image(path)
-        latent, info = _invert_image(settings, original, options.source)
+        inverted = settings.inversions.get((str(path), options.source, settings.seed, settings.width,
+                                            settings.height, settings.manifest.fingerprint),
+                                           lambda: _inverted(settings, path, options.source))
+        latent, info, original = inverted.latent, inverted.info, inverted.original
         source = options.source
     method, guidance, tau = astuple(edit_settings(settings.manifest, options.method, options.guidance, options.tau))
-    result = edit(settings.session, latent, source, options.target, method=method, guidance=guidance, tau=tau,
-                  p2p=options.p2p, with_reconstruction=False)
-    image = from_model_output(result.edited[0], original) if original else _resized(result.edited, info)
+    edited, notes = settings.runner.edit(latent, source, options.target, method, guidance, tau, options.p2p)
+    image = from_model_output(edited[0], original) if original else _resized(edited, info)
     size = {} if original is None else {"width": info.width, "height": info.height}
     metadata = settings.metadata(command="edit", prompt=options.target, source_prompt=source, method=method,
                                  guidance_steps=guidance_on_steps(settings.manifest, guidance, tau),
                                  guidance_w=guidance, tau=tau, seed=info.seed, source=str(path), **size,
                                  **(p2p_fields(options.p2p or P2PConfig()) if method == "p2p" else {}))
     save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
-    return output, result.notes
+    return output, notes
+
+
+def _inverted(settings: Settings, path: Path, source: str) -> Inverted:
+    original = load_image(path)
+    return Inverted(*_invert_image(settings, original, source), original)
 
 
 def p2p_fields(config: P2PConfig) -> dict:
@@ -198,8 +226,8 @@ def slug(prompt: str, limit: int = 40) -> str:
 
 def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, tau: float, output: Path) -> Path:
     width, height = working_size((settings.manifest.resolution,) * 2, resolution=settings.manifest.resolution,
-                                 multiple=settings.session.model.size_multiple, width=settings.width, height=settings.height)
-    pixels = generate(settings.session, prompt, seed, width, height, guidance, tau)
+                                 multiple=settings.runner.size_multiple, width=settings.width, height=settings.height)
+    pixels = settings.runner.generate(prompt, seed, width, height, guidance, tau)
     metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
                                  width=width, height=height,
                                  guidance_steps=guidance_on_steps(settings.manifest, guidance, tau))

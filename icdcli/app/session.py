@@ -2,7 +2,8 @@
 
 It loads the text encoders and VAE, settles the backend (announcing an export when a named engine lacks its
 files), and hands the pipeline a denoiser per direction (any engine's epsilon function behind the one
-guidance wrapper) and, for Prompt-to-Prompt, the eager PyTorch reverse UNet as its attention host.
+guidance wrapper) and, for Prompt-to-Prompt, the reverse UNet with its control as inputs on the same engine
+(eager, compiled, ONNX Runtime or TensorRT).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from icd.core.denoiser import Denoiser, Guided
 from icd.models.hub import resolve_model
 from icd.models.loading import PRECISIONS, Model, load_teacher, ready_unet, resolve_device, resolve_dtype, unet_eps
 from icd.models.manifest import Manifest
-from icd.p2p import AttentionHost
+from icd.p2p import AttentionHost, Steered, SteeredUNet, steered_eps
 from icd_export.artifacts import fused_unets
-from icd_export.compiled import choose_compile_mode, compiled_eps
-from icd_export.registry import choose_backend, engine_eps
+from icd_export.compiled import choose_compile_mode, compiled_eps, compiled_steered
+from icd_export.registry import choose_backend, engine_eps, engine_steered
 
 log = logging.getLogger("icd")
 
@@ -64,13 +65,18 @@ class Session:
         return self._denoisers[direction]
 
     def attention_host(self) -> AttentionHost:
-        """Prompt-to-Prompt's hooks need the eager PyTorch reverse UNet, whatever the backend."""
+        """Prompt-to-Prompt's steered reverse UNet on the session's backend, made once: the processors are
+        set on the PyTorch UNet once, and engines run the graph that takes the control as inputs."""
         if self._host is None:
-            if self.backend != "torch" or self.compile_mode:
-                log.info("prompt-to-prompt edits attention maps: its decoding runs on eager torch, not %s",
-                         "torch.compile" if self.backend == "torch" else self.backend)
-            (unet,) = self.unets("reverse")
-            self._host = AttentionHost(unet, self._guided(unet_eps(unet, self.model.dtype)))
+            if self.backend != "torch":
+                run = engine_steered(self.backend, self.model)
+            else:
+                (unet,) = self.unets("reverse")
+                module = SteeredUNet(unet)
+                run = compiled_steered(module, self.model.dtype, self.compile_mode) if self.compile_mode else \
+                    steered_eps(module, self.model.dtype)
+            steered = Steered(run)
+            self._host = AttentionHost(steered, self._guided(steered), self.model.device)
         return self._host
 
     def teacher_solver(self, steps: int = 50) -> Session:

@@ -22,6 +22,8 @@ def _stage_options(command):
 def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output: str, resume: bool) -> None:
     from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
 
+    from .distributed import current_launch
+
     try:
         config = load_config(GuidanceConfig if stage == "guidance" else ICDConfig, config_file, settings)
     except ConfigError as err:
@@ -31,6 +33,8 @@ def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output:
     else:
         from icd_train.icd import train_icd as train_stage
     summary = train_stage(config, output, resume)  # a ConfigError here (checked against the model) exits 1
+    if current_launch().rank != 0:
+        return  # several processes trained one model: the first one reports
     for when in ("eval_before", "eval_after"):
         if when in summary:
             values = ", ".join(f"{name} {value:.4g}" for name, value in summary[when].items())

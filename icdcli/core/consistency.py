@@ -36,6 +36,8 @@ def alphas_cumprod() -> torch.Tensor:
 # abar with the clean boundary folded in: index 0 holds 1.0 (alpha = 1, sigma = 0).
 _ABAR = torch.cat([torch.ones(1), alphas_cumprod()[1:]]).double()
 _ABAR_ON: dict[torch.device, torch.Tensor] = {}
+# (alpha_t, sigma_t) as Python floats for an int t: a sampling step reads no tensor back to the host.
+_ALPHA, _SIGMA = _ABAR.sqrt().tolist(), (1.0 - _ABAR).sqrt().tolist()
 
 
 def _abar_on(device: torch.device) -> torch.Tensor:
@@ -51,8 +53,7 @@ def alpha_sigma(t: Timesteps) -> tuple[float, float] | tuple[torch.Tensor, torch
     if isinstance(t, torch.Tensor):
         abar = _abar_on(t.device)[t.long()].view(-1, 1, 1, 1)
         return abar.sqrt().float(), (1.0 - abar).sqrt().float()
-    abar = _ABAR[t]
-    return abar.sqrt().item(), (1.0 - abar).sqrt().item()
+    return _ALPHA[t], _SIGMA[t]
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: Timesteps) -> torch.Tensor:
@@ -71,9 +72,10 @@ def consistency_jump(x_t: torch.Tensor, eps: torch.Tensor, t: Timesteps, s: Time
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """e(w) for a 1-D tensor of guidance values: [sin(1000 w f_k), cos(1000 w f_k)], f_k = 1e4^(-k/(dim/2-1))."""
+    """e(w) for a 1-D tensor of guidance values: [sin(1000 w f_k), cos(1000 w f_k)], f_k = 1e4^(-k/(dim/2-1)).
+    Computed on w's device, so a w made there costs no host-to-device copy."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1))
     angles = 1000.0 * w.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 

@@ -4,7 +4,11 @@ An *epsilon function* makes one UNet pass: `eps_fn(x_t, t, cond, timestep_cond) 
 `timestep_cond` is the guidance embedding e(w) (or None for a UNet without one). PyTorch, ONNX Runtime,
 TensorRT and torch.compile each supply one. `Guided` turns any of them into a *denoiser*
 `denoiser(x_t, t, cond, w) -> eps` with one guidance value per row, in the spirit of k-diffusion's
-CFGDenoiser: one pass fed e(w) for a guidance-embedded UNet, else the classical two passes.
+CFGDenoiser: one pass fed e(w) for a guidance-embedded UNet, else the classical guidance in one pass over
+the conditional and unconditional rows together.
+
+The samplers give w as Python floats, known when the steps are built, so that a step never reads a device
+value back to the host (a sync that stalls the GPU's queue and rules out capturing the loop as a graph).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import Protocol
 import torch
 
 from .consistency import Timesteps, guidance_embedding, guided_eps
+
+# Each row's w: Python floats when sampling; a tensor where training draws them (read back to the host once).
+Guidance = tuple[float, ...] | torch.Tensor
 
 
 @dataclass
@@ -28,6 +35,11 @@ class Conditioning:
     def rows(self, index) -> Conditioning:
         pick = lambda tensor: None if tensor is None else tensor[index]  # noqa: E731
         return Conditioning(pick(self.embeds), pick(self.pooled), pick(self.time_ids))
+
+    def expand(self, rows: int) -> Conditioning:
+        """A one-row conditioning as `rows` rows, without copying (stride-0 views)."""
+        spread = lambda tensor: None if tensor is None else tensor.expand(rows, *tensor.shape[1:])  # noqa: E731
+        return Conditioning(spread(self.embeds), spread(self.pooled), spread(self.time_ids))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
@@ -51,17 +63,31 @@ class EpsFn(Protocol):
 
 
 class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, w: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, w: Guidance) -> torch.Tensor: ...
+
+
+def host_guidance(w: Guidance) -> tuple[float, ...]:
+    """Each row's w as Python floats. A tensor is read back here, a device sync on a GPU: training's
+    randomly drawn w only, where a step is not latency bound; the samplers pass floats."""
+    return tuple(w.tolist()) if isinstance(w, torch.Tensor) else tuple(w)
+
+
+def _filled(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a 1-D tensor written by fills on the device: no host-to-device copy to wait on."""
+    return torch.cat([torch.full((1,), value, device=device, dtype=dtype) for value in values])
 
 
 class Guided:
     """A denoiser around one-pass `eps_fn`.
 
     With a guidance-embedded UNet (`embed_dim`) a guided prediction costs one pass fed e(w). Without one,
-    the rows that ask for w != 0 get eps_c + w (eps_c - eps_u), with `uncond` the empty prompt's rows.
-    e(w) is cached per guidance value on the device, so the loop never waits on a host-to-device copy;
-    `dtype` is the embedding's dtype (None: fp32, for mixed-precision training).
+    the rows that ask for w != 0 get eps_c + w (eps_c - eps_u), with `uncond` the empty prompt's rows: the
+    conditional and unconditional rows go through `eps_fn` as one batch of twice the rows. The device
+    tensors for a tuple of guidance values (e(w), or the w column of CFG) are made once, on the device, and
+    kept; `dtype` is the embedding's dtype (None: fp32, for mixed-precision training).
     """
+
+    CACHED = 64  # tuples of guidance values kept: inference repeats a few, training draws many
 
     def __init__(self, eps_fn: EpsFn, embed_dim: int | None, uncond: Conditioning | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
@@ -69,28 +95,31 @@ class Guided:
             raise ValueError("Guided needs a guidance embedding size or the unconditional rows for CFG")
         self.eps_fn, self.embed_dim, self.uncond = eps_fn, embed_dim, uncond
         self.device, self.dtype = torch.device(device), dtype
-        self._embeddings: dict[float, torch.Tensor] = {}
-        self._batches: dict[tuple[float, ...], torch.Tensor] = {}
+        self._tensors: dict[tuple, torch.Tensor] = {}
 
-    def embedding(self, w: torch.Tensor) -> torch.Tensor:
-        """e(w) for the rows, on the device; batches of values seen before cost nothing."""
-        values = tuple(w.tolist())
-        batch = self._batches.get(values)
-        if batch is None:
-            for value in set(values) - self._embeddings.keys():
-                row = guidance_embedding(torch.tensor([value]), self.embed_dim)[0]
-                self._embeddings[value] = row.to(self.device, self.dtype or torch.float32)
-            batch = torch.stack([self._embeddings[v] for v in values])
-            if len(self._batches) < 64:  # inference repeats a few; training draws many
-                self._batches[values] = batch
-        return batch
+    def _kept(self, key: tuple, make) -> torch.Tensor:
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            if len(self._tensors) >= self.CACHED:
+                del self._tensors[next(iter(self._tensors))]
+            tensor = self._tensors[key] = make()
+        return tensor
 
-    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, w: torch.Tensor) -> torch.Tensor:
+    def embedding(self, w: Guidance) -> torch.Tensor:
+        """e(w) for the rows, on the device; tuples of values seen before cost nothing."""
+        values = host_guidance(w)
+        return self._kept(("e(w)", values), lambda: guidance_embedding(
+            _filled(values, self.device, torch.float32), self.embed_dim).to(self.dtype or torch.float32))
+
+    def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, w: Guidance) -> torch.Tensor:
+        values = host_guidance(w)
         if self.embed_dim:
-            return self.eps_fn(x, t, cond, self.embedding(w))
-        eps = self.eps_fn(x, t, cond, None)
-        if bool((w != 0).any()):
-            uncond = replace(self.uncond.rows([0] * x.shape[0]), time_ids=cond.time_ids)
-            eps = guided_eps(eps, self.eps_fn(x, t, uncond, None), w)
-        return eps
-
+            return self.eps_fn(x, t, cond, self.embedding(values))
+        if not any(values):
+            return self.eps_fn(x, t, cond, None)
+        rows = x.shape[0]
+        uncond = replace(self.uncond.expand(rows), time_ids=cond.time_ids)
+        both = torch.cat([t, t]) if isinstance(t, torch.Tensor) else t
+        eps = self.eps_fn(torch.cat([x, x]), both, Conditioning.cat([cond, uncond]), None)
+        scales = self._kept(("w", values, eps.dtype, eps.device), lambda: _filled(values, eps.device, eps.dtype))
+        return guided_eps(eps[:rows], eps[rows:], scales)

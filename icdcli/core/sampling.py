@@ -2,7 +2,8 @@
 
 Encoding and decoding are the same loop over different jumps: the forward model climbs 19 -> ... -> 999,
 the reverse model descends 999 -> ... -> 0. `jump` is the one step both the samplers and training's losses
-take, so the two cannot drift apart.
+take, so the two cannot drift apart. Each step's guidance values are Python floats fixed when the steps are
+built: the loops never wait on the device.
 """
 
 from __future__ import annotations
@@ -13,22 +14,22 @@ from typing import Callable
 import torch
 
 from .consistency import Jump, Timesteps, add_noise, consistency_jump, dynamic_guidance, forward_jumps, reverse_jumps
-from .denoiser import Conditioning, Denoiser
+from .denoiser import Conditioning, Denoiser, Guidance
 
 
 def jump(denoiser: Denoiser, x: torch.Tensor, t: Timesteps, s: Timesteps, cond: Conditioning,
-         w: torch.Tensor) -> torch.Tensor:
+         w: Guidance) -> torch.Tensor:
     """One consistency step: the denoiser's epsilon at t, then the jump to s (per row when t, s are tensors)."""
     return consistency_jump(x, denoiser(x, t, cond, w), t, s)
 
 
 @dataclass(frozen=True)
 class Step:
-    """One UNet call: the jump, the conditioning rows and each row's guidance value."""
+    """One UNet call: the jump, the conditioning rows and each row's guidance value (floats: see above)."""
 
     jump: Jump
     cond: Conditioning
-    w: torch.Tensor
+    w: Guidance
 
 
 def run_steps(denoiser: Denoiser, x: torch.Tensor, steps: list[Step],
@@ -43,10 +44,11 @@ def run_steps(denoiser: Denoiser, x: torch.Tensor, steps: list[Step],
 
 def encode(denoiser: Denoiser, z0: torch.Tensor, cond: Conditioning, forward_timesteps,
            noise: torch.Tensor) -> torch.Tensor:
-    """Image latents -> x_T: noise to the first forward timestep, then the forward jumps with w = 0."""
+    """Image latents -> x_T: noise to the first forward timestep, then the forward jumps with w = 0. The noise
+    (drawn on the CPU for seeds that hold on every device) moves to the device once, before the loop."""
     jumps = forward_jumps(list(forward_timesteps))
     x = add_noise(z0, noise.to(z0.device), jumps[0].t)
-    unguided = torch.zeros(z0.shape[0])
+    unguided = (0.0,) * z0.shape[0]
     return run_steps(denoiser, x, [Step(j, cond, unguided) for j in jumps])
 
 
@@ -59,5 +61,5 @@ def decode(denoiser: Denoiser, x_T: torch.Tensor, cond: Conditioning, reverse_ti
            tau: float = 1.0) -> torch.Tensor:
     """x_T -> latents with one prompt for every row and dynamic guidance."""
     rows = x_T.shape[0]
-    steps = [Step(j, cond, torch.full((rows,), w)) for j, w in guidance_schedule(reverse_timesteps, guidance, tau)]
+    steps = [Step(j, cond, (w,) * rows) for j, w in guidance_schedule(reverse_timesteps, guidance, tau)]
     return run_steps(denoiser, x_T, steps)

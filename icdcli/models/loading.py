@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,18 @@ def ready_unet(unet, device: torch.device, dtype: torch.dtype):
     return unet.to(memory_format=torch.channels_last) if device.type == "cuda" else unet
 
 
+def vae_dtype(kind: str, vae_config, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype for a run in `dtype`: the run's, except fp32 for SDXL's VAE under fp16.
+
+    SDXL's base VAE overflows in fp16 and its config says so (`force_upcast`, which diffusers' SDXL pipelines
+    read and which an fp16-safe replacement such as sdxl-vae-fp16-fix sets to false). SD1.5's VAE runs in
+    fp16, as diffusers' SD1.5 pipeline runs it whatever the flag (its published config lacks it, and a
+    missing flag reads as true). bf16 has fp32's range: nothing overflows, so nothing is upcast.
+    """
+    upcast = dtype == torch.float16 and kind == "sdxl" and vae_config.force_upcast
+    return torch.float32 if upcast else dtype
+
+
 def unet_eps(unet, dtype: torch.dtype | None = None) -> EpsFn:
     """A diffusers UNet as an epsilon function; `dtype` casts the latents (None leaves them to autocast)."""
 
@@ -196,7 +209,11 @@ def unet_eps(unet, dtype: torch.dtype | None = None) -> EpsFn:
 
 @dataclass
 class Model:
-    """An iCD model's text encoders and VAE on a device, with its manifest and UNet config."""
+    """An iCD model's text encoders and VAE on a device, with its manifest and UNet config.
+
+    Each prompt's text conditioning is kept (the last `PROMPTS_KEPT`, per size for SDXL), so a job or a
+    process encodes it once: a photo edit inverts under the source prompt and edits under it again.
+    """
 
     manifest: Manifest
     device: torch.device
@@ -205,6 +222,9 @@ class Model:
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     vae: object = None
+    _prompts: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+
+    PROMPTS_KEPT = 64
 
     @classmethod
     def load(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> Model:
@@ -220,9 +240,8 @@ class Model:
             encoder_cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
             encoders.append(_from_base(encoder_cls, manifest.base, "text_encoder" + suffix).to(device, dtype).eval())
         vae = _from_base(AutoencoderKL, manifest.base, "vae")
-        # The SDXL VAE overflows in fp16 (its config says force_upcast): keep it in fp32 then.
-        vae_dtype = torch.float32 if vae.config.force_upcast else dtype
-        return cls(manifest, device, dtype, unet_config(manifest), tokenizers, encoders, vae.to(device, vae_dtype).eval())
+        vae = vae.to(device, vae_dtype(manifest.kind, vae.config, dtype)).eval()
+        return cls(manifest, device, dtype, unet_config(manifest), tokenizers, encoders, vae)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -251,7 +270,25 @@ class Model:
 
     @torch.inference_mode()
     def encode_text(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        """CLIP conditioning; SDXL: both encoders' penultimate states, the pooled vector and size ids."""
+        """CLIP conditioning; SDXL: both encoders' penultimate states, the pooled vector and size ids.
+
+        The prompts not kept yet are encoded together in one batch; the result is a fresh copy of the kept
+        rows, so a caller that writes into it cannot change what later calls get.
+        """
+        keys = [(prompt, size if self.manifest.kind == "sdxl" else None) for prompt in prompts]
+        missing = list(dict.fromkeys(key for key in keys if key not in self._prompts))
+        if missing:
+            encoded = self._encode_prompts([prompt for prompt, _ in missing], size)
+            for i, key in enumerate(missing):
+                self._prompts[key] = encoded.rows(slice(i, i + 1))
+        for key in keys:
+            self._prompts.move_to_end(key)
+        rows = Conditioning.cat([self._prompts[key] for key in keys])
+        while len(self._prompts) > self.PROMPTS_KEPT:
+            self._prompts.popitem(last=False)
+        return rows
+
+    def _encode_prompts(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         for prompt in set(prompts):
             count = len(self.tokenizers[0](prompt).input_ids)
             limit = self.tokenizers[0].model_max_length

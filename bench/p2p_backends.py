@@ -1,0 +1,106 @@
+"""Prompt-to-Prompt and the prompt swap on every CPU backend, side by side: a photo edit (invert + decode)
+with eager torch, torch.compile (inductor) and ONNX Runtime; medians and the ratio to eager torch; and the
+ATen ops of one reverse UNet call with and without Prompt-to-Prompt (counted by a TorchDispatchMode).
+
+Models: `mini` (shipped) and the random-weight `tiny` test model; `--sd15` adds random-weight SD1.5 at
+128x128 (built once into $ICD_HOME, ~3.4 GB in fp32). Usage:
+    python bench/p2p_backends.py [--repeats N] [--sd15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test models (fixtures/)
+
+import torch  # noqa: E402
+from fixtures.tiny import build_tiny_model  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from icd import pipeline  # noqa: E402
+from icd.app.session import open_session  # noqa: E402
+from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
+
+PROMPTS = {"mini": ("a red circle on a sandy background", "a blue circle on a sandy background"),
+           "tiny": ("a red cat", "a blue cat"), "sd15": ("a photo of a cat", "a photo of a dog")}
+SIZES = {"mini": 64, "tiny": 64, "sd15": 128}
+BACKENDS = (("torch", "torch", False), ("torch+compile", "torch", True), ("onnx", "onnx", False))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_call(session, source: str, target: str, size: int) -> tuple[int, int]:
+    """ATen ops of one reverse UNet call: plain (1 row) and Prompt-to-Prompt (2 rows), eager torch."""
+    model = session.model
+    cond = model.encode_text([source, target], (size, size))
+    x = torch.randn(2, *model.latent_shape(size, size)[1:])
+    host = session.attention_host()
+    controller = host.controller(model.tokenizers[0], source, target, 4, latent_size=tuple(x.shape[-2:]))
+    counts = []
+    with torch.inference_mode():
+        with OpCounter() as plain:
+            session.denoiser("reverse")(x[:1], 999, cond.rows(slice(0, 1)), torch.zeros(1))
+        counts.append(sum(plain.ops.values()))
+        with host.attached(controller), OpCounter() as steered:
+            host.denoiser(x, 999, cond, torch.zeros(2))
+        counts.append(sum(steered.ops.values()))
+    return counts[0], counts[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sd15", action="store_true", help="also random-weight SD1.5 at 128x128 (~3.4 GB)")
+    args = parser.parse_args()
+    home = Path(os.environ.setdefault("ICD_HOME", tempfile.mkdtemp(prefix="icd-bench-")))
+    if not (home / "models" / "tiny").is_dir():
+        build_tiny_model(home / "models" / "tiny", kind="sd15")
+    models = ["mini", "tiny"]
+    if args.sd15:
+        from icd.models.offline import build_random_model
+
+        models.append(build_random_model("sd15").name)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats}")
+    print(f"{'model':8} {'method':6} {'backend':14} {'edit ms':>9} {'vs torch':>9}")
+    for name in models:
+        kind = "sd15" if name not in PROMPTS else name
+        source, target = PROMPTS[kind]
+        size = SIZES[kind]
+        pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        for method in ("p2p", "swap"):
+            eager = None
+            for label, backend, compile in BACKENDS:
+                session = open_session(name, "cpu", "fp32", backend, compile=compile)
+
+                def photo_edit():
+                    x_T = pipeline.invert(session, pixels, source, seed=0)
+                    pipeline.edit(session, x_T, source, target, method=method, with_reconstruction=False)
+
+                ms = median_ms(photo_edit, args.repeats, warmup=2)  # compiles during the warm-up
+                eager = eager or ms
+                print(f"{name:8} {method:6} {label:14} {ms:9.1f} {eager / ms:8.2f}x", flush=True)
+        plain, steered = ops_per_call(open_session(name, "cpu", "fp32", "torch"), source, target, size)
+        print(f"{name:8} ATen ops per reverse UNet call: plain {plain}, prompt-to-prompt {steered} "
+              f"({steered / plain:.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Job files (`icd edit --jobs FILE`, `icd invert --jobs FILE`) and per-image captions (`metadata.jsonl`).
+
+A job file holds one job per row, as JSON lines or CSV. Every row is validated before any model loads, and
+every error names the file, the row and the field. Paths in a job file are relative to its own folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from icd.errors import InputError, UsageError
+from icd.files import open_regular
+
+MAX_SEED = 2**64 - 1
+MAX_ROWS = 100_000
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    image: str = Field(min_length=1)
+    source: str | None = None
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    output: str | None = None
+
+
+class InvertJob(_Row):
+    """One row of `icd invert --jobs`: an image, its caption (`source`), the seed, the output."""
+
+
+class EditJob(_Row):
+    """One row of `icd edit --jobs`: the columns are the options of `icd edit` of the same names."""
+
+    target: str = Field(min_length=1)
+    method: Literal["p2p", "swap", "none"] | None = None
+    guidance: float | None = Field(None, ge=0, allow_inf_nan=False)
+    tau: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    blend: str | None = None
+    amplify: str | None = None  # WORD=F, several separated by spaces
+
+    @field_validator("amplify")
+    @classmethod
+    def _amplify(cls, value: str | None) -> str | None:
+        parse_amplify(value.split() if value else None)
+        return value
+
+    @field_validator("blend")
+    @classmethod
+    def _blend(cls, value: str | None) -> str | None:
+        parse_blend(value)
+        return value
+
+    def amplify_words(self) -> dict[str, float] | None:
+        return parse_amplify(self.amplify.split() if self.amplify else None)
+
+    def blend_words(self):
+        return parse_blend(self.blend)
+
+
+def parse_amplify(values) -> dict[str, float] | None:
+    """WORD=FACTOR values as {word: factor}; a malformed one is a ValueError naming it."""
+    if not values:
+        return None
+    amplify = {}
+    for value in values:
+        word, _, factor = value.partition("=")
+        try:
+            number = float(factor)
+        except ValueError:
+            number = math.nan
+        if not word.strip() or not math.isfinite(number) or number < 0:
+            raise ValueError(f"'{value}' is not WORD=FACTOR with a finite factor >= 0, e.g. bear=4")
+        amplify[word.strip().lower()] = number
+    return amplify
+
+
+def parse_blend(value: str | None):
+    """SRC_WORDS:TGT_WORDS as two tuples of words; a malformed value is a ValueError naming it."""
+    if value is None:
+        return None
+    src, sep, tgt = value.partition(":")
+    if not sep or not src.split() or not tgt.split():
+        raise ValueError(f"'{value}' is not SRC_WORDS:TGT_WORDS, e.g. pug:bear")
+    return tuple(src.lower().split()), tuple(tgt.lower().split())
+
+
+def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
+    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV (.csv) job file."""
+    path = Path(path)
+    rows = list(_rows(path))
+    if not rows:
+        raise UsageError(f"{path}: no jobs in the file")
+    jobs = []
+    for number, fields in rows:
+        try:
+            jobs.append((number, schema.model_validate(fields)))
+        except ValidationError as err:
+            raise UsageError(f"{path} row {number}: {_problem(err)}") from None
+    return jobs
+
+
+def _problem(err: ValidationError) -> str:
+    """The first problem of a row, as `field: what is wrong`."""
+    problem = err.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "row"
+    if problem["type"] == "extra_forbidden":
+        return f"{where}: not a column this command takes"
+    return f"{where}: {problem['msg'].removeprefix('Value error, ')}"
+
+
+def _rows(path: Path):
+    """(row number, fields) of each non-empty row; the rows of a CSV file are counted after its header."""
+    try:
+        with open_regular(path) as file:
+            text = file.read().decode("utf-8-sig")
+    except InputError as err:
+        raise UsageError(str(err)) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        for number, row in enumerate(reader, start=1):
+            if None in row:
+                raise UsageError(f"{path} row {number}: more cells than the header has columns")
+            fields = {key.strip(): value for key, value in row.items() if value is not None and value.strip() != ""}
+            if fields:
+                yield number, fields
+            _check_count(path, number)
+        return
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise UsageError(f"{path}: a job file is .jsonl (one JSON object per line) or .csv")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except ValueError as err:
+            raise UsageError(f"{path} row {number}: not JSON ({err.msg})") from None
+        if not isinstance(fields, dict):
+            raise UsageError(f"{path} row {number}: not a JSON object")
+        _check_count(path, number)
+        yield number, fields
+
+
+def _check_count(path: Path, number: int) -> None:
+    if number > MAX_ROWS:
+        raise UsageError(f"{path}: more than {MAX_ROWS} rows: split the file")
+
+
+class _Caption(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    file_name: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+
+CAPTIONS_NAME = "metadata.jsonl"
+
+
+def captions(folder: Path) -> dict[str, str]:
+    """{file name: caption} from a Hugging Face style metadata.jsonl in `folder` ({} when there is none)."""
+    path = folder / CAPTIONS_NAME
+    if not path.is_file():
+        return {}
+    found = {}
+    for number, fields in _rows(path):
+        try:
+            caption = _Caption.model_validate(fields)
+        except ValidationError as err:
+            raise UsageError(f"{path} row {number}: {_problem(err)}") from None
+        found[caption.file_name] = caption.text
+    return found

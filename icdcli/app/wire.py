@@ -1,0 +1,58 @@
+"""The `icd serve` protocol on a stream socket: each message is a JSON header and a safetensors blob of
+tensors, each prefixed by its length (8 bytes, big-endian). Never pickle: a message is data, not code."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+LENGTH = struct.Struct(">Q")
+MAX_HEADER = 1 << 20  # bytes of JSON: far more than any request needs
+MAX_TENSORS = 1 << 34  # bytes of tensors: 16 GiB, beyond any latent or picture
+
+
+class Disconnected(ConnectionError):
+    """The other end closed the connection or sent something that is not a message."""
+
+
+def send(sock: socket.socket, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    body = json.dumps(header).encode()
+    blob = save_tensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()}) if tensors else b""
+    sock.sendall(LENGTH.pack(len(body)) + body + LENGTH.pack(len(blob)))
+    if blob:
+        sock.sendall(blob)
+
+
+def receive(sock: socket.socket) -> tuple[dict, dict[str, torch.Tensor]]:
+    body = _exactly(sock, _length(sock, MAX_HEADER))
+    try:
+        header = json.loads(body)
+    except ValueError:
+        raise Disconnected("a message header is not JSON") from None
+    if not isinstance(header, dict):
+        raise Disconnected("a message header is not a JSON object")
+    size = _length(sock, MAX_TENSORS)
+    return header, (load_tensors(_exactly(sock, size)) if size else {})
+
+
+def _length(sock: socket.socket, limit: int) -> int:
+    (size,) = LENGTH.unpack(_exactly(sock, LENGTH.size))
+    if size > limit:
+        raise Disconnected(f"a message part of {size} bytes is over the limit of {limit}")
+    return size
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise Disconnected("the connection closed mid-message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
