@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 from icd.app.batch import file_items, plan  # noqa: E402
 from icd.app.jobs import EditOptions, Settings, check_input, edit_file, invert_file, output_stem  # noqa: E402
+from icd.app.runner import LocalRunner  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     session = open_session("mini", "cpu", "fp32", "torch", directions=("forward", "reverse"))
-    settings = Settings(session=session, model_ref="mini")
+    settings = Settings(runner=LocalRunner(session), model_ref="mini")
     manifest = session.manifest
     with tempfile.TemporaryDirectory(prefix="icd-validation-") as tmp:
         folder = Path(tmp)

@@ -9,13 +9,19 @@ output, and the blend maps are kept across the steps of an edit.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from icd.core.denoiser import EpsFn
+from icd.models.cache import icd_home
 from icd.models.loading import unet_eps
 from icd.p2p import steered_eps
 
 BACKEND = "inductor"  # the compiler; tests set a fast one ("eager", "aot_eager")
+# Where inductor keeps what it compiled: the user's own TORCHINDUCTOR_CACHE_DIR, read before anything (model
+# loading imports parts of inductor that set it to a temporary folder), else $ICD_HOME/compiled.
+_USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
@@ -26,8 +32,11 @@ def choose_compile_mode(device: torch.device, static_shapes: bool) -> str:
 
 
 def compile_module(module, mode: str):
-    """One full graph per input shape; the mode applies to the inductor backend only."""
+    """One full graph per input shape; the mode applies to the inductor backend only. Inductor keeps what it
+    compiled in $ICD_HOME/compiled (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later process with
+    the same model and shapes loads the kernels instead of compiling them again."""
     if BACKEND == "inductor":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_CACHE_DIR or str(icd_home() / "compiled")
         return torch.compile(module, mode=mode, fullgraph=True)
     return torch.compile(module, backend=BACKEND, fullgraph=True)
 

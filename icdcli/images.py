@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
@@ -227,31 +226,54 @@ def check_multiple(name: str, value: int, multiple: int) -> None:
                    f"(nearest valid: {nearest})")
 
 
-def image_to_pixels(image: Image.Image) -> torch.Tensor:
-    """An RGB picture as a (1, 3, h, w) float32 tensor in [-1, 1], what the VAE reads."""
+def as_array(values) -> np.ndarray:
+    """A numpy array or a torch tensor (on any device, any float dtype) as a float32 numpy array on the CPU,
+    without importing torch: the client of `icd serve` handles pictures and latents as arrays."""
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    """An RGB picture as a (1, 3, h, w) float32 array in [-1, 1], what the VAE reads."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis])
 
 
-def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
-    """A (3, h, w) tensor in [-1, 1] (values outside clamped) as an RGB picture.
+def image_to_pixels(image: Image.Image):
+    """`image_to_array` as a torch tensor, for code that runs a model itself."""
+    import torch
+
+    return torch.from_numpy(image_to_array(image))
+
+
+def pixels_to_image(pixels) -> Image.Image:
+    """A (3, h, w) array or tensor in [-1, 1] (values outside clamped) as an RGB picture.
 
     Every result passes here, so this is where a numerically broken one (fp16 overflow) stops, before a
     black or noisy picture is written as if it were fine.
     """
-    if not torch.isfinite(pixels).all():
+    values = as_array(pixels)
+    if not np.isfinite(values).all():
         raise ICDError("the result holds NaN or inf values: nothing was written (try --dtype fp32)")
-    scaled = (pixels.detach().cpu().float().clamp(-1, 1) + 1) * 127.5
-    return Image.fromarray(scaled.round().to(torch.uint8).permute(1, 2, 0).numpy())
+    scaled = (np.clip(values, -1, 1) + 1) * np.float32(127.5)
+    return Image.fromarray(np.ascontiguousarray(np.round(scaled).astype(np.uint8).transpose(1, 2, 0)))
 
 
-def to_model_input(img: LoadedImage, size: tuple[int, int]) -> torch.Tensor:
-    """The photo at the working size as a (1, 3, h, w) float32 tensor in [-1, 1]."""
-    return image_to_pixels(img.rgb.resize(tuple(size), Image.Resampling.LANCZOS))
+def to_model_array(img: LoadedImage, size: tuple[int, int]) -> np.ndarray:
+    """The photo at the working size as a (1, 3, h, w) float32 array in [-1, 1]."""
+    return image_to_array(img.rgb.resize(tuple(size), Image.Resampling.LANCZOS))
 
 
-def from_model_output(pixels: torch.Tensor, original: LoadedImage | None) -> Image.Image:
-    """A (3, h, w) tensor in [-1, 1] as a picture of the original's size and alpha (as is when None)."""
+def to_model_input(img: LoadedImage, size: tuple[int, int]):
+    """`to_model_array` as a torch tensor, for code that runs a model itself (training's data)."""
+    import torch
+
+    return torch.from_numpy(to_model_array(img, size))
+
+
+def from_model_output(pixels, original: LoadedImage | None) -> Image.Image:
+    """A (3, h, w) array or tensor in [-1, 1] as a picture of the original's size and alpha (as is when None)."""
     image = pixels_to_image(pixels)
     if original is None:
         return image

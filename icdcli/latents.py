@@ -16,15 +16,16 @@ import os
 from pathlib import Path
 from typing import Annotated, BinaryIO, TypeVar
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save_file
 
 from . import __version__
 from .errors import InputError
 from .files import atomic_write, open_regular
+from .images import as_array
 
 FORMAT = "icd-latent-1"
 LATENT_SUFFIX = ".safetensors"
@@ -70,36 +71,43 @@ class _TensorEntry(BaseModel):
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def save_latent(path: str | Path, latent: torch.Tensor, info: LatentInfo, *, overwrite: bool = False) -> None:
+def save_latent(path: str | Path, latent, info: LatentInfo, *, overwrite: bool = False) -> None:
+    """Write x_T (a numpy array or a torch tensor, stored as float32) and its record."""
     metadata = {"format": FORMAT, "icd": info.model_dump_json()}
-    tensors = {"latent": latent.detach().float().cpu().contiguous()}
+    tensors = {"latent": np.ascontiguousarray(as_array(latent))}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
 def read_latent_info(path: str | Path) -> LatentInfo:
     """The latent file's record, with the format, the metadata and the tensor's shape checked from the header."""
     with open_regular(path) as file:
-        return _read_header(file, Path(path).name)
+        return _read_header(file, Path(path).name)[0]
 
 
-def load_latent(path: str | Path) -> tuple[torch.Tensor, LatentInfo]:
-    """The latent (float32) and its record; the header is checked first, then the values themselves."""
+def load_latent(path: str | Path) -> tuple[np.ndarray, LatentInfo]:
+    """The latent (a float32 numpy array) and its record; the header is checked first, then the values."""
     name = Path(path).name
     with open_regular(path) as file:
-        info = _read_header(file, name)
+        info, entry, data_start = _read_header(file, name)
         file.seek(0)
         data = file.read()
-    try:
-        latent = load_safetensors(data)["latent"]
-    except SafetensorError as err:
-        raise InputError(f"{name}: corrupt latent file ({str(err).splitlines()[0]})") from None
-    if not torch.isfinite(latent).all():
+    if entry.dtype == "BF16":  # numpy has no bfloat16: its bits are the top half of a float32's
+        start, end = (data_start + offset for offset in entry.data_offsets)
+        bits = np.frombuffer(data[start:end], dtype="<u2").astype("<u4") << 16
+        latent = bits.view("<f4").reshape(entry.shape)
+    else:
+        try:
+            latent = load_safetensors(data)["latent"]
+        except SafetensorError as err:
+            raise InputError(f"{name}: corrupt latent file ({str(err).splitlines()[0]})") from None
+    if not np.isfinite(latent).all():
         raise InputError(f"{name}: the latent holds NaN or inf values")
-    return latent.float(), info
+    return latent.astype(np.float32), info
 
 
-def _read_header(file: BinaryIO, name: str) -> LatentInfo:
-    """The record from a safetensors header, checked against the tensor's entry; the tensor data is not read."""
+def _read_header(file: BinaryIO, name: str) -> tuple[LatentInfo, _TensorEntry, int]:
+    """The record from a safetensors header, checked against the tensor's entry, with that entry and where the
+    tensor data starts; the data is not read."""
     size = os.fstat(file.fileno()).st_size
     if size == 0:
         raise InputError(f"{name}: empty file, not an icd latent")
@@ -132,7 +140,7 @@ def _read_header(file: BinaryIO, name: str) -> LatentInfo:
         raise InputError(f"{name}: truncated ({size} bytes; its header needs {expected_size})")
     if size > expected_size:
         raise InputError(f"{name}: {size - expected_size} bytes of unexpected data after the latent")
-    return info
+    return info, entry, 8 + header_length
 
 
 def _parse_info(name: str, text: object) -> LatentInfo:

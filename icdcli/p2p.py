@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.denoiser import Denoiser
+from .editing import P2PConfig
 from .errors import ICDError
 
 DEFAULT_AMPLIFY = 4.0
@@ -42,17 +43,6 @@ STOPWORDS = frozenset(
     "a an the and or but of in on at to with without for from by as is are was were be been this that these "
     "those it its his her their my your our into onto over under near".split()
 )
-
-
-@dataclass
-class P2PConfig:
-    """How strongly the edit follows the source (fractions of the decoding steps) and what it stresses."""
-
-    cross_replace: float = 0.3
-    self_replace: float = 0.6
-    amplify: dict[str, float] | None = None  # None: new target words (not stopwords) x DEFAULT_AMPLIFY
-    blend: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (source words, target words)
-    blend_threshold: float = 0.3
 
 
 def _word_spans(tokenizer, prompt: str) -> list[tuple[str, range]]:

@@ -9,17 +9,16 @@ from a seeded generator, so a seed gives the same result on every device.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import astuple, dataclass, field
 from typing import Protocol
 
 import torch
 
 from .core.denoiser import Denoiser
 from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
-from .errors import ICDError
+from .editing import GENERATE_GUIDANCE, GENERATE_TAU, P2PConfig, edit_settings
 from .models.loading import Model
-from .models.manifest import EDIT_METHODS, Manifest
-from .p2p import AttentionHost, P2PConfig
+from .p2p import AttentionHost
 
 
 class Runtime(Protocol):
@@ -31,30 +30,6 @@ class Runtime(Protocol):
 
     def attention_host(self) -> AttentionHost:
         """The reverse UNet with Prompt-to-Prompt's control as inputs, on the runtime's own engine."""
-
-
-@dataclass(frozen=True)
-class EditDefaults:
-    method: str
-    guidance: float
-    tau: float
-
-
-# The official launch settings: SD1.5 edits with Prompt-to-Prompt at w 19, tau 0.8; SDXL with the prompt
-# swap at w 19, tau 0.7. Generation uses a constant w of 7.
-EDIT_DEFAULTS = {"sd15": EditDefaults("p2p", 19.0, 0.8), "sdxl": EditDefaults("swap", 19.0, 0.7)}
-GENERATE_GUIDANCE, GENERATE_TAU = 7.0, 1.0
-
-
-def edit_settings(manifest: Manifest, method: str | None = None, guidance: float | None = None,
-                  tau: float | None = None) -> EditDefaults:
-    """The model's defaults (its manifest's "edit" entry, else its kind's) with the given values in their place."""
-    defaults = replace(EDIT_DEFAULTS[manifest.kind], **dict(manifest.edit_defaults))
-    settings = EditDefaults(method or defaults.method, defaults.guidance if guidance is None else guidance,
-                            defaults.tau if tau is None else tau)
-    if settings.method not in EDIT_METHODS:
-        raise ICDError(f"unknown edit method '{settings.method}': choose {', '.join(EDIT_METHODS)}")
-    return settings
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -144,7 +119,3 @@ def generate(runtime: Runtime, prompt: str, seed: int, width: int, height: int,
     latents = decode(runtime.denoiser("reverse"), noise, cond, model.manifest.reverse_timesteps, guidance, tau)
     return model.decode_latents(latents)
 
-
-def guidance_on_steps(manifest: Manifest, guidance: float, tau: float) -> list[tuple[int, float]]:
-    """(t, w) for each decoding step, recorded with results to show what --guidance and --tau did."""
-    return [(jump.t, w) for jump, w in guidance_schedule(manifest.reverse_timesteps, guidance, tau)]

@@ -7,18 +7,14 @@ import pytest
 import torch
 
 from icd.core.consistency import (
-    Jump,
     add_noise,
     alpha_sigma,
     alphas_cumprod,
     consistency_jump,
-    ddim_grid,
-    dynamic_guidance,
-    forward_jumps,
     guidance_embedding,
     guided_eps,
-    reverse_jumps,
 )
+from icd.core.schedule import Jump, ddim_grid, dynamic_guidance, forward_jumps, reverse_jumps
 from icd.core.denoiser import Conditioning, Guided
 from icd.core.sampling import jump
 from icd.models.official import FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM

@@ -18,6 +18,7 @@ import threading
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -184,9 +185,19 @@ def test_latent_round_trip_and_header_pass(tmp_path):
     save_latent(path, LATENT, INFO)
     assert read_latent_info(path) == INFO
     latent, info = load_latent(path)
-    assert torch.equal(latent, LATENT) and info == INFO
+    assert torch.equal(torch.from_numpy(latent), LATENT) and info == INFO
     assert write_latent(tmp_path / "newer.latent.safetensors", future_field=[1, 2]) and \
         read_latent_info(tmp_path / "newer.latent.safetensors") == INFO  # unknown fields: ignored
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_latent_of_another_float_type_loads_as_float32(tmp_path, dtype):
+    """Other tools may store x_T in half or double precision: it loads exactly, widened to float32 (numpy has
+    no bfloat16: its bits are read by hand)."""
+    stored = LATENT.to(dtype)
+    latent, info = load_latent(write_latent(tmp_path / "x.latent.safetensors", stored))
+    assert latent.dtype == np.float32 and info == INFO
+    assert torch.equal(torch.from_numpy(latent), stored.float())
 
 
 def test_a_fifo_named_like_a_latent_is_refused_at_once(tmp_path):

@@ -5,12 +5,13 @@ import logging
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures.tiny import build_tiny_model
-from icd import pipeline
+from icd import editing, pipeline
 from icd.app.session import Session, open_session
 from icd.core.consistency import add_noise, consistency_jump
 from icd.core.denoiser import Guided
@@ -357,19 +358,19 @@ def test_edit_p2p(sd15, x_T):
 
 
 def test_edit_defaults_and_unknown_method(sd15, sdxl, x_T):
-    assert pipeline.edit_settings(sd15.manifest) == pipeline.EditDefaults("p2p", 19.0, 0.8)
-    assert pipeline.edit_settings(sdxl.manifest) == pipeline.EditDefaults("swap", 19.0, 0.7)
-    assert pipeline.edit_settings(sdxl.manifest, "none", 0.0, None) == pipeline.EditDefaults("none", 0.0, 0.7)
+    assert editing.edit_settings(sd15.manifest) == editing.EditDefaults("p2p", 19.0, 0.8)
+    assert editing.edit_settings(sdxl.manifest) == editing.EditDefaults("swap", 19.0, 0.7)
+    assert editing.edit_settings(sdxl.manifest, "none", 0.0, None) == editing.EditDefaults("none", 0.0, 0.7)
     own = replace(sd15.manifest, edit_defaults=(("guidance", 4.0),))
-    assert pipeline.edit_settings(own) == pipeline.EditDefaults("p2p", 4.0, 0.8)
-    assert pipeline.edit_settings(own, guidance=2.0) == pipeline.EditDefaults("p2p", 2.0, 0.8)
+    assert editing.edit_settings(own) == editing.EditDefaults("p2p", 4.0, 0.8)
+    assert editing.edit_settings(own, guidance=2.0) == editing.EditDefaults("p2p", 2.0, 0.8)
     with pytest.raises(ICDError) as err:
         pipeline.edit(sd15, x_T, "a cat", "a dog", method="magic")
     assert "magic" in one_line(err)
 
 
 def test_guidance_on_steps(sd15):
-    assert pipeline.guidance_on_steps(sd15.manifest, 19.0, 0.8) == [(999, 0.0), (779, 19.0), (519, 19.0), (259, 19.0)]
+    assert editing.guidance_on_steps(sd15.manifest, 19.0, 0.8) == [(999, 0.0), (779, 19.0), (519, 19.0), (259, 19.0)]
 
 
 def test_generate_is_deterministic(sd15):
@@ -562,12 +563,12 @@ def test_latent_round_trip(tmp_path):
     path = tmp_path / "cat.safetensors"
     save_latent(path, latent, INFO)
     loaded, info = load_latent(path)
-    assert torch.equal(loaded, latent) and loaded.dtype == torch.float32
+    assert torch.equal(torch.from_numpy(loaded), latent) and loaded.dtype == np.float32
     assert info == INFO
     with pytest.raises(OutputExistsError):
         save_latent(path, latent, INFO)
     save_latent(path, latent * 2, INFO, overwrite=True)
-    assert torch.equal(load_latent(path)[0], latent * 2)
+    assert torch.equal(torch.from_numpy(load_latent(path)[0]), latent * 2)
     assert [p.name for p in tmp_path.iterdir()] == ["cat.safetensors"]  # no temporary file left
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fixtures.tiny import tiny_unet_config
-from icd.core.consistency import add_noise, consistency_jump, ddim_grid, guidance_embedding
+from icd.core.consistency import add_noise, consistency_jump, guidance_embedding
+from icd.core.schedule import ddim_grid
 from icd.core.denoiser import Conditioning, Guided
 from icd.errors import ICDError
 from icd.models.hub import resolve_model

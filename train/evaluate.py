@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from icd.core.consistency import Jump, reverse_jumps
+from icd.core.schedule import Jump, reverse_jumps
 from icd.core.denoiser import Conditioning, Guided
 from icd.core.sampling import Step, decode, encode, run_steps
 from icd.models.loading import unet_eps

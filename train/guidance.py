@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from icd.core.consistency import NUM_TRAIN_TIMESTEPS, add_noise, guidance_embedding, guided_eps
+from icd.core.consistency import add_noise, guidance_embedding, guided_eps
+from icd.core.schedule import NUM_TRAIN_TIMESTEPS
 from icd.core.denoiser import Conditioning
 from icd.errors import ModelError
 from icd.models.loading import Model, load_teacher, unet_eps

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from icd.errors import ModelError
 from icd.models.loading import DIRECTIONS, Model, load_teacher
 from icd.models.manifest import Manifest, load_manifest, write_model
-from icd.pipeline import EDIT_DEFAULTS
+from icd.editing import EDIT_DEFAULTS
 
 from .config import ICDConfig
 from .data import batch_inputs, build_dataset, first_items

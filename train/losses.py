@@ -33,7 +33,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from icd.core.consistency import add_noise, ddim_grid, forward_jumps, reverse_jumps
+from icd.core.consistency import add_noise
+from icd.core.schedule import ddim_grid, forward_jumps, reverse_jumps
 from icd.core.denoiser import Conditioning, Guided
 from icd.core.sampling import jump
 from icd.models.loading import unet_eps

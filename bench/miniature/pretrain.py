@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from icd.core.consistency import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from icd.core.consistency import alphas_cumprod
+from icd.core.schedule import NUM_TRAIN_TIMESTEPS
 from world import random_scene, world_tokenizer
 
 CAPTION_DROPOUT = 0.1

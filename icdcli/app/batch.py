@@ -67,9 +67,16 @@ def debugging() -> bool:
 
 
 def error_line(message: str) -> None:
-    from tqdm import tqdm
+    stderr_line(f"icd: error: {message}")
 
-    tqdm.write(f"icd: error: {message}", file=sys.stderr)
+
+def stderr_line(text: str) -> None:
+    """A line on stderr that leaves a running progress bar intact (tqdm is imported only when a bar runs)."""
+    bars = sys.modules.get("tqdm")
+    if bars is not None:
+        bars.tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[Path, str]:
@@ -153,8 +160,6 @@ def _named(label: str, message: str) -> str:
 
 def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as_json: bool, quiet: bool) -> Report:
     """Report the planned failures at once, then run `work` on the others, each behind a wall."""
-    from tqdm import tqdm
-
     report = Report()
     runnable = []
     for item in items:
@@ -168,17 +173,24 @@ def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as
         raise ValueError("run: items to run but no work")
     if report.skipped:
         log.info("skipped %d item(s) whose output exists", report.skipped)
-    bar = tqdm(runnable, file=sys.stderr, disable=True if quiet else None, unit="item", dynamic_ncols=True,
-               leave=False)
-    for item in bar:
+    for item in _progress(runnable, quiet):
         started = time.perf_counter()
         record = _attempt(item, work, report)
         record["seconds"] = round(time.perf_counter() - started, 3)
         _finish(report, item, record, as_json, quiet)
-    bar.close()
     if report.failed and len(items) > 1:
         error_line(f"{report.failed} of {len(items)} items failed")
     return report
+
+
+def _progress(items: list[Item], quiet: bool) -> Iterable[Item]:
+    """The items, behind a progress bar on a terminal (not with -q, not into a file or pipe: there tqdm's
+    import alone would be a tenth of a served edit)."""
+    if quiet or not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, file=sys.stderr, unit="item", dynamic_ncols=True, leave=False)
 
 
 def _attempt(item: Item, work, report: Report) -> dict:

@@ -78,9 +78,9 @@ def _quiet_libraries() -> None:
 
 class _OneLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
+        from .batch import stderr_line
 
-        tqdm.write(f"icd: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        stderr_line(f"icd: {record.levelname.lower()}: {record.getMessage()}")
 
 
 def _setup_logging() -> None:
@@ -209,8 +209,9 @@ def _runner(manifest: Manifest, device: str, dtype: str, directions: tuple[str, 
 
     if not no_server:
         from .client import FallbackRunner, find_server
+        from .distributed import local_device
 
-        remote = find_server(manifest, device, dtype, backend, compile)
+        remote = find_server(manifest, local_device(device), dtype, backend, compile)
         if remote is not None:
             log.info("using the server at %s", remote.path)
             return FallbackRunner(remote, open_here)
@@ -258,15 +259,23 @@ def _check_size(manifest: Manifest, width: int | None, height: int | None) -> No
                 check_multiple(name, value, multiple)
 
 
-def _check_engine(device: str, dtype: str, backend: str, compile: bool) -> None:
-    """The device exists, takes the dtype, and the backend options fit together."""
+def _check_engine(device: str, dtype: str, backend: str, compile: bool, server_may_check: bool = False) -> None:
+    """The backend options fit together, and the device exists and takes the dtype. That takes torch, which a
+    command served by `icd serve` never imports: with `server_may_check` and a server's socket present, the
+    device and dtype are left to the server's check (a server that cannot take them is not used) and to the
+    model's opening in this process."""
+    if compile and backend in ("onnx", "tensorrt"):
+        raise UsageError(f"--compile applies to the torch backend, not --backend {backend}")
+    if server_may_check:
+        from .server import sockets
+
+        if sockets():
+            return
     from icd.models.loading import resolve_device, resolve_dtype
 
     from .distributed import local_device
 
     resolve_dtype(dtype, resolve_device(local_device(device)))
-    if compile and backend in ("onnx", "tensorrt"):
-        raise UsageError(f"--compile applies to the torch backend, not --backend {backend}")
 
 
 class Main(click.Group):
@@ -278,6 +287,8 @@ class Main(click.Group):
         from .batch import debugging, error_line
 
         previous = _on_sigterm()
+        log = logging.getLogger("icd")
+        logging_state = (log.level, log.propagate, list(log.handlers))
         try:
             return super().invoke(ctx)
         except UsageError as err:
@@ -306,6 +317,8 @@ class Main(click.Group):
             ctx.exit(1)
         finally:
             _restore_sigterm(previous)
+            log.setLevel(logging_state[0])  # a caller in Python (a test, a script) gets its logging back
+            log.propagate, log.handlers[:] = logging_state[1], logging_state[2]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -425,8 +438,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
       icd edit --jobs edits.jsonl -o out/
       icd edit --from photo-edit.png --guidance 12 -o stronger.png
     """
-    from icd.p2p import P2PConfig
-    from icd.pipeline import edit_settings
+    from icd.editing import P2PConfig, edit_settings
 
     from .batch import plan
     from .jobs import IMAGE_SUFFIXES, EditOptions, check_input, expand_inputs, needs_inversion
@@ -437,7 +449,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         if given:
             raise UsageError(f"--jobs {jobs_file} holds the inputs, prompts and seeds: drop {', '.join(given)}")
         _check_output(output, 2)
-        _check_engine(device, dtype, backend, compile)
+        _check_engine(device, dtype, backend, compile, not no_server)
         model = model or DEFAULT_MODEL
         manifest = _resolve(model)
         _check_size(manifest, width, height)
@@ -460,7 +472,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
             raise UsageError("--width/--height apply to images: a latent file keeps the size it was inverted at")
         targets = tuple(dict.fromkeys(targets))
         _check_output(output, len(targets) * (len(images) * len(seeds) + len(paths) - len(images)))
-        _check_engine(device, dtype, backend, compile)
+        _check_engine(device, dtype, backend, compile, not no_server)
         amplified, blended = _parse_amplify(amplify), _parse_blend(blend)
         model = model or DEFAULT_MODEL
         manifest = _resolve(model)
@@ -558,8 +570,7 @@ def _by_inversion(items: list) -> list:
 def _edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
     """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads."""
     from icd.latents import is_latent_file
-    from icd.p2p import P2PConfig
-    from icd.pipeline import edit_settings
+    from icd.editing import P2PConfig, edit_settings
 
     from .batch import Item
     from .jobfile import EditJob, read_jobs
@@ -649,7 +660,7 @@ def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compi
             item.job = (seed, prompt)
     _check_output(output, max(len(items), 2 if jobs_file else 1), latent=True)
     _captions(items)
-    _check_engine(device, dtype, backend, compile)
+    _check_engine(device, dtype, backend, compile, not no_server)
     model = model or DEFAULT_MODEL
     manifest = _resolve(model)
     _check_size(manifest, width, height)
@@ -700,7 +711,7 @@ def reconstruct(latents, model, device, dtype, backend, compile, output, overwri
 
     paths = expand_inputs(list(latents), {".safetensors"})
     _check_output(output, len(paths))
-    _check_engine(device, dtype, backend, compile)
+    _check_engine(device, dtype, backend, compile, not no_server)
     refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
     runners: dict[str, object] = {}  # one per model, found or opened at its first item
 
@@ -743,7 +754,7 @@ def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, 
     from .jobs import generate_file, output_path, slug
 
     _check_output(output, count)
-    _check_engine(device, dtype, backend, compile)
+    _check_engine(device, dtype, backend, compile, not no_server)
     first = secrets.randbelow(2**31) if seed is None else seed
     if first + count - 1 > MAX_SEED:
         raise UsageError(f"--seed {first} with -n {count} runs past the largest seed, {MAX_SEED}")

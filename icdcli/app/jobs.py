@@ -11,13 +11,14 @@ import re
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from icd import __version__
 from icd.errors import ICDError, InputError, UsageError
-from icd.images import LoadedImage, from_model_output, load_image, probe_image, save_image, to_model_input, working_size
+from icd.editing import P2PConfig, edit_settings, guidance_on_steps
+from icd.images import LoadedImage, from_model_output, load_image, probe_image, save_image, to_model_array, working_size
 from icd.latents import LatentInfo, is_latent_file, load_latent, read_latent_info, save_latent
 from icd.models.manifest import Manifest
-from icd.p2p import P2PConfig
-from icd.pipeline import edit_settings, guidance_on_steps
 
 from .runner import Runner
 
@@ -68,7 +69,7 @@ def needs_inversion(paths: list[Path]) -> bool:
 
 @dataclass
 class Inverted:
-    latent: object  # x_T, a torch tensor
+    latent: np.ndarray  # x_T
     info: LatentInfo
     original: LoadedImage
 
@@ -118,7 +119,7 @@ class Settings:
 
 def _invert_image(settings: Settings, image: LoadedImage, prompt: str) -> tuple:
     size = settings.size_for(image.original_size)
-    latent = settings.runner.invert(to_model_input(image, size), prompt, settings.seed)
+    latent = settings.runner.invert(to_model_array(image, size), prompt, settings.seed)
     info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
                       seed=settings.seed, width=size[0], height=size[1], original_width=image.original_size[0],
                       original_height=image.original_size[1], source=str(image.path))

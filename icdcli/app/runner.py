@@ -1,23 +1,24 @@
 """The operations file jobs need from a model, behind one interface, so that the same job code runs on a
 model opened in this process (`LocalRunner`) or on one held by `icd serve` (`icd.app.client.RemoteRunner`).
 
-Every operation takes and returns CPU tensors; the facts a job records (fingerprint, backend, dtype) and the
-size multiple it needs come with the runner.
+Every operation takes and returns float32 numpy arrays, so that the job code (and with it every command
+served by `icd serve`) never imports torch; `LocalRunner` turns them into tensors where its model runs. The
+facts a job records (fingerprint, backend, dtype) and the size multiple it needs come with the runner.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
 
-from icd.models.loading import PRECISIONS
+from icd.editing import P2PConfig
+from icd.images import as_array
 from icd.models.manifest import Manifest
-from icd.p2p import P2PConfig
-from icd.pipeline import edit, generate, invert, reconstruct
 
-from .session import Session
+if TYPE_CHECKING:
+    from .session import Session
 
 
 class Runner(Protocol):
@@ -28,25 +29,27 @@ class Runner(Protocol):
     dtype: str  # fp32, fp16 or bf16
     size_multiple: int
 
-    def invert(self, pixels: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
+    def invert(self, pixels: np.ndarray, prompt: str, seed: int) -> np.ndarray:
         """Pixels (1, 3, H, W) in [-1, 1] -> x_T."""
 
-    def edit(self, x_T: torch.Tensor, source: str, target: str, method: str, guidance: float, tau: float,
-             p2p: P2PConfig | None) -> tuple[torch.Tensor, list[str]]:
+    def edit(self, x_T: np.ndarray, source: str, target: str, method: str, guidance: float, tau: float,
+             p2p: P2PConfig | None) -> tuple[np.ndarray, list[str]]:
         """x_T -> the edited pixels (1, 3, H, W) and notes (e.g. empty Prompt-to-Prompt windows)."""
 
-    def reconstruct(self, x_T: torch.Tensor, prompt: str) -> torch.Tensor:
+    def reconstruct(self, x_T: np.ndarray, prompt: str) -> np.ndarray:
         """x_T -> pixels decoded with `prompt` and w = 0."""
 
     def generate(self, prompt: str, seed: int, width: int, height: int, guidance: float,
-                 tau: float) -> torch.Tensor:
+                 tau: float) -> np.ndarray:
         """Text -> pixels."""
 
 
 class LocalRunner:
-    """The runner over a session opened in this process (and inside `icd serve`)."""
+    """The runner over a session opened in this process (and inside `icd serve`): arrays become tensors here."""
 
     def __init__(self, session: Session):
+        from icd.models.loading import PRECISIONS
+
         self.session = session
         self.manifest = session.manifest
         self.backend = session.backend
@@ -54,18 +57,34 @@ class LocalRunner:
         self.size_multiple = session.model.size_multiple
 
     def invert(self, pixels, prompt, seed):
-        return invert(self.session, pixels, prompt, seed)
+        from icd.pipeline import invert
+
+        return as_array(invert(self.session, _tensor(pixels), prompt, seed))
 
     def edit(self, x_T, source, target, method, guidance, tau, p2p):
-        result = edit(self.session, x_T, source, target, method=method, guidance=guidance, tau=tau, p2p=p2p,
-                      with_reconstruction=False)
-        return result.edited.cpu(), list(result.notes)
+        from icd.pipeline import edit
+
+        result = edit(self.session, _tensor(x_T), source, target, method=method, guidance=guidance, tau=tau,
+                      p2p=p2p, with_reconstruction=False)
+        return as_array(result.edited), list(result.notes)
 
     def reconstruct(self, x_T, prompt):
-        return reconstruct(self.session, x_T, prompt).cpu()
+        from icd.pipeline import reconstruct
+
+        return as_array(reconstruct(self.session, _tensor(x_T), prompt))
 
     def generate(self, prompt, seed, width, height, guidance, tau):
-        return generate(self.session, prompt, seed, width, height, guidance, tau).cpu()
+        from icd.pipeline import generate
+
+        return as_array(generate(self.session, prompt, seed, width, height, guidance, tau))
+
+
+def _tensor(array: np.ndarray):
+    """An array as a CPU torch tensor, sharing its memory (copied only when read-only or not contiguous: torch
+    takes writable arrays); the pipeline copies it to the model's device."""
+    import torch
+
+    return torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
 
 
 def p2p_to_json(config: P2PConfig | None) -> dict | None:

@@ -17,12 +17,13 @@ import threading
 import traceback
 from contextlib import suppress
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from icd.errors import ICDError, UsageError
 from icd.models.cache import icd_home
-from icd.models.loading import resolve_device, resolve_dtype, PRECISIONS
+
+if TYPE_CHECKING:  # a client imports this module for `sockets`: torch stays out of it
+    import torch
 
 from .runner import LocalRunner, p2p_from_json
 from .wire import Disconnected, receive, send
@@ -177,6 +178,8 @@ class Server:
 
     def mismatch(self, request: dict) -> str | None:
         """Why this server cannot run a client's jobs bit for bit as the client itself would, or None."""
+        from icd.models.loading import PRECISIONS, resolve_device, resolve_dtype
+
         if request.get("fingerprint") != self.facts["fingerprint"]:
             return f"it serves model {self.facts['model']} ({self.facts['fingerprint']})"
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from icd.core.consistency import ddim_grid
+from icd.core.schedule import ddim_grid
 from icd.core.denoiser import Denoiser, Guided
 from icd.models.hub import resolve_model
 from icd.models.loading import PRECISIONS, Model, load_teacher, ready_unet, resolve_device, resolve_dtype, unet_eps

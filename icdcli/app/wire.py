@@ -1,5 +1,8 @@
 """The `icd serve` protocol on a stream socket: each message is a JSON header and a safetensors blob of
-tensors, each prefixed by its length (8 bytes, big-endian). Never pickle: a message is data, not code."""
+tensors, each prefixed by its length (8 bytes, big-endian). Never pickle: a message is data, not code.
+
+Tensors travel as numpy arrays on both sides, so that a client never imports torch; the runner in the server
+turns them into torch tensors where its model runs."""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ import json
 import socket
 import struct
 
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 
 LENGTH = struct.Struct(">Q")
 MAX_HEADER = 1 << 20  # bytes of JSON: far more than any request needs
@@ -20,15 +23,15 @@ class Disconnected(ConnectionError):
     """The other end closed the connection or sent something that is not a message."""
 
 
-def send(sock: socket.socket, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
+def send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
     body = json.dumps(header).encode()
-    blob = save_tensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()}) if tensors else b""
+    blob = save_tensors({name: np.ascontiguousarray(a) for name, a in tensors.items()}) if tensors else b""
     sock.sendall(LENGTH.pack(len(body)) + body + LENGTH.pack(len(blob)))
     if blob:
         sock.sendall(blob)
 
 
-def receive(sock: socket.socket) -> tuple[dict, dict[str, torch.Tensor]]:
+def receive(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
     body = _exactly(sock, _length(sock, MAX_HEADER))
     try:
         header = json.loads(body)

@@ -9,7 +9,7 @@
 - Consistency jump (a DDIM step with the model's own epsilon): from time t to boundary s,
   x0 = (x_t - sigma_t eps) / alpha_t and x_s = alpha_s x0 + sigma_s eps.
   The reverse model jumps down (s < t), the forward model up (s > t): one formula for both.
-- Dynamic guidance: w is used when t / 1000 <= tau and replaced by 0 at higher noise.
+- Dynamic guidance and the jumps' timesteps: `schedule.py` (torch-free, so commands can plan with it).
 
 Timesteps are a Python int (one for the batch, as in sampling) or a tensor with one per row (training).
 """
@@ -17,11 +17,11 @@ Timesteps are a Python int (one for the batch, as in sampling) or a tensor with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .schedule import NUM_TRAIN_TIMESTEPS
+
 BETA_START, BETA_END = 0.00085, 0.012
 
 Timesteps = int | torch.Tensor
@@ -83,34 +83,3 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 def guided_eps(eps_c: torch.Tensor, eps_u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance in the paper's convention: eps_c + w (eps_c - eps_u), one w per row."""
     return eps_c + w.to(eps_c.device, eps_c.dtype).view(-1, 1, 1, 1) * (eps_c - eps_u)
-
-
-def dynamic_guidance(w: float, t: int, tau: float) -> float:
-    """The guidance actually used at time t: w at low noise (t/1000 <= tau), 0 above."""
-    return w if t / NUM_TRAIN_TIMESTEPS <= tau else 0.0
-
-
-@dataclass(frozen=True)
-class Jump:
-    """One consistency step: evaluate the model at `t` and jump to `s`."""
-
-    t: int
-    s: int
-
-
-def reverse_jumps(reverse_timesteps: list[int]) -> list[Jump]:
-    """Decoding: visit the boundaries from the top, each jumping to the next lower one, the last to 0."""
-    starts = sorted(reverse_timesteps, reverse=True)
-    return [Jump(t, s) for t, s in zip(starts, starts[1:] + [0])]
-
-
-def forward_jumps(forward_timesteps: list[int]) -> list[Jump]:
-    """Encoding: from the first forward timestep (19) up, each jumping to the next, the last to 999."""
-    starts = sorted(forward_timesteps)
-    return [Jump(t, s) for t, s in zip(starts, starts[1:] + [NUM_TRAIN_TIMESTEPS - 1])]
-
-
-def ddim_grid(steps: int = 50) -> list[int]:
-    """The teacher's DDIM timesteps: 19, 39, ..., 999 for 50 steps (encoding starts at the first)."""
-    stride = NUM_TRAIN_TIMESTEPS // steps
-    return [stride * (i + 1) - 1 for i in range(steps)]

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .consistency import Jump, Timesteps, add_noise, consistency_jump, dynamic_guidance, forward_jumps, reverse_jumps
+from .consistency import Timesteps, add_noise, consistency_jump
+from .schedule import Jump, dynamic_guidance, forward_jumps, reverse_jumps
 from .denoiser import Conditioning, Denoiser, Guidance
 
 

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.client
 import os
 import posixpath
 import sys
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from tqdm import tqdm
 
 from ..errors import ModelError
 
@@ -112,6 +108,11 @@ def _offline_var() -> str | None:
 
 def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 30) -> Path:
     """Fetch `url` to `dest`, resuming a previous `.part`; `dest` only ever appears complete."""
+    import http.client  # the network stack and the bar: imported when a download happens, not at every start
+    import urllib.request
+
+    from tqdm import tqdm
+
     dest = Path(dest)
     if dest.exists():
         return dest

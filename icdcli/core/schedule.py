@@ -1,0 +1,44 @@
+"""Which timesteps the samplers visit and which guidance each step uses: the part of the iCD math that is
+plain numbers (torch-free, so a command can plan and record a job without loading torch).
+
+- Timesteps run over Stable Diffusion's 1000 training steps; t = 0 is the clean latent.
+- Dynamic guidance: w is used when t / 1000 <= tau and replaced by 0 at higher noise.
+- Encoding climbs the forward boundaries 19 -> ... -> 999; decoding descends the reverse ones -> 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def dynamic_guidance(w: float, t: int, tau: float) -> float:
+    """The guidance actually used at time t: w at low noise (t/1000 <= tau), 0 above."""
+    return w if t / NUM_TRAIN_TIMESTEPS <= tau else 0.0
+
+
+@dataclass(frozen=True)
+class Jump:
+    """One consistency step: evaluate the model at `t` and jump to `s`."""
+
+    t: int
+    s: int
+
+
+def reverse_jumps(reverse_timesteps: list[int]) -> list[Jump]:
+    """Decoding: visit the boundaries from the top, each jumping to the next lower one, the last to 0."""
+    starts = sorted(reverse_timesteps, reverse=True)
+    return [Jump(t, s) for t, s in zip(starts, starts[1:] + [0])]
+
+
+def forward_jumps(forward_timesteps: list[int]) -> list[Jump]:
+    """Encoding: from the first forward timestep (19) up, each jumping to the next, the last to 999."""
+    starts = sorted(forward_timesteps)
+    return [Jump(t, s) for t, s in zip(starts, starts[1:] + [NUM_TRAIN_TIMESTEPS - 1])]
+
+
+def ddim_grid(steps: int = 50) -> list[int]:
+    """The teacher's DDIM timesteps: 19, 39, ..., 999 for 50 steps (encoding starts at the first)."""
+    stride = NUM_TRAIN_TIMESTEPS // steps
+    return [stride * (i + 1) - 1 for i in range(steps)]
