@@ -110,6 +110,23 @@ def test_two_torchrun_processes_split_the_batch_and_merge_one_json_log(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["log.jsonl", "rank0.json", "rank1.json"]
 
 
+def test_icd_edit_under_torchrun_splits_the_folder_and_writes_one_log(tmp_path):
+    from bench.miniature.world import DEMO_SCENE, DEMO_TARGET, render
+
+    (tmp_path / "in").mkdir()
+    for number in range(4):
+        render(DEMO_SCENE, RESOLUTION).image.convert("RGB").save(tmp_path / "in" / f"s{number}.png")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "icd",
+               "edit", "in", "--src", DEMO_SCENE.caption, "--tgt", DEMO_TARGET.caption, "-m", "mini", "--device",
+               "cpu", "--no-server", "-q", "-o", "out", "--json-log", "log.jsonl"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"s{n}-edit.png" for n in range(4)]
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(record["input"], record["rank"], record["status"]) for record in records] == [
+        ("in/s0.png", 0, "ok"), ("in/s2.png", 0, "ok"), ("in/s1.png", 1, "ok"), ("in/s3.png", 1, "ok")]
+
+
 def test_a_lone_process_keeps_the_whole_batch_its_device_and_writes_its_log(lone, tmp_path):
     assert current_launch() == Launch(0, 1, 0)
     assert process_share(list("abcde")) == list("abcde")
