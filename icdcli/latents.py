@@ -33,6 +33,7 @@ LATENT_NAME = ".latent.safetensors"  # what `icd invert` names its files: NAME.l
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8  # pixels per latent cell, each way
 MAX_SIDE = 16384
+MAX_SEED = 2**64 - 1  # what torch's generators take
 MAX_HEADER_BYTES = 1 << 20  # a latent's header is a few hundred bytes; this refuses a bogus length at once
 _FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the float dtypes safetensors names
 _NOT_A_LATENT = "a safetensors file, but not an icd latent (make one with `icd invert`)"
@@ -49,7 +50,7 @@ class LatentInfo(BaseModel):
     model: str  # the --model reference used for inversion
     model_fingerprint: str
     prompt: str
-    seed: Annotated[int, Field(ge=0, le=2**64 - 1)]
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     width: Side  # working size the latent was encoded at
     height: Side
     original_width: Side

@@ -36,7 +36,7 @@ TAU_HELP = ("Dynamic guidance: w is used on steps with t/1000 <= tau and 0 on th
             "1.0 = guidance on every step.")
 MODEL_DEFAULT_HELP = "Default: the model's own (its icd.json; else SD1.5 {sd15}, SDXL {sdxl})."
 MAX_SIDE = 8192  # pixels: beyond this a working size is a typo, not a photo
-MAX_SEED = 2**64 - 1  # what torch's generators take
+MAX_SEED = 2**64 - 1  # icd.latents.MAX_SEED (not imported: it would load numpy for `icd --help`)
 
 
 class Finite(click.ParamType):
@@ -222,14 +222,14 @@ def _check_output(output: str | None, count: int, *, latent: bool = False) -> No
     """-o must name what the command writes: an image (or a latent file for invert), or a folder."""
     if output is None:
         return
-    from icd.latents import LATENT_NAME
     from icd.images import OUTPUT_SUFFIXES
+    from icd.latents import LATENT_NAME, LATENT_SUFFIX
 
     path = Path(output)
-    names_file = path.suffix.lower() in OUTPUT_SUFFIXES or output.endswith(".safetensors")
+    names_file = path.suffix.lower() in OUTPUT_SUFFIXES or output.endswith(LATENT_SUFFIX)
     if latent and names_file and not output.endswith(LATENT_NAME):
         raise UsageError(f"-o {output}: invert writes latent files: name one NAME{LATENT_NAME}, or a folder")
-    if not latent and output.endswith(".safetensors"):
+    if not latent and output.endswith(LATENT_SUFFIX):
         raise UsageError(f"-o {output}: this command writes images: name a .png, .jpg or .webp file, or a folder")
     if not names_file and path.suffix and not path.is_dir() and path.suffix.lower()[1:].isalpha() \
             and len(path.suffix) <= 5:
@@ -439,6 +439,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
       icd edit --from photo-edit.png --guidance 12 -o stronger.png
     """
     from icd.editing import P2PConfig, edit_settings
+    from icd.latents import LATENT_SUFFIX
 
     from .batch import plan
     from .jobs import IMAGE_SUFFIXES, EditOptions, check_input, expand_inputs, needs_inversion
@@ -464,7 +465,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         if not targets:
             raise UsageError("--tgt is required: the prompt describing the wanted result")
         seeds = _seeds(seeds, count)
-        paths = expand_inputs(list(inputs), IMAGE_SUFFIXES | {".safetensors"})
+        paths = expand_inputs(list(inputs), IMAGE_SUFFIXES | {LATENT_SUFFIX})
         images = [path for path in paths if needs_inversion([path])]
         if images and not source:
             raise UsageError(f"--src is needed to edit images ({images[0]}); latent files carry their own prompt")
@@ -640,7 +641,9 @@ def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compi
 
     from .batch import Item, file_items, plan
     from .jobfile import InvertJob, read_jobs
-    from .jobs import IMAGE_SUFFIXES, LATENT_NAME, expand_inputs, invert_file, output_path, output_stem
+    from icd.latents import LATENT_NAME
+
+    from .jobs import IMAGE_SUFFIXES, expand_inputs, invert_file, output_path, output_stem
 
     if jobs_file:
         if images or prompt:
@@ -704,12 +707,12 @@ def _captions(items) -> None:
 def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json,
                 no_server):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
-    from icd.latents import read_latent_info
+    from icd.latents import LATENT_SUFFIX, read_latent_info
 
     from .batch import file_items, plan
     from .jobs import check_latent, expand_inputs, output_stem, reconstruct_file
 
-    paths = expand_inputs(list(latents), {".safetensors"})
+    paths = expand_inputs(list(latents), {LATENT_SUFFIX})
     _check_output(output, len(paths))
     _check_engine(device, dtype, backend, compile, not no_server)
     refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records

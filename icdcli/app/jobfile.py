@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
+from icd.latents import MAX_SEED
 
-MAX_SEED = 2**64 - 1
 MAX_ROWS = 100_000
 
 

@@ -16,15 +16,15 @@ import numpy as np
 from icd import __version__
 from icd.errors import ICDError, InputError, UsageError
 from icd.editing import P2PConfig, edit_settings, guidance_on_steps
-from icd.images import LoadedImage, from_model_output, load_image, probe_image, save_image, to_model_array, working_size
-from icd.latents import LatentInfo, is_latent_file, load_latent, read_latent_info, save_latent
+from icd.images import (OUTPUT_SUFFIXES, LoadedImage, from_model_output, load_image, probe_image, save_image,
+                        to_model_array, working_size)
+from icd.latents import (LATENT_NAME, LATENT_SUFFIX, LatentInfo, is_latent_file, load_latent, read_latent_info,
+                         save_latent)
 from icd.models.manifest import Manifest
 
 from .runner import Runner
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-LATENT_NAME = ".latent.safetensors"
 
 
 def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
@@ -53,7 +53,7 @@ def output_path(output: str | None, default_name: str, many: bool) -> Path:
     if output is None:
         return Path(default_name)
     target = Path(output)
-    if not many and (target.suffix.lower() in OUTPUT_SUFFIXES or target.name.endswith(".safetensors")):
+    if not many and (target.suffix.lower() in OUTPUT_SUFFIXES or target.name.endswith(LATENT_SUFFIX)):
         return target
     return target / default_name
 
@@ -136,10 +136,14 @@ def invert_file(settings: Settings, path: Path, prompt: str, output: Path) -> Pa
 def check_latent(path: Path, manifest: Manifest, model_ref: str) -> LatentInfo:
     """A latent file's header, and that it was inverted with this model (cheap: no tensor is read)."""
     info = read_latent_info(path)
+    _refuse_other_model(path, info, manifest, model_ref)
+    return info
+
+
+def _refuse_other_model(path: Path, info: LatentInfo, manifest: Manifest, model_ref: str) -> None:
     if info.model_fingerprint != manifest.fingerprint:
         raise InputError(f"{path.name}: inverted with model '{info.model}' ({info.model_fingerprint}), "
                          f"not '{model_ref}' ({manifest.fingerprint}): use --model {info.model}")
-    return info
 
 
 def check_input(path: Path, manifest: Manifest, model_ref: str) -> None:
@@ -151,8 +155,10 @@ def check_input(path: Path, manifest: Manifest, model_ref: str) -> None:
 
 
 def _load_checked_latent(settings: Settings, path: Path):
-    check_latent(path, settings.manifest, settings.model_ref)
-    return load_latent(path)
+    """The latent and its record, read once, and refused when another model inverted it."""
+    latent, info = load_latent(path)
+    _refuse_other_model(path, info, settings.manifest, settings.model_ref)
+    return latent, info
 
 
 def _resized(pixels, info: LatentInfo):
