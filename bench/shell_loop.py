@@ -1,10 +1,16 @@
 """A shell loop of `icd edit` calls on `mini` scenes, with `icd serve`, without, and as one call; and ten
 targets from one inversion against ten separate edits. Per-edit wall and CPU time, side by side in one run.
 
-    python bench/shell_loop.py [--scenes 20] [--targets 10]
+    python bench/shell_loop.py [--scenes 20] [--targets 10] [--repeats 3] [--cold 20] [--json FILE]
 
 CPU time is the user+system time of the `icd` processes; with a server, the server's own CPU time for the
-loop is added (read from /proc) and also shown apart.
+loop is added (read from /proc) and also shown apart. The machine may be shared and noisy: `--repeats`
+runs the one call and the served loop that many times, side by side, and reports each repeat's ratio and
+their spread. `--cold N` runs the loop without a server over the first N scenes only (each call is a cold
+start of a plain `icd edit`: its times are reported one by one). Every `icd` process runs with
+OMP_NUM_THREADS=1 and with Python's bytecode cache on, as an installed package has it (a
+PYTHONDONTWRITEBYTECODE in the environment would make each call compile icd's modules again, about 40 ms);
+a first untimed call writes the cache and warms the disk.
 """
 
 from __future__ import annotations
@@ -55,14 +61,16 @@ def _process_cpu(pid: int) -> float:
 
 
 def timed(commands: list[list[str]], cwd: Path, env: dict, server_pid: int | None = None) -> dict:
-    """Run the commands one after the other: total wall time, the clients' CPU time and the server's."""
+    """Run the commands one after the other: total and per-command wall time, the clients' CPU time and the
+    server's."""
     cpu, server_cpu = _children_cpu(), _process_cpu(server_pid) if server_pid else 0.0
-    start = time.perf_counter()
+    walls = []
     for command in commands:
+        start = time.perf_counter()
         subprocess.run(command, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
+        walls.append(time.perf_counter() - start)
     server = _process_cpu(server_pid) - server_cpu if server_pid else 0.0
-    return {"wall_s": wall, "client_cpu_s": _children_cpu() - cpu, "server_cpu_s": server}
+    return {"wall_s": sum(walls), "client_cpu_s": _children_cpu() - cpu, "server_cpu_s": server, "calls_s": walls}
 
 
 def start_server(cwd: Path, env: dict) -> subprocess.Popen:
@@ -82,26 +90,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=20)
     parser.add_argument("--targets", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="Runs of the one call and the served loop.")
+    parser.add_argument("--cold", type=int, help="Scenes in the loop without a server (default: all).")
+    parser.add_argument("--json", type=Path, help="Also write the measurements to this file.")
     args = parser.parse_args()
+    cold_count = args.scenes if args.cold is None else min(args.cold, args.scenes)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {**os.environ, "ICD_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "ICD_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         (work / "in").mkdir()
         edits = scenes(work / "in", args.scenes)
 
-        def loop(out: str, *flags: str) -> list[list[str]]:
+        def loop(out: str, *flags: str, count: int = args.scenes) -> list[list[str]]:
             return [[*ICD, "edit", str(path), "--src", src, "--tgt", tgt, *MODEL, "-o", f"{out}/{path.name}", "-q",
-                     *flags] for path, src, tgt in edits]
+                     *flags] for path, src, tgt in edits[:count]]
 
         jobs = work / "jobs.jsonl"
         jobs.write_text("".join(json.dumps({"image": str(path), "source": src, "target": tgt}) + "\n"
                                 for path, src, tgt in edits))
-        rows = {"loop, no server": timed(loop("cold", "--no-server"), work, env)}
-        rows["one call (job file)"] = timed([[*ICD, "edit", "--jobs", str(jobs), *MODEL, "-o", "single", "-q",
-                                              "--no-server"]], work, env)
+        one_call = [[*ICD, "edit", "--jobs", str(jobs), *MODEL, "-o", "single", "-q", "--no-server", "--overwrite"]]
+        timed(loop("warm-up", "--no-server", count=1), work, env)  # writes the bytecode cache, warms the disk
+        rows = {"loop, no server": timed(loop("cold", "--no-server", count=cold_count), work, env)}
+        repeats = []
         server = start_server(work, env)
         try:
-            rows["loop, with icd serve"] = timed(loop("warm"), work, env, server.pid)
+            for repeat in range(args.repeats):
+                single = timed(one_call, work, env)
+                warm = timed([[*command, "--overwrite"] for command in loop("warm")], work, env, server.pid)
+                repeats.append({"one call (job file)": single, "loop, with icd serve": warm})
+            rows.update(repeats[0])
             path, src, _ = edits[0]
             targets = [f"a {colour} {shape} on a sandy background"
                        for shape, colour in itertools.product(SHAPES, COLOURS)][: args.targets]
@@ -114,17 +132,41 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), python "
-          f"{platform.python_version()}; {args.scenes} edits of 64x64 mini scenes")
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), load average "
+               f"{os.getloadavg()[0]:.1f}, python {platform.python_version()}")
+    print(f"machine: {machine}; {args.scenes} edits of 64x64 mini scenes, OMP_NUM_THREADS=1")
     print(f"{'':40} {'wall/edit':>10} {'CPU/edit':>10} {'(server)':>10} {'wall total':>11}")
-    for table, count in ((rows, args.scenes), (many_rows, len(targets))):
+    counts = {"loop, no server": cold_count}
+    for table in (rows, many_rows):
         for name, row in table.items():
-            print(f"{name:40} {row['wall_s'] / count:9.3f}s {(row['client_cpu_s'] + row['server_cpu_s']) / count:9.3f}s "
-                  f"{row['server_cpu_s'] / count:9.3f}s {row['wall_s']:10.1f}s")
+            count = counts.get(name, args.scenes if table is rows else len(targets))
+            cpu = row["client_cpu_s"] + row["server_cpu_s"]
+            print(f"{name:40} {row['wall_s'] / count:9.3f}s {cpu / count:9.3f}s {row['server_cpu_s'] / count:9.3f}s "
+                  f"{row['wall_s']:10.1f}s")
         print()
-    cold, warm, single = (rows[k]["wall_s"] for k in ("loop, no server", "loop, with icd serve",
-                                                       "one call (job file)"))
-    print(f"with a server the loop is {cold / warm:.1f}x faster than without, and {warm / single:.2f}x the one call")
+    cold = rows["loop, no server"]
+    print("cold start of a plain `icd edit` (no server), each call: "
+          + ", ".join(f"{wall:.2f}s" for wall in cold["calls_s"]))
+    ratios = [_ratios(repeat, cold, cold_count, args.scenes) for repeat in repeats]
+    for i, ratio in enumerate(ratios, 1):
+        print(f"repeat {i}: served loop / one call = {ratio['wall']:.2f}x wall, {ratio['cpu']:.2f}x CPU; "
+              f"no-server loop / served loop = {ratio['speed-up']:.1f}x")
+    walls = sorted(ratio["wall"] for ratio in ratios)
+    print(f"served loop / one call, wall: min {walls[0]:.2f}x, median {walls[len(walls) // 2]:.2f}x, "
+          f"max {walls[-1]:.2f}x over {len(walls)} repeat(s)")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "scenes": args.scenes, "cold_scenes": cold_count,
+                                         "rows": {**rows, **many_rows}, "repeats": repeats, "ratios": ratios},
+                                        indent=1) + "\n")
+
+
+def _ratios(repeat: dict, cold: dict, cold_count: int, scenes: int) -> dict:
+    """The served loop against the one call (per edit, both over every scene) and against the loop without a
+    server (per edit)."""
+    warm, single = repeat["loop, with icd serve"], repeat["one call (job file)"]
+    warm_cpu = warm["client_cpu_s"] + warm["server_cpu_s"]
+    return {"wall": warm["wall_s"] / single["wall_s"], "cpu": warm_cpu / single["client_cpu_s"],
+            "speed-up": (cold["wall_s"] / cold_count) / (warm["wall_s"] / scenes)}
 
 
 def _cpu_name() -> str:

@@ -29,7 +29,7 @@ from icd.models.manifest import Manifest
 
 log = logging.getLogger("icd")
 
-FORMAT = 2  # 2: a SHA-256 per file
+FORMAT = 3  # 2: a SHA-256 per file; 3: P2P graphs return the blend maps after injection and amplification
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
@@ -281,6 +281,66 @@ def from_model_output(pixels, original: LoadedImage | None) -> Image.Image:
     if original.alpha is not None:
         image.putalpha(original.alpha)
     return image
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask picture (any image format, like the photos) as (h, w) float32 in [0, 1]: its brightness, white
+    where the edit may act, black where the photo is kept, grey partly; transparent pixels count as black.
+    One that selects nothing is refused, naming the file."""
+    path = Path(path)
+    with _opened(path, max_pixels_limit()) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in _INTEGER_MODES or im.mode == "F":
+            im = _to_8bit(im)
+        if im.mode in _ALPHA_MODES or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            brightness = Image.composite(rgba.convert("L"), Image.new("L", rgba.size, 0), rgba.getchannel("A"))
+        else:
+            brightness = im.convert("L")
+    mask = np.asarray(brightness, dtype=np.float32) / 255.0
+    if not mask.any():
+        raise InputError(f"{path.name}: the mask selects nothing (it is all black): paint white where the edit "
+                         "may act")
+    return mask
+
+
+def selects_everything(mask: np.ndarray) -> bool:
+    """Whether a mask lets the edit act everywhere (all white): then it confines nothing."""
+    return bool(mask.min() >= 1.0)
+
+
+def mask_array(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask at the working size (w, h), as the (1, 1, h, w) float32 array `icd.pipeline.edit` takes (small
+    enough to send to `icd serve`, fine enough for any latent grid)."""
+    resized = Image.fromarray(np.asarray(mask, dtype=np.float32)).resize(tuple(size), Image.Resampling.BOX)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)[np.newaxis, np.newaxis]
+
+
+def keep_outside(edited: Image.Image, photo: LoadedImage, mask: np.ndarray, feather: float) -> Image.Image:
+    """The edit inside the mask and the input photo outside it, at the photo's size. The mask is feathered
+    inwards by `feather` pixels, so every pixel the mask leaves black is exactly the photo's."""
+    grey = Image.fromarray(np.rint(mask * 255).astype(np.uint8)).resize(photo.original_size,
+                                                                        Image.Resampling.BILINEAR)
+    alpha = ImageChops.darker(grey, grey.filter(ImageFilter.GaussianBlur(feather)))
+    kept = photo.rgb.convert(edited.mode)
+    if photo.alpha is not None:
+        kept.putalpha(photo.alpha)
+    return Image.composite(edited, kept, alpha)
+
+
+def mask_image(mask, size: tuple[int, int]) -> Image.Image:
+    """A (1, 1, h, w) mask on the latent grid, array or tensor, as the greyscale picture of the size (w, h)
+    it applies to, each latent cell a block (what `--save-mask` writes)."""
+    values = np.clip(as_array(mask)[0, 0], 0.0, 1.0)
+    grey = Image.fromarray(np.rint(values * 255).astype(np.uint8))
+    return grey.resize(tuple(size), Image.Resampling.NEAREST)
+
+
+def save_mask(mask, path: str | Path, size: tuple[int, int], *, overwrite: bool = False) -> None:
+    """Write `mask_image` as a PNG through the one writer of user files."""
+    picture = mask_image(mask, size)
+    atomic_write(Path(path), lambda temporary: picture.save(temporary, format="PNG"), overwrite=overwrite)
 
 
 def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:

@@ -6,7 +6,10 @@ Every UNet call sees row 0 = source prompt (the faithful reconstruction) and row
 - cross-attention: the source maps are carried over to the target's tokens (Replace when the prompts
   have as many words, Refine from a token alignment otherwise), then amplified words are reweighted;
 - self-attention: the target uses the source's maps, in layers of at most latent/2 x latent/2 tokens;
-- LocalBlend: outside the region of the blend words the target latent is reset to the source.
+- LocalBlend: outside the region of the blend words (`--mask-words`) the target latent is reset to the
+  source. As in the official code, the region comes from the maps after the edit (the official attention
+  store keeps references that the replacement and the reweighting then overwrite in place): the source row's
+  own maps and the target row's edited ones.
 
 Windows keep the official quantisation so the paper's launch settings mean what they meant: with K
 steps, cross-attention is replaced on steps [0, int(c*(K+1))) and self-attention on [0, int(s*K)).
@@ -18,6 +21,13 @@ UNet resolution level. The attention processors are set once on the reverse UNet
 with a `Steering` in its cross-attention kwargs is edited as its tensors say, a call without one is plain
 attention. So one graph serves every step and prompt pair: torch.compile compiles it once per shape, and the
 ONNX export takes the control as graph inputs (`CONTROL_NAMES`) and returns the blend maps as an output.
+
+LocalBlend on small latents: the blend level is the UNet's latent/4 level (16x16 at 512 px) or, without one,
+the coarsest level with cross-attention. On `mini` (8x8 latents) that is a 4x4 grid, 16 pixels a cell, where
+the official 3x3 dilation alone selects nearly everything, so grids under `DILATED_GRID` cells a side are not
+dilated. mini's colour words still select the whole image: their attention is nearly flat (the weakest cell
+holds 0.27-0.4 of the strongest, over the threshold 0.3). A map that selects nothing or everything is told
+with the result (`blend_notes`), so a blend that cannot act never passes unnoticed.
 """
 
 from __future__ import annotations
@@ -32,13 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from .core.denoiser import Denoiser
-from .editing import P2PConfig
+from .editing import MASK_WORDS_NOTE, P2PConfig
 from .errors import ICDError
 
 DEFAULT_AMPLIFY = 4.0
 LEVELS = 6  # self-attention flags per step, one per UNet resolution level (SD1.5 has 4, SDXL 3)
 CONTROL_NAMES = ("p2p_cross", "p2p_self", "p2p_weights", "p2p_keep", "p2p_equalizer", "p2p_blend")
 CACHED_CONTROLLERS = 16
+DILATED_GRID = 8  # LocalBlend widens its map by one cell (3x3 max-pool) only on grids at least this fine
 STOPWORDS = frozenset(
     "a an the and or but of in on at to with without for from by as is are was were be been this that these "
     "those it its his her their my your our into onto over under near".split()
@@ -210,6 +221,7 @@ class PromptToPrompt:
             equalizer[self._positions(tokenizer, target, word, "amplified")] = factor
 
         self.blends = config.blend is not None
+        self._blend_words = config.blend
         blend_columns = torch.zeros(2, length)
         if self.blends:
             for row, (prompt, words) in enumerate(zip((source, target), config.blend, strict=True)):
@@ -237,6 +249,8 @@ class PromptToPrompt:
     def _reset(self) -> None:
         self.step = 0
         self._maps: torch.Tensor | None = None  # (2, tokens) blend-word attention at the blend level, summed
+        self._coverage: list[torch.Tensor] = []  # each step's share of the latent the blend kept, on the device
+        self.blend_mask: torch.Tensor | None = None  # (1, 1, h, w): the last step's blend region, 0 or 1
 
     def start(self, device: torch.device) -> None:
         """Ready for a new decoding on `device` (the tensors are copied there once)."""
@@ -284,12 +298,33 @@ class PromptToPrompt:
     def _blend(self, x: torch.Tensor) -> torch.Tensor:
         """Keeps the target only where the source or target blend words are attended (LocalBlend)."""
         # Summed over layers rather than averaged: the max normalisation below removes the factor.
-        maps = self._maps.view(2, 1, *self._grid(self.blend_tokens))
-        maps = F.max_pool2d(maps, 3, stride=1, padding=1)
+        grid = self._grid(self.blend_tokens)
+        maps = self._maps.view(2, 1, *grid)
+        if min(grid) >= DILATED_GRID:
+            maps = F.max_pool2d(maps, 3, stride=1, padding=1)
         maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest")
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
         mask = (maps > self._threshold).any(0)  # source-row mask OR target-row mask
+        self.blend_mask = mask[None].float()
+        self._coverage.append(self.blend_mask.mean())
         return torch.stack([x[0], torch.where(mask, x[1], x[0])])
+
+    def blend_notes(self) -> list[str]:
+        """After a decoding: what to tell when the blend map selected nothing (the last step) or the whole
+        latent (every step), so a blend that did not act never goes unnoticed. Reads the device once."""
+        if not self._coverage:
+            return []
+        coverage = torch.stack(self._coverage).tolist()
+        words = f"{MASK_WORDS_NOTE} " + " ".join(self._blend_words[0]) + ":" + " ".join(self._blend_words[1])
+        cells = "x".join(str(n) for n in self._grid(self.blend_tokens))
+        if coverage[-1] == 0.0:
+            return [f"{words} selects nothing (the words' attention on a {cells} grid stays under "
+                    f"the threshold {self._threshold:g}): the result is the reconstruction"]
+        if min(coverage) == 1.0:
+            return [f"{words} selects the whole image at every step (the words' attention on a "
+                    f"{cells} grid is above {self._threshold:g} everywhere): the edit is not confined; "
+                    "--mask FILE confines it"]
+        return []
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
@@ -312,16 +347,16 @@ class Steering:
 
     def cross_attention(self, q, k, v, scale: float, mask, records: bool) -> torch.Tensor:
         """Row 1's cross-attention from row 0's mapped to the target tokens and reweighted, where the step
-        says so; the maps on the blend words (pre-edit, as officially) are kept when `records`."""
+        says so; the maps on the blend words are kept when `records`: after the edit, as officially."""
         scores = q.float() @ k.float().transpose(-1, -2) * scale
         probs = _pairs((scores if mask is None else scores + mask).softmax(-1))  # (P, 2, heads, tokens, L)
+        source, target = probs[:, 0], probs[:, 1]
+        edited = torch.where(self.keep, target, source @ self.weights) * self.equalizer
+        probs = torch.stack([source, torch.where(self.cross, edited, target)], 1)
         if records:
             maps = (probs * self.blend_columns[None, :, None, None, :]).sum(-1).mean(2)
             self.maps.append(maps.sum(0))
-        source, target = probs[:, 0], probs[:, 1]
-        edited = torch.where(self.keep, target, source @ self.weights) * self.equalizer
-        target = torch.where(self.cross, edited, target)
-        return torch.stack([source, target], 1).flatten(0, 1).to(v.dtype) @ v
+        return probs.flatten(0, 1).to(v.dtype) @ v
 
     def self_attention(self, q, k, v, scale: float, mask, level: int) -> torch.Tensor:
         """The target's self-attention map becomes the source's (same queries and keys), where the step and

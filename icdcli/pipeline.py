@@ -9,12 +9,13 @@ from a seeded generator, so a seed gives the same result on every device.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
-from .core.denoiser import Denoiser
+from .core.denoiser import Conditioning, Denoiser
 from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
 from .editing import GENERATE_GUIDANCE, GENERATE_TAU, P2PConfig, edit_settings
 from .models.loading import Model
@@ -43,24 +44,34 @@ def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, copy=True)
 
 
+def _per_row(value, rows: int) -> list:
+    """One value for every row, or a list of one per row (a server batches several jobs as rows)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * rows
+
+
+def row_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """Each row's noise from its own seed, so a row is the same alone or batched with others."""
+    return torch.cat([seeded_noise((1, *shape[1:]), seed) for seed in seeds])
+
+
 @torch.inference_mode()
-def invert(runtime: Runtime, pixels: torch.Tensor, prompt: str, seed: int) -> torch.Tensor:
-    """Image pixels (1, 3, H, W) in [-1, 1] -> x_T (fp32, on the model's device: an edit goes on there; a
-    caller that saves it moves it), encoded under `prompt` with w = 0."""
+def invert(runtime: Runtime, pixels: torch.Tensor, prompt: str | list[str], seed: int | list[int]) -> torch.Tensor:
+    """Image pixels (B, 3, H, W) in [-1, 1] -> x_T (fp32, on the model's device: an edit goes on there; a
+    caller that saves it moves it), encoded under `prompt` with w = 0; a prompt and seed per row, or one for all."""
     model = runtime.model
     height, width = pixels.shape[-2:]
     z0 = model.encode_image(pixels)
-    cond = model.encode_text([prompt], (width, height))
-    noise = seeded_noise(tuple(z0.shape), seed)
+    cond = model.encode_text(_per_row(prompt, z0.shape[0]), (width, height))
+    noise = row_noise(tuple(z0.shape), _per_row(seed, z0.shape[0]))
     return encode(runtime.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).float()
 
 
 @torch.inference_mode()
-def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str, guidance: float = 0.0,
+def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str | list[str], guidance: float = 0.0,
                 tau: float = 1.0) -> torch.Tensor:
     """x_T -> pixels (B, 3, H, W) in [-1, 1]; with w = 0 this is the faithful inversion."""
     model = runtime.model
-    cond = model.encode_text([prompt] * x_T.shape[0], model.image_size(x_T))
+    cond = model.encode_text(_per_row(prompt, x_T.shape[0]), model.image_size(x_T))
     latents = decode(runtime.denoiser("reverse"), on_device(x_T, model.device), cond, model.manifest.reverse_timesteps,
                      guidance, tau)
     return model.decode_latents(latents)
@@ -69,21 +80,46 @@ def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str, guidance: floa
 @dataclass
 class EditResult:
     edited: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    reconstruction: torch.Tensor | None  # the source row, decoded alongside with p2p
+    reconstruction: torch.Tensor | None  # the source row, decoded alongside with p2p or a mask
     notes: list[str] = field(default_factory=list)  # e.g. attention windows that map to no step
+    mask: torch.Tensor | None = None  # (1, 1, h, w) on the latent grid: where the edit could act (mask, blend)
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (1, 1, H, W) mask in [0, 1] at any resolution on the latent grid `size`: each cell takes the mask's
+    mean over the pixels it covers, so cells on the mask's edge change partly (the feathering) and a cell the
+    mask leaves all black stays exactly the source."""
+    if mask.ndim != 4 or mask.shape[:2] != (1, 1):
+        raise ValueError(f"a mask is (1, 1, H, W), got {tuple(mask.shape)}")
+    grid = mask.float()
+    if grid.shape[-2] < size[0] or grid.shape[-1] < size[1]:
+        grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return F.adaptive_avg_pool2d(grid, size).clamp(0.0, 1.0)
+
+
+def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Two rows (source, target): the target keeps its own latent where `region` is 1, the source's where it
+    is 0, a mix in between."""
+    return torch.stack([x[0], torch.lerp(x[0], x[1], region[0])])
 
 
 @torch.inference_mode()
 def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, method: str | None = None,
          guidance: float | None = None, tau: float | None = None, p2p: P2PConfig | None = None,
-         with_reconstruction: bool = True) -> EditResult:
+         mask: torch.Tensor | None = None, with_reconstruction: bool = True) -> EditResult:
     """Decode an inverted latent under the target prompt.
 
     p2p: rows [source, target] decoded together (source unguided), the target's attention maps taken
          from the source's inside the Prompt-to-Prompt windows. The source row's pixels come back as the
          reconstruction unless `with_reconstruction` is False: its VAE decode costs more than 3 UNet calls.
     swap: one row; the source prompt on the unguided high-noise steps (t/1000 > tau), the target on the rest.
+         As in the official SDXL code, those steps swap only the per-token embeddings: the pooled embedding
+         (and the size ids) stay the target's.
     none: one row; the target prompt on every step.
+
+    mask: (1, 1, H, W) in [0, 1] at any resolution, 1 where the edit may act. After every step the target's
+    latent outside it is the source's at that step (`latent_mask` puts it on the latent grid): p2p has the
+    source row; swap and none then decode the source row beside theirs, in the same UNet calls.
     """
     model = runtime.model
     method, guidance, tau = astuple(edit_settings(model.manifest, method, guidance, tau))
@@ -91,31 +127,50 @@ def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, metho
     cond_both = model.encode_text([source, target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)
+    region = None if mask is None else latent_mask(mask.to(model.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
+    both_rows = x_T.expand(2, -1, -1, -1).contiguous()  # in memory, not a stride-0 view: one compiled graph
     if method == "p2p":
         host = runtime.attention_host()
         controller = host.controller(model.tokenizers[0], source, target, len(schedule), p2p,
                                      latent_size=tuple(x_T.shape[-2:]))
         steps = [Step(jump, cond_both, (0.0, w)) for jump, w in schedule]
-        with host.attached(controller):  # both rows in memory (not a stride-0 view: one compiled graph)
-            latents = run_steps(host.denoiser, x_T.expand(2, -1, -1, -1).contiguous(), steps, controller.after_step)
-        if not with_reconstruction:
-            return EditResult(model.decode_latents(latents[1:]), None, list(controller.warnings))
-        pixels = model.decode_latents(latents)
-        return EditResult(pixels[1:], pixels[:1], list(controller.warnings))
-    if method == "swap":
-        steps = [Step(jump, cond_src if jump.t / 1000 > tau else cond_tgt, (w,)) for jump, w in schedule]
+        after_step = controller.after_step if region is None else \
+            (lambda i, x: confined(controller.after_step(i, x), region))
+        with host.attached(controller):
+            latents = run_steps(host.denoiser, both_rows, steps, after_step)
+        notes = [*controller.warnings, *controller.blend_notes()]
+        used = controller.blend_mask if region is None or controller.blend_mask is None else \
+            controller.blend_mask * region
+        return _decoded(model, latents, with_reconstruction, notes, region if used is None else used)
+    if method == "swap":  # source tokens with the target's pooled embedding (SDXL) on the unguided steps
+        swapped = replace(cond_src, pooled=cond_tgt.pooled, time_ids=cond_tgt.time_ids)
+        steps = [Step(jump, swapped if jump.t / 1000 > tau else cond_tgt, (w,)) for jump, w in schedule]
     else:
         steps = [Step(jump, cond_tgt, (w,)) for jump, w in schedule]
-    return EditResult(model.decode_latents(run_steps(runtime.denoiser("reverse"), x_T, steps)), None)
+    if region is None:
+        return EditResult(model.decode_latents(run_steps(runtime.denoiser("reverse"), x_T, steps)), None)
+    steps = [Step(step.jump, Conditioning.cat([cond_src, step.cond]), (0.0, *step.w)) for step in steps]
+    latents = run_steps(runtime.denoiser("reverse"), both_rows, steps, lambda i, x: confined(x, region))
+    return _decoded(model, latents, with_reconstruction, [], region)
+
+
+def _decoded(model: Model, latents: torch.Tensor, with_reconstruction: bool, notes: list[str],
+             mask: torch.Tensor | None) -> EditResult:
+    """The result of a two-row (source, target) decoding; the source row's VAE decode only when asked for."""
+    if not with_reconstruction:
+        return EditResult(model.decode_latents(latents[1:]), None, notes, mask)
+    pixels = model.decode_latents(latents)
+    return EditResult(pixels[1:], pixels[:1], notes, mask)
 
 
 @torch.inference_mode()
-def generate(runtime: Runtime, prompt: str, seed: int, width: int, height: int,
+def generate(runtime: Runtime, prompt: str | list[str], seed: int | list[int], width: int, height: int,
              guidance: float = GENERATE_GUIDANCE, tau: float = GENERATE_TAU) -> torch.Tensor:
-    """Text -> pixels (1, 3, H, W) in [-1, 1] in the reverse model's 3-4 steps."""
+    """Text -> pixels (B, 3, H, W) in [-1, 1] in the reverse model's 3-4 steps; B is the number of prompts
+    or seeds given as lists (one row when both are single)."""
     model = runtime.model
-    noise = seeded_noise(model.latent_shape(width, height), seed).to(model.device)
-    cond = model.encode_text([prompt], (width, height))
+    rows = max(len(v) if isinstance(v, (list, tuple)) else 1 for v in (prompt, seed))
+    noise = row_noise(model.latent_shape(width, height), _per_row(seed, rows)).to(model.device)
+    cond = model.encode_text(_per_row(prompt, rows), (width, height))
     latents = decode(runtime.denoiser("reverse"), noise, cond, model.manifest.reverse_timesteps, guidance, tau)
     return model.decode_latents(latents)
-

@@ -213,6 +213,23 @@ def follows(image: Image.Image, spec: Spec) -> dict[str, bool]:
     return result
 
 
+def grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """A mask widened by `pixels` in every direction (a square neighbourhood), so that an edit region drawn
+    from the renderer's mask also covers the shape's anti-aliased rim."""
+    padded = np.pad(mask, pixels)
+    height, width = mask.shape
+    span = range(2 * pixels + 1)
+    return np.any([padded[i:i + height, j:j + width] for i in span for j in span], axis=0)
+
+
+def recoloured(spec: Spec, index: int) -> Spec:
+    """The spec with object `index` in a colour drawn from the spec's seed that no object of the scene has,
+    so the judges can tell the edited object from every other one."""
+    taken = {thing.colour for thing in spec.objects}
+    rng = np.random.default_rng([spec.seed, index])
+    return spec.edited(index, colour=str(rng.choice([c for c in COLOURS if c not in taken])))
+
+
 # --- tokenizer ----------------------------------------------------------------------------------------
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
-from dataclasses import astuple, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -377,7 +377,8 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
     names = {"source": "source_prompt", "targets": "prompt", "method": "method", "guidance": "guidance_w",
              "tau": "tau", "seeds": "seed", "cross_replace": "cross_replace", "self_replace": "self_replace",
              "amplify": "amplify", "blend": "blend", "model": "model", "dtype": "dtype", "backend": "backend",
-             "width": "width", "height": "height"}
+             "width": "width", "height": "height", "mask": "mask", "keep_outside": "keep_outside",
+             "strength": "strength"}
     defaults = {option: recorded[key] for option, key in names.items() if recorded.get(key) is not None}
     defaults |= {option: [defaults[option]] for option in ("targets", "seeds") if option in defaults}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -406,19 +407,33 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
               "self-attention comes from the source. Default 0.6.")
 @click.option("--amplify", multiple=True, metavar="WORD=F", help="p2p: scale a target word's attention by F "
               "(repeatable). Default: each new target word x4.")
-@click.option("--blend", metavar="SRC_WORDS:TGT_WORDS", help="p2p: change only where these words attend, "
-              "e.g. --blend pug:bear.")
+@click.option("--mask-words", "--blend", "blend", metavar="SRC_WORDS:TGT_WORDS", help="p2p: change only where "
+              "these words attend (LocalBlend), e.g. --mask-words pug:bear (--blend is the older name). The map "
+              "is as coarse as the UNet's attention (16x16 at 512 px, 4x4 on mini); icd says when it selects "
+              "nothing or everything.")
+@click.option("--mask", type=click.Path(dir_okay=False), metavar="FILE", help="Any method: a picture of where the "
+              "edit may act: white changes, grey partly, black keeps (resized to the image). After every step the "
+              "latent outside it is the source's at that step.")
+@click.option("--keep-outside/--no-keep-outside", default=None, help="With --mask: the pixels outside the mask "
+              "are the input photo's own (the mask feathered inwards by 2 working pixels). Default: on.")
+@click.option("--save-mask", type=click.Path(dir_okay=False), metavar="FILE", help="Write the map the edit was "
+              "confined to (--mask or --mask-words, on the latent grid) as a PNG of the image's size: a file "
+              "for one result, a folder for several (NAME-edit-mask.png).")
+@click.option("--strength", type=Finite(0, 1), help="One knob from 0 (keep the photo) to 1 (follow the target): "
+              "moves --guidance (0 up to the model's default at 0.5), --tau (0 -> the model's -> 1) and the p2p "
+              "windows --cross-replace/--self-replace (1 -> 0.3/0.6 -> 0) together; 0.5 is the model's defaults. "
+              "Those options, given too, win. E.g. --strength 0.7.")
 @click.option("--from", "from_image", metavar="IMAGE", is_eager=True, callback=_rerun_defaults,
               help="Rerun the edit recorded in a result of `icd edit`: its input, prompts and every setting, "
                    "unless given here.")
 @click.option("--jobs", "jobs_file", type=click.Path(dir_okay=False), help="A job file: JSON lines or CSV with "
-              "one edit per row (image, source, target, seed, method, guidance, tau, blend, amplify, output; "
-              "paths relative to the file; default output NAME-edit-<target>-s<seed>.png in -o), all checked "
-              "before the model loads.")
+              "one edit per row (image, source, target, seed, method, guidance, tau, strength, mask_words (or "
+              "blend), amplify, mask, keep_outside, output; paths relative to the file; default output "
+              "NAME-edit-<target>-s<seed>.png in -o), all checked before the model loads.")
 @uses(*MODEL_RUN)
 def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_replace, self_replace, amplify, blend,
-         from_image, jobs_file, model, device, dtype, backend, compile, width, height, output, overwrite,
-         skip_existing, as_json, no_server):
+         mask, keep_outside, save_mask, strength, from_image, jobs_file, model, device, dtype, backend, compile, width,
+         height, output, overwrite, skip_existing, as_json, no_server):
     """Edit photos (or latent files from `icd invert`) from a source prompt to a target prompt.
 
     INPUTS are image files, folders of images, globs, or .latent.safetensors files.
@@ -432,21 +447,31 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
     \b
     Examples:
       icd edit photo.jpg --src "a pug" --tgt "a bear"
-      icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --blend cat:tiger
+      icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --mask-words cat:tiger
+      icd edit cat.png --src "a cat on a sofa" --tgt "a tiger on a sofa" --mask cat-mask.png
+      icd edit cat.png --src "a cat" --tgt "a tiger" --strength 0.8 --save-mask used.png
       icd edit photos/*.jpg --src "a dog" --tgt "a wolf" --method none -o wolves/
       icd edit photo.jpg --src "a pug" --tgt "a bear" --tgt "a lion" -n 3 -o variants/
       icd edit --jobs edits.jsonl -o out/
       icd edit --from photo-edit.png --guidance 12 -o stronger.png
     """
-    from icd.editing import P2PConfig, edit_settings
+    from icd.editing import edit_settings
     from icd.latents import LATENT_SUFFIX
 
+    from . import planning
     from .batch import plan
-    from .jobs import IMAGE_SUFFIXES, EditOptions, check_input, expand_inputs, needs_inversion
+    from .jobs import IMAGE_SUFFIXES, EditOptions, check_edit, check_input, expand_inputs, needs_inversion
 
+    ctx = click.get_current_context()
+    if keep_outside is not None and not mask and _given_here(ctx, "keep_outside"):
+        raise UsageError(f"--{'' if keep_outside else 'no-'}keep-outside applies with --mask")
+    if save_mask and not (mask or blend) and not jobs_file:
+        raise UsageError("--save-mask needs --mask or --mask-words: nothing else confines an edit")
     if jobs_file:
         given = [flag for flag, value in (("INPUTS", inputs), ("--src", source), ("--tgt", targets),
-                                          ("--seed", seeds), ("-n", count)) if value]
+                                          ("--seed", seeds), ("-n", count), ("--mask", mask),
+                                          ("--save-mask", save_mask), ("--strength", strength))
+                 if value is not None and value != ()]
         if given:
             raise UsageError(f"--jobs {jobs_file} holds the inputs, prompts and seeds: drop {', '.join(given)}")
         _check_output(output, 2)
@@ -454,17 +479,17 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         model = model or DEFAULT_MODEL
         manifest = _resolve(model)
         _check_size(manifest, width, height)
-        items = _edit_job_items(jobs_file, manifest, output)
+        items = planning.edit_job_items(jobs_file, manifest, output)
         paths = [item.source for item in items]
     else:
-        rerun_input = click.get_current_context().meta.get("icd.rerun_input")
+        rerun_input = ctx.meta.get("icd.rerun_input")
         if not inputs and rerun_input:
             inputs = (rerun_input,)
         if not inputs:
             raise UsageError("no INPUTS: name image or latent files, folders or globs")
         if not targets:
             raise UsageError("--tgt is required: the prompt describing the wanted result")
-        seeds = _seeds(seeds, count)
+        seeds = planning.seeds_to_run(seeds, count)
         paths = expand_inputs(list(inputs), IMAGE_SUFFIXES | {LATENT_SUFFIX})
         images = [path for path in paths if needs_inversion([path])]
         if images and not source:
@@ -475,28 +500,59 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         _check_output(output, len(targets) * (len(images) * len(seeds) + len(paths) - len(images)))
         _check_engine(device, dtype, backend, compile, not no_server)
         amplified, blended = _parse_amplify(amplify), _parse_blend(blend)
+        mask_path = planning.checked_mask(mask)
         model = model or DEFAULT_MODEL
         manifest = _resolve(model)
         _check_size(manifest, width, height)
-        method, guidance, tau = astuple(edit_settings(manifest, method, guidance, tau))
+        method = edit_settings(manifest, method).method
         p2p_given = [flag for flag, value in (("--cross-replace", cross_replace), ("--self-replace", self_replace),
-                                              ("--amplify", amplify), ("--blend", blend)) if value]
+                                              ("--amplify", amplify), ("--mask-words/--blend", blend)) if value]
         if p2p_given and method != "p2p":
             raise UsageError(f"{', '.join(p2p_given)} apply to --method p2p, not {method}")
-        defaults = P2PConfig()
-        config = P2PConfig(cross_replace=defaults.cross_replace if cross_replace is None else cross_replace,
-                           self_replace=defaults.self_replace if self_replace is None else self_replace,
-                           amplify=amplified, blend=blended)
-        items = _edit_items(paths, output, [EditOptions(source, target, method, guidance, tau, config)
-                                            for target in targets], seeds)
-    items = plan(items, paths, overwrite=overwrite, skip_existing=skip_existing,
-                 check=lambda item: check_input(item.source, manifest, model))
+        knobs = _knobs(ctx, manifest, strength, guidance=guidance, tau=tau, cross_replace=cross_replace,
+                       self_replace=self_replace)
+        config = replace(knobs["p2p"], amplify=amplified, blend=blended)
+        options = [EditOptions(source, target, method, knobs["guidance"], knobs["tau"], config, mask_path,
+                               keep_outside is not False, strength=strength) for target in targets]
+        items = planning.with_mask_outputs(planning.edit_items(paths, output, options, seeds), save_mask)
+    masks = {}
+
+    def check(item):
+        check_input(item.source, manifest, model)
+        check_edit(item.job[1], paths, overwrite, masks)
+
+    items = plan(items, paths, overwrite=overwrite, skip_existing=skip_existing, check=check)
     if not any(item.runnable for item in items):
         _finish(items, None, as_json)
     directions = ("forward", "reverse") if needs_inversion(paths) else ("reverse",)
     settings = _settings(_runner(manifest, device, dtype, directions, backend, compile, bool(width and height),
                                  no_server), model, 0, width, height, overwrite)
-    _finish(_by_inversion(items), lambda item: _edit_one(settings, item), as_json)
+    settings.masks.update(masks)
+    _finish(planning.by_inversion(items), lambda item: _edit_one(settings, item), as_json)
+
+
+def _given_here(ctx: click.Context, name: str) -> bool:
+    """Whether an option came from this command line (or its ICD_* variable), not from a --from record."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _knobs(ctx: click.Context, manifest, strength: float | None, **given) -> dict:
+    """guidance, tau and p2p's windows: each option as given, the rest from --strength (a --from record's
+    knobs give way to a --strength given here), else the defaults."""
+    from icd.editing import P2PConfig, edit_settings, strength_settings
+
+    if strength is not None:
+        if _given_here(ctx, "strength"):
+            given = {name: value if _given_here(ctx, name) else None for name, value in given.items()}
+        return strength_settings(manifest, strength, **given)
+    defaults, windows = edit_settings(manifest, None, given["guidance"], given["tau"]), P2PConfig()
+    return {"guidance": defaults.guidance, "tau": defaults.tau,
+            "p2p": P2PConfig(cross_replace=windows.cross_replace if given["cross_replace"] is None
+                             else given["cross_replace"],
+                             self_replace=windows.self_replace if given["self_replace"] is None
+                             else given["self_replace"])}
 
 
 def _edit_one(settings, item):
@@ -504,100 +560,6 @@ def _edit_one(settings, item):
 
     seed, options = item.job
     return jobs.edit_file(replace(settings, seed=seed), item.source, options, item.output)
-
-
-def _seeds(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
-    """--seed (repeatable) and -n N: the seeds to edit with, each once."""
-    if count is None:
-        return tuple(dict.fromkeys(seeds)) or (0,)
-    if len(seeds) > 1:
-        raise UsageError("-n counts seeds up from one --seed: give one --seed with -n, or several --seed alone")
-    first = seeds[0] if seeds else 0
-    if first + count - 1 > MAX_SEED:
-        raise UsageError(f"--seed {first} with -n {count} runs past the largest seed, {MAX_SEED}")
-    return tuple(range(first, first + count))
-
-
-def _edit_items(paths: list[Path], output: str | None, options: list, seeds: tuple[int, ...]) -> list:
-    """One item per input, seed and target; names carry the target and seed when there are several
-    (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per target."""
-    from .batch import file_items
-    from .jobs import needs_inversion, output_stem
-
-    images = [path for path in paths if needs_inversion([path])]
-    latents = [path for path in paths if path not in images]
-    many = len(options) * (len(images) * len(seeds) + len(latents)) > 1
-    labels = _target_names([option.target for option in options])
-    items = []
-    for group, group_seeds in ((images, seeds), (latents, seeds[:1])):
-        for seed in group_seeds if group else ():
-            for option in options:
-                suffix = (f"-{labels[option.target]}" if len(options) > 1 else "") + \
-                         (f"-s{seed}" if len(seeds) > 1 and group is images else "")
-                for item in file_items(group, output, lambda path: f"{output_stem(path)}-edit{suffix}.png",
-                                       many=many):
-                    if suffix:
-                        item.label = f"{item.label} ({option.target!r}, seed {seed})"
-                    item.job = (seed, option)
-                    items.append(item)
-    return items
-
-
-def _target_names(targets: list[str]) -> dict[str, str]:
-    """A distinct file-name part for each target prompt (two that slug alike get -2, -3, ...)."""
-    from .jobs import slug
-
-    names, taken = {}, set()
-    for target in targets:
-        name, number = slug(target), 1
-        while name.lower() in taken:
-            number += 1
-            name = f"{slug(target)}-{number}"
-        names[target] = name
-        taken.add(name.lower())
-    return names
-
-
-def _by_inversion(items: list) -> list:
-    """The items reordered so that those sharing an inversion (input, source prompt, seed) follow each
-    other, which is what lets the job cache reuse it; otherwise in the order given."""
-    first: dict = {}
-    for index, item in enumerate(items):
-        seed, options = item.job
-        first.setdefault((item.source, options.source, seed), index)
-    return sorted(items, key=lambda item: first[(item.source, item.job[1].source, item.job[0])])
-
-
-def _edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
-    """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads."""
-    from icd.latents import is_latent_file
-    from icd.editing import P2PConfig, edit_settings
-
-    from .batch import Item
-    from .jobfile import EditJob, read_jobs
-    from .jobs import EditOptions, output_path, output_stem, slug
-
-    folder = Path(jobs_file).parent
-    items, rows = [], {}
-    for number, job in read_jobs(jobs_file, EditJob):
-        where = f"{jobs_file} row {number}"
-        path = folder / job.image
-        method, guidance, tau = astuple(edit_settings(manifest, job.method, job.guidance, job.tau))
-        p2p_given = [name for name in ("blend", "amplify") if getattr(job, name)]
-        if p2p_given and method != "p2p":
-            raise UsageError(f"{where}: {', '.join(p2p_given)} apply to method p2p, not {method}")
-        if not job.source and not is_latent_file(path):
-            raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
-        options = EditOptions(job.source, job.target, method, guidance, tau,
-                              P2PConfig(amplify=job.amplify_words(), blend=job.blend_words()))
-        name = f"{output_stem(path)}-edit-{slug(job.target)}-s{job.seed}.png"
-        target = folder / job.output if job.output else output_path(output, name, True)
-        if target.resolve() in rows:
-            raise UsageError(f"{where}: output {target} is also row {rows[target.resolve()]}'s: give each row "
-                             "its own output")
-        rows[target.resolve()] = number
-        items.append(Item(where, path, target, job=(job.seed, options)))
-    return items
 
 
 def _parse_amplify(values) -> dict[str, float] | None:
@@ -615,7 +577,7 @@ def _parse_blend(value: str | None):
     try:
         return parse_blend(value)
     except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--blend") from None
+        raise click.BadParameter(str(err), param_hint="--mask-words") from None
 
 
 @main.command()
@@ -755,37 +717,44 @@ def generate(prompt, count, seed, guidance, tau, model, device, dtype, backend, 
     """
     from .batch import Item, plan
     from .jobs import generate_file, output_path, slug
+    from .planning import seeds_to_run
 
     _check_output(output, count)
     _check_engine(device, dtype, backend, compile, not no_server)
-    first = secrets.randbelow(2**31) if seed is None else seed
-    if first + count - 1 > MAX_SEED:
-        raise UsageError(f"--seed {first} with -n {count} runs past the largest seed, {MAX_SEED}")
+    seeds = seeds_to_run((secrets.randbelow(2**31) if seed is None else seed,), count)
     model = model or DEFAULT_MODEL
     manifest = _resolve(model)
     _check_size(manifest, width, height)
     items = plan([Item(f"seed {s}", s, output_path(output, f"{slug(prompt)}-{s}.png", count > 1))
-                  for s in range(first, first + count)], [], overwrite=overwrite, skip_existing=skip_existing)
+                  for s in seeds], [], overwrite=overwrite, skip_existing=skip_existing)
     if not any(item.runnable for item in items):
         _finish(items, None, as_json)
     runner = _runner(manifest, device, dtype, ("reverse",), backend, compile, static_shapes=True, no_server=no_server)
-    settings = _settings(runner, model, first, width, height, overwrite)
+    settings = _settings(runner, model, seeds[0], width, height, overwrite)
     _finish(items, lambda item: (generate_file(settings, prompt, item.source, guidance, tau, item.output), []),
             as_json)
 
 
 @main.command()
-@uses("model", "device", "dtype", "backend", "compile")
-@click.option("--status", is_flag=True, help="Describe the running servers (exit 1 when there is none).")
+@uses("model")
+@click.option("--device", "devices", multiple=True, default=("auto",), show_default=True, envvar="ICD_DEVICE",
+              show_envvar=True, help="auto, cpu, cuda or cuda:N; repeat it (e.g. --device cuda:0 --device cuda:1) "
+                                     "for one worker with its own copy of the model per device, behind the one "
+                                     "socket.")
+@uses("dtype", "backend", "compile")
+@click.option("--status", is_flag=True, help="Describe the running servers and their workers (exit 1 when there "
+              "is none).")
 @click.option("--stop", is_flag=True, help="Stop the running server (of -m, when several run).")
 @uses("quiet", "verbose")
-def serve(model, device, dtype, backend, compile, status, stop):
+def serve(model, devices, dtype, backend, compile, status, stop):
     """Hold a model in memory and run the jobs of every `icd` command of this user, so that a shell loop of
     `icd edit` calls pays the model's start-up once.
 
     Commands use a server of the same model, device and dtype by themselves (and say so), and go on in their
-    own process if it stops; --no-server opts out. The socket is $ICD_HOME/serve/<model>-<device>-<dtype>.sock,
-    for its owner only. Ctrl-C or SIGTERM ends the server after the job in flight.
+    own process if it stops; --no-server opts out. The socket is $ICD_HOME/serve/<model>-<devices>-<dtype>.sock
+    (devices joined by +), for its owner only. Ctrl-C or SIGTERM ends the server after the jobs in flight.
+    Jobs of several clients that wait together and share an operation and size (invert, reconstruct,
+    generate) run as one batch.
 
     \b
     Examples:
@@ -793,12 +762,12 @@ def serve(model, device, dtype, backend, compile, status, stop):
       for f in scenes/*.png; do icd edit "$f" -m mini --src "a red circle" --tgt "a blue circle"; done
       icd serve --status
       icd serve --stop
+      icd serve -m sd15 --device cuda:0 --device cuda:1 &
     """
     from icd.models.loading import PRECISIONS, resolve_device, resolve_dtype
 
     from .client import running_servers, stop_server
-    from .runner import LocalRunner
-    from .server import Server, clear_stale, serve_folder, socket_path
+    from .server import ProcessWorker, Server, clear_stale, serve_folder, socket_path
 
     if status and stop:
         raise UsageError("--status and --stop cannot be used together")
@@ -825,20 +794,42 @@ def serve(model, device, dtype, backend, compile, status, stop):
             if not _quiet():
                 click.echo(f"stopped the server at {path}")
         return
-    _check_engine(device, dtype, backend, compile)
+    for device in devices:
+        _check_engine(device, dtype, backend, compile)
     model = model or DEFAULT_MODEL
     manifest = _resolve(model)
-    torch_device = resolve_device(device)
-    path = socket_path(manifest.name, torch_device, PRECISIONS[resolve_dtype(dtype, torch_device)])
+    torch_devices = [resolve_device(device) for device in devices]
+    precisions = [PRECISIONS[resolve_dtype(dtype, device)] for device in torch_devices]
+    if len(set(precisions)) > 1:
+        raise UsageError(f"--dtype {dtype} means {', '.join(precisions)} on {', '.join(devices)}: one server runs "
+                         "one precision, name it with --dtype")
+    path = socket_path(manifest.name, torch_devices, precisions[0])
     clear_stale(path)
-    runner = LocalRunner(_open(manifest, device, dtype, ("forward", "reverse"), backend, compile))
-    Server(runner, model, compile, path).serve(ready=lambda line: click.echo(line))
+    open_runner = functools.partial(_serve_runner, manifest, dtype, backend, compile,
+                                    logging.getLogger("icd").getEffectiveLevel())
+    others = [ProcessWorker(device, open_runner) for device in devices[1:]]  # loading while this process does
+    try:
+        Server(open_runner(devices[0]), model, compile, path, others).serve(ready=lambda line: click.echo(line))
+    finally:
+        for worker in others:
+            worker.close()
+
+
+def _serve_runner(manifest: Manifest, dtype: str, backend: str, compile: bool, level: int, device: str):
+    """One worker's model for `icd serve`, in the server's process or in a worker process of its own (spawned:
+    it sets up the server's logging again)."""
+    from .runner import LocalRunner
+
+    _setup_logging()
+    logging.getLogger("icd").setLevel(level)
+    return LocalRunner(_open(manifest, device, dtype, ("forward", "reverse"), backend, compile))
 
 
 def _served(facts: dict) -> str:
-    from .server import describe
+    from .server import describe, describe_worker
 
-    return f"{describe(facts)}, pid {facts['pid']}"
+    return "\n".join([f"{describe(facts)}, pid {facts['pid']}",
+                      *(f"  {describe_worker(number, worker)}" for number, worker in enumerate(facts["workers"], 1))])
 
 
 def _sizes(values) -> tuple[tuple[int, int], ...]:

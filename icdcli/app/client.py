@@ -118,10 +118,11 @@ class RemoteRunner:
     def invert(self, pixels, prompt, seed):
         return self._call({"op": "invert", "prompt": prompt, "seed": seed}, {"pixels": pixels})[1]["x_T"]
 
-    def edit(self, x_T, source, target, method, guidance, tau, p2p):
+    def edit(self, x_T, source, target, method, guidance, tau, p2p, mask=None):
+        tensors = {"x_T": x_T} if mask is None else {"x_T": x_T, "mask": mask}
         reply, results = self._call({"op": "edit", "source": source, "target": target, "method": method,
-                                     "guidance": guidance, "tau": tau, "p2p": p2p_to_json(p2p)}, {"x_T": x_T})
-        return results["pixels"], reply["notes"]
+                                     "guidance": guidance, "tau": tau, "p2p": p2p_to_json(p2p)}, tensors)
+        return results["pixels"], reply["notes"], results.get("mask")
 
     def reconstruct(self, x_T, prompt):
         return self._call({"op": "reconstruct", "prompt": prompt}, {"x_T": x_T})[1]["pixels"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from icd.files import atomic_write
 from icd.models.manifest import Manifest
@@ -14,6 +14,9 @@ from icd.models.manifest import Manifest
 from .jobs import EditOptions, Settings, edit_file, invert_file, reconstruct_file
 
 SAMPLE = files("icd") / "assets" / "sample.png"
+PANEL_HEIGHT = 256  # the smallest height a panel is shown at: mini's 64x64 scenes are upscaled 4x
+LABEL_HEIGHT = 28
+FONT_SIZE = 15
 
 
 @dataclass(frozen=True)
@@ -31,28 +34,57 @@ def demo_input(manifest: Manifest) -> DemoInput:
     return DemoInput(SAMPLE.read_bytes(), "a black cat in front of a house", "a white dog in front of a house")
 
 
-def side_by_side(paths: list[Path]) -> Image.Image:
-    """The images in a row, each scaled to the first one's height."""
-    images = [Image.open(p).convert("RGB") for p in paths]
-    height = images[0].height
-    images = [im.resize((round(im.width * height / im.height), height)) for im in images]
-    canvas = Image.new("RGB", (sum(im.width for im in images), height), "white")
+def _fitted(text: str, font, width: int) -> str:
+    """`text`, its last words replaced by an ellipsis until it fits `width` pixels (a prompt too long for its
+    panel stays readable as far as it goes)."""
+    if font.getlength(text) <= width:
+        return text
+    words = text.split()
+    while len(words) > 1 and font.getlength(" ".join(words) + "...") > width:
+        words.pop()
+    return " ".join(words) + "..."
+
+
+def labelled_row(panels: list[tuple[Image.Image, str]]) -> Image.Image:
+    """The images side by side at one height (at least PANEL_HEIGHT: small images are enlarged with nearest
+    neighbours, so each model pixel shows as a block rather than a blur), each with its label under it."""
+    height = max(PANEL_HEIGHT, panels[0][0].height)
+    images = []
+    for image, _ in panels:
+        width = round(image.width * height / image.height)
+        scaling = Image.Resampling.NEAREST if height >= image.height else Image.Resampling.LANCZOS
+        images.append(image.convert("RGB").resize((width, height), scaling))
+    canvas = Image.new("RGB", (sum(im.width for im in images), height + LABEL_HEIGHT), "white")
+    pen, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=FONT_SIZE)
     x = 0
-    for im in images:
+    for im, (_, label) in zip(images, panels):
         canvas.paste(im, (x, 0))
+        text = _fitted(label, font, im.width - 8)
+        pen.text((x + im.width / 2, height + LABEL_HEIGHT / 2), text, fill="black", font=font, anchor="mm")
         x += im.width
     return canvas
 
 
+def _holds_this_demo(folder: Path, demo: DemoInput) -> bool:
+    """Whether `folder` holds an earlier run of this same demo (its input copy is this demo's picture), whose
+    files a rerun may replace; any other file under a demo file's name is kept and refused as usual."""
+    original = folder / "sample.png"
+    return original.is_file() and not original.is_symlink() and original.read_bytes() == demo.png
+
+
 def run_demo(settings: Settings, folder: Path) -> list[Path]:
-    """invert -> edit -> reconstruct; returns the files written, the before/after picture last."""
+    """invert -> edit -> reconstruct; returns the files written, the before/after picture last. Running it
+    again into the same folder replaces the earlier run's files."""
     demo = demo_input(settings.manifest)
+    if _holds_this_demo(folder, demo):
+        settings = replace(settings, overwrite=True)
     original = folder / "sample.png"  # a real file for the jobs, inside the demo folder
     atomic_write(original, lambda tmp: tmp.write_bytes(demo.png), overwrite=settings.overwrite)
     latent = invert_file(settings, original, demo.source, folder / "sample.latent.safetensors")
     edited, _ = edit_file(settings, latent, EditOptions(None, demo.target), folder / "sample-edit.png")
     recon = reconstruct_file(settings, latent, folder / "sample-recon.png")
-    picture = side_by_side([original, recon, edited])
+    picture = labelled_row([(Image.open(original), "input"), (Image.open(recon), "reconstruction"),
+                            (Image.open(edited), f"edit: {demo.target}")])
     before_after = folder / "before-after.png"
     atomic_write(before_after, lambda tmp: picture.save(tmp, format="PNG"), overwrite=settings.overwrite)
     return [original, latent, recon, edited, before_after]

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
@@ -41,8 +41,12 @@ class EditJob(_Row):
     method: Literal["p2p", "swap", "none"] | None = None
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False)
     tau: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    blend: str | None = None
+    blend: str | None = None  # the older name of mask_words
+    mask_words: str | None = None
     amplify: str | None = None  # WORD=F, several separated by spaces
+    mask: str | None = Field(None, min_length=1)  # a mask picture, relative to the job file
+    keep_outside: bool = True
+    strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
     @field_validator("amplify")
     @classmethod
@@ -50,17 +54,23 @@ class EditJob(_Row):
         parse_amplify(value.split() if value else None)
         return value
 
-    @field_validator("blend")
+    @field_validator("blend", "mask_words")
     @classmethod
     def _blend(cls, value: str | None) -> str | None:
         parse_blend(value)
         return value
 
+    @model_validator(mode="after")
+    def _one_blend(self):
+        if self.blend and self.mask_words:
+            raise ValueError("mask_words and blend are one column under two names: give one")
+        return self
+
     def amplify_words(self) -> dict[str, float] | None:
         return parse_amplify(self.amplify.split() if self.amplify else None)
 
     def blend_words(self):
-        return parse_blend(self.blend)
+        return parse_blend(self.mask_words or self.blend)
 
 
 def parse_amplify(values) -> dict[str, float] | None:

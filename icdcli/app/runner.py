@@ -33,8 +33,10 @@ class Runner(Protocol):
         """Pixels (1, 3, H, W) in [-1, 1] -> x_T."""
 
     def edit(self, x_T: np.ndarray, source: str, target: str, method: str, guidance: float, tau: float,
-             p2p: P2PConfig | None) -> tuple[np.ndarray, list[str]]:
-        """x_T -> the edited pixels (1, 3, H, W) and notes (e.g. empty Prompt-to-Prompt windows)."""
+             p2p: P2PConfig | None, mask: np.ndarray | None = None) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+        """x_T -> the edited pixels (1, 3, H, W), notes (e.g. empty Prompt-to-Prompt windows) and the map the
+        edit was confined to on the latent grid (1, 1, h, w), None when neither `mask` nor a blend confined it;
+        `mask` (1, 1, H, W) in [0, 1]: where the edit may act."""
 
     def reconstruct(self, x_T: np.ndarray, prompt: str) -> np.ndarray:
         """x_T -> pixels decoded with `prompt` and w = 0."""
@@ -61,12 +63,13 @@ class LocalRunner:
 
         return as_array(invert(self.session, _tensor(pixels), prompt, seed))
 
-    def edit(self, x_T, source, target, method, guidance, tau, p2p):
+    def edit(self, x_T, source, target, method, guidance, tau, p2p, mask=None):
         from icd.pipeline import edit
 
         result = edit(self.session, _tensor(x_T), source, target, method=method, guidance=guidance, tau=tau,
-                      p2p=p2p, with_reconstruction=False)
-        return as_array(result.edited), list(result.notes)
+                      p2p=p2p, mask=None if mask is None else _tensor(mask), with_reconstruction=False)
+        used = None if result.mask is None else as_array(result.mask)
+        return as_array(result.edited), list(result.notes), used
 
     def reconstruct(self, x_T, prompt):
         from icd.pipeline import reconstruct
@@ -77,6 +80,31 @@ class LocalRunner:
         from icd.pipeline import generate
 
         return as_array(generate(self.session, prompt, seed, width, height, guidance, tau))
+
+    # Several jobs of one operation and size as one model call, rows stacked (`icd serve` batches the jobs its
+    # clients queue): row i is what the one-job operation gives for the i-th arguments.
+
+    def invert_rows(self, pixels: list[np.ndarray], prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        from icd.pipeline import invert
+
+        return _rows(invert(self.session, _tensor(np.concatenate(pixels)), prompts, seeds))
+
+    def reconstruct_rows(self, x_Ts: list[np.ndarray], prompts: list[str]) -> list[np.ndarray]:
+        from icd.pipeline import reconstruct
+
+        return _rows(reconstruct(self.session, _tensor(np.concatenate(x_Ts)), prompts))
+
+    def generate_rows(self, prompts: list[str], seeds: list[int], width: int, height: int, guidance: float,
+                      tau: float) -> list[np.ndarray]:
+        from icd.pipeline import generate
+
+        return _rows(generate(self.session, prompts, seeds, width, height, guidance, tau))
+
+
+def _rows(batch) -> list[np.ndarray]:
+    """A batch's rows as arrays of one row each, the shape the one-job operations return."""
+    values = as_array(batch)
+    return [values[i:i + 1] for i in range(values.shape[0])]
 
 
 def _tensor(array: np.ndarray):

@@ -1,0 +1,149 @@
+"""What a command will do, planned before any model loads: the seeds, and for `icd edit` one item per input, seed and
+target (named so that none collide), the rows of a job file, the mask and where the map it used goes, and the
+order that lets one inversion serve several edits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import astuple, replace
+from pathlib import Path
+
+from icd.errors import ICDError, UsageError
+from icd.latents import MAX_SEED
+
+log = logging.getLogger("icd")
+
+
+def checked_mask(mask: str | None) -> Path | None:
+    """--mask read whole now (one picture: cheap), so a mask that cannot act stops the command before the model
+    loads; one that selects everything is said once."""
+    if mask is None:
+        return None
+    from icd.images import read_mask, selects_everything
+
+    try:
+        values = read_mask(mask)
+    except ICDError as err:
+        raise UsageError(f"--mask: {err}") from None
+    if selects_everything(values):
+        log.warning("--mask %s selects the whole image (it is all white): the edit is not confined", mask)
+    return Path(mask)
+
+
+def with_mask_outputs(items: list, save_mask: str | None) -> list:
+    """Each item's --save-mask file: the named file for one result, NAME-edit...-mask.png in that folder for
+    several."""
+    if save_mask is None:
+        return items
+    from icd.images import OUTPUT_SUFFIXES
+
+    from .jobs import output_path
+
+    if len(items) > 1 and Path(save_mask).suffix.lower() in OUTPUT_SUFFIXES:
+        raise UsageError(f"--save-mask {save_mask} names one file, but there are {len(items)} results: give a folder")
+    for item in items:
+        seed, options = item.job
+        written = output_path(save_mask, f"{item.output.stem}-mask.png", len(items) > 1)
+        if written.resolve() == item.output.resolve():
+            raise UsageError(f"--save-mask {save_mask} is the edit's own output: choose another file")
+        item.job = (seed, replace(options, mask_output=written))
+    return items
+
+
+def seeds_to_run(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
+    """--seed (repeatable) and -n N: the seeds to edit with, each once."""
+    if count is None:
+        return tuple(dict.fromkeys(seeds)) or (0,)
+    if len(seeds) > 1:
+        raise UsageError("-n counts seeds up from one --seed: give one --seed with -n, or several --seed alone")
+    first = seeds[0] if seeds else 0
+    if first + count - 1 > MAX_SEED:
+        raise UsageError(f"--seed {first} with -n {count} runs past the largest seed, {MAX_SEED}")
+    return tuple(range(first, first + count))
+
+
+def edit_items(paths: list[Path], output: str | None, options: list, seeds: tuple[int, ...]) -> list:
+    """One item per input, seed and target; names carry the target and seed when there are several
+    (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per target."""
+    from .batch import file_items
+    from .jobs import needs_inversion, output_stem
+
+    images = [path for path in paths if needs_inversion([path])]
+    latents = [path for path in paths if path not in images]
+    many = len(options) * (len(images) * len(seeds) + len(latents)) > 1
+    labels = target_names([option.target for option in options])
+    items = []
+    for group, group_seeds in ((images, seeds), (latents, seeds[:1])):
+        for seed in group_seeds if group else ():
+            for option in options:
+                suffix = (f"-{labels[option.target]}" if len(options) > 1 else "") + \
+                         (f"-s{seed}" if len(seeds) > 1 and group is images else "")
+                for item in file_items(group, output, lambda path: f"{output_stem(path)}-edit{suffix}.png",
+                                       many=many):
+                    if suffix:
+                        item.label = f"{item.label} ({option.target!r}, seed {seed})"
+                    item.job = (seed, option)
+                    items.append(item)
+    return items
+
+
+def target_names(targets: list[str]) -> dict[str, str]:
+    """A distinct file-name part for each target prompt (two that slug alike get -2, -3, ...)."""
+    from .jobs import slug
+
+    names, taken = {}, set()
+    for target in targets:
+        name, number = slug(target), 1
+        while name.lower() in taken:
+            number += 1
+            name = f"{slug(target)}-{number}"
+        names[target] = name
+        taken.add(name.lower())
+    return names
+
+
+def by_inversion(items: list) -> list:
+    """The items reordered so that those sharing an inversion (input, source prompt, seed) follow each
+    other, which is what lets the job cache reuse it; otherwise in the order given."""
+    first: dict = {}
+    for index, item in enumerate(items):
+        seed, options = item.job
+        first.setdefault((item.source, options.source, seed), index)
+    return sorted(items, key=lambda item: first[(item.source, item.job[1].source, item.job[0])])
+
+
+def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
+    """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads."""
+    from icd.latents import is_latent_file
+    from icd.editing import P2PConfig, edit_settings, strength_settings
+
+    from .batch import Item
+    from .jobfile import EditJob, read_jobs
+    from .jobs import EditOptions, output_path, output_stem, slug
+
+    folder = Path(jobs_file).parent
+    items, rows = [], {}
+    for number, job in read_jobs(jobs_file, EditJob):
+        where = f"{jobs_file} row {number}"
+        path = folder / job.image
+        method, guidance, tau = astuple(edit_settings(manifest, job.method, job.guidance, job.tau))
+        p2p_given = [name for name in ("blend", "mask_words", "amplify") if getattr(job, name)]
+        if p2p_given and method != "p2p":
+            raise UsageError(f"{where}: {', '.join(p2p_given)} apply to method p2p, not {method}")
+        if not job.source and not is_latent_file(path):
+            raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
+        config = P2PConfig(amplify=job.amplify_words(), blend=job.blend_words())
+        if job.strength is not None:
+            knobs = strength_settings(manifest, job.strength, guidance=job.guidance, tau=job.tau)
+            guidance, tau = knobs["guidance"], knobs["tau"]
+            config = replace(knobs["p2p"], amplify=config.amplify, blend=config.blend)
+        options = EditOptions(job.source, job.target, method, guidance, tau, config,
+                              folder / job.mask if job.mask else None, job.keep_outside, strength=job.strength)
+        name = f"{output_stem(path)}-edit-{slug(job.target)}-s{job.seed}.png"
+        target = folder / job.output if job.output else output_path(output, name, True)
+        if target.resolve() in rows:
+            raise UsageError(f"{where}: output {target} is also row {rows[target.resolve()]}'s: give each row "
+                             "its own output")
+        rows[target.resolve()] = number
+        items.append(Item(where, path, target, job=(job.seed, options)))
+    return items

@@ -1,0 +1,386 @@
+"""Edits confined to a region: --mask on every method, --mask-words (LocalBlend, in the official order),
+--save-mask, --keep-outside, --strength, and the SDXL prompt swap's pooled embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.miniature.world import Placed, Spec, colour_under, render
+from icd import pipeline
+from icd.app import server
+from icd.app.client import RemoteRunner
+from icd.app.runner import LocalRunner
+from icd.app.session import open_session
+from icd.app.wire import receive, send
+from icd.editing import DEFAULT_STRENGTH, P2PConfig, edit_settings, strength_settings
+from icd.errors import ICDError
+from icd.images import image_to_pixels, mask_array, read_mask, read_metadata, selects_everything
+from icd.models.hub import resolve_model
+from icd.models.offline import character_tokenizer
+from icd.p2p import PromptToPrompt, Steering
+from tests.fixtures.cli import icd
+
+# Two objects far apart: the mask covers the circle (grown by 2 pixels), the square lies outside it.
+SCENE = Spec("sandy", (Placed("circle", "red", 0.3, 0.32, 0.2), Placed("square", "blue", 0.72, 0.7, 0.16)), seed=5)
+TARGET = SCENE.edited(0, colour="green")
+MINI = ("-m", "mini", "--device", "cpu", "--no-server")
+
+
+def grown(mask: np.ndarray, pixels: int = 2) -> np.ndarray:
+    padded = np.pad(mask, pixels)
+    out = np.zeros_like(mask)
+    for dy in range(-pixels, pixels + 1):
+        for dx in range(-pixels, pixels + 1):
+            out |= padded[pixels + dy: pixels + dy + mask.shape[0], pixels + dx: pixels + dx + mask.shape[1]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scene")
+    scene = render(SCENE, 64)
+    scene.image.save(folder / "scene.png")
+    circle = grown(scene.objects[0].mask)
+    Image.fromarray(circle.astype(np.uint8) * 255).save(folder / "circle.png")
+    Image.new("L", (64, 64), 0).save(folder / "black.png")
+    Image.new("L", (64, 64), 255).save(folder / "white.png")
+    return folder, scene, circle
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return open_session("mini", device="cpu", dtype="fp32", backend="torch")
+
+
+def edit_args(photo: Path, *more) -> tuple:
+    return ("edit", photo, "--src", SCENE.caption, "--tgt", TARGET.caption, *MINI, *more)
+
+
+# --- the mask on every method -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["p2p", "swap", "none"])
+def test_hard_mask_keeps_the_source_trajectory_outside(mini, scene_files, method, monkeypatch):
+    """Outside a hard mask the decoded latents are exactly the source row's (tolerance 0); the pixels there
+    then differ from the reconstruction only through the VAE decoder's reach (its mid-block attention sees
+    the whole latent): at most a few levels on average, far below the edit inside."""
+    _, scene, circle = scene_files
+    x_T = pipeline.invert(mini, image_to_pixels(scene.image), SCENE.caption, 0)
+    decoded = []
+    decode = mini.model.decode_latents
+    monkeypatch.setattr(mini.model, "decode_latents", lambda latents: decoded.append(latents) or decode(latents))
+    cells = torch.zeros(1, 1, 8, 8)
+    cells[..., :4, :4] = 1.0  # a hard mask on whole latent cells: the top-left quarter
+    mask = torch.nn.functional.interpolate(cells, size=(64, 64))
+    result = pipeline.edit(mini, x_T, SCENE.caption, TARGET.caption, method=method, mask=mask)
+
+    source, edited = decoded[0][0], decoded[0][1]
+    outside = ~cells[0, 0].bool()
+    assert torch.equal(edited[:, outside], source[:, outside])
+    assert (edited[:, ~outside] - source[:, ~outside]).abs().mean() > 0.05
+    assert torch.equal(result.mask, cells)
+    levels = (result.edited[0] - result.reconstruction[0]).abs() * 127.5
+    far = torch.ones(64, 64, dtype=torch.bool)
+    far[:40, :40] = False  # 8 pixels or more from the mask
+    assert levels[:, far].mean() < 12 < levels[:, :32, :32].mean()
+
+
+def test_latent_mask_areas_and_shapes():
+    half = torch.zeros(1, 1, 64, 64)
+    half[..., :, :36] = 1.0  # 36 of 64 columns: the fifth latent column is half covered
+    grid = pipeline.latent_mask(half, (8, 8))
+    assert grid.shape == (1, 1, 8, 8)
+    assert torch.equal(grid[0, 0, 0], torch.tensor([1, 1, 1, 1, 0.5, 0, 0, 0]))
+    small = pipeline.latent_mask(torch.ones(1, 1, 3, 5), (8, 8))  # coarser than the grid: upsampled
+    assert torch.equal(small, torch.ones(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"a mask is \(1, 1, H, W\), got \(64, 64\)"):
+        pipeline.latent_mask(torch.ones(64, 64), (8, 8))
+
+
+def test_read_mask_brightness_grey_and_transparency(tmp_path):
+    """A mask's brightness in [0, 1]; colour counts by its luminance, transparent pixels as black."""
+    rgba = Image.new("RGBA", (4, 2), (255, 255, 255, 255))
+    rgba.putpixel((1, 0), (255, 255, 255, 0))
+    rgba.putpixel((2, 0), (128, 128, 128, 255))
+    rgba.save(tmp_path / "m.png")
+    mask = read_mask(tmp_path / "m.png")
+    assert mask.shape == (2, 4) and mask.dtype == np.float32
+    assert (mask[0, 0], mask[0, 1], mask[0, 2]) == (1.0, 0.0, np.float32(128 / 255))
+    assert not selects_everything(mask) and selects_everything(np.ones((2, 2), np.float32))
+    small = mask_array(mask, (8, 4))
+    assert small.shape == (1, 1, 4, 8) and small.max() <= 1.0
+
+
+def test_mask_file_confines_the_edit_and_keeps_the_photo_outside(icd_home, scene_files, tmp_path):
+    """--mask with --keep-outside (the default): every pixel the mask leaves black is the photo's (tolerance
+    0), the circle inside it changes colour, the square outside keeps its colour; --save-mask writes the
+    latent-grid map at the image's size and refuses to replace it afterwards."""
+    folder, scene, circle = scene_files
+    result = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--save-mask", "used.png",
+                            "-o", "edit.png"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    edited = np.asarray(Image.open(tmp_path / "edit.png"))
+    photo = np.asarray(scene.image)
+    assert np.array_equal(edited[~circle], photo[~circle])
+    # the circle inside the mask changes colour (mini paints it blue rather than green: its own limit, the
+    # same without a mask), the square outside keeps its own
+    assert colour_under(Image.open(tmp_path / "edit.png"), scene.objects[0].mask) != "red"
+    assert colour_under(Image.open(tmp_path / "edit.png"), scene.objects[1].mask) == "blue"
+    meta = read_metadata(tmp_path / "edit.png")
+    assert (meta["mask"], meta["keep_outside"]) == (str(folder / "circle.png"), True)
+
+    with Image.open(tmp_path / "used.png") as used:
+        assert (used.format, used.size, used.mode) == ("PNG", (64, 64), "L")
+        used_mask = np.asarray(used)
+    assert used_mask[0, 63] == 0 and used_mask[20, 19] == 255  # a far corner kept, the circle's centre edited
+    before = (tmp_path / "used.png").read_bytes()
+    again = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--save-mask", "used.png",
+                           "-o", "again.png"), cwd=tmp_path)
+    assert again.exit_code == 1
+    assert f"icd: error: {folder / 'scene.png'}: --save-mask used.png exists (use --overwrite to replace it)" \
+        in again.stderr
+    assert (tmp_path / "used.png").read_bytes() == before and not (tmp_path / "again.png").exists()
+
+
+def test_no_keep_outside_leaves_the_decoded_pixels(icd_home, scene_files, tmp_path):
+    folder, scene, circle = scene_files
+    result = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--no-keep-outside",
+                            "-o", "edit.png"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    edited = np.asarray(Image.open(tmp_path / "edit.png")).astype(int)
+    photo = np.asarray(scene.image).astype(int)
+    assert not np.array_equal(edited[~circle], photo[~circle])
+    assert read_metadata(tmp_path / "edit.png")["keep_outside"] is False
+
+
+@pytest.mark.parametrize("mask, exit_code, line", [
+    ("black.png", 2, "icd: error: --mask: black.png: the mask selects nothing (it is all black): paint white "
+                     "where the edit may act"),
+    ("missing.png", 2, "icd: error: --mask: missing.png: no such file"),
+])
+def test_a_mask_that_cannot_act_stops_before_the_model(icd_home, scene_files, tmp_path, mask, exit_code, line):
+    folder, _, _ = scene_files
+    result = icd(*edit_args(folder / "scene.png", "--mask", folder / mask, "-o", "edit.png"), cwd=tmp_path)
+    assert result.exit_code == exit_code
+    assert line in result.stderr and "backend" not in result.stderr  # no model was opened
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_all_white_mask_is_said(icd_home, scene_files, tmp_path):
+    folder, _, _ = scene_files
+    result = icd(*edit_args(folder / "scene.png", "--mask", folder / "white.png", "-o", "edit.png"), cwd=tmp_path)
+    assert result.exit_code == 0
+    assert f"icd: warning: --mask {folder / 'white.png'} selects the whole image (it is all white): the edit is " \
+           "not confined" in result.stderr
+
+
+def test_job_file_rows_take_masks_and_strengths(icd_home, scene_files, tmp_path):
+    """A job file's mask (relative to the file) and strength columns; a row whose mask selects nothing fails
+    alone, naming its row and the file, before the model loads."""
+    folder, scene, circle = scene_files
+    for name in ("scene.png", "circle.png", "black.png"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    rows = [{"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, "mask": "circle.png",
+             "strength": 0.75, "output": "good.png"},
+            {"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, "mask": "black.png",
+             "output": "bad.png"}]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = icd("edit", "--jobs", jobs, *MINI, cwd=tmp_path)
+    assert result.exit_code == 1
+    assert f"icd: error: {jobs} row 2: black.png: the mask selects nothing (it is all black)" in result.stderr
+    assert not (tmp_path / "bad.png").exists()
+    meta = read_metadata(tmp_path / "good.png")
+    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["keep_outside"]) == (
+        0.75, 2.0, 0.9, 0.15, True)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "good.png"))[~circle], np.asarray(scene.image)[~circle])
+
+
+@pytest.mark.parametrize("args, line", [
+    (("--keep-outside",), "icd: error: --keep-outside applies with --mask"),
+    (("--save-mask", "m.png"), "icd: error: --save-mask needs --mask or --mask-words: nothing else confines an edit"),
+    (("--method", "swap", "--mask-words", "red:green"),
+     "icd: error: --mask-words/--blend apply to --method p2p, not swap"),
+    (("--strength", "1.5"), "Invalid value for '--strength': 1.5 is not in the range 0..1"),
+    (("--mask-words", "red:green", "--save-mask", "edit.png"),
+     "icd: error: --save-mask edit.png is the edit's own output: choose another file"),
+    (("--mask-words", "red:green", "--tgt", "a cat", "--save-mask", "m.png", "-o", "out"),
+     "icd: error: --save-mask m.png names one file, but there are 2 results: give a folder"),
+])
+def test_option_mistakes_are_usage_errors(icd_home, scene_files, tmp_path, args, line):
+    folder, _, _ = scene_files
+    result = icd(*edit_args(folder / "scene.png", "-o", "edit.png", *args), cwd=tmp_path)  # a later -o wins
+    assert result.exit_code == 2 and line in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- mask words: a blend that selects nothing or everything is reported --------------------------------
+
+def test_mask_words_on_mini_say_they_select_everything(icd_home, scene_files, tmp_path):
+    """On mini the words' attention is a 4x4 grid, nearly flat: the blend covers the whole image, and says so
+    once for the item; the old --blend spelling still works."""
+    folder, _, _ = scene_files
+    result = icd(*edit_args(folder / "scene.png", "--blend", "red:green", "--save-mask", "blend.png",
+                            "-o", "edit.png"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    note = ("icd: warning: scene.png: --mask-words red:green selects the whole image at every step (the words' "
+            "attention on a 4x4 grid is above 0.3 everywhere): the edit is not confined; --mask FILE confines it")
+    assert result.stderr.count(note) == 1
+    assert np.asarray(Image.open(tmp_path / "blend.png")).min() == 255
+    assert read_metadata(tmp_path / "edit.png")["blend"] == "red:green"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return character_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def test_blend_that_selects_nothing_is_reported(tokenizer):
+    config = P2PConfig(blend=(("cat",), ("dog",)), blend_threshold=0.3)
+    controller = PromptToPrompt(tokenizer, "a cat", "a dog", 2, config, latent_size=(8, 8))
+    controller.start(torch.device("cpu"))
+    maps = torch.zeros(2, 16)  # no attention on the blend words anywhere (4x4 level)
+    x = torch.randn(2, 4, 8, 8)
+    for step in range(2):
+        controller.observe(maps)
+        blended = controller.after_step(step, x)
+    assert torch.equal(blended[1], x[0])  # the target is the source everywhere
+    assert controller.blend_notes() == ["--mask-words cat:dog selects nothing (the words' attention on a 4x4 grid "
+                                        "stays under the threshold 0.3): the result is the reconstruction"]
+    assert torch.equal(controller.blend_mask, torch.zeros(1, 1, 8, 8))
+
+
+def test_blend_on_a_coarse_grid_is_not_dilated(tokenizer):
+    """One attended cell of a 4x4 grid selects that cell only (a 3x3 max-pool would take 9 of 16)."""
+    controller = PromptToPrompt(tokenizer, "a cat", "a dog", 1, P2PConfig(blend=(("cat",), ("dog",))),
+                                latent_size=(8, 8))
+    controller.start(torch.device("cpu"))
+    maps = torch.zeros(2, 16)
+    maps[:, 5] = 1.0  # cell (1, 1)
+    controller.observe(maps)
+    controller.after_step(0, torch.randn(2, 4, 8, 8))
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 2:4, 2:4] = 1.0
+    assert torch.equal(controller.blend_mask, expected)
+    assert controller.blend_notes() == []
+
+
+def test_blend_maps_are_recorded_after_the_edit_as_officially():
+    """Hand-made attention: the source attends token 1, the target token 2; the edit maps source token 1 to
+    target token 2 and amplifies it x3. The blend maps on target token 2 are the edited ones (3x the source's
+    token-1 map), not the target's own: the official attention store keeps references the edit overwrites."""
+    length = 4
+    source = torch.tensor([[0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.4, 0.4], [0.4, 0.2, 0.2, 0.2], [0.25] * 4])
+    target = torch.tensor([[0.1, 0.1, 0.1, 0.7], [0.1, 0.1, 0.7, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
+    q = torch.stack([source, target]).log()[:, None]  # (2 rows, 1 head, tokens, length)
+    k = torch.eye(length).expand(2, 1, length, length)  # scores = q, so softmax(scores) = the maps above
+    weights = torch.eye(length)
+    weights[1, 1], weights[1, 2], weights[2, 2] = 0.0, 1.0, 0.0  # source token 1 -> target token 2
+    equalizer = torch.tensor([1.0, 1.0, 3.0, 1.0])
+    blend_columns = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])  # source word 1, target word 2
+    steering = Steering(torch.tensor([True]), torch.zeros(6, dtype=torch.bool), weights,
+                        torch.zeros(length, dtype=torch.bool), equalizer, blend_columns)
+    steering.cross_attention(q, k, torch.eye(length).expand(2, 1, length, length), 1.0, None, records=True)
+    recorded = steering.blend_maps()
+    torch.testing.assert_close(recorded[0], source[:, 1])
+    torch.testing.assert_close(recorded[1], 3.0 * source[:, 1])
+    assert not torch.allclose(recorded[1], target[:, 2])  # what the unedited order would have kept
+
+
+# --- strength ---------------------------------------------------------------------------------------
+
+def test_strength_mapping():
+    manifest = resolve_model("mini")  # its own edit defaults: w 2, tau 0.8
+    defaults = edit_settings(manifest)
+
+    def knobs(settings):
+        return settings["guidance"], settings["tau"], settings["p2p"].cross_replace, settings["p2p"].self_replace
+
+    assert knobs(strength_settings(manifest, 0.0)) == (0.0, 0.0, 1.0, 1.0)
+    assert knobs(strength_settings(manifest, DEFAULT_STRENGTH)) == (defaults.guidance, defaults.tau, 0.3, 0.6)
+    assert knobs(strength_settings(manifest, 1.0)) == (defaults.guidance, 1.0, 0.0, 0.0)
+    assert knobs(strength_settings(manifest, 0.25)) == (1.0, 0.4, 0.65, 0.8)
+    assert knobs(strength_settings(manifest, 0.75)) == (2.0, 0.9, 0.15, 0.3)
+    assert knobs(strength_settings(manifest, 1.0, guidance=7.0, self_replace=0.5, tau=None)) == (7.0, 1.0, 0.0, 0.5)
+    with pytest.raises(ICDError, match="strength must be between 0 and 1, got 1.2"):
+        strength_settings(manifest, 1.2)
+    low, high = (strength_settings(manifest, s) for s in (0.1, 0.9))
+    assert low["guidance"] < high["guidance"] and low["p2p"].cross_replace > high["p2p"].cross_replace
+
+
+def test_strength_on_the_command_line_and_explicit_options_win(icd_home, scene_files, tmp_path):
+    folder, _, _ = scene_files
+    first = icd(*edit_args(folder / "scene.png", "--strength", "1", "--guidance", "3", "-o", "strong.png"),
+                cwd=tmp_path)
+    assert first.exit_code == 0, first.output
+    meta = read_metadata(tmp_path / "strong.png")
+    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["self_replace"]) == (
+        1.0, 3.0, 1.0, 0.0, 0.0)
+    # a rerun with another strength: the recorded knobs give way to it, an option given here still wins
+    rerun = icd("edit", "--from", tmp_path / "strong.png", "--strength", "0", "--self-replace", "0.5", *MINI,
+                "-o", "weak.png", cwd=tmp_path)
+    assert rerun.exit_code == 0, rerun.output
+    meta = read_metadata(tmp_path / "weak.png")
+    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["self_replace"]) == (
+        0.0, 0.0, 0.0, 1.0, 0.5)
+
+
+# --- SDXL prompt swap -------------------------------------------------------------------------------
+
+def test_sdxl_swap_keeps_the_target_pooled_embedding(icd_home, monkeypatch):
+    """On the unguided steps the swap feeds the source's tokens with the target's pooled embedding (as the
+    official SDXL code); the guided steps are the target's alone."""
+    session = open_session("tiny-sdxl", device="cpu", dtype="fp32", backend="torch")
+    seen = []
+    denoiser = session.denoiser("reverse")
+    monkeypatch.setattr(session, "denoiser", lambda direction: (
+        lambda x, t, cond, w: seen.append((t, cond)) or denoiser(x, t, cond, w)))
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    size = session.model.image_size(x_T)
+    source, target = (session.model.encode_text([prompt], size) for prompt in ("a red cat", "a blue dog"))
+    pipeline.edit(session, x_T, "a red cat", "a blue dog", method="swap", guidance=3.0, tau=0.7)
+    assert [t for t, _ in seen] == sorted(session.manifest.reverse_timesteps, reverse=True)
+    assert any(t / 1000 > 0.7 for t, _ in seen) and any(t / 1000 <= 0.7 for t, _ in seen)
+    for t, cond in seen:
+        expected = source if t / 1000 > 0.7 else target
+        assert torch.equal(cond.embeds, expected.embeds)
+        assert torch.equal(cond.pooled, target.pooled) and torch.equal(cond.time_ids, target.time_ids)
+    assert not torch.equal(source.pooled, target.pooled)
+
+
+# --- icd serve --------------------------------------------------------------------------------------
+
+def test_masks_go_through_icd_serve(icd_home, tmp_path):
+    """The client sends the mask's array and gets the map back: a served masked edit equals the in-process one
+    bit for bit (the server's answer runs on the far end of a socket pair, as in `icd serve`)."""
+    runner = LocalRunner(open_session("tiny", device="cpu", dtype="fp32", backend="torch"))
+    near, far = socket.socketpair()
+
+    def serve_one():
+        header, tensors = receive(far)
+        send(far, *server.answer(runner, header, tensors))
+
+    worker = threading.Thread(target=serve_one, daemon=True)
+    worker.start()
+    facts = {"backend": runner.backend, "dtype": runner.dtype, "size_multiple": runner.size_multiple}
+    remote = RemoteRunner(near, facts, runner.manifest, tmp_path / "x.sock")
+    x_T = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    mask = np.zeros((1, 1, 64, 64), np.float32)
+    mask[..., 8:40, 8:40] = 1.0
+    args = (x_T, "a red cat", "a blue cat", "none", 3.0, 0.8, None, mask)
+    served = remote.edit(*args)
+    worker.join(60)
+    here = runner.edit(*args)
+    assert np.array_equal(served[0], here[0]) and served[1] == here[1] == []
+    assert np.array_equal(served[2], here[2]) and served[2].shape == (1, 1, 8, 8)
+    assert not np.array_equal(served[0], runner.edit(*args[:-1])[0])  # the mask acted
+    near.close()
+    far.close()
