@@ -147,6 +147,23 @@ def test_resume_continues_the_run_exactly(setup, teacher, tmp_path):
         assert any(value.abs().sum() > 0 for key, value in got.items() if "lora_B" in key)  # it did train
 
 
+def test_the_recipe_switches_reach_the_training_run(setup, teacher, tmp_path):
+    """icd.reverse_preservation_target changes what the run learns (the stage builds its schedule from the
+    config): two steps from one seed give another reverse LoRA with the authors' target."""
+    _, _, data = setup
+    settings = (f"model.path={teacher}", f"data.path={data}", *COMMON, "lora.rank=4", "train.lr=1e-3",
+                "train.eval_samples=0", "train.max_steps=2")
+    loras = {}
+    for target in ("clean", "start", "clean"):
+        output = tmp_path / f"{target}-{len(loras)}"
+        assert invoke("icd", output, *settings, f"icd.reverse_preservation_target={target}").exit_code == 0
+        loras.setdefault(target, []).append(load_file(str(output / "reverse.safetensors")))
+    first, again = loras["clean"]
+    [authors] = loras["start"]
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the run is deterministic, so
+    assert any(not torch.allclose(first[k], authors[k], atol=1e-6) for k in first)  # this is the switch
+
+
 def test_sdxl_conditioning_and_cached_latents(setup, tmp_path):
     """Both stages on the tiny SDXL model (pooled embeddings and size ids), from a latent cache; the model folder
     still runs once moved away from the teacher and base it was trained from, which are then deleted."""

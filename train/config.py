@@ -3,6 +3,10 @@
 
 Every value goes through one coercion to the field's declared type, so a file and an override are checked
 the same way, and every mistake (unknown key, wrong type, impossible setting) is one ConfigError line.
+
+The defaults depart from the authors' training code in one place, [icd] reverse_preservation_target, which
+the miniature world measured as clearly better (BENCHMARKS.md, the miniature world); the shipped preset `official`
+(presets/official.toml, given as `--config official`) is their recipe exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from icd.models.official import (FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, GUIDANCE
                                  LORA_TARGETS, REVERSE_TIMESTEPS)
 
 SCHEDULES = ("official", "summed")
+TEACHER_FINAL_STEPS = ("schedule", "boundary")
+REVERSE_PRESERVATION_TARGETS = ("start", "clean")
+PRESETS = Path(__file__).resolve().parent / "presets"  # shipped settings files, named by `--config NAME`
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
@@ -89,6 +96,14 @@ class ICDSection:
     forward_preservation: float = 1.5
     reverse_preservation: float = 1.5
     schedule: str = "official"  # official: 4 backward passes and steps per iteration; summed: one per student
+    # The reverse CD teacher's DDIM step from t = 19 to 0: "schedule" lands on the noise schedule's
+    # abar_0 = 0.99915 (the authors' code), "boundary" on the clean latent (alpha = 1) as every jump to 0 does.
+    # No measurable difference (BENCHMARKS.md, the miniature world), so the authors' choice.
+    teacher_final_step: str = "schedule"
+    # Reverse preservation on the bottom segment: "start" jumps 259 -> 19 back to x_19, where the forward jump
+    # started (the authors' code); "clean" jumps 259 -> 0 to the clean latent, the jump decoding makes. "start"
+    # let the reverse student drift from the teacher (decode gap 10x larger), hence "clean".
+    reverse_preservation_target: str = "clean"
     eval_guidance: float = 0.0  # w of the decode-gap evaluation
 
 
@@ -153,9 +168,22 @@ def _assign(config, key: str, value, from_text: bool = False) -> None:
     setattr(getattr(config, section), name, _coerce(_from_text(value, kind) if from_text else value, kind, key))
 
 
+def preset_names() -> list[str]:
+    return sorted(preset.stem for preset in PRESETS.glob("*.toml"))
+
+
+def _settings_file(path: str | Path) -> Path:
+    """`path` itself, or the shipped preset of that name when no such file exists."""
+    preset = PRESETS / f"{path}.toml"
+    return preset if not Path(path).exists() and preset.is_file() else Path(path)
+
+
 def _read_file(path: Path) -> dict:
     try:
         text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file or preset (presets: {', '.join(preset_names())})"
+                          ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the configuration ({err.strerror})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
@@ -178,10 +206,11 @@ def _read_file(path: Path) -> dict:
 
 
 def load_config(kind: type[Config], path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> Config:
-    """Defaults, then the file's settings, then `section.key=value` overrides; validated."""
+    """Defaults, then the settings of the file (or shipped preset) `path`, then `section.key=value` overrides;
+    validated."""
     config = kind()
     if path is not None:
-        for section, values in _read_file(Path(path)).items():
+        for section, values in _read_file(_settings_file(path)).items():
             for name, value in values.items():
                 _assign(config, f"{section}.{name}", value)
     for override in overrides:
@@ -228,6 +257,10 @@ def validate(config: Config) -> None:
     _check(icd.huber_c > 0, "icd.huber_c: must be positive")
     _check(icd.forward_preservation >= 0 and icd.reverse_preservation >= 0, "icd.*_preservation: not negative")
     _check(icd.schedule in SCHEDULES, f"icd.schedule: one of {', '.join(SCHEDULES)}")
+    _check(icd.teacher_final_step in TEACHER_FINAL_STEPS,
+           f"icd.teacher_final_step: one of {', '.join(TEACHER_FINAL_STEPS)}")
+    _check(icd.reverse_preservation_target in REVERSE_PRESERVATION_TARGETS,
+           f"icd.reverse_preservation_target: one of {', '.join(REVERSE_PRESERVATION_TARGETS)}")
     _check(icd.schedule == "summed" or train.gradient_accumulation == 1,
            "train.gradient_accumulation > 1 needs icd.schedule = 'summed' (the official schedule steps after each loss)")
     _check(lora.rank >= 1 and lora.alpha > 0 and bool(lora.targets), "lora: rank >= 1, alpha > 0 and some targets")

@@ -83,7 +83,7 @@ class ICDStage:
         self.embed_dim = manifest.guidance_embed_dim
         self.runner = PassRunner({"teacher": self.teacher, "forward": forward, "reverse": reverse}, self.embed_dim)
         icd = config.icd
-        self.schedule = Schedule(icd.forward_timesteps, icd.reverse_timesteps, icd.ddim_steps)
+        self.schedule = Schedule.from_config(icd)
         self.weights = loss_weights(icd)
         self.distance = distance_for(icd)
         self._probe: ICDProbe | None = None

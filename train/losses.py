@@ -11,14 +11,23 @@ does (reference §7.1, items 1 and 7).
   0/259/519/779, so t = 259 -> 0 (at inference the reverse model also jumps 259 -> 0), t = 279 -> 259,
   t = 999 -> 779: the official rule max{e <= t - 20} on the grid.
 - Forward CD (forward/encoding student, w = 0): the smallest forward boundary above t (259, ..., 999).
-- The teacher's step goes to the neighbouring grid point with the same jump formula, so the step to 0 uses
-  the hard boundary (alpha = 1) like the students, instead of the official sqrt(abar_0) (§7.1, item 6).
-  The target is the stop-gradient student's jump from there; where that point is the boundary itself the
-  jump from s to s is the identity, which is the consistency boundary condition with no special case.
+- The teacher's step goes to the neighbouring grid point with the same jump formula. The target is the
+  stop-gradient student's jump from there; where that point is the boundary itself the jump from s to s is
+  the identity, which is the consistency boundary condition with no special case.
 - Preservation (w = 0) on segments lo_f -> hi (a forward jump) whose hi starts a reverse jump hi -> lo_r.
   Forward preservation: f(r(x_hi) -> lo_f) -> hi must give x_hi back. Reverse preservation: r(f(x_lo_f))
-  must give x_lo_r, where lo_r = 0 on the bottom segment: the reverse model is taught the jump it makes at
-  inference (259 -> 0, the clean latent), not the official 259 -> 19.
+  must give x_lo_r back.
+
+Two choices of the authors' code are switches (ICDSection; `--config official` takes both as they do):
+- D1, icd.teacher_final_step: the teacher's step from 19 to 0 lands on the schedule's abar_0 = 0.99915
+  ("schedule", the authors' code and the default, §7.1 item 6) or on the clean latent (alpha = 1,
+  "boundary"), like every jump to 0. It touches the reverse CD rows drawn at t = 19, 1 in 50.
+- D2, icd.reverse_preservation_target: on the bottom segment lo_r = 0 ("clean", the default: the reverse
+  model is taught the jump it makes at inference, 259 -> 0) or lo_r = lo_f = 19 ("start", the authors'
+  259 -> 19 back to where the forward jump started, §7.1 item 7). Above the bottom segment lo_r = lo_f either
+  way.
+The miniature world measured both (BENCHMARKS.md, "The authors' training recipe against icd's two departures"): D1 changes nothing measurable; with "start"
+the reverse student drifts from the teacher (decode gap about 10x larger after 600 iterations).
 
 Timesteps are chosen as Python ints per row (so nothing waits on the GPU to read one) and handed to the core's
 math as one tensor per call: noising, e(w) and the jump are the very functions inference runs.
@@ -26,6 +35,7 @@ math as one tensor per call: noising, e(w) and the jump are the very functions i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +43,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from icd.core.consistency import add_noise
+from icd.core.consistency import add_noise, alpha_sigma, alphas_cumprod
 from icd.core.schedule import ddim_grid, forward_jumps, reverse_jumps
 from icd.core.denoiser import Conditioning, Guided
 from icd.core.sampling import jump
@@ -47,14 +57,22 @@ Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class Schedule:
     """The solver grid, each direction's boundaries and the preservation segments of one configuration."""
 
-    def __init__(self, forward_timesteps: list[int], reverse_timesteps: list[int], ddim_steps: int = 50):
+    def __init__(self, forward_timesteps: list[int], reverse_timesteps: list[int], ddim_steps: int = 50,
+                 teacher_final_step: str = "schedule", reverse_preservation_target: str = "clean"):
         reverse, forward = reverse_jumps(reverse_timesteps), forward_jumps(forward_timesteps)
         self.reverse_boundaries = sorted({jump.s for jump in reverse})
         self.forward_boundaries = sorted({jump.s for jump in forward})
         self.grid = sorted(set(ddim_grid(ddim_steps)) | set(forward_timesteps) | set(reverse_timesteps))
         self.forward_starts = [t for t in self.grid if forward_timesteps[0] <= t < self.forward_boundaries[-1]]
+        self.teacher_to_schedule_start = teacher_final_step == "schedule"
         # (lo_f, hi, lo_r): never empty, as the last forward jump ends at 999 where decoding starts.
-        self.segments = [(f.t, f.s, r.s) for f in forward for r in reverse if r.t == f.s]
+        self.segments = [(f.t, f.s, f.t if reverse_preservation_target == "start" else r.s)
+                         for f in forward for r in reverse if r.t == f.s]
+
+    @classmethod
+    def from_config(cls, icd: ICDSection) -> Schedule:
+        return cls(icd.forward_timesteps, icd.reverse_timesteps, icd.ddim_steps, icd.teacher_final_step,
+                   icd.reverse_preservation_target)
 
     def reverse_step(self, t: int) -> tuple[int, int]:
         """(the grid point below t, or 0; the boundary the reverse model jumps to from t)."""
@@ -69,6 +87,21 @@ class Schedule:
 def noised(z0: torch.Tensor, noise: torch.Tensor, t: list[int]) -> torch.Tensor:
     """x_t = alpha_t z0 + sigma_t noise per row; t = 0 is the clean latent (the hard boundary)."""
     return add_noise(z0, noise, torch.tensor(t, device=z0.device))
+
+
+SCHEDULE_ABAR_0 = alphas_cumprod()[0].item()  # 0.99915: where the authors' teacher step to 0 lands
+
+
+def to_schedule_start(x_t: torch.Tensor, t: list[int], x_s: torch.Tensor, s: list[int]) -> torch.Tensor:
+    """The authors' teacher step to 0 (D1) from ours: rows whose step t -> s ended at s = 0 (the clean
+    estimate x0) move to sqrt(abar_0) x0 + sqrt(1 - abar_0) eps, with the step's epsilon read back from its two
+    ends (x_t = alpha_t x0 + sigma_t eps), so the jump itself stays the samplers' one step. Other rows are
+    returned as they are."""
+    ends = torch.tensor([step_end == 0 for step_end in s], device=x_s.device).view(-1, 1, 1, 1)
+    alpha_t, sigma_t = alpha_sigma(torch.tensor(t, device=x_s.device))
+    eps = (x_t.float() - alpha_t * x_s) / sigma_t
+    moved = math.sqrt(SCHEDULE_ABAR_0) * x_s + math.sqrt(1 - SCHEDULE_ABAR_0) * eps
+    return torch.where(ends, moved, x_s)
 
 
 @dataclass
@@ -202,9 +235,12 @@ def draw(z0: torch.Tensor, cond: Conditioning, schedule: Schedule, scales: list[
                 pick(schedule.segments))
 
 
-def _consistency(student: str, x_t, t: list[int], steps: list[tuple[int, int]], w, cond, distance) -> Plan:
+def _consistency(student: str, x_t, t: list[int], steps: list[tuple[int, int]], w, cond, distance,
+                 teacher_to_schedule_start: bool = False) -> Plan:
     following, boundary = [list(column) for column in zip(*steps)]
     x_next = yield Pass("teacher", Rows(x_t, t, following, w, cond))  # one teacher DDIM step
+    if teacher_to_schedule_start:
+        x_next = to_schedule_start(x_t, t, x_next, following)
     target = yield Pass(student, Rows(x_next, following, boundary, w, cond))  # stop-gradient student from there
     prediction = yield Pass(student, Rows(x_t, t, boundary, w, cond), grad=True)
     return distance(prediction, target)
@@ -212,7 +248,8 @@ def _consistency(student: str, x_t, t: list[int], steps: list[tuple[int, int]], 
 
 def reverse_cd(d: Draw, schedule: Schedule, distance: Distance) -> Plan:
     steps = [schedule.reverse_step(t) for t in d.reverse_t]
-    return _consistency("reverse", noised(d.z0, d.noise, d.reverse_t), d.reverse_t, steps, d.w, d.cond, distance)
+    return _consistency("reverse", noised(d.z0, d.noise, d.reverse_t), d.reverse_t, steps, d.w, d.cond, distance,
+                        schedule.teacher_to_schedule_start)
 
 
 def forward_cd(d: Draw, schedule: Schedule, distance: Distance) -> Plan:

@@ -16,7 +16,8 @@ def _stage_options(command):
                            help="Override one setting (repeatable), e.g. --set train.lr=1e-5 "
                                 "--set icd.guidance_scales=0,7,11.")(command)
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                        help="TOML (or YAML) file of settings; defaults are the paper's SD1.5 recipe.")(command)
+                        help="TOML (or YAML) file of settings, or a shipped preset: `official` (the authors' training recipe exactly, for `icd train icd`). Defaults: the paper's SD1.5 recipe with icd's "
+                             "reverse preservation target (see `icd train icd --help`).")(command)
 
 
 def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output: str, resume: bool) -> None:
@@ -83,7 +84,14 @@ def icd(config_file, settings, output, resume):
     hard-linked where possible, and an icd.json that `icd edit --model` runs: a folder that can move, whose
     edit defaults keep the guidance within icd.guidance_scales. Settings: [lora] rank, alpha, targets;
     [icd] forward_timesteps, reverse_timesteps, ddim_steps, guidance_scales, loss, huber_c,
-    forward_preservation, reverse_preservation, schedule (official or summed), eval_guidance; and [model],
-    [data], [train] as for `guidance`.
+    forward_preservation, reverse_preservation, schedule (official or summed), eval_guidance,
+    teacher_final_step (schedule: the teacher's step to t = 0 uses the schedule's abar_0, as the authors do;
+    boundary: alpha = 1), reverse_preservation_target (clean: the bottom segment's reverse jump ends at the
+    clean latent, as decoding does, the default; start: at x_19, the authors' choice, measured worse in
+    BENCHMARKS.md); and [model], [data], [train] as for `guidance`.
+
+    \b
+    Examples:
+      icd train icd --config official --set model.path=my-teacher -o my-icd/   # the authors' recipe exactly
     """
     _run("icd", config_file, settings, output, resume)
