@@ -150,6 +150,25 @@ def test_mask_file_confines_the_edit_and_keeps_the_photo_outside(icd_home, scene
     assert (tmp_path / "used.png").read_bytes() == before and not (tmp_path / "again.png").exists()
 
 
+def test_save_mask_goes_into_an_existing_folder(icd_home, scene_files, tmp_path):
+    """--save-mask names a folder (existing or not) for several results, and an existing folder for one: the
+    maps are NAME-edit...-mask.png in it; a second run into the same folder refuses to replace them."""
+    folder, _, _ = scene_files
+    (tmp_path / "masks").mkdir()
+    one = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--save-mask", "masks",
+                         "-o", "edit.png"), cwd=tmp_path)
+    assert one.exit_code == 0, one.output
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["edit-mask.png"]
+    args = edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--tgt", "a green circle",
+                     "--save-mask", "masks", "-o", "outs")
+    two = icd(*args, cwd=tmp_path)
+    assert two.exit_code == 0, two.output
+    written = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert len(written) == 3 and all(name.endswith("-mask.png") for name in written)
+    again = icd(*args, cwd=tmp_path)
+    assert again.exit_code == 1 and "exists (use --overwrite" in again.stderr
+
+
 def test_no_keep_outside_leaves_the_decoded_pixels(icd_home, scene_files, tmp_path):
     folder, scene, circle = scene_files
     result = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--no-keep-outside",

@@ -416,9 +416,9 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
               "latent outside it is the source's at that step.")
 @click.option("--keep-outside/--no-keep-outside", default=None, help="With --mask: the pixels outside the mask "
               "are the input photo's own (the mask feathered inwards by 2 working pixels). Default: on.")
-@click.option("--save-mask", type=click.Path(dir_okay=False), metavar="FILE", help="Write the map the edit was "
-              "confined to (--mask or --mask-words, on the latent grid) as a PNG of the image's size: a file "
-              "for one result, a folder for several (NAME-edit-mask.png).")
+@click.option("--save-mask", type=click.Path(), metavar="PATH", help="Write the map the edit was "
+              "confined to (--mask or --mask-words, on the latent grid) as a PNG of the image's size: a .png file "
+              "for one result, else a folder (NAME-edit...-mask.png in it).")
 @click.option("--strength", type=Finite(0, 1), help="One knob from 0 (keep the photo) to 1 (follow the target): "
               "moves --guidance (0 up to the model's default at 0.5), --tau (0 -> the model's -> 1) and the p2p "
               "windows --cross-replace/--self-replace (1 -> 0.3/0.6 -> 0) together; 0.5 is the model's defaults. "
