@@ -49,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from icd import pipeline  # noqa: E402
-from icd.app.bench import SOURCE, TARGET, matmul_tflops, time_ms  # noqa: E402
+from icd.app.bench import SOURCE, TARGET, cold_start_s, matmul_tflops, time_ms  # noqa: E402
 from icd.app.session import Session, open_session  # noqa: E402
 from icd.core.sampling import Step, encode, guidance_schedule, run_steps  # noqa: E402
 from icd.editing import edit_settings  # noqa: E402
@@ -403,7 +403,7 @@ def stage_modules(kind: str, dtype: str):
             run.measure(stage, kind, dtype, "captured", name, replay, label)
             del out, replay
         # The encoders themselves: `encode_text` keeps every prompt it has encoded, so its calls would be lookups.
-        run.measure(stage, kind, dtype, "eager", "text_encode", lambda: model._encode_prompts([SOURCE, TARGET],
+        run.measure(stage, kind, dtype, "eager", "text_encode", lambda: model.encode_prompts([SOURCE, TARGET],
                     (size, size)), "text encoding, 2 prompts")
         pixels = run.pixels(kind)
         latents = model.encode_image(pixels)
@@ -497,24 +497,12 @@ def stage_profile(run: Run, stage: str) -> None:
                                 "sorted_by": sort, "table": table})
 
 
-def edit_process_s(run: Run, manifest: Path, folder: Path, *options: str) -> float:
+def edit_process_s(run: Run, manifest: Path, *options: str) -> float:
     """Seconds from starting a new `icd edit` process to its PNG on disk (an edit of random pixels at the
     model's benchmark size, in the run's first dtype); `options` adds --backend or --compile."""
-    from PIL import Image
-
     size = run.sizes["sd15"]
-    photo, output = folder / "photo.png", folder / "out.png"
-    Image.effect_noise((size, size), 64).convert("RGB").save(photo)
-    output.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "icd", "edit", str(photo), "--src", SOURCE, "--tgt", TARGET, "-m", str(manifest),
-               "--device", run.device.type, "--dtype", run.dtypes[0], "--width", str(size), "--height", str(size),
-               "--no-server", "-q", "-o", str(output), *options]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=max(run.deadline_left() - 2, 1))
-    seconds = time.perf_counter() - started
-    if done.returncode != 0 or not output.is_file():
-        raise RuntimeError(f"`icd edit {' '.join(options)}` exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    return seconds
+    return cold_start_s(manifest, run.device.type, run.dtypes[0], size, size, *options,
+                        timeout=max(run.deadline_left() - 2, 1))
 
 
 def cold_row(run: Run, stage: str, name: str, label: str, seconds: float) -> None:
@@ -534,14 +522,12 @@ def stage_cold_start(run: Run, stage: str) -> None:
 
     manifest = resolve_model(str(run.models["sd15"]))
     precision = run.dtypes[0]
-    with tempfile.TemporaryDirectory(prefix="icd-cold-") as scratch:
-        folder = Path(scratch)
-        if not run.dry and not Index.open(manifest).entries:  # a dry run starts one process: the fused one
-            cold_row(run, stage, "cold_start_plain", "cold start: new process, teacher + LoRA fused at load",
-                     edit_process_s(run, manifest.path, folder, "--backend", "torch"))
-        export_model(manifest, (precision,), onnx=False, device=run.device)
-        cold_row(run, stage, "cold_start_fused", "cold start: new process, exported fused weights",
-                 edit_process_s(run, manifest.path, folder, "--backend", "torch"))
+    if not run.dry and not Index.open(manifest).entries:  # a dry run starts one process: the fused one
+        cold_row(run, stage, "cold_start_plain", "cold start: new process, teacher + LoRA fused at load",
+                 edit_process_s(run, manifest.path, "--backend", "torch"))
+    export_model(manifest, (precision,), onnx=False, device=run.device)
+    cold_row(run, stage, "cold_start_fused", "cold start: new process, exported fused weights",
+             edit_process_s(run, manifest.path, "--backend", "torch"))
 
 
 def stage_cold_start_compiled(run: Run, stage: str) -> None:
@@ -550,12 +536,10 @@ def stage_cold_start_compiled(run: Run, stage: str) -> None:
     if run.dry:
         run.results.stage(stage, reason="dry run: inductor's CPU builds take minutes on a small machine")
         return
-    with tempfile.TemporaryDirectory(prefix="icd-cold-") as scratch:
-        folder = Path(scratch)
-        first = edit_process_s(run, run.models["sd15"], folder, "--backend", "torch", "--compile")
-        cold_row(run, stage, "cold_start_compile_first", "new process, --compile, empty inductor cache", first)
-        second = edit_process_s(run, run.models["sd15"], folder, "--backend", "torch", "--compile")
-        cold_row(run, stage, "cold_start_compile_cached", "cold start: new process, --compile, inductor cache", second)
+    first = edit_process_s(run, run.models["sd15"], "--backend", "torch", "--compile")
+    cold_row(run, stage, "cold_start_compile_first", "new process, --compile, empty inductor cache", first)
+    second = edit_process_s(run, run.models["sd15"], "--backend", "torch", "--compile")
+    cold_row(run, stage, "cold_start_compile_cached", "cold start: new process, --compile, inductor cache", second)
 
 
 def stage_pytest(dtype: str):

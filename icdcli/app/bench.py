@@ -97,22 +97,25 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def cold_start_s(manifest_path: Path, backend: str, device: str, dtype: str, width: int, height: int) -> float:
-    """Seconds from starting a new `icd edit` process to its edited image on disk (artifacts already built)."""
+def cold_start_s(manifest_path: Path, device: str, dtype: str, width: int, height: int, *options: str,
+                 timeout: float | None = None) -> float:
+    """Seconds from starting a new `icd edit` process (never through a server) to its edited image on disk
+    (artifacts already built); `options` adds e.g. --backend or --compile."""
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as folder:
-        photo = Path(folder) / "photo.png"
+        photo, output = Path(folder) / "photo.png", Path(folder) / "out.png"
         Image.effect_noise((width, height), 64).convert("RGB").save(photo)
         command = [sys.executable, "-c", "from icd.app.cli import main; main()", "edit", str(photo), "--src", SOURCE,
-                   "--tgt", TARGET, "-m", str(manifest_path), "--backend", backend, "--device", device, "--dtype",
-                   dtype, "--width", str(width), "--height", str(height), "-o", str(Path(folder) / "out.png"), "-q"]
+                   "--tgt", TARGET, "-m", str(manifest_path), "--device", device, "--dtype", dtype, "--width",
+                   str(width), "--height", str(height), "--no-server", "-o", str(output), "-q", *options]
         environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this run's thread count
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=environment)
+        done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
         seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"cold-start run failed: {done.stderr.strip().splitlines()[-1]}")
+        if done.returncode != 0 or not output.is_file():
+            lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+            raise RuntimeError(f"cold-start run {' '.join(options)} failed: {lines[-1]}")
     return seconds
 
 
@@ -140,7 +143,8 @@ def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dt
         report |= _measure(session, torch_device, size, warmup, repeats, () if stages_only else batches,
                            report["matmul_tflops"], stages_only)
     if cold_start:
-        report["cold_start_s"] = cold_start_s(manifest.path, session.backend, device, precision, size, size)
+        report["cold_start_s"] = cold_start_s(manifest.path, device, precision, size, size, "--backend",
+                                             session.backend)
     return report
 
 
@@ -161,7 +165,8 @@ def _measure(session: Session, device: torch.device, size: int, warmup: int, rep
     p2p_flops = flops["text"] + steps * 2 * flops["unet"] + flops["vae_decode"]  # the edited row only
     swap_flops = flops["text"] + steps * flops["unet"] + flops["vae_decode"]
     stages = {
-        "text_encode": ("text encoding, 2 prompts", lambda: model.encode_text([SOURCE, TARGET], (size, size)),
+        # the encoders themselves: encode_text keeps the prompts it has encoded, so repeats would be lookups
+        "text_encode": ("text encoding, 2 prompts", lambda: model.encode_prompts([SOURCE, TARGET], (size, size)),
                         flops["text"]),
         "vae_encode": ("VAE encode", lambda: model.encode_image(pixels), flops["vae_encode"]),
         "unet_forward_b1": ("UNet call, forward, batch 1", lambda: forward(x1, 259, cond1, w0), flops["unet"]),

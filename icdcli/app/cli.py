@@ -463,6 +463,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
     from .jobs import IMAGE_SUFFIXES, EditOptions, check_edit, check_input, expand_inputs, needs_inversion
 
     ctx = click.get_current_context()
+    masks = {}  # each mask file's values, read once in the checks and used by the run
     if keep_outside is not None and not mask and _given_here(ctx, "keep_outside"):
         raise UsageError(f"--{'' if keep_outside else 'no-'}keep-outside applies with --mask")
     if save_mask and not (mask or blend) and not jobs_file:
@@ -500,7 +501,7 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         _check_output(output, len(targets) * (len(images) * len(seeds) + len(paths) - len(images)))
         _check_engine(device, dtype, backend, compile, not no_server)
         amplified, blended = _parse_amplify(amplify), _parse_blend(blend)
-        mask_path = planning.checked_mask(mask)
+        mask_path = planning.checked_mask(mask, masks)
         model = model or DEFAULT_MODEL
         manifest = _resolve(model)
         _check_size(manifest, width, height)
@@ -515,7 +516,6 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         options = [EditOptions(source, target, method, knobs["guidance"], knobs["tau"], config, mask_path,
                                keep_outside is not False, strength=strength) for target in targets]
         items = planning.with_mask_outputs(planning.edit_items(paths, output, options, seeds), save_mask)
-    masks = {}
 
     def check(item):
         check_input(item.source, manifest, model)

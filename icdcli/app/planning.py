@@ -14,9 +14,9 @@ from icd.latents import MAX_SEED
 log = logging.getLogger("icd")
 
 
-def checked_mask(mask: str | None) -> Path | None:
-    """--mask read whole now (one picture: cheap), so a mask that cannot act stops the command before the model
-    loads; one that selects everything is said once."""
+def checked_mask(mask: str | None, masks: dict) -> Path | None:
+    """--mask read whole now (one picture: cheap) into `masks`, which the run then uses, so a mask that cannot
+    act stops the command before the model loads; one that selects everything is said once."""
     if mask is None:
         return None
     from icd.images import read_mask, selects_everything
@@ -27,6 +27,7 @@ def checked_mask(mask: str | None) -> Path | None:
         raise UsageError(f"--mask: {err}") from None
     if selects_everything(values):
         log.warning("--mask %s selects the whole image (it is all white): the edit is not confined", mask)
+    masks[Path(mask)] = values
     return Path(mask)
 
 

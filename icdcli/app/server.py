@@ -117,7 +117,6 @@ def clear_stale(path: Path) -> None:
     path.unlink()
 
 
-
 BATCHED = {"invert": "pixels", "reconstruct": "x_T"}  # the operations batched by their input's shape
 MAX_BATCH_ROWS = 8  # jobs in one model call: more would only make the first client wait for the last
 WORKER_STOP_S = 60.0

@@ -278,7 +278,7 @@ class Model:
         keys = [(prompt, size if self.manifest.kind == "sdxl" else None) for prompt in prompts]
         missing = list(dict.fromkeys(key for key in keys if key not in self._prompts))
         if missing:
-            encoded = self._encode_prompts([prompt for prompt, _ in missing], size)
+            encoded = self.encode_prompts([prompt for prompt, _ in missing], size)
             for i, key in enumerate(missing):
                 self._prompts[key] = encoded.rows(slice(i, i + 1))
         for key in keys:
@@ -288,7 +288,10 @@ class Model:
             self._prompts.popitem(last=False)
         return rows
 
-    def _encode_prompts(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """The encoders' work, uncached: what `encode_text` runs for prompts it has not kept (and what a
+        benchmark of text encoding times)."""
         for prompt in set(prompts):
             count = len(self.tokenizers[0](prompt).input_ids)
             limit = self.tokenizers[0].model_max_length
