@@ -1,10 +1,12 @@
 """Prompt-to-Prompt and the prompt swap on every CPU backend, side by side: a photo edit (invert + decode)
-with eager torch, torch.compile (inductor) and ONNX Runtime; medians and the ratio to eager torch; and the
-ATen ops of one reverse UNet call with and without Prompt-to-Prompt (counted by a TorchDispatchMode).
+with eager torch, torch.compile (inductor) and ONNX Runtime; medians, the ratio to the first backend, the
+largest pixel difference from it (levels of 255, an edit of one random x_T); and the ATen ops of one
+reverse UNet call with and without Prompt-to-Prompt (counted by a TorchDispatchMode).
 
-Models: `mini` (shipped) and the random-weight `tiny` test model; `--sd15` adds random-weight SD1.5 at
-128x128 (built once into $ICD_HOME, ~3.4 GB in fp32). Usage:
-    python bench/p2p_backends.py [--repeats N] [--sd15]
+Models: `mini` (shipped), the random-weight `tiny` test model and random-weight SD1.5 at 128x128 (`sd15`:
+built once into $ICD_HOME, ~3.4 GB in fp32; its ONNX export takes minutes and inductor's CPU build of it
+far longer, so name the backends). Usage:
+    python bench/p2p_backends.py [--repeats N] [--models mini tiny sd15] [--backends torch onnx]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 PROMPTS = {"mini": ("a red circle on a sandy background", "a blue circle on a sandy background"),
            "tiny": ("a red cat", "a blue cat"), "sd15": ("a photo of a cat", "a photo of a dog")}
 SIZES = {"mini": 64, "tiny": 64, "sd15": 128}
-BACKENDS = (("torch", "torch", False), ("torch+compile", "torch", True), ("onnx", "onnx", False))
+BACKENDS = {"torch": ("torch", False), "torch+compile": ("torch", True), "onnx": ("onnx", False)}
 
 
 class OpCounter(TorchDispatchMode):
@@ -64,30 +66,38 @@ def ops_per_call(session, source: str, target: str, size: int) -> tuple[int, int
     return counts[0], counts[1]
 
 
+def model_latent(name: str, size: int) -> tuple[int, ...]:
+    return open_session(name, "cpu", "fp32", "torch").model.latent_shape(size, size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sd15", action="store_true", help="also random-weight SD1.5 at 128x128 (~3.4 GB)")
+    parser.add_argument("--models", nargs="+", choices=list(PROMPTS), default=["mini", "tiny"])
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS),
+                        help="the first is the one the others are compared with")
     args = parser.parse_args()
     home = Path(os.environ.setdefault("ICD_HOME", tempfile.mkdtemp(prefix="icd-bench-")))
-    if not (home / "models" / "tiny").is_dir():
+    if "tiny" in args.models and not (home / "models" / "tiny").is_dir():
         build_tiny_model(home / "models" / "tiny", kind="sd15")
-    models = ["mini", "tiny"]
-    if args.sd15:
-        from icd.models.offline import build_random_model
-
-        models.append(build_random_model("sd15").name)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats}")
-    print(f"{'model':8} {'method':6} {'backend':14} {'edit ms':>9} {'vs torch':>9}")
-    for name in models:
-        kind = "sd15" if name not in PROMPTS else name
+    print(f"{'model':8} {'method':6} {'backend':14} {'edit ms':>9} {'vs ' + args.backends[0]:>9} {'max levels':>12}")
+    for kind in args.models:
+        if kind == "sd15":
+            from icd.models.offline import build_random_model
+
+            name = str(build_random_model("sd15"))
+        else:
+            name = kind
         source, target = PROMPTS[kind]
         size = SIZES[kind]
         pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        x_T = torch.randn(model_latent(name, size), generator=torch.Generator().manual_seed(5))
         for method in ("p2p", "swap"):
-            eager = None
-            for label, backend, compile in BACKENDS:
+            first = reference = None
+            for label in args.backends:
+                backend, compile = BACKENDS[label]
                 session = open_session(name, "cpu", "fp32", backend, compile=compile)
 
                 def photo_edit():
@@ -95,10 +105,14 @@ def main() -> None:
                     pipeline.edit(session, x_T, source, target, method=method, with_reconstruction=False)
 
                 ms = median_ms(photo_edit, args.repeats, warmup=2)  # compiles during the warm-up
-                eager = eager or ms
-                print(f"{name:8} {method:6} {label:14} {ms:9.1f} {eager / ms:8.2f}x", flush=True)
+                first = first or ms
+                # The pixels, from one x_T (a random model's inversion is too ill-conditioned to compare)
+                edited = pipeline.edit(session, x_T, source, target, method=method, with_reconstruction=False).edited
+                reference = edited if reference is None else reference
+                levels = (edited - reference).abs().max().item() * 127.5
+                print(f"{kind:8} {method:6} {label:14} {ms:9.1f} {first / ms:8.2f}x {levels:12.2f}", flush=True)
         plain, steered = ops_per_call(open_session(name, "cpu", "fp32", "torch"), source, target, size)
-        print(f"{name:8} ATen ops per reverse UNet call: plain {plain}, prompt-to-prompt {steered} "
+        print(f"{kind:8} ATen ops per reverse UNet call: plain {plain}, prompt-to-prompt {steered} "
               f"({steered / plain:.2f}x)", flush=True)
 
 

@@ -12,7 +12,7 @@ from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
 from icd.models.manifest import Manifest
 
 from .artifacts import Built, Index, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
-from .onnx import example_latent, export_unet, verify_graph, verify_latent
+from .onnx import cpu_optimized_path, example_latent, export_unet, verify_graph, verify_latent, write_cpu_optimized
 
 log = logging.getLogger("icd")
 
@@ -73,6 +73,11 @@ def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[st
             if precision in stale_steered:  # after the plain graph: this one sets P2P processors on the UNet
                 _export_graph(index, unet, direction, precision, device, steered=True)
             done.append(Built(steered_onnx_name(precision), precision not in stale_steered))
+        if "fp32" in graph_precisions:  # the graphs ONNX Runtime runs on a CPU
+            for name in (onnx_name(direction, "fp32"), *([steered_onnx_name("fp32")] if steered else [])):
+                if not cpu_optimized_path(index.folder / name).is_file():
+                    log.info("optimising %s for this CPU (once)", name)
+                    write_cpu_optimized(index.folder / name)
         if tensorrt:
             from .tensorrt import ensure_engine
 

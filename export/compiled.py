@@ -25,10 +25,13 @@ _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def choose_compile_mode(device: torch.device, static_shapes: bool) -> str:
-    """torch.compile's mode: CUDA graphs and autotuning (max-autotune) pay off only when every call has the
-    same shapes (they are recorded per shape); otherwise, and on a CPU, the default mode."""
-    return "max-autotune" if device.type == "cuda" and static_shapes else "default"
+def choose_compile_mode(device: torch.device, static_shapes: bool, loops_captured: bool = False) -> str:
+    """torch.compile's mode: autotuning pays off only when every call has the same shapes; CUDA graphs per
+    call (max-autotune) only when the loops are not captured whole (a graph cannot be recorded inside
+    another); on a CPU the default mode."""
+    if device.type != "cuda" or not static_shapes:
+        return "default"
+    return "max-autotune-no-cudagraphs" if loops_captured else "max-autotune"
 
 
 def compile_module(module, mode: str):

@@ -214,25 +214,71 @@ def ort_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[device]
 
 
+def cpu_optimized_path(path: Path) -> Path:
+    """Where ONNX Runtime's fully optimised CPU version of the graph `path` is kept. Its layout optimisations
+    depend on the ONNX Runtime version and the CPU's instruction set, and it derives from one build of the
+    graph (its size and time), so all of these name it."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    stat = path.stat()
+    origin = f"{ort.__version__} {torch.backends.cpu.get_cpu_capability()} {stat.st_size} {stat.st_mtime_ns}"
+    return path.with_name(f"{path.stem}.cpu-{hashlib.sha256(origin.encode()).hexdigest()[:12]}.ort.onnx")
+
+
+def write_cpu_optimized(path: Path) -> Path:
+    """Optimise the graph `path` fully for this CPU once (ORT_ENABLE_ALL: for the SD1.5 P2P graph at 128 px,
+    calls 12% faster than at the basic level, BENCHMARKS.md) and keep the result beside it, so that sessions
+    open it without optimising (6.5 s for SD1.5, where optimising fully takes 20 s). Called by the export, under its lock; the
+    graph file appears last (its weights file is written first), and older versions are removed."""
+    import onnxruntime as ort
+
+    target = cpu_optimized_path(path)
+    if target.is_file():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(partial)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    partial.replace(target)
+    for old in path.parent.glob(f"{path.stem}.cpu-*.ort.onnx*"):
+        if old.name not in (target.name, target.name + ".data"):
+            old.unlink()
+    return target
+
+
 def onnx_session(path: Path, device: torch.device):
     """An ONNX Runtime session on the CPU or, for a CUDA device, the CUDA provider on `ort_stream`.
 
-    On the CPU only the basic graph optimisations run: for the SD1.5 UNet they make a session in 2.3 s
-    instead of 14 s with all of them, for calls 1.3x slower (1.6 s instead of 1.3 s at 128 px on the
-    development CPU), and a new process per photo is the common case."""
+    On the CPU a session opens the export's fully optimised version of the graph when there is one for this
+    CPU and ONNX Runtime (`write_cpu_optimized`), without optimising again; else it runs only the basic
+    optimisations, which open SD1.5's graph in 6.6 s where optimising fully takes 20 s."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     levels = ort.GraphOptimizationLevel
-    options.graph_optimization_level = levels.ORT_ENABLE_ALL if device.type == "cuda" else levels.ORT_ENABLE_BASIC
     options.log_severity_level = 3
     if device.type == "cuda":  # backends.select_backend has checked that onnxruntime has this provider
+        options.graph_optimization_level = levels.ORT_ENABLE_ALL
         stream = ort_stream(device).cuda_stream
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream)})]
+        return ort.InferenceSession(str(path), options, providers=providers)
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch's
+    # ONNX Runtime's threads otherwise spin after each run, taking the cores from torch's work between UNet
+    # calls (text encoder, VAE, the sampler's arithmetic).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    optimized = cpu_optimized_path(path)
+    if optimized.is_file():
+        options.graph_optimization_level = levels.ORT_DISABLE_ALL
+        path = optimized
     else:
-        options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch's
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
+        options.graph_optimization_level = levels.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def verify_graph(path: Path, unet, precision: str, batch: int, latent: tuple[int, int], steered: bool = False) -> float:

@@ -32,6 +32,7 @@ with the result (`blend_notes`), so a blend that cannot act never passes unnotic
 
 from __future__ import annotations
 
+import copy
 import math
 import string
 from collections import OrderedDict
@@ -252,15 +253,31 @@ class PromptToPrompt:
         self._coverage: list[torch.Tensor] = []  # each step's share of the latent the blend kept, on the device
         self.blend_mask: torch.Tensor | None = None  # (1, 1, h, w): the last step's blend region, 0 or 1
 
-    def start(self, device: torch.device) -> None:
-        """Ready for a new decoding on `device` (the tensors are copied there once)."""
+    def device_tensors(self, device: torch.device) -> tuple[tuple, tuple]:
+        """The control on `device`, copied there once: one tuple per step and the tensors every step shares."""
         device = torch.device(device)
         if device not in self._on_device:
             cross, self_gates, *fixed = (t.to(device) for t in self._tensors)
             # One tensor per step (not views of one): torch.compile then sees the same inputs every step.
-            steps = [(cross[i:i + 1].clone(), self_gates[i].clone()) for i in range(len(cross))]
+            steps = tuple((cross[i:i + 1].clone(), self_gates[i].clone()) for i in range(len(cross)))
             self._on_device[device] = steps, tuple(fixed)
-        self._steps, self._fixed = self._on_device[device]
+        return self._on_device[device]
+
+    def bound(self, control: tuple[tuple, tuple], device: torch.device) -> PromptToPrompt:
+        """This edit steered by `control` (the buffers of a captured loop): a copy that shares every host
+        setting and keeps its own step and blend state."""
+        view = copy.copy(self)
+        view._on_device = {torch.device(device): control}
+        return view
+
+    @property
+    def graph_key(self) -> tuple:
+        """The host settings a decoding reads besides the control tensors (a captured loop's key)."""
+        return self.blends, self._threshold, len(self.cross_steps), len(self.self_steps)
+
+    def start(self, device: torch.device) -> None:
+        """Ready for a new decoding on `device`."""
+        self._steps, self._fixed = self.device_tensors(device)
         self._reset()
 
     def control(self) -> tuple[torch.Tensor, ...]:
@@ -309,14 +326,22 @@ class PromptToPrompt:
         self._coverage.append(self.blend_mask.mean())
         return torch.stack([x[0], torch.where(mask, x[1], x[0])])
 
-    def blend_notes(self) -> list[str]:
-        """After a decoding: what to tell when the blend map selected nothing (the last step) or the whole
-        latent (every step), so a blend that did not act never goes unnoticed. Reads the device once."""
+    def outcome(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """After a decoding with blend words: the last step's region (1, 1, h, w), each step's share of the
+        latent it kept, and the summed blend-word maps (their shape gives the grid); None without them."""
         if not self._coverage:
+            return None
+        return self.blend_mask, torch.stack(self._coverage), self._maps
+
+    def blend_notes(self, outcome: tuple | None) -> list[str]:
+        """What to tell when the blend map of a decoding's `outcome` selected nothing (the last step) or the
+        whole latent (every step), so a blend that did not act never goes unnoticed. Reads the device once."""
+        if outcome is None:
             return []
-        coverage = torch.stack(self._coverage).tolist()
+        _, coverage, maps = outcome
+        coverage = coverage.tolist()
         words = f"{MASK_WORDS_NOTE} " + " ".join(self._blend_words[0]) + ":" + " ".join(self._blend_words[1])
-        cells = "x".join(str(n) for n in self._grid(self.blend_tokens))
+        cells = "x".join(str(n) for n in self._grid(maps.shape[-1]))
         if coverage[-1] == 0.0:
             return [f"{words} selects nothing (the words' attention on a {cells} grid stays under "
                     f"the threshold {self._threshold:g}): the result is the reconstruction"]

@@ -32,6 +32,10 @@ class Runtime(Protocol):
     def attention_host(self) -> AttentionHost:
         """The reverse UNet with Prompt-to-Prompt's control as inputs, on the runtime's own engine."""
 
+    def run_loop(self, key: tuple, loop, *inputs):
+        """`loop(*inputs)`, which a runtime may replay as one captured graph: `key` names every host value
+        the loop reads (timesteps, guidance), `inputs` are its tensors (see icd_export.graphs)."""
+
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise from a CPU generator: identical on every device for a given seed."""
@@ -62,8 +66,17 @@ def invert(runtime: Runtime, pixels: torch.Tensor, prompt: str | list[str], seed
     height, width = pixels.shape[-2:]
     z0 = model.encode_image(pixels)
     cond = model.encode_text(_per_row(prompt, z0.shape[0]), (width, height))
-    noise = row_noise(tuple(z0.shape), _per_row(seed, z0.shape[0]))
-    return encode(runtime.denoiser("forward"), z0, cond, model.manifest.forward_timesteps, noise).float()
+    noise = row_noise(tuple(z0.shape), _per_row(seed, z0.shape[0])).to(model.device)
+    forward, timesteps = runtime.denoiser("forward"), tuple(model.manifest.forward_timesteps)
+    return runtime.run_loop(("invert", timesteps), lambda z0, noise, cond: encode(forward, z0, cond, timesteps, noise),
+                            z0, noise, cond).float()
+
+
+def _decoded_loop(runtime: Runtime, x: torch.Tensor, cond: Conditioning, guidance: float, tau: float) -> torch.Tensor:
+    """The reverse loop of reconstruction and generation: one prompt per row, dynamic guidance."""
+    reverse, timesteps = runtime.denoiser("reverse"), tuple(runtime.model.manifest.reverse_timesteps)
+    return runtime.run_loop(("decode", timesteps, guidance, tau),
+                            lambda x, cond: decode(reverse, x, cond, timesteps, guidance, tau), x, cond)
 
 
 @torch.inference_mode()
@@ -72,9 +85,7 @@ def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str | list[str], gu
     """x_T -> pixels (B, 3, H, W) in [-1, 1]; with w = 0 this is the faithful inversion."""
     model = runtime.model
     cond = model.encode_text(_per_row(prompt, x_T.shape[0]), model.image_size(x_T))
-    latents = decode(runtime.denoiser("reverse"), on_device(x_T, model.device), cond, model.manifest.reverse_timesteps,
-                     guidance, tau)
-    return model.decode_latents(latents)
+    return model.decode_latents(_decoded_loop(runtime, on_device(x_T, model.device), cond, guidance, tau))
 
 
 @dataclass
@@ -133,24 +144,35 @@ def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, metho
         host = runtime.attention_host()
         controller = host.controller(model.tokenizers[0], source, target, len(schedule), p2p,
                                      latent_size=tuple(x_T.shape[-2:]))
-        steps = [Step(jump, cond_both, (0.0, w)) for jump, w in schedule]
-        after_step = controller.after_step if region is None else \
-            (lambda i, x: confined(controller.after_step(i, x), region))
-        with host.attached(controller):
-            latents = run_steps(host.denoiser, both_rows, steps, after_step)
-        notes = [*controller.warnings, *controller.blend_notes()]
-        used = controller.blend_mask if region is None or controller.blend_mask is None else \
-            controller.blend_mask * region
-        return _decoded(model, latents, with_reconstruction, notes, region if used is None else used)
-    if method == "swap":  # source tokens with the target's pooled embedding (SDXL) on the unguided steps
-        swapped = replace(cond_src, pooled=cond_tgt.pooled, time_ids=cond_tgt.time_ids)
-        steps = [Step(jump, swapped if jump.t / 1000 > tau else cond_tgt, (w,)) for jump, w in schedule]
-    else:
-        steps = [Step(jump, cond_tgt, (w,)) for jump, w in schedule]
+
+        def steered(x, cond, control, region):
+            view = controller.bound(control, model.device)
+            after_step = view.after_step if region is None else (lambda i, x: confined(view.after_step(i, x), region))
+            with host.attached(view):
+                latents = run_steps(host.denoiser, x, [Step(jump, cond, (0.0, w)) for jump, w in schedule], after_step)
+            return latents, view.outcome()
+
+        latents, outcome = runtime.run_loop(("p2p", tuple(schedule), controller.graph_key), steered, both_rows,
+                                            cond_both, controller.device_tensors(model.device), region)
+        notes = [*controller.warnings, *controller.blend_notes(outcome)]
+        used = region if outcome is None else outcome[0] if region is None else outcome[0] * region
+        return _decoded(model, latents, with_reconstruction, notes, used)
+
+    def unsteered(x, source, target, region):  # swap and none
+        if method == "swap":  # source tokens with the target's pooled embedding (SDXL) on the unguided steps
+            swapped = replace(source, pooled=target.pooled, time_ids=target.time_ids)
+            steps = [Step(jump, swapped if jump.t / 1000 > tau else target, (w,)) for jump, w in schedule]
+        else:
+            steps = [Step(jump, target, (w,)) for jump, w in schedule]
+        if region is None:
+            return run_steps(runtime.denoiser("reverse"), x, steps)
+        steps = [Step(step.jump, Conditioning.cat([source, step.cond]), (0.0, *step.w)) for step in steps]
+        return run_steps(runtime.denoiser("reverse"), x, steps, lambda i, x: confined(x, region))
+
+    key = (method, tuple(schedule), tau)
     if region is None:
-        return EditResult(model.decode_latents(run_steps(runtime.denoiser("reverse"), x_T, steps)), None)
-    steps = [Step(step.jump, Conditioning.cat([cond_src, step.cond]), (0.0, *step.w)) for step in steps]
-    latents = run_steps(runtime.denoiser("reverse"), both_rows, steps, lambda i, x: confined(x, region))
+        return EditResult(model.decode_latents(runtime.run_loop(key, unsteered, x_T, cond_src, cond_tgt, None)), None)
+    latents = runtime.run_loop(key, unsteered, both_rows, cond_src, cond_tgt, region)
     return _decoded(model, latents, with_reconstruction, [], region)
 
 
@@ -172,5 +194,4 @@ def generate(runtime: Runtime, prompt: str | list[str], seed: int | list[int], w
     rows = max(len(v) if isinstance(v, (list, tuple)) else 1 for v in (prompt, seed))
     noise = row_noise(model.latent_shape(width, height), _per_row(seed, rows)).to(model.device)
     cond = model.encode_text(_per_row(prompt, rows), (width, height))
-    latents = decode(runtime.denoiser("reverse"), noise, cond, model.manifest.reverse_timesteps, guidance, tau)
-    return model.decode_latents(latents)
+    return model.decode_latents(_decoded_loop(runtime, noise, cond, guidance, tau))

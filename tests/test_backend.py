@@ -235,6 +235,8 @@ def test_compile_wraps_the_denoisers_and_prompt_to_prompt(manifest, caplog):
                            directions=("reverse",))
     assert session.compile_mode == "default"  # CUDA graphs and autotuning only on a GPU with fixed shapes
     assert choose_compile_mode(torch.device("cuda"), True) == "max-autotune"
+    assert choose_compile_mode(torch.device("cuda"), True, loops_captured=True) == "max-autotune-no-cudagraphs"
+    assert session.graphs is None  # loops are captured on CUDA only
     assert choose_compile_mode(torch.device("cuda"), False) == "default"
     # the denoiser's epsilon function runs a compiled copy (compiled lazily, on first call) of the eager UNet
     compiled = inspect.getclosurevars(session.denoiser("reverse").eps_fn).nonlocals["unet"]

@@ -2,6 +2,7 @@
 fused weights that load without the teacher, and artifacts reused when valid, rebuilt when not."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from icd_export import artifacts  # noqa: E402
 from icd_export.artifacts import Index, artifacts_dir, load_fused_unet  # noqa: E402
 from icd_export.build import export_model  # noqa: E402
 from icd_export.onnx import (  # noqa: E402
-    ExportError, UNetGraph, example_latent, export_unet, input_names, onnx_session, random_inputs, verify_graph)
+    ExportError, UNetGraph, cpu_optimized_path, example_latent, export_unet, input_names, onnx_session, random_inputs,
+    verify_graph)
 
 
 def fused_fp32(manifest, *directions):
@@ -153,3 +155,39 @@ def test_fused_weights_load_without_the_teacher(icd_home, monkeypatch):
     (bf16,) = unets_session(manifest, torch.bfloat16).unets("reverse")
     assert bf16.dtype == torch.bfloat16
     assert load_fused_unet(resolve_model("tiny-sdxl"), {}, "reverse", torch.float32, torch.device("cpu")) is None
+
+
+def test_cpu_sessions_open_the_exports_fully_optimised_graphs(icd_home):
+    """The export optimises every fp32 graph for this CPU once; sessions open that version without optimising
+    (same outputs); a graph rebuilt since is opened as it is until the next export optimises it again,
+    which also removes the outdated version."""
+    import onnxruntime as ort
+
+    manifest = resolve_model("tiny")
+    export_model(manifest, ("fp32",))
+    folder = artifacts_dir(manifest)
+    for name in ("unet-forward-fp32.onnx", "unet-reverse-fp32.onnx", "unet-reverse-p2p-fp32.onnx"):
+        optimized = cpu_optimized_path(folder / name)
+        assert optimized.is_file() and optimized.with_name(optimized.name + ".data").is_file()
+    graph = folder / "unet-reverse-fp32.onnx"
+    outdated = cpu_optimized_path(graph)
+    session = onnx_session(graph, torch.device("cpu"))
+    assert session._model_path == str(outdated)
+    # its threads sleep between runs instead of spinning on the cores torch needs next (BENCHMARKS.md)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    config = unet_config(manifest)
+    feeds = {k: v.numpy() for k, v in random_inputs(config, 1, (16, 16), torch.float32, seed=3).items()}
+    (fast,), (reference,) = session.run(["eps"], feeds), plain.run(["eps"], feeds)
+    assert abs(fast - reference).max() < 1e-4 * abs(reference).max()
+
+    stat = graph.stat()
+    os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rebuild would
+    assert not cpu_optimized_path(graph).is_file()
+    assert onnx_session(graph, torch.device("cpu"))._model_path == str(graph)
+    export_model(manifest, ("fp32",))
+    assert cpu_optimized_path(graph).is_file() and not outdated.exists()
+    assert not outdated.with_name(outdated.name + ".data").exists()
+    assert not list(folder.glob("*.partial"))

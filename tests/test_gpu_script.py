@@ -55,7 +55,7 @@ def test_rows_carry_floors_and_targets(full_run):
     _, data, _ = full_run
     timed = [row for row in data["rows"] if "ms" in row]
     assert timed and all(ROW_KEYS <= set(row) and row["stage"] in STAGES for row in timed)
-    assert {row["mode"] for row in timed} == {"eager", "captured", "compile", "process"}
+    assert {row["mode"] for row in timed} == {"eager", "captured", "compile", "compile+captured", "process"}
     for row in timed:
         if row["mode"] != "process":  # every computation's FLOPs were counted in eager mode
             assert row["gflop"] > 0 and row["ratio"] == pytest.approx(row["ms"] / row["floor_ms"], rel=1e-2)

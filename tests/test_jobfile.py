@@ -73,7 +73,7 @@ BAD_ROWS = {
     "strength out of range": ({"image": "a.png", "source": "a", "target": "b", "strength": 3},
                               "row 2: strength: Input should be less than or equal to 1"),
     "mask words twice": ({"image": "a.png", "source": "a", "target": "b", "blend": "a:b", "mask_words": "a:b"},
-                         "row 2: row: mask_words and blend are one column under two names: give one"),
+                         "row 2: mask_words and blend are one column under two names: give one"),
     "blend with swap": ({"image": "a.png", "source": "a", "target": "b", "method": "swap", "blend": "a:b"},
                         "row 2: blend apply to method p2p, not swap"),
     "bad amplify": ({"image": "a.png", "source": "a", "target": "b", "amplify": "bear"},

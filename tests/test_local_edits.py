@@ -208,7 +208,7 @@ def test_job_file_rows_take_masks_and_strengths(icd_home, scene_files, tmp_path)
     for name in ("scene.png", "circle.png", "black.png"):
         (tmp_path / name).write_bytes((folder / name).read_bytes())
     rows = [{"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, "mask": "circle.png",
-             "strength": 0.75, "output": "good.png"},
+             "strength": 0.75, "output": "good.png", "save_mask": "used.png"},
             {"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, "mask": "black.png",
              "output": "bad.png"}]
     jobs = tmp_path / "jobs.jsonl"
@@ -221,6 +221,26 @@ def test_job_file_rows_take_masks_and_strengths(icd_home, scene_files, tmp_path)
     assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["keep_outside"]) == (
         0.75, 2.0, 0.9, 0.15, True)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "good.png"))[~circle], np.asarray(scene.image)[~circle])
+    used = np.asarray(Image.open(tmp_path / "used.png"))  # the row's save_mask: the map its edit used
+    assert used.shape == (64, 64) and used[0, 63] == 0 and used[20, 19] == 255
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"save_mask": "m.png"}, "row 1: save_mask needs mask or mask_words: nothing else confines an edit"),
+    ({"mask_words": "red:green", "save_mask": "out.png", "output": "out.png"},
+     "row 1: save_mask out.png is the edit's own output: choose another file"),
+    ({"mask_words": "red:green", "save_mask": "second.png"},
+     "row 2: output second.png is also written by row 1: give each row its own files"),
+])
+def test_job_file_save_mask_is_checked_before_the_model_loads(icd_home, tmp_path, row, message):
+    rows = [{"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, **row},
+            {"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, "output": "second.png"}]
+    (tmp_path / "scene.png").write_bytes(b"")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = icd("edit", "--jobs", jobs, *MINI, cwd=tmp_path)
+    assert result.exit_code == 2
+    assert f"icd: error: jobs.jsonl {message}" in result.stderr.replace(str(tmp_path) + "/", "")
 
 
 @pytest.mark.parametrize("args, line", [
@@ -272,8 +292,9 @@ def test_blend_that_selects_nothing_is_reported(tokenizer):
         controller.observe(maps)
         blended = controller.after_step(step, x)
     assert torch.equal(blended[1], x[0])  # the target is the source everywhere
-    assert controller.blend_notes() == ["--mask-words cat:dog selects nothing (the words' attention on a 4x4 grid "
-                                        "stays under the threshold 0.3): the result is the reconstruction"]
+    assert controller.blend_notes(controller.outcome()) == ["--mask-words cat:dog selects nothing (the words' attention on a 4x4 grid "
+                                                            "stays under the threshold 0.3): the result is the "
+                                                            "reconstruction"]
     assert torch.equal(controller.blend_mask, torch.zeros(1, 1, 8, 8))
 
 
@@ -289,7 +310,7 @@ def test_blend_on_a_coarse_grid_is_not_dilated(tokenizer):
     expected = torch.zeros(1, 1, 8, 8)
     expected[..., 2:4, 2:4] = 1.0
     assert torch.equal(controller.blend_mask, expected)
-    assert controller.blend_notes() == []
+    assert controller.blend_notes(controller.outcome()) == []
 
 
 def test_blend_maps_are_recorded_after_the_edit_as_officially():

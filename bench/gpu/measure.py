@@ -5,9 +5,10 @@ project first; bench/gpu/README.md says how to call it.
 Random-weight SD1.5 (512x512) and SDXL (1024x1024) are built on the machine with the project's builder and
 opened through the product's own loading path. Each timed callable runs once to warm up, once more under
 torch.utils.flop_counter (its FLOPs; floor = FLOPs / the peak rate, 790 TFLOP/s bf16 dense on an H200),
-then `repeats` times (median, CUDA events; `icd.app.bench.time_ms`). Modes: eager; captured (the project's
-own `encode` and `run_steps` loops, each captured whole with torch.cuda.graph over static buffers, VAE and
-text eager); compile (the session's torch.compile path with CUDA graphs).
+then `repeats` times (median, CUDA events; `icd.app.bench.time_ms`). Modes: eager; captured (the product's
+own loop capture, icd_export.graphs: each loop one CUDA graph over static buffers, VAE and text eager);
+compile (the session's torch.compile path with CUDA graphs per call); compile+captured (compiled UNets
+without CUDA graphs inside loops captured whole).
 
 The stages run most-important-first; the JSON in --out is rewritten after every stage, so a run stopped by
 its deadline keeps what finished. A stage that would not fit in the time left is skipped; one still running
@@ -51,11 +52,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from icd import pipeline  # noqa: E402
 from icd.app.bench import SOURCE, TARGET, cold_start_s, matmul_tflops, time_ms  # noqa: E402
 from icd.app.session import Session, open_session  # noqa: E402
-from icd.core.sampling import Step, encode, guidance_schedule, run_steps  # noqa: E402
-from icd.editing import edit_settings  # noqa: E402
 from icd.models.hub import resolve_model  # noqa: E402
 from icd.models.cache import icd_home  # noqa: E402
 from icd.models.loading import DIRECTIONS, DTYPES, PRECISIONS  # noqa: E402
+from icd_export.graphs import CudaRecorder, LoopGraphs, Rerun  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # an H200's dense bf16 (and fp16) matmul rate, as measured on one (KINDS.md)
 TARGETS_MS = {("sd15", "photo_edit_p2p"): 60.0, ("sd15", "invert"): 25.0, ("sdxl", "photo_edit_swap"): 250.0,
@@ -199,75 +199,17 @@ def edit_call(session, pixels: torch.Tensor, name: str):
     return lambda: photo_edit(session, pixels, name.removeprefix("photo_edit_"))
 
 
-def capture(fn, device: torch.device):
-    """`fn` as one CUDA graph: (its static output, replay). Two warm-up runs on a side stream first, so the
-    tensors made lazily (e(w), the P2P control) live outside the graph. On a CPU (--dry-run) a replay runs
-    `fn` again and copies its result into the static output: the same buffers, no graph."""
-    if device.type != "cuda":
-        out = fn()
-        return out, lambda: out.copy_(fn())
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return out, graph.replay
+def recorder(device: torch.device):
+    """The product's graph recorder (icd_export.graphs): CUDA's on a GPU, its CPU stand-in in a dry run."""
+    return CudaRecorder() if device.type == "cuda" else Rerun()
 
 
-def reverse_loop(session, x_T: torch.Tensor, method: str):
-    """The reverse loop of `pipeline.edit` over the static `x_T`, as a function that returns the latents
-    (decoding left out: it copies to the host, which no graph can hold)."""
-    model = session.model
-    settings = edit_settings(model.manifest, method)
-    schedule = guidance_schedule(model.manifest.reverse_timesteps, settings.guidance, settings.tau)
-    both = model.encode_text([SOURCE, TARGET], model.image_size(x_T))
-    source, target = both.rows(slice(0, 1)), both.rows(slice(1, 2))
-    if method == "p2p":
-        host = session.attention_host()
-        controller = host.controller(model.tokenizers[0], SOURCE, TARGET, len(schedule),
-                                     latent_size=tuple(x_T.shape[-2:]))
-        steps = [Step(jump, both, (0.0, w)) for jump, w in schedule]
-
-        def steered():
-            with host.attached(controller):
-                return run_steps(host.denoiser, x_T.expand(2, -1, -1, -1).contiguous(), steps, controller.after_step)
-
-        return steered
-    steps = [Step(jump, source if method == "swap" and jump.t / 1000 > settings.tau else target, (w,))
-             for jump, w in schedule]
-    denoiser = session.denoiser("reverse")
-    return lambda: run_steps(denoiser, x_T, steps)
-
-
-class CapturedLoops:
-    """A photo edit with the forward loop and the reverse loop each replayed as one captured graph: VAE encode
-    into the static z0, the forward graph writes x_T, the reverse graph reads it, VAE decode of the edited row."""
-
-    def __init__(self, session, size: int, method: str):
-        model, device = session.model, session.model.device
-        self.model = model
-        shape = model.latent_shape(size, size)
-        self.z0 = torch.zeros(shape, device=device)
-        noise = pipeline.seeded_noise(shape, 0).to(device)
-        cond = model.encode_text([SOURCE], (size, size))
-        forward = session.denoiser("forward")
-        self.x_T, self.forward = capture(
-            lambda: encode(forward, self.z0, cond, model.manifest.forward_timesteps, noise), device)
-        self.latents, self.reverse = capture(reverse_loop(session, self.x_T, method), device)
-
-    def invert(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.z0.copy_(self.model.encode_image(pixels))
-        self.forward()
-        return self.x_T
-
-    def photo_edit(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.invert(pixels)
-        self.reverse()
-        return self.model.decode_latents(self.latents[-1:])
+def captured_session(eager: Session, compile_mode: str | None = None) -> Session:
+    """The eager session's model and UNets with every loop replayed as one captured graph, as `icd edit`
+    runs on CUDA with one image size; `compile_mode` also compiles the UNets inside the loops."""
+    device = eager.model.device
+    return Session(eager.model, "torch", compile_mode, LoopGraphs(device, recorder(device)),
+                   _unets=dict(eager._unets))
 
 
 def unet_calls(session, size: int) -> dict:
@@ -374,19 +316,12 @@ def stage_eager(kind: str, dtype: str, names: tuple[str, ...]):
 
 
 def stage_captured(kind: str, dtype: str, methods: tuple[str, ...]):
-    """The same with each loop one captured graph (see CapturedLoops)."""
+    """The same with each loop replayed as one captured graph (the product's LoopGraphs); the first call's
+    seconds include the recording."""
     def captured(run: Run, stage: str) -> None:
-        session, pixels = run.session(kind, dtype), run.pixels(kind)
-        for i, method in enumerate(methods):
-            started = time.perf_counter()
-            loops = CapturedLoops(session, run.sizes[kind], method)
-            capture_s = round(time.perf_counter() - started, 3)
-            if i == 0:
-                run.measure(stage, kind, dtype, "captured", "invert", lambda c=loops: c.invert(pixels),
-                            LABELS["invert"], capture_s=capture_s)
-            name = f"photo_edit_{method}"
-            run.measure(stage, kind, dtype, "captured", name, lambda c=loops: c.photo_edit(pixels), LABELS[name],
-                        capture_s=capture_s)
+        session, pixels = captured_session(run.session(kind, dtype)), run.pixels(kind)
+        for name in ("invert", *(f"photo_edit_{method}" for method in methods)):
+            run.measure(stage, kind, dtype, "captured", name, edit_call(session, pixels, name), LABELS[name])
     return captured
 
 
@@ -399,9 +334,9 @@ def stage_modules(kind: str, dtype: str):
         vae = PRECISIONS[model.vae.dtype]
         for name, (label, fn) in unet_calls(session, size).items():
             run.measure(stage, kind, dtype, "eager", name, fn, label)
-            out, replay = capture(fn, model.device)
+            _, outputs, replay = recorder(model.device)(fn, model.device)
             run.measure(stage, kind, dtype, "captured", name, replay, label)
-            del out, replay
+            del outputs, replay
         # The encoders themselves: `encode_text` keeps every prompt it has encoded, so its calls would be lookups.
         run.measure(stage, kind, dtype, "eager", "text_encode", lambda: model.encode_prompts([SOURCE, TARGET],
                     (size, size)), "text encoding, 2 prompts")
@@ -414,22 +349,25 @@ def stage_modules(kind: str, dtype: str):
     return modules
 
 
-def stage_compile(kind: str, dtype: str, names: tuple[str, ...]):
-    """The session's torch.compile path (the eager session's UNets, compiled in --compile-mode); the first
-    call's seconds are the compile."""
+def stage_compile(kind: str, dtype: str, names: tuple[str, ...], loops_captured: bool = False):
+    """The session's torch.compile path (the eager session's UNets, compiled in --compile-mode, CUDA graphs
+    per call), or with `loops_captured` compiled without CUDA graphs inside loops captured whole (what
+    `icd edit --compile` does on CUDA with one image size); the first call's seconds are the compile."""
     def compiled(run: Run, stage: str) -> None:
         from icd_export import compiled as compiled_module
 
         eager = run.session(kind, dtype)
-        mode = run.args.compile_mode
+        mode = "max-autotune-no-cudagraphs" if loops_captured else run.args.compile_mode
         if run.dry:
             compiled_module.BACKEND = "eager"  # inductor's CPU builds take minutes; this checks the wiring
-        session = Session(eager.model, "torch", mode, _unets=dict(eager._unets))
+        session = captured_session(eager, mode) if loops_captured else \
+            Session(eager.model, "torch", mode, _unets=dict(eager._unets))
         pixels = run.pixels(kind)
         # A dry run compiles the plain and the steered graph only: enough to check the wiring, in less time.
         for name in names[:2] if run.dry else names:
-            run.measure(stage, kind, dtype, "compile", name, edit_call(session, pixels, name), LABELS[name],
-                        compile_mode=mode, compiler=compiled_module.BACKEND)
+            run.measure(stage, kind, dtype, "compile+captured" if loops_captured else "compile", name,
+                        edit_call(session, pixels, name), LABELS[name], compile_mode=mode,
+                        compiler=compiled_module.BACKEND)
     return compiled
 
 
@@ -607,7 +545,9 @@ def plan(dtypes: tuple[str, ...]) -> list[Stage]:
                    Stage(f"sdxl-{dtype}-eager", stage_eager("sdxl", dtype, ("photo_edit_swap", "invert",
                                                                             "photo_edit_p2p", "photo_edit_none")), 15),
                    Stage(f"sdxl-{dtype}-captured", stage_captured("sdxl", dtype, ("swap", "p2p", "none")), 25)]
-    stages += [Stage(f"sdxl-{first}-compile", stage_compile("sdxl", first, ("photo_edit_swap",)), 150),
+    stages += [Stage(f"sd15-{first}-compile-captured", stage_compile("sd15", first, ("invert", "photo_edit_p2p"),
+                                                                     loops_captured=True), 150),
+               Stage(f"sdxl-{first}-compile", stage_compile("sdxl", first, ("photo_edit_swap",)), 150),
                Stage("cold-start-compiled", stage_cold_start_compiled, 120, inference=False)]
     return stages
 
@@ -626,7 +566,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="torch.compile mode of the compile stages (the product picks max-autotune for fixed "
                              "sizes; its autotuning takes minutes per graph)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--tests", default="tests/test_cli.py tests/test_no_wasted_work.py -k 'mini or demo or cuda or one_line or info_and_help'",
+    parser.add_argument("--tests", default="tests/test_cli.py tests/test_no_wasted_work.py tests/test_loop_graphs.py "
+                                           "-k 'mini or demo or cuda or one_line or info_and_help'",
                         help="pytest selection of the test stages")
     parser.add_argument("--tests-dry", default="tests/test_cli.py -k 'mini_edits_the_colour_under_the_mask and swap'",
                         help="pytest selection of the test stages in a dry run")

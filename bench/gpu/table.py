@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-MODES = ("eager", "captured", "compile", "process")
+MODES = ("eager", "captured", "compile", "compile+captured", "process")
 
 
 def _number(value, digits: int = 1) -> str:

@@ -74,7 +74,7 @@ def main() -> None:
 
     data = out / "data"
     if not (data / "metadata.jsonl").is_file():
-        from bench.miniature.world import write_imagefolder
+        from world import write_imagefolder  # the script's own folder
 
         write_imagefolder(data, range(IMAGES), 64)
     common = [f"data.path={data}", f"data.latent_cache={out / 'latents.safetensors'}", *args.settings]

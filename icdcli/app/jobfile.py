@@ -47,6 +47,7 @@ class EditJob(_Row):
     mask: str | None = Field(None, min_length=1)  # a mask picture, relative to the job file
     keep_outside: bool = True
     strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    save_mask: str | None = Field(None, min_length=1)  # where the map the edit used goes, relative to the file
 
     @field_validator("amplify")
     @classmethod
@@ -64,6 +65,8 @@ class EditJob(_Row):
     def _one_blend(self):
         if self.blend and self.mask_words:
             raise ValueError("mask_words and blend are one column under two names: give one")
+        if self.save_mask and not (self.mask or self.mask_words or self.blend):
+            raise ValueError("save_mask needs mask or mask_words: nothing else confines an edit")
         return self
 
     def amplify_words(self) -> dict[str, float] | None:
@@ -118,10 +121,13 @@ def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
 def _problem(err: ValidationError) -> str:
     """The first problem of a row, as `field: what is wrong`."""
     problem = err.errors()[0]
-    where = ".".join(str(part) for part in problem["loc"]) or "row"
+    what = problem["msg"].removeprefix("Value error, ")
+    if not problem["loc"]:  # a check across columns: its message names them
+        return what
+    where = ".".join(str(part) for part in problem["loc"])
     if problem["type"] == "extra_forbidden":
         return f"{where}: not a column this command takes"
-    return f"{where}: {problem['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {what}"
 
 
 def _rows(path: Path):

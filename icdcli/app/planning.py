@@ -142,9 +142,15 @@ def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
                               folder / job.mask if job.mask else None, job.keep_outside, strength=job.strength)
         name = f"{output_stem(path)}-edit-{slug(job.target)}-s{job.seed}.png"
         target = folder / job.output if job.output else output_path(output, name, True)
-        if target.resolve() in rows:
-            raise UsageError(f"{where}: output {target} is also row {rows[target.resolve()]}'s: give each row "
-                             "its own output")
-        rows[target.resolve()] = number
+        written = [target, *([folder / job.save_mask] if job.save_mask else [])]
+        if len(written) == 2 and written[0].resolve() == written[1].resolve():
+            raise UsageError(f"{where}: save_mask {written[1]} is the edit's own output: choose another file")
+        for kind, file in zip(("output", "save_mask"), written):
+            if file.resolve() in rows:
+                raise UsageError(f"{where}: {kind} {file} is also written by row {rows[file.resolve()]}: give each "
+                                 "row its own files")
+            rows[file.resolve()] = number
+        if job.save_mask:
+            options = replace(options, mask_output=written[1])
         items.append(Item(where, path, target, job=(job.seed, options)))
     return items

@@ -19,6 +19,7 @@ from icd.models.manifest import Manifest
 from icd.p2p import AttentionHost, Steered, SteeredUNet, steered_eps
 from icd_export.artifacts import fused_unets
 from icd_export.compiled import choose_compile_mode, compiled_eps, compiled_steered
+from icd_export.graphs import LoopGraphs, captures_loops
 from icd_export.registry import choose_backend, engine_eps, engine_steered
 
 log = logging.getLogger("icd")
@@ -31,6 +32,7 @@ class Session:
     model: Model
     backend: str = "torch"
     compile_mode: str | None = None
+    graphs: LoopGraphs | None = None  # set: each loop replays as one captured CUDA graph
     _unets: dict = field(default_factory=dict)
     _denoisers: dict = field(default_factory=dict)
     _host: AttentionHost | None = None
@@ -79,6 +81,13 @@ class Session:
             self._host = AttentionHost(steered, self._guided(steered), self.model.device)
         return self._host
 
+    def run_loop(self, key: tuple, loop, *inputs):
+        """`loop(*inputs)`, replayed from a captured graph when the session captures loops."""
+        if self.graphs is None:
+            return loop(*inputs)
+        guided = [*self._denoisers.values(), *([self._host.denoiser] if self._host else [])]
+        return self.graphs.run(key, loop, *inputs, keep=lambda: [t for g in guided for t in g.kept_tensors()])
+
     def teacher_solver(self, steps: int = 50) -> Session:
         """This model with its teacher in both students' places, on the `steps`-step DDIM grid: the slow
         multi-step inversion that the paper compares iCD with. Text encoders and VAE are shared."""
@@ -110,16 +119,20 @@ _OPEN: dict = {}
 def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "auto", backend: str = "auto",
                  compile: bool = False, static_shapes: bool = False, directions: tuple[str, ...] = ()) -> Session:
     """Open a model once per process and settings, with the denoisers of `directions` ready, so that a broken
-    model fails before any item. `compile` applies torch.compile to the PyTorch UNets, with CUDA graphs when
+    model fails before any item. On CUDA the PyTorch backend replays each loop as one captured graph from its
+    second run (icd_export.graphs). `compile` applies torch.compile to the UNets, autotuned when
     `static_shapes` (every item has the same size)."""
     manifest = model_ref if isinstance(model_ref, Manifest) else resolve_model(model_ref)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    mode = choose_compile_mode(torch_device, static_shapes) if compile else None
-    key = (manifest, torch_device, torch_dtype, backend, mode)
+    static_shapes = static_shapes and compile and torch_device.type == "cuda"  # only then does it change anything
+    key = (manifest, torch_device, torch_dtype, backend, compile, static_shapes)
     if key not in _OPEN:
         model = Model.load(manifest, torch_device, torch_dtype)
-        _OPEN[key] = Session(model, _settle_backend(backend, model), mode)
+        chosen = _settle_backend(backend, model)
+        loops = captures_loops(torch_device, chosen)
+        mode = choose_compile_mode(torch_device, static_shapes, loops) if compile else None
+        _OPEN[key] = Session(model, chosen, mode, LoopGraphs(torch_device) if loops else None)
     session = _OPEN[key]
     if session.backend == "torch":
         session.unets(*directions)  # the teacher is read once for both

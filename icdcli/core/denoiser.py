@@ -105,6 +105,10 @@ class Guided:
             tensor = self._tensors[key] = make()
         return tensor
 
+    def kept_tensors(self) -> list[torch.Tensor]:
+        """The device tensors made so far (what a captured loop reads besides its inputs)."""
+        return list(self._tensors.values())
+
     def embedding(self, w: Guidance) -> torch.Tensor:
         """e(w) for the rows, on the device; tuples of values seen before cost nothing."""
         values = host_guidance(w)
