@@ -50,12 +50,12 @@ def make_vae(size: int):
                          norm_num_groups=8, sample_size=size)
 
 
-def make_text_encoder(vocab_size: int):
+def make_text_encoder(vocab_size: int, width: int = 64, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77, projection_dim=64,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
+                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                            projection_dim=width, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return CLIPTextModel(config)
 
 
@@ -193,7 +193,7 @@ def save_pipeline(output: Path, vae, text_encoder, tokenizer, unet) -> None:
 def pretrain(output: Path, steps_vae: int, steps_unet: int, images: int, size: int, device: str,
              vae_dir: Path | None = None, channels: tuple[int, ...] = (32, 64), attend_finest: bool = False,
              batch: int = 32, lr: float = 2e-3, text_lr: float | None = None, weighting: str = "v",
-             min_snr: float = 5.0) -> dict:
+             min_snr: float = 5.0, text_width: int = 64, text_layers: int = 2) -> dict:
     """The whole recipe; returns its timings and final losses (also written to output/pretrain.json).
     `vae_dir` (a folder pretrain.py wrote, or its vae/ subfolder) reuses a trained VAE instead of training one."""
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def pretrain(output: Path, steps_vae: int, steps_unet: int, images: int, size: i
     vae.register_to_config(scaling_factor=scale)
     timings["vae_s"] = clock() - start - sum(timings.values())
 
-    text_encoder = make_text_encoder(len(tokenizer)).to(device)
+    text_encoder = make_text_encoder(len(tokenizer), text_width, text_layers).to(device)
     unet = make_unet(size, text_encoder.config.hidden_size, channels, attend_finest).to(device)
     unet_loss = train_unet(unet, text_encoder, tokenizer, latents * scale, captions, steps_unet, batch=batch, lr=lr,
                            text_lr=text_lr, weighting=weighting, min_snr=min_snr)
@@ -228,7 +228,8 @@ def pretrain(output: Path, steps_vae: int, steps_unet: int, images: int, size: i
     timings["total_s"] = clock() - start
     summary = {"steps_vae": steps_vae, "steps_unet": steps_unet, "images": images, "size": size, "device": device,
                "threads": torch.get_num_threads(), "vae": str(vae_dir) if vae_dir else None,
-               "channels": list(channels), "attend_finest": attend_finest, "batch": batch, "lr": lr,
+               "channels": list(channels), "attend_finest": attend_finest, "text_width": text_width,
+               "text_layers": text_layers, "batch": batch, "lr": lr,
                "text_lr": lr if text_lr is None else text_lr, "weighting": weighting, "min_snr": min_snr,
                "unet_parameters": sum(p.numel() for p in unet.parameters()),
                "vae_loss": vae_loss, "unet_loss": unet_loss,
@@ -247,6 +248,8 @@ def main() -> None:
     parser.add_argument("--vae", type=Path, help="reuse the VAE of a folder pretrain.py wrote instead of training one")
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="UNet widths, one per level")
     parser.add_argument("--attend-finest", action="store_true", help="cross attention at the finest level too")
+    parser.add_argument("--text-width", type=int, default=64, help="text encoder width (and the UNet's context size)")
+    parser.add_argument("--text-layers", type=int, default=2, help="text encoder layers")
     parser.add_argument("--batch", type=int, default=32, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=2e-3, help="UNet peak learning rate")
     parser.add_argument("--text-lr", type=float, help="text encoder peak learning rate (default --lr; 0 freezes it)")
@@ -261,7 +264,8 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     summary = pretrain(args.output, args.steps_vae, args.steps_unet, args.images, args.size, args.device,
                        vae_dir=args.vae, channels=tuple(args.channels), attend_finest=args.attend_finest,
-                       batch=args.batch, lr=args.lr, text_lr=args.text_lr, weighting=args.weighting, min_snr=args.min_snr)
+                       batch=args.batch, lr=args.lr, text_lr=args.text_lr, weighting=args.weighting, min_snr=args.min_snr,
+                       text_width=args.text_width, text_layers=args.text_layers)
     print(json.dumps(summary, indent=2))
 
 
