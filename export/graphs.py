@@ -73,7 +73,8 @@ class CudaRecorder:
             first = _map(torch.Tensor.clone, run())
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA work of the server's other threads does not void this thread's recording
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = run()
         return first, outputs, graph.replay
 

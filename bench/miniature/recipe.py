@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help="a pretrained base (pretrain.py's output) instead of pretraining")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="stage-2 variants trained at once")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each stage, shared by the variants "
+                        "trained at once (1 leaves a core to another job: two jobs' threads on one core crawl)")
     parser.add_argument("--set", dest="settings", action="append", default=[], help="extra setting for both stages")
     parser.add_argument("--ship", type=Path, help="also package the icd-4 model (fp16) into this folder")
     args = parser.parse_args()
@@ -68,8 +70,8 @@ def main() -> None:
 
     base = args.base.resolve() if args.base else out / "base"
     if not (base / "model_index.json").is_file():
-        wait({"pretrain": run([sys.executable, str(HERE / "pretrain.py"), "--output", str(base), "--threads", "2"],
-                              out / "pretrain.log", 2)}, {"pretrain": out / "pretrain.log"})
+        wait({"pretrain": run([sys.executable, str(HERE / "pretrain.py"), "--output", str(base), "--threads",
+                               str(args.threads)], out / "pretrain.log", args.threads)}, {"pretrain": out / "pretrain.log"})
     timings["pretrain_s"] = time.perf_counter() - started
 
     data = out / "data"
@@ -80,7 +82,7 @@ def main() -> None:
     common = [f"data.path={data}", f"data.latent_cache={out / 'latents.safetensors'}", *args.settings]
 
     teacher = out / "teacher"
-    process = train("guidance", teacher, [f"model.path={base}", *common], 2)
+    process = train("guidance", teacher, [f"model.path={base}", *common], args.threads)
     if process:
         wait({"guidance": process}, {"guidance": teacher.with_suffix(".log")})
         (teacher / "done").touch()
@@ -94,7 +96,7 @@ def main() -> None:
             forward, reverse, extra = VARIANTS[name]
             settings = [f"model.path={teacher}", *common, f"icd.forward_timesteps={forward}",
                         f"icd.reverse_timesteps={reverse}", *extra]
-            process = train("icd", out / name, settings, max(1, 2 // len(batch)))
+            process = train("icd", out / name, settings, max(1, args.threads // len(batch)))
             if process:
                 processes[name], logs[name] = process, (out / name).with_suffix(".log")
         wait(processes, logs)
