@@ -272,8 +272,9 @@ class PromptToPrompt:
 
     @property
     def graph_key(self) -> tuple:
-        """The host settings a decoding reads besides the control tensors (a captured loop's key)."""
-        return self.blends, self._threshold, len(self.cross_steps), len(self.self_steps)
+        """The host settings a decoding reads besides the control tensors and the latent's size (a captured
+        loop's key): whether LocalBlend runs, and its threshold."""
+        return self.blends, self._threshold
 
     def start(self, device: torch.device) -> None:
         """Ready for a new decoding on `device`."""

@@ -71,17 +71,18 @@ def test_edits_replay_with_new_inputs(sessions, method, masked):
     assert captured.graphs.recorded == before + 1  # the third scene replayed the second one's graph
 
 
-def test_blend_words_replay_with_their_own_maps_and_notes(sessions):
+def test_blend_words_and_windows_replay_with_their_own_maps_and_notes(sessions):
     eager, captured = sessions
     source, target = SCENES[0]
     x_T = pipeline.invert(eager, pixels(7), source, seed=0)
-    for words in [(("red",), ("blue",)), (("red",), ("blue",)), (("circle",), ("circle",))]:
-        config = P2PConfig(blend=words)
+    for words, windows in [((("red",), ("blue",)), (0.3, 0.6)), ((("red",), ("blue",)), (0.3, 0.6)),
+                           ((("circle",), ("circle",)), (0.9, 0.3))]:  # the third replays with other windows
+        config = P2PConfig(cross_replace=windows[0], self_replace=windows[1], blend=words)
         got, expected = (pipeline.edit(s, x_T, source, target, method="p2p", p2p=config) for s in (captured, eager))
         same(got.edited, expected.edited)
         same(got.mask, expected.mask)
         assert got.notes == expected.notes
-        assert got.notes and ":".join(" ".join(w) for w in words) in got.notes[0]  # this edit's words
+        assert any(":".join(" ".join(w) for w in words) in note for note in got.notes)  # this edit's words
 
 
 def test_reconstruct_and_generate_share_the_decoding_graph(sessions):
