@@ -230,8 +230,9 @@ def cpu_optimized_path(path: Path) -> Path:
 def write_cpu_optimized(path: Path) -> Path:
     """Optimise the graph `path` fully for this CPU once (ORT_ENABLE_ALL: for the SD1.5 P2P graph at 128 px,
     calls 12% faster than at the basic level, BENCHMARKS.md) and keep the result beside it, so that sessions
-    open it without optimising (6.5 s for SD1.5, where optimising fully takes 20 s). Called by the export, under its lock; the
-    graph file appears last (its weights file is written first), and older versions are removed."""
+    open it without optimising (6.5 s for SD1.5, where optimising fully takes 20 s). Called by the export,
+    under its lock; the graph file appears last (its weights file is written first), and older versions
+    (and a write cut short) are removed."""
     import onnxruntime as ort
 
     target = cpu_optimized_path(path)
