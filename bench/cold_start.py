@@ -50,17 +50,18 @@ def child(model: str, photo: Path, source: str, target: str, launched: float) ->
     from icd.images import from_model_output, load_image, save_image, to_model_input
     from icd import pipeline
     from icd.app.session import open_session
+    from icd.editing import edit_plan
 
     session = open_session(model, "cpu", "fp32")
     mark()
-    session.unets("forward", "reverse")
+    session.engine.unets(session.model, "forward", "reverse")
     mark()
     photo_in = load_image(photo)
     pixels = to_model_input(photo_in, photo_in.original_size)
     result = None
     for _ in range(2):
         x_T = pipeline.invert(session, pixels, source, 0)
-        result = pipeline.edit(session, x_T, source, target, with_reconstruction=False)
+        result = pipeline.edit(session, x_T, edit_plan(session.manifest, source, target), with_reconstruction=False)
         mark()
     with tempfile.TemporaryDirectory() as folder:
         save_image(from_model_output(result.edited[0], photo_in), Path(folder) / "out.png", metadata={})

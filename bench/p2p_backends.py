@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from fixtures.tiny import build_tiny_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from icd import pipeline  # noqa: E402
+from icd import pipeline
+from icd.editing import edit_plan  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 
@@ -102,12 +103,14 @@ def main() -> None:
 
                 def photo_edit():
                     x_T = pipeline.invert(session, pixels, source, seed=0)
-                    pipeline.edit(session, x_T, source, target, method=method, with_reconstruction=False)
+                    plan = edit_plan(session.manifest, source, target, method=method)
+                    pipeline.edit(session, x_T, plan, with_reconstruction=False)
 
                 ms = median_ms(photo_edit, args.repeats, warmup=2)  # compiles during the warm-up
                 first = first or ms
                 # The pixels, from one x_T (a random model's inversion is too ill-conditioned to compare)
-                edited = pipeline.edit(session, x_T, source, target, method=method, with_reconstruction=False).edited
+                plan = edit_plan(session.manifest, source, target, method=method)
+                edited = pipeline.edit(session, x_T, plan, with_reconstruction=False).edited
                 reference = edited if reference is None else reference
                 levels = (edited - reference).abs().max().item() * 127.5
                 print(f"{kind:8} {method:6} {label:14} {ms:9.1f} {first / ms:8.2f}x {levels:12.2f}", flush=True)

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 import torch  # noqa: E402
 from fixtures.tiny import build_tiny_model  # noqa: E402
 
-from icd import pipeline  # noqa: E402
+from icd import pipeline
+from icd.editing import edit_plan  # noqa: E402
+from icd.models.official import EDIT_METHODS  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 
@@ -47,9 +49,10 @@ def main() -> None:
                 "reconstruct (4 reverse steps + VAE decode)": lambda: pipeline.reconstruct(model, x_T, "a red cat"),
                 "generate (4 steps + VAE decode)": lambda: pipeline.generate(model, "a red cat", 0, 128, 128),
             }
-            for method in pipeline.METHODS:
+            for method in EDIT_METHODS:
                 stages[f"edit {method} from x_T (4 steps + decode)"] = (
-                    lambda m=method: pipeline.edit(model, x_T, "a red cat", "a blue cat", method=m))
+                    lambda m=method: pipeline.edit(model, x_T, edit_plan(model.manifest, "a red cat", "a blue cat",
+                                                                         method=m)))
             for name, fn in stages.items():
                 print(f"| tiny-{kind} | {name} | {median_ms(fn, args.repeats):.1f} |")
 

@@ -18,11 +18,11 @@ from icd.models.cache import icd_home
 from icd.models.loading import unet_eps
 from icd.p2p import steered_eps
 
-BACKEND = "inductor"  # the compiler; tests set a fast one ("eager", "aot_eager")
 # Where inductor keeps what it compiled: the user's own TORCHINDUCTOR_CACHE_DIR, read before anything (model
 # loading imports parts of inductor that set it to a temporary folder), else $ICD_HOME/compiled.
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+INDUCTOR = "inductor"  # the compiler icd uses; another torch.compile backend (a name or a callable) only traces
 
 
 def choose_compile_mode(device: torch.device, static_shapes: bool, loops_captured: bool = False) -> str:
@@ -34,14 +34,15 @@ def choose_compile_mode(device: torch.device, static_shapes: bool, loops_capture
     return "max-autotune-no-cudagraphs" if loops_captured else "max-autotune"
 
 
-def compile_module(module, mode: str):
-    """One full graph per input shape; the mode applies to the inductor backend only. Inductor keeps what it
-    compiled in $ICD_HOME/compiled (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later process with
-    the same model and shapes loads the kernels instead of compiling them again."""
-    if BACKEND == "inductor":
+def compile_module(module, mode: str, compiler=INDUCTOR):
+    """One full graph per input shape; the mode applies to the inductor compiler only (another, such as
+    "eager" or "aot_eager", only traces: for debugging). Inductor keeps what it compiled in $ICD_HOME/compiled
+    (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a later process with the same model and shapes loads
+    the kernels instead of compiling them again."""
+    if compiler == INDUCTOR:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_CACHE_DIR or str(icd_home() / "compiled")
         return torch.compile(module, mode=mode, fullgraph=True)
-    return torch.compile(module, backend=BACKEND, fullgraph=True)
+    return torch.compile(module, backend=compiler, fullgraph=True)
 
 
 def _cloned(run, mode: str):
@@ -56,10 +57,10 @@ def _cloned(run, mode: str):
     return owned
 
 
-def compiled_eps(unet, dtype: torch.dtype, mode: str) -> EpsFn:
-    return _cloned(unet_eps(compile_module(unet, mode), dtype), mode)
+def compiled_eps(unet, dtype: torch.dtype, mode: str, compiler=INDUCTOR) -> EpsFn:
+    return _cloned(unet_eps(compile_module(unet, mode, compiler), dtype), mode)
 
 
-def compiled_steered(module, dtype: torch.dtype, mode: str):
+def compiled_steered(module, dtype: torch.dtype, mode: str, compiler=INDUCTOR):
     """The steered run (x, t, cond, timestep_cond, control) -> (eps, blend maps) of a compiled `SteeredUNet`."""
-    return _cloned(steered_eps(compile_module(module, mode), dtype), mode)
+    return _cloned(steered_eps(compile_module(module, mode, compiler), dtype), mode)

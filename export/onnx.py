@@ -30,7 +30,7 @@ import torch
 from icd.core.consistency import Timesteps
 from icd.core.denoiser import Conditioning
 from icd.errors import ICDError
-from icd.p2p import CONTROL_NAMES, LEVELS, blend_level, level_grid, steer_attention, steered_call
+from icd.p2p import CONTROL_NAMES, LEVELS, SteeredUNet, blend_level, level_grid
 
 OPSET = 17
 TEXT_TOKENS = 77
@@ -69,11 +69,11 @@ class SteeredGraph(UNetGraph):
 
     def __init__(self, unet):
         super().__init__(unet)
-        steer_attention(unet)
+        self.steered = SteeredUNet(unet)
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         split = len(extra) - len(CONTROL_NAMES)
-        return steered_call(self.unet, sample, timestep, extra[split:], encoder_hidden_states=encoder_hidden_states,
+        return self.steered(sample, timestep, extra[split:], encoder_hidden_states=encoder_hidden_states,
                             **self._kwargs(extra[:split]))
 
 
@@ -264,7 +264,7 @@ def onnx_session(path: Path, device: torch.device):
     options = ort.SessionOptions()
     levels = ort.GraphOptimizationLevel
     options.log_severity_level = 3
-    if device.type == "cuda":  # backends.select_backend has checked that onnxruntime has this provider
+    if device.type == "cuda":  # OnnxEngine.problem has checked that onnxruntime has this provider
         options.graph_optimization_level = levels.ORT_ENABLE_ALL
         stream = ort_stream(device).cuda_stream
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream)})]
@@ -351,7 +351,7 @@ class OnnxEps:
 
 class OnnxSteered(OnnxEps):
     """The steered reverse graph: (x, t, cond, timestep_cond, control) -> (eps, blend maps), what
-    `icd.p2p.Steered` runs."""
+    `icd.p2p.AttentionHost` runs."""
 
     def __init__(self, session, device: torch.device, dtype: torch.dtype, config):
         super().__init__(session, device, dtype)

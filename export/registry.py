@@ -1,145 +1,107 @@
-"""`--backend auto|torch|onnx|tensorrt`: which engine supplies the UNets' epsilon functions.
+"""`--backend auto|torch|onnx|tensorrt`: the one place engine names are looked up (and compared).
 
-Each engine supplies only an epsilon function (core.denoiser's contract); the session wraps it in the one
-guidance wrapper. auto takes the fastest engine that can run here and whose artifacts already exist, and
-never builds anything: TensorRT (an engine for this GPU), then ONNX Runtime (graphs of the model's
-precision), then PyTorch. A named engine whose artifacts are missing is reported as such, and the app
-announces and runs the export. On the development CPU ONNX Runtime ran UNet calls 2.2x (tiny) to 2.3-4.8x
-(SD1.5 at 128 px) faster than PyTorch, one thread each (BENCHMARKS.md).
+Torch-free, so that a command served by `icd serve` checks its options without loading torch; the engines
+themselves (`icd_export.engines`) are imported when one is chosen. `auto` takes the fastest engine that can
+run here and whose artifacts already exist, and never builds anything: TensorRT (an engine for this GPU),
+then ONNX Runtime (graphs of the model's precision), then PyTorch. A named engine whose artifacts are missing
+is reported as such, and the session announces and runs the export. On the development CPU ONNX Runtime ran
+UNet calls 2.2x (tiny) to 2.3-4.8x (SD1.5 at 128 px) faster than PyTorch, one thread each (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from icd.errors import ICDError, UsageError
 
-from icd.core.denoiser import EpsFn
-from icd.errors import ICDError
-from icd.models.loading import DIRECTIONS, PRECISIONS, Model, ready_unet, unet_eps
-from icd.models.manifest import Manifest
-from icd.p2p import SteeredUNet, steered_eps
+if TYPE_CHECKING:
+    import torch
 
-from .artifacts import Index, fused_unets
+    from icd.models.manifest import Manifest
 
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
-ENGINES = ("tensorrt", "onnx")  # fastest first
+    from .engines import Engine
 
 
-def problem(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why `backend` cannot run here (a missing package, device or precision), in one line, or None."""
-    if backend == "tensorrt":
-        from .tensorrt import tensorrt_problem
+@dataclass(frozen=True)
+class Registered:
+    """An engine as the command line knows it."""
 
-        return tensorrt_problem(device, dtype)
-    if backend == "onnx":
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed (pip install 'icd[onnx]')"
-        if dtype == torch.bfloat16:
-            return "ONNX graphs are fp32 or fp16, not bf16"
-        if device.type == "cuda":
-            import onnxruntime
-
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                return "onnxruntime has no CUDA provider (pip install onnxruntime-gpu, or use --device cpu)"
-    return None
+    name: str
+    cls: str  # its class in icd_export.engines
+    package: str | None = None  # the module it needs
+    compiles: bool = False  # whether --compile applies
 
 
-def exported(backend: str, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether both UNets' artifacts for `backend` are built and valid."""
-    index = Index.open(manifest)
-    if backend == "onnx":
-        precision = PRECISIONS[dtype]
-        return all(index.find(kind="onnx", direction=d, precision=precision) for d in DIRECTIONS) and \
-            bool(index.find(kind="onnx-p2p", direction="reverse", precision=precision))
-    from .tensorrt import find_engine
+ENGINES = {entry.name: entry for entry in (Registered("torch", "TorchEngine", compiles=True),
+                                            Registered("onnx", "OnnxEngine", "onnxruntime"),
+                                            Registered("tensorrt", "TensorRTEngine", "tensorrt"))}
+BACKENDS = ("auto", *ENGINES)  # what --backend takes
+FASTEST_FIRST = ("tensorrt", "onnx")
 
-    return all(find_engine(index, d, device) for d in DIRECTIONS) and bool(find_engine(index, "reverse", device, True))
+
+def engine_class(name: str) -> type[Engine]:
+    from . import engines
+
+    return getattr(engines, ENGINES[name].cls)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The engine to run, whether its artifacts must be built first, and why it was chosen."""
+    """The engine to run (its name), whether its artifacts must be built first, and why it was chosen."""
 
     backend: str
     needs_export: bool = False
     reason: str = ""
 
+    @property
+    def engine(self) -> type[Engine]:
+        return engine_class(self.backend)
+
+    @property
+    def compiles(self) -> bool:
+        return ENGINES[self.backend].compiles
+
+
+def check_options(backend: str, compile: bool) -> None:
+    """The backend options fit together: `--compile` applies to the engines that compile."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}': choose {', '.join(BACKENDS)}")
+    if compile and backend != "auto" and not ENGINES[backend].compiles:
+        raise UsageError(f"--compile applies to the torch backend, not --backend {backend}")
+
 
 def choose_backend(requested: str, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> Choice:
-    """The concrete backend for `requested`. Nothing is built here: `needs_export` says what is missing."""
+    """The engine for `requested`. Nothing is built here: `needs_export` says what is missing."""
     if requested not in BACKENDS:
         raise ICDError(f"unknown backend '{requested}': choose {', '.join(BACKENDS)}")
     if requested == "auto":
-        for backend in ENGINES:
-            if problem(backend, device, dtype) is None and exported(backend, manifest, device, dtype):
-                return Choice(backend, reason="auto: the fastest with artifacts for this model")
+        for name in FASTEST_FIRST:
+            engine = engine_class(name)
+            if engine.problem(device, dtype) is None and engine.has_files(manifest, device, dtype):
+                return Choice(name, reason="auto: the fastest with artifacts for this model")
         return Choice("torch", reason="auto: no ONNX graphs or engines for this model yet; `icd export` makes them")
-    if requested == "torch":
-        return Choice("torch")
-    if why := problem(requested, device, dtype):
+    engine = engine_class(requested)
+    if why := engine.problem(device, dtype):
         raise ICDError(f"--backend {requested}: {why}")
-    return Choice(requested, needs_export=not exported(requested, manifest, device, dtype))
+    return Choice(requested, needs_export=not engine.has_files(manifest, device, dtype))
 
 
-def engine_eps(backend: str, model: Model, direction: str) -> EpsFn:
-    """The ONNX Runtime or TensorRT epsilon function of one UNet of `model`. An engine file that fails to load
-    (damaged in place) is forgotten with one warning line, and this UNet runs on PyTorch instead."""
-    index = Index.open(model.manifest)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTEps, find_engine
-
-        name = find_engine(index, direction, model.device)
-        try:
-            return TensorRTEps(index, direction, model.device)
-        except Exception as err:  # noqa: BLE001 - TensorRT and CUDA raise many types on a bad engine file
-            if name is None:  # no engine at all: TensorRTEps said what to run
-                raise
-            return _torch_instead(index, name, err, model, direction)
-    from .onnx import OnnxEps, onnx_session
-
-    name = index.find(kind="onnx", direction=direction, precision=PRECISIONS[model.dtype])
-    if name is None:
-        raise ICDError(f"the ONNX graph of the {direction} UNet is gone: run `icd export -m {model.manifest.name}`")
-    try:
-        return OnnxEps(onnx_session(index.folder / name, model.device), model.device, model.dtype)
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail...)
-        return _torch_instead(index, name, err, model, direction)
+def export_options(backend: str) -> dict[str, bool]:
+    """What `icd_export.build.export_model` must build for `--backend backend` (nothing for auto: it only
+    takes what exists)."""
+    if backend == "auto":
+        return {"onnx": False, "tensorrt": False}
+    return engine_class(backend).export_options()
 
 
-def engine_steered(backend: str, model: Model):
-    """The ONNX Runtime or TensorRT run of the reverse UNet's Prompt-to-Prompt graph, (x, t, cond,
-    timestep_cond, control) -> (eps, blend maps); a file that fails to load is forgotten as in `engine_eps`."""
-    index = Index.open(model.manifest)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTEps, find_engine
-
-        name = find_engine(index, "reverse", model.device, True)
-        try:
-            return TensorRTEps(index, "reverse", model.device, steered=True)
-        except Exception as err:  # noqa: BLE001 - as in engine_eps
-            if name is None:
-                raise
-            return _torch_instead(index, name, err, model, "reverse", steered=True)
-    from .onnx import OnnxSteered, onnx_session
-
-    name = index.find(kind="onnx-p2p", direction="reverse", precision=PRECISIONS[model.dtype])
-    if name is None:
-        raise ICDError(f"the prompt-to-prompt ONNX graph of the reverse UNet is gone: run `icd export -m "
-                       f"{model.manifest.name}`")
-    try:
-        return OnnxSteered(onnx_session(index.folder / name, model.device), model.device, model.dtype,
-                           model.unet_config)
-    except Exception as err:  # noqa: BLE001 - as in engine_eps
-        return _torch_instead(index, name, err, model, "reverse", steered=True)
+def satisfies(requested: str, running: str) -> bool:
+    """Whether a model running on the engine `running` (a server's) does what `--backend requested` asks."""
+    return requested == "auto" or requested == running
 
 
-def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str, steered: bool = False):
-    """The PyTorch epsilon function (or steered run) of a UNet whose engine file `name` would not load (it is
-    forgotten)."""
-    why = str(err).splitlines()[0] if str(err) else type(err).__name__
-    index.forget_damaged(name, why, f"running the {direction} UNet on PyTorch")
-    (unet,) = fused_unets(model.manifest, model.unet_config, (direction,), model.dtype, model.device)
-    unet = ready_unet(unet, model.device, model.dtype)
-    return steered_eps(SteeredUNet(unet), model.dtype) if steered else unet_eps(unet, model.dtype)
+def installed_backends() -> list[str]:
+    """The engines whose packages are installed (for `icd info`)."""
+    return [name for name, entry in ENGINES.items()
+            if entry.package is None or importlib.util.find_spec(entry.package) is not None]

@@ -1,14 +1,24 @@
 """What an edit or a generation will do, decided before any model runs: the model's edit defaults, the
-guidance on each decoding step, Prompt-to-Prompt's settings and the one strength knob that moves them together.
-Torch-free, so that a command served by `icd serve` plans, checks and records its jobs without importing torch."""
+guidance on each decoding step, Prompt-to-Prompt's settings, the one strength knob that moves them together,
+and `EditPlan`, every setting of one edit resolved once.
+
+Torch-free, so that a command served by `icd serve` plans, checks and records its jobs without importing torch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .core.schedule import dynamic_guidance, reverse_jumps
-from .errors import ICDError
-from .models.manifest import EDIT_METHODS, Manifest
+from .core.schedule import MAX_SEED, dynamic_guidance, reverse_jumps
+from .errors import ICDError, UsageError
+from .models.official import EDIT_METHODS
+
+if TYPE_CHECKING:  # not imported: the command line's help reads this module's constants
+    from .models.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -22,22 +32,20 @@ class EditDefaults:
 # swap at w 19, tau 0.7. Generation uses a constant w of 7.
 EDIT_DEFAULTS = {"sd15": EditDefaults("p2p", 19.0, 0.8), "sdxl": EditDefaults("swap", 19.0, 0.7)}
 GENERATE_GUIDANCE, GENERATE_TAU = 7.0, 1.0
+# Prompt-to-Prompt's windows: the fractions of the decoding steps whose cross- and self-attention come from
+# the source, the official launch settings.
+DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE = 0.3, 0.6
 
 
-def edit_settings(manifest: Manifest, method: str | None = None, guidance: float | None = None,
-                  tau: float | None = None) -> EditDefaults:
-    """The model's defaults (its manifest's "edit" entry, else its kind's) with the given values in their place."""
-    defaults = replace(EDIT_DEFAULTS[manifest.kind], **dict(manifest.edit_defaults))
-    settings = EditDefaults(method or defaults.method, defaults.guidance if guidance is None else guidance,
-                            defaults.tau if tau is None else tau)
-    if settings.method not in EDIT_METHODS:
-        raise ICDError(f"unknown edit method '{settings.method}': choose {', '.join(EDIT_METHODS)}")
-    return settings
+def model_defaults(manifest: Manifest) -> EditDefaults:
+    """The model's own edit settings: its manifest's "edit" entry, else its kind's official ones."""
+    return replace(EDIT_DEFAULTS[manifest.kind], **dict(manifest.edit_defaults))
 
 
 def guidance_on_steps(manifest: Manifest, guidance: float, tau: float) -> list[tuple[int, float]]:
     """(t, w) for each decoding step, recorded with results to show what --guidance and --tau did."""
-    return [(jump.t, dynamic_guidance(guidance, jump.t, tau)) for jump in reverse_jumps(list(manifest.reverse_timesteps))]
+    jumps = reverse_jumps(list(manifest.reverse_timesteps))
+    return [(jump.t, dynamic_guidance(guidance, jump.t, tau)) for jump in jumps]
 
 
 # How the notes about one picture begin (what a blend's map selected): they are told for each item, while
@@ -45,15 +53,42 @@ def guidance_on_steps(manifest: Manifest, guidance: float, tau: float) -> list[t
 MASK_WORDS_NOTE = "--mask-words"
 
 
-@dataclass
+@dataclass(frozen=True)
 class P2PConfig:
     """How strongly the edit follows the source (fractions of the decoding steps) and what it stresses."""
 
-    cross_replace: float = 0.3
-    self_replace: float = 0.6
-    amplify: dict[str, float] | None = None  # None: new target words (not stopwords) x DEFAULT_AMPLIFY
+    cross_replace: float = DEFAULT_CROSS_REPLACE
+    self_replace: float = DEFAULT_SELF_REPLACE
+    amplify: Mapping[str, float] | None = None  # None: new target words (not stopwords) x DEFAULT_AMPLIFY
     blend: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (source words, target words)
     blend_threshold: float = 0.3
+
+
+def parse_amplify(values) -> dict[str, float] | None:
+    """WORD=FACTOR values as {word: factor}; a malformed one is a ValueError naming it."""
+    if not values:
+        return None
+    amplify = {}
+    for value in values:
+        word, _, factor = value.partition("=")
+        try:
+            number = float(factor)
+        except ValueError:
+            number = math.nan
+        if not word.strip() or not math.isfinite(number) or number < 0:
+            raise ValueError(f"'{value}' is not WORD=FACTOR with a finite factor >= 0, e.g. bear=4")
+        amplify[word.strip().lower()] = number
+    return amplify
+
+
+def parse_blend(value: str | None) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """SRC_WORDS:TGT_WORDS as two tuples of words; a malformed value is a ValueError naming it."""
+    if value is None:
+        return None
+    src, sep, tgt = value.partition(":")
+    if not sep or not src.split() or not tgt.split():
+        raise ValueError(f"'{value}' is not SRC_WORDS:TGT_WORDS, e.g. pug:bear")
+    return tuple(src.lower().split()), tuple(tgt.lower().split())
 
 
 # --strength: 0 keeps the photo (no guidance, tau 0 so `swap` decodes under the source prompt on every step,
@@ -65,22 +100,159 @@ DEFAULT_STRENGTH = 0.5
 STRENGTH_KNOBS = ("guidance", "tau", "cross_replace", "self_replace")
 
 
-def strength_settings(manifest: Manifest, strength: float, **given: float | None) -> dict:
-    """The keyword arguments of `icd.pipeline.edit` (guidance, tau, p2p) that `strength` in [0, 1] stands
-    for on this model; a knob in `given` (guidance, tau, cross_replace, self_replace) that is not None keeps
-    its value, as an option given on the command line wins over --strength."""
+def strength_knobs(manifest: Manifest, strength: float) -> dict[str, float]:
+    """The values of STRENGTH_KNOBS that `strength` in [0, 1] stands for on this model."""
     if not 0.0 <= strength <= 1.0:
         raise ICDError(f"strength must be between 0 and 1, got {strength}")
-    unknown = set(given) - set(STRENGTH_KNOBS)
-    if unknown:
-        raise TypeError(f"strength_settings: unknown knobs {', '.join(sorted(unknown))}")
-    defaults, windows = edit_settings(manifest), P2PConfig()
+    defaults = model_defaults(manifest)
     keep = (0.0, 0.0, 1.0, 1.0)
-    middle = (defaults.guidance, defaults.tau, windows.cross_replace, windows.self_replace)
+    middle = (defaults.guidance, defaults.tau, DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE)
     follow = (defaults.guidance, 1.0, 0.0, 0.0)
     low, high, share = (keep, middle, strength / DEFAULT_STRENGTH) if strength <= DEFAULT_STRENGTH else \
         (middle, follow, (strength - DEFAULT_STRENGTH) / (1.0 - DEFAULT_STRENGTH))
-    knobs = {name: given[name] if given.get(name) is not None else round(a + (b - a) * share, 6)
-             for name, a, b in zip(STRENGTH_KNOBS, low, high)}
-    return {"guidance": knobs["guidance"], "tau": knobs["tau"],
-            "p2p": P2PConfig(cross_replace=knobs["cross_replace"], self_replace=knobs["self_replace"])}
+    return {name: round(a + (b - a) * share, 6) for name, a, b in zip(STRENGTH_KNOBS, low, high)}
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """Every setting of one edit, resolved (`resolve_edit`): what the CLI, job files, `--from`, `icd serve` and
+    `icd.pipeline.edit` all take as it is. `source` is None for a latent file until its recorded prompt is read;
+    `strength` is only recorded (the knobs it set are in guidance, tau and p2p already)."""
+
+    source: str | None
+    target: str
+    method: str
+    guidance: float
+    tau: float
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    seed: int = 0
+    mask: Path | None = None  # where the edit may act (white) and where the photo is kept (black)
+    keep_outside: bool = True  # with a mask: the input photo's own pixels outside it
+    strength: float | None = None
+
+    def record(self) -> dict:
+        """The settings as a result's metadata records them (and `--from` reads them back: `recorded`)."""
+        fields = {"prompt": self.target, "source_prompt": self.source, "method": self.method,
+                  "guidance_w": self.guidance, "tau": self.tau, "strength": self.strength}
+        if self.method == "p2p":
+            fields |= {"cross_replace": self.p2p.cross_replace, "self_replace": self.p2p.self_replace}
+            if self.p2p.amplify is not None:
+                fields["amplify"] = [f"{word}={factor:g}" for word, factor in self.p2p.amplify.items()]
+            if self.p2p.blend is not None:
+                fields["blend"] = " ".join(self.p2p.blend[0]) + ":" + " ".join(self.p2p.blend[1])
+        return fields
+
+    def to_json(self) -> dict:
+        """The plan as JSON values (for `icd serve`'s wire); `from_json` gives it back."""
+        return {**asdict(self), "mask": None if self.mask is None else str(self.mask)}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> EditPlan:
+        p2p = dict(fields["p2p"])
+        blend = p2p.get("blend")
+        p2p["blend"] = None if blend is None else (tuple(blend[0]), tuple(blend[1]))
+        mask = fields.get("mask")
+        return cls(**{**fields, "p2p": P2PConfig(**p2p), "mask": None if mask is None else Path(mask)})
+
+
+# The settings one source of them may give, by the names EditPlan resolves them under.
+SETTINGS = ("source", "target", "seed", "method", "guidance", "tau", "cross_replace", "self_replace", "amplify",
+            "blend", "mask", "keep_outside", "strength")
+P2P_ONLY = ("cross_replace", "self_replace", "amplify", "blend")
+
+
+@dataclass(frozen=True)
+class Given:
+    """The settings one source gave (a `--from` record, a command line, a job row), with how that source
+    names them, so that an error speaks its language (`--mask-words`, or a job file's `mask_words` column)."""
+
+    values: Mapping[str, object]
+    names: Mapping[str, str] = field(default_factory=dict)
+    where: str = ""  # what an error starts with, e.g. "edits.csv row 3: "
+
+    def __post_init__(self):
+        unknown = set(self.values) - set(SETTINGS)
+        if unknown:
+            raise TypeError(f"Given: unknown settings {', '.join(sorted(unknown))}")
+
+    def has(self, name: str) -> bool:
+        return self.values.get(name) is not None
+
+    def name(self, setting: str) -> str:
+        return self.names.get(setting, setting)
+
+
+def resolve_edit(manifest: Manifest, *sources: Given) -> EditPlan:
+    """The one place an edit's settings are decided: the model's defaults, then each source in order (a
+    `--from` record, then the command line or a job row), a later one winning; then `strength`, which sets
+    the knobs (guidance, tau and the p2p windows) that no source at or above its own gave. Prompt-to-Prompt's
+    settings with another method are an error where that method was chosen or later, and are dropped from
+    sources before it (a rerun of a p2p edit with `--method swap`)."""
+    def latest(name: str, default=None, within=sources):
+        return next((source.values[name] for source in reversed(within) if source.has(name)), default)
+
+    defaults = model_defaults(manifest)
+    chosen_at = next((i for i in reversed(range(len(sources))) if sources[i].has("method")), 0)
+    method = latest("method", defaults.method)
+    if method not in EDIT_METHODS:
+        raise UsageError(f"unknown edit method '{method}': choose {', '.join(EDIT_METHODS)}")
+    if method != "p2p":
+        for source in sources[chosen_at:]:
+            if given := [source.name(name) for name in P2P_ONLY if source.has(name)]:
+                raise UsageError(f"{source.where}{', '.join(given)} apply to {source.name('method')} p2p, "
+                                 f"not {method}")
+    knobs = {"guidance": defaults.guidance, "tau": defaults.tau, "cross_replace": DEFAULT_CROSS_REPLACE,
+             "self_replace": DEFAULT_SELF_REPLACE}
+    strength_at = next((i for i in reversed(range(len(sources))) if sources[i].has("strength")), None)
+    if strength_at is not None:
+        knobs |= strength_knobs(manifest, sources[strength_at].values["strength"])
+    for source in sources[strength_at or 0:]:
+        knobs |= {name: source.values[name] for name in STRENGTH_KNOBS if source.has(name)}
+    p2p_sources = sources if method == "p2p" else ()
+    p2p = P2PConfig(knobs["cross_replace"], knobs["self_replace"], latest("amplify", within=p2p_sources),
+                    latest("blend", within=p2p_sources))
+    mask = latest("mask")
+    return EditPlan(latest("source"), latest("target"), method, knobs["guidance"], knobs["tau"], p2p,
+                    latest("seed", 0), None if mask is None else Path(mask), latest("keep_outside", True),
+                    latest("strength"))
+
+
+# How a result's metadata records each setting (`EditPlan.record`), with the type and range it must have.
+RECORDED = {"source": ("source_prompt", str, None), "target": ("prompt", str, None),
+            "seed": ("seed", int, (0, MAX_SEED)), "method": ("method", str, None), "guidance": ("guidance_w", float, (0.0, math.inf)),
+            "tau": ("tau", float, (0.0, 1.0)), "cross_replace": ("cross_replace", float, (0.0, 1.0)),
+            "self_replace": ("self_replace", float, (0.0, 1.0)), "mask": ("mask", str, None),
+            "keep_outside": ("keep_outside", bool, None), "strength": ("strength", float, (0.0, 1.0)),
+            "amplify": ("amplify", list, None), "blend": ("blend", str, None)}
+
+
+def recorded(fields: Mapping, folder: Path) -> Given:
+    """The settings of an edit's result as its metadata records them, each checked for its type and range (a
+    ValueError names the first that is not): the first source of a rerun (`icd edit --from`). A recorded mask
+    path is relative to the result's `folder`."""
+    values = {}
+    for setting, (key, kind, bounds) in RECORDED.items():
+        value = fields.get(key)
+        if value is None:
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind or (kind is list and not all(isinstance(item, str) for item in value)):
+            expected = "list of strings" if kind is list else kind.__name__
+            raise ValueError(f"its recorded {key} is {value!r}, not a {expected}")
+        if bounds is not None and not (bounds[0] <= value <= bounds[1] and math.isfinite(value)):
+            raise ValueError(f"its recorded {key} {value!r} is outside {bounds[0]:g}..{bounds[1]:g}")
+        values[setting] = value
+    values["amplify"] = parse_amplify(values.get("amplify"))
+    values["blend"] = parse_blend(values.get("blend"))
+    if "mask" in values:
+        values["mask"] = folder / values["mask"]
+    return Given(values, {name: f"recorded {key}" for name, (key, _, _) in RECORDED.items()})
+
+
+def edit_plan(manifest: Manifest, source: str | None, target: str, p2p: P2PConfig | None = None,
+              **settings) -> EditPlan:
+    """An edit of `source` into `target` with `settings` (keyword names of SETTINGS) over the model's
+    defaults: the short way to a plan from Python; `p2p`, a whole Prompt-to-Prompt configuration."""
+    plan = resolve_edit(manifest, Given({"source": source, "target": target, **settings}))
+    return plan if p2p is None else replace(plan, p2p=p2p)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
@@ -40,8 +40,8 @@ from .files import atomic_write, open_regular
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
 
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-_INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # read as 16-bit full scale
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # read as 16-bit full scale
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 OUTPUT_SUFFIXES = frozenset(_FORMATS)  # what save_image writes
 _EXIF_IFD, _USER_COMMENT, _SOFTWARE, _DESCRIPTION, _ORIENTATION = 0x8769, 0x9286, 0x0131, 0x010E, 0x0112
@@ -94,7 +94,7 @@ def _pillow_pixel_threshold(pixels: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def _opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
+def opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
     """The image with only its header read, refused when over `max_pixels` (when given), decodable within it.
 
     Every failure is one InputError line that starts with the file name.
@@ -150,14 +150,14 @@ def probe_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[int
     Cheap enough to check every input before any model loads; the pixel data is neither read nor checked.
     """
     path = Path(path)
-    with _opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
+    with opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
         return _oriented_size(im)
 
 
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImage:
     """Open any still image as 8-bit RGB plus optional alpha; `max_pixels` defaults to max_pixels_limit()."""
     path = Path(path)
-    with _opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
+    with opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
         im.load()
         mode = im.mode
         im = ImageOps.exif_transpose(im)
@@ -170,15 +170,15 @@ def _describe(limit: int) -> str:
 
 
 def _split_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    if im.mode in _INTEGER_MODES or im.mode == "F":
-        return _to_8bit(im).convert("RGB"), None
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+    if im.mode in INTEGER_MODES or im.mode == "F":
+        return to_8bit(im).convert("RGB"), None
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
         rgba = im.convert("RGBA")
         return _over_white(rgba), rgba.getchannel("A")
     return im.convert("RGB"), None
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
+def to_8bit(im: Image.Image) -> Image.Image:
     """Scale wide pixels to 0..255; Pillow's own convert clips everything above 255 to white."""
     values = np.nan_to_num(np.asarray(im, dtype=np.float64))
     if im.mode == "F":
@@ -240,13 +240,6 @@ def image_to_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1)[np.newaxis])
 
 
-def image_to_pixels(image: Image.Image):
-    """`image_to_array` as a torch tensor, for code that runs a model itself."""
-    import torch
-
-    return torch.from_numpy(image_to_array(image))
-
-
 def pixels_to_image(pixels) -> Image.Image:
     """A (3, h, w) array or tensor in [-1, 1] (values outside clamped) as an RGB picture.
 
@@ -281,66 +274,6 @@ def from_model_output(pixels, original: LoadedImage | None) -> Image.Image:
     if original.alpha is not None:
         image.putalpha(original.alpha)
     return image
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A mask picture (any image format, like the photos) as (h, w) float32 in [0, 1]: its brightness, white
-    where the edit may act, black where the photo is kept, grey partly; transparent pixels count as black.
-    One that selects nothing is refused, naming the file."""
-    path = Path(path)
-    with _opened(path, max_pixels_limit()) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in _INTEGER_MODES or im.mode == "F":
-            im = _to_8bit(im)
-        if im.mode in _ALPHA_MODES or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            brightness = Image.composite(rgba.convert("L"), Image.new("L", rgba.size, 0), rgba.getchannel("A"))
-        else:
-            brightness = im.convert("L")
-    mask = np.asarray(brightness, dtype=np.float32) / 255.0
-    if not mask.any():
-        raise InputError(f"{path.name}: the mask selects nothing (it is all black): paint white where the edit "
-                         "may act")
-    return mask
-
-
-def selects_everything(mask: np.ndarray) -> bool:
-    """Whether a mask lets the edit act everywhere (all white): then it confines nothing."""
-    return bool(mask.min() >= 1.0)
-
-
-def mask_array(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A mask at the working size (w, h), as the (1, 1, h, w) float32 array `icd.pipeline.edit` takes (small
-    enough to send to `icd serve`, fine enough for any latent grid)."""
-    resized = Image.fromarray(np.asarray(mask, dtype=np.float32)).resize(tuple(size), Image.Resampling.BOX)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)[np.newaxis, np.newaxis]
-
-
-def keep_outside(edited: Image.Image, photo: LoadedImage, mask: np.ndarray, feather: float) -> Image.Image:
-    """The edit inside the mask and the input photo outside it, at the photo's size. The mask is feathered
-    inwards by `feather` pixels, so every pixel the mask leaves black is exactly the photo's."""
-    grey = Image.fromarray(np.rint(mask * 255).astype(np.uint8)).resize(photo.original_size,
-                                                                        Image.Resampling.BILINEAR)
-    alpha = ImageChops.darker(grey, grey.filter(ImageFilter.GaussianBlur(feather)))
-    kept = photo.rgb.convert(edited.mode)
-    if photo.alpha is not None:
-        kept.putalpha(photo.alpha)
-    return Image.composite(edited, kept, alpha)
-
-
-def mask_image(mask, size: tuple[int, int]) -> Image.Image:
-    """A (1, 1, h, w) mask on the latent grid, array or tensor, as the greyscale picture of the size (w, h)
-    it applies to, each latent cell a block (what `--save-mask` writes)."""
-    values = np.clip(as_array(mask)[0, 0], 0.0, 1.0)
-    grey = Image.fromarray(np.rint(values * 255).astype(np.uint8))
-    return grey.resize(tuple(size), Image.Resampling.NEAREST)
-
-
-def save_mask(mask, path: str | Path, size: tuple[int, int], *, overwrite: bool = False) -> None:
-    """Write `mask_image` as a PNG through the one writer of user files."""
-    picture = mask_image(mask, size)
-    atomic_write(Path(path), lambda temporary: picture.save(temporary, format="PNG"), overwrite=overwrite)
 
 
 def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:
@@ -413,7 +346,7 @@ def _quoted(value: object) -> str:
 
 def read_metadata(path: str | Path) -> dict:
     """The `icd` metadata written by save_image ({} when the file has none); reads the header only."""
-    text = _embedded_texts(Path(path))[1]
+    text = embedded_texts(Path(path))[1]
     try:
         parsed = json.loads(text) if text else {}
     except ValueError:
@@ -421,14 +354,11 @@ def read_metadata(path: str | Path) -> dict:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def read_parameters(path: str | Path) -> str | None:
-    """The A1111-style `parameters` text written by save_image (None when the file has none)."""
-    return _embedded_texts(Path(path))[0]
-
-
-def _embedded_texts(path: Path) -> tuple[str | None, str | None]:
-    """(parameters text, icd JSON) as save_image embeds them: PNG text chunks, else EXIF fields."""
-    with _opened(path) as im:
+def embedded_texts(path: str | Path) -> tuple[str | None, str | None]:
+    """(A1111-style parameters text, icd JSON) as save_image embeds them: PNG text chunks, else EXIF fields;
+    None for each that the file lacks."""
+    path = Path(path)
+    with opened(path) as im:
         if im.format == "PNG":
             parameters, data = im.info.get("parameters"), im.info.get("icd")
         else:

@@ -23,6 +23,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save_file
 
 from . import __version__
+from .core.schedule import MAX_SEED
 from .errors import InputError
 from .files import atomic_write, open_regular
 from .images import as_array
@@ -33,7 +34,6 @@ LATENT_NAME = ".latent.safetensors"  # what `icd invert` names its files: NAME.l
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8  # pixels per latent cell, each way
 MAX_SIDE = 16384
-MAX_SEED = 2**64 - 1  # what torch's generators take
 MAX_HEADER_BYTES = 1 << 20  # a latent's header is a few hundred bytes; this refuses a bogus length at once
 _FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the float dtypes safetensors names
 _NOT_A_LATENT = "a safetensors file, but not an icd latent (make one with `icd invert`)"

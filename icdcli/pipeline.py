@@ -9,7 +9,7 @@ from a seeded generator, so a seed gives the same result on every device.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .core.denoiser import Conditioning, Denoiser
 from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
-from .editing import GENERATE_GUIDANCE, GENERATE_TAU, P2PConfig, edit_settings
+from .editing import GENERATE_GUIDANCE, GENERATE_TAU, EditPlan
 from .models.loading import Model
 from .p2p import AttentionHost
 
@@ -115,10 +115,10 @@ def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, method: str | None = None,
-         guidance: float | None = None, tau: float | None = None, p2p: P2PConfig | None = None,
-         mask: torch.Tensor | None = None, with_reconstruction: bool = True) -> EditResult:
-    """Decode an inverted latent under the target prompt.
+def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Tensor | None = None,
+         with_reconstruction: bool = True) -> EditResult:
+    """Decode an inverted latent under the plan's target prompt, with the plan's settings as they are
+    (`icd.editing.resolve_edit` or `edit_plan` made them; nothing is decided here).
 
     p2p: rows [source, target] decoded together (source unguided), the target's attention maps taken
          from the source's inside the Prompt-to-Prompt windows. The source row's pixels come back as the
@@ -133,16 +133,16 @@ def edit(runtime: Runtime, x_T: torch.Tensor, source: str, target: str, *, metho
     source row; swap and none then decode the source row beside theirs, in the same UNet calls.
     """
     model = runtime.model
-    method, guidance, tau = astuple(edit_settings(model.manifest, method, guidance, tau))
+    method, tau = plan.method, plan.tau
     x_T = on_device(x_T, model.device)
-    cond_both = model.encode_text([source, target], model.image_size(x_T))
+    cond_both = model.encode_text([plan.source, plan.target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
-    schedule = guidance_schedule(model.manifest.reverse_timesteps, guidance, tau)
+    schedule = guidance_schedule(model.manifest.reverse_timesteps, plan.guidance, tau)
     region = None if mask is None else latent_mask(mask.to(model.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
     both_rows = x_T.expand(2, -1, -1, -1).contiguous()  # in memory, not a stride-0 view: one compiled graph
     if method == "p2p":
         host = runtime.attention_host()
-        controller = host.controller(model.tokenizers[0], source, target, len(schedule), p2p,
+        controller = host.controller(model.tokenizers[0], plan.source, plan.target, len(schedule), plan.p2p,
                                      latent_size=tuple(x_T.shape[-2:]))
 
         def steered(x, cond, control, region):

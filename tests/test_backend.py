@@ -16,7 +16,8 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
 
-from icd import pipeline  # noqa: E402
+from icd import pipeline
+from icd.editing import edit_plan  # noqa: E402
 from icd.app import session as session_module  # noqa: E402
 from icd.app.cli import main  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
@@ -81,13 +82,13 @@ def test_auto_is_torch_until_exported_then_onnx(icd_home, caplog, new_process, e
     assert choose_backend("torch", manifest, CPU, FP32) == Choice("torch")
     assert exports == [] and not Index.open(manifest).entries  # choosing built nothing
     with caplog.at_level(logging.INFO, logger="icd"):
-        assert open_session(manifest, "cpu", "fp32", "auto").backend == "torch"
+        assert open_session(manifest, "cpu", "fp32", "auto").engine.name == "torch"
     assert icd_messages(caplog) == ["backend: torch (auto: no ONNX graphs or engines for this model yet; "
                                     "`icd export` makes them)"]
     assert exports == []
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="icd"):
-        assert open_session(manifest, "cpu", "fp32", "onnx").backend == "onnx"
+        assert open_session(manifest, "cpu", "fp32", "onnx").engine.name == "onnx"
     assert icd_messages(caplog)[0] == ("no onnx artifacts for model 'tiny-sdxl' yet: building them once "
                                        "(`icd export` does it ahead)")
     assert exports == ["tiny-sdxl"]
@@ -96,8 +97,8 @@ def test_auto_is_torch_until_exported_then_onnx(icd_home, caplog, new_process, e
     session_module._OPEN.clear()  # a new process: the graphs are there, nothing is built again
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="icd"):
-        assert open_session(manifest, "cpu", "fp32", "onnx").backend == "onnx"
-        assert open_session(manifest, "cpu", "fp32", "auto").backend == "onnx"
+        assert open_session(manifest, "cpu", "fp32", "onnx").engine.name == "onnx"
+        assert open_session(manifest, "cpu", "fp32", "auto").engine.name == "onnx"
     assert icd_messages(caplog) == ["backend: onnx (auto: the fastest with artifacts for this model)"]
     assert exports == ["tiny-sdxl"]
     # fp32 graphs do not serve bf16, and ONNX has no bf16 graphs at all
@@ -154,11 +155,12 @@ def test_pipeline_runs_on_onnx(models, caplog):
         x = consistency_jump(x, session.denoiser("reverse")(x, t, cond, torch.zeros(1)), t, s)
     assert torch.equal(pipeline.reconstruct(session, x_T, "a cat"), model.decode_latents(x))
     with caplog.at_level(logging.INFO, logger="icd"):
-        p2p = [pipeline.edit(session, x_T, "a cat", "a dog", method="p2p") for _ in range(2)]
+        plan = edit_plan(session.manifest, "a cat", "a dog", method="p2p")
+        p2p = [pipeline.edit(session, x_T, plan) for _ in range(2)]
     # Prompt-to-Prompt decodes on its own ONNX graph, silently, with torch's pixels (within one level)
     assert icd_messages(caplog) == []
-    assert isinstance(session.attention_host().steered.run, OnnxSteered)
-    reference = pipeline.edit(models["torch"], x_T, "a cat", "a dog", method="p2p")
+    assert isinstance(session.attention_host().run, OnnxSteered)
+    reference = pipeline.edit(models["torch"], x_T, edit_plan(models["torch"].manifest, "a cat", "a dog", method="p2p"))
     assert torch.equal(p2p[0].edited, p2p[1].edited)
     assert (p2p[0].edited - reference.edited).abs().max().item() <= 2 / 255
 
@@ -233,19 +235,19 @@ def test_tensorrt_engine_matches_torch(manifest, tmp_path):
 def test_compile_wraps_the_denoisers_and_prompt_to_prompt(manifest, caplog):
     session = open_session(str(manifest.path), "cpu", "fp32", "torch", compile=True, static_shapes=True,
                            directions=("reverse",))
-    assert session.compile_mode == "default"  # CUDA graphs and autotuning only on a GPU with fixed shapes
+    assert session.engine.compile_mode == "default"  # CUDA graphs and autotuning only on a GPU with fixed shapes
     assert choose_compile_mode(torch.device("cuda"), True) == "max-autotune"
     assert choose_compile_mode(torch.device("cuda"), True, loops_captured=True) == "max-autotune-no-cudagraphs"
     assert session.graphs is None  # loops are captured on CUDA only
     assert choose_compile_mode(torch.device("cuda"), False) == "default"
     # the denoiser's epsilon function runs a compiled copy (compiled lazily, on first call) of the eager UNet
     compiled = inspect.getclosurevars(session.denoiser("reverse").eps_fn).nonlocals["unet"]
-    (eager,) = session.unets("reverse")
+    (eager,) = session.engine.unets(session.model, "reverse")
     assert type(compiled).__name__ == "OptimizedModule" and compiled._orig_mod is eager
     with caplog.at_level(logging.INFO, logger="icd"):
         host = session.attention_host()
     # P2P runs a compiled copy of the steered module over the same eager UNet, said nothing about
-    module = inspect.getclosurevars(host.steered.run).nonlocals["module"]
+    module = inspect.getclosurevars(host.run).nonlocals["module"]
     assert type(module).__name__ == "OptimizedModule" and module._orig_mod.unet is eager
     assert icd_messages(caplog) == []
 
@@ -254,8 +256,9 @@ def test_no_wasted_work_in_the_loop(models):
     """A p2p edit need not decode the source row; e(w) is made once per guidance row values, not per step."""
     session = models["torch"]
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    full = pipeline.edit(session, x_T, "a cat", "a dog", method="p2p")
-    lean = pipeline.edit(session, x_T, "a cat", "a dog", method="p2p", with_reconstruction=False)
+    plan = edit_plan(session.manifest, "a cat", "a dog", method="p2p")
+    full = pipeline.edit(session, x_T, plan)
+    lean = pipeline.edit(session, x_T, plan, with_reconstruction=False)
     assert lean.reconstruction is None and lean.edited.shape == full.edited.shape
     assert (lean.edited - full.edited).abs().max().item() < 1e-5
     denoiser = session.denoiser("reverse")

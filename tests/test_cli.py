@@ -225,10 +225,12 @@ def test_base_model_missing_from_cache_fails_fast(icd_home, tmp_path):
 def test_many_targets_and_seeds_invert_each_image_once_per_seed(icd_home, tmp_path, monkeypatch):
     from icd.app.runner import LocalRunner
 
+    from icd.app.requests import Invert
+
     inversions = []
-    real = LocalRunner.invert
-    monkeypatch.setattr(LocalRunner, "invert", lambda self, pixels, prompt, seed: (
-        inversions.append(seed), real(self, pixels, prompt, seed))[1])
+    real = LocalRunner.run
+    monkeypatch.setattr(LocalRunner, "run", lambda self, request: (
+        isinstance(request, Invert) and inversions.append(request.seed), real(self, request))[1])
     a, b = photo(tmp_path / "a.png"), photo(tmp_path / "b.png", color=(30, 200, 30))
     result = icd("edit", a, b, "--src", "a red cat", "--tgt", "a dog", "--tgt", "A dog!", "--tgt", "a fox",
                  "--seed", "4", "-n", "2", "--method", "none", "-m", "tiny", "-o", "out", cwd=tmp_path)
@@ -238,7 +240,7 @@ def test_many_targets_and_seeds_invert_each_image_once_per_seed(icd_home, tmp_pa
     assert names == sorted(f"{stem}-edit-{target}-s{seed}.png" for stem in "ab" for seed in (4, 5)
                            for target in ("a-dog", "a-dog-2", "a-fox"))
     meta = read_metadata(tmp_path / "out" / "b-edit-a-dog-2-s5.png")
-    assert (meta["prompt"], meta["seed"], meta["source"]) == ("A dog!", 5, str(b))
+    assert (meta["prompt"], meta["seed"], meta["source"]) == ("A dog!", 5, "../b.png")  # from the result's folder
     single = icd("edit", a, "--src", "a red cat", "--tgt", "a fox", "--seed", "5", "--method", "none", "-m", "tiny",
                  "-o", "single.png", cwd=tmp_path)
     assert single.exit_code == 0

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from bench.miniature.world import write_imagefolder
 from icd.app.distributed import Launch, current_launch, local_device, merge_json_log, process_share
-from icd.app.training import train
+from icd.app.cli.train import train
 from icd.errors import UsageError
 
 RESOLUTION = 64

@@ -147,12 +147,13 @@ def test_fused_weights_load_without_the_teacher(icd_home, monkeypatch):
 
     monkeypatch.setattr(loading, "load_teacher", no_teacher)  # what fuse_unets reads the teacher with
     session = unets_session(manifest, torch.float32)
-    for loaded, fresh in zip(session.unets("forward", "reverse"), reference):
+    for loaded, fresh in zip(session.engine.unets(session.model, "forward", "reverse"), reference):
         assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
         state = fresh.state_dict()
         assert all(torch.equal(value, state[name]) for name, value in loaded.state_dict().items())
     # bf16 has no file of its own: the fp32 one is cast
-    (bf16,) = unets_session(manifest, torch.bfloat16).unets("reverse")
+    bf16_session = unets_session(manifest, torch.bfloat16)
+    (bf16,) = bf16_session.engine.unets(bf16_session.model, "reverse")
     assert bf16.dtype == torch.bfloat16
     assert load_fused_unet(resolve_model("tiny-sdxl"), {}, "reverse", torch.float32, torch.device("cpu")) is None
 

@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install -e '.[onnx]') is not installed")
 
 from icd import pipeline  # noqa: E402
-from icd.app import session as session_module  # noqa: E402
-from icd.app.session import open_session  # noqa: E402
+from icd.app.session import Session, open_session  # noqa: E402
+from icd.editing import edit_plan  # noqa: E402
 from icd.p2p import PromptToPrompt  # noqa: E402
-from icd_export import compiled  # noqa: E402
+from icd_export.engines import TorchEngine  # noqa: E402
 
 LEVEL = 2 / 255  # one level of 255 in [-1, 1]
 PROMPTS = {"mini": ("a red circle on a sandy background", "a blue circle on a sandy background"),
@@ -24,9 +24,20 @@ LATENTS = {"mini": (8, 8), "tiny": (8, 12)}
 BACKENDS = ("torch", "compile", "onnx")
 
 
+COMPILED: dict[str, Session] = {}
+
+
+def compiled_session(model: str, compiler) -> Session:
+    """The model's session with its UNets compiled by `compiler` (the torch.compile backend)."""
+    eager = open_session(model, "cpu", "fp32", "torch")
+    return Session(eager.model, TorchEngine("default", compiler))
+
+
 def open_on(model: str, backend: str):
     if backend == "compile":
-        return open_session(model, "cpu", "fp32", "torch", compile=True)
+        if model not in COMPILED:
+            COMPILED[model] = compiled_session(model, "eager")
+        return COMPILED[model]
     return open_session(model, "cpu", "fp32", backend)
 
 
@@ -35,9 +46,8 @@ def fast_compiler(icd_home):
     """torch.compile with a compiler that only traces (inductor's C++ builds take minutes on this CPU): what
     is tested is that the models compile as one graph and keep their results."""
     torch._dynamo.reset()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compiled, "BACKEND", "eager")
-        yield
+    yield
+    COMPILED.clear()
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,8 @@ def x_T():
 @pytest.mark.parametrize("method", ["p2p", "swap", "none"])
 def test_every_method_equal_on_every_backend(fast_compiler, x_T, model, method):
     source, target = PROMPTS[model]
-    results = {backend: pipeline.edit(open_on(model, backend), x_T[model], source, target, method=method)
-               for backend in BACKENDS}
+    plan = edit_plan(open_on(model, "torch").manifest, source, target, method=method)
+    results = {backend: pipeline.edit(open_on(model, backend), x_T[model], plan) for backend in BACKENDS}
     reference = results["torch"].edited
     assert reference.shape == (1, 3, *(8 * n for n in LATENTS[model]))
     for backend in ("compile", "onnx"):
@@ -84,17 +94,16 @@ def test_compiles_once_per_shape(icd_home, monkeypatch, x_T):
         return graph_module.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(compiled, "BACKEND", counting)
-    monkeypatch.setattr(session_module, "_OPEN", {})
-    session = open_session("tiny", "cpu", "fp32", "torch", compile=True)
+    session = compiled_session("tiny", counting)
     edits = [("a red cat", "a blue cat"), ("a red cat", "a green dog"), ("a cat", "a fat cat")]
     for source, target in edits:
-        pipeline.edit(session, x_T["tiny"], source, target, method="p2p")
+        pipeline.edit(session, x_T["tiny"], edit_plan(session.manifest, source, target, method="p2p"))
     assert len(graphs) == 1
     for source, target in edits[:2]:
-        pipeline.edit(session, x_T["tiny"], source, target, method="swap")
+        pipeline.edit(session, x_T["tiny"], edit_plan(session.manifest, source, target, method="swap"))
     assert len(graphs) == 2
-    pipeline.edit(session, torch.randn(1, 4, 8, 8), "a red cat", "a blue cat", method="p2p")
+    plan = edit_plan(session.manifest, "a red cat", "a blue cat", method="p2p")
+    pipeline.edit(session, torch.randn(1, 4, 8, 8), plan)
     assert len(graphs) == 3
     torch._dynamo.reset()
 
@@ -109,9 +118,9 @@ def test_control_built_once_per_prompt_pair(icd_home, monkeypatch, x_T):
 
     monkeypatch.setattr(PromptToPrompt, "__init__", counted)
     session = open_on("tiny", "torch")
-    first = pipeline.edit(session, x_T["tiny"], "a red cat", "a fat cat", method="p2p")
-    again = pipeline.edit(session, x_T["tiny"], "a red cat", "a fat cat", method="p2p")
+    first = pipeline.edit(session, x_T["tiny"], edit_plan(session.manifest, "a red cat", "a fat cat", method="p2p"))
+    again = pipeline.edit(session, x_T["tiny"], edit_plan(session.manifest, "a red cat", "a fat cat", method="p2p"))
     assert built == [("a red cat", "a fat cat")]  # the second edit is a cache hit
     assert torch.equal(first.edited, again.edited)  # and the cached controller starts afresh
-    pipeline.edit(session, x_T["tiny"], "a red cat", "a fat dog", method="p2p")
+    pipeline.edit(session, x_T["tiny"], edit_plan(session.manifest, "a red cat", "a fat dog", method="p2p"))
     assert built == [("a red cat", "a fat cat"), ("a red cat", "a fat dog")]

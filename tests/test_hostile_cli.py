@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from icd.app import cli
+from icd.app.cli import common
 from icd.images import read_metadata
 from tests.fixtures.cli import icd
 
@@ -51,14 +51,14 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was opened")
 
-    monkeypatch.setattr(cli, "_open", refuse)
+    monkeypatch.setattr(common, "open_model", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Options: usage errors exit 2 with one line, before any model loads.
 
 USAGE_CASES = {
-    "missing --src": (("edit", "{photo}", "--tgt", "a dog", *TINY), "--src is needed to edit images"),
+    "missing --src": (("edit", "{photo}", "--tgt", "a dog", *TINY), "no --src, and no caption for"),
     "missing --tgt": (("edit", "{photo}", "--src", "a cat", *TINY), "--tgt is required"),
     "width not a multiple": (("edit", "{photo}", "--src", "a", "--tgt", "b", "--width", "100", *TINY),
                              "--width 100 is not a positive multiple of"),
@@ -175,10 +175,10 @@ def test_an_unexpected_error_in_one_item_is_one_line_and_the_batch_goes_on(icd_h
 
     real = jobs.edit_file
 
-    def flaky(settings, path, options, output):
+    def flaky(settings, path, plan, output, mask_output=None):
         if path.name == "b.png":
             raise RuntimeError("boom inside the model")
-        return real(settings, path, options, output)
+        return real(settings, path, plan, output, mask_output)
 
     monkeypatch.setattr(jobs, "edit_file", flaky)
     for name in ("a", "b", "c"):
@@ -203,8 +203,8 @@ def test_same_named_inputs_get_distinct_outputs(icd_home, tmp_path):
                  "--overwrite", cwd=tmp_path)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-x-edit.png", "b-x-edit.png"]
-    assert read_metadata(tmp_path / "out" / "a-x-edit.png")["source"] == str(a)
-    assert read_metadata(tmp_path / "out" / "b-x-edit.png")["source"] == str(b)
+    assert read_metadata(tmp_path / "out" / "a-x-edit.png")["source"] == "../a/x.png"  # from the result's folder
+    assert read_metadata(tmp_path / "out" / "b-x-edit.png")["source"] == "../b/x.png"
 
 
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(icd_home, tmp_path):
@@ -224,7 +224,7 @@ def test_a_finished_batch_is_not_recomputed(icd_home, tmp_path, monkeypatch):
     args = ("edit", tmp_path / "in", "--src", "a cat", "--tgt", "a dog", "--method", "none", *TINY, "-o", "out")
     assert icd(*args, cwd=tmp_path).exit_code == 0
     done = files(tmp_path / "out")
-    monkeypatch.setattr(cli, "_open", lambda *a, **k: pytest.fail("the model was opened"))
+    monkeypatch.setattr(common, "open_model", lambda *a, **k: pytest.fail("the model was opened"))
     rerun = icd(*args, cwd=tmp_path)
     assert rerun.exit_code == 1
     assert rerun.stderr.count("exists (use --overwrite to replace it, or --skip-existing to leave it)") == 2

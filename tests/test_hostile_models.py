@@ -545,7 +545,7 @@ def test_garbage_onnx_graph_runs_on_torch_instead(icd_home, caplog):
     pytest.importorskip("onnxruntime")
     from icd_export.artifacts import Index, artifacts_dir
     from icd_export.build import export_model
-    from icd_export.registry import engine_eps
+    from icd_export.engines import OnnxEngine
 
     manifest = resolve_model("tiny")
     export_model(manifest, ("fp32",))
@@ -553,7 +553,7 @@ def test_garbage_onnx_graph_runs_on_torch_instead(icd_home, caplog):
     damage(graph)
     model = loading.Model(manifest, torch.device("cpu"), torch.float32, unet_config(manifest))
     with caplog.at_level(logging.WARNING, logger="icd"):
-        eps = engine_eps("onnx", model, "reverse")
+        eps = OnnxEngine().eps(model, "reverse")
     assert "unet-reverse-fp32.onnx is damaged" in caplog.text and "running the reverse UNet on PyTorch" in caplog.text
     assert not graph.exists() and Index.open(manifest).find(kind="onnx", direction="reverse") is None
     x = torch.randn(1, 4, 8, 8)

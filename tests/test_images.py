@@ -20,7 +20,7 @@ from icd.images import (
     parameters_text,
     pixels_to_image,
     read_metadata,
-    read_parameters,
+    embedded_texts,
     save_image,
     to_model_input,
     working_size,
@@ -332,14 +332,14 @@ def test_every_format_carries_the_same_parameters_and_icd_json(tmp_path, suffix)
     path = tmp_path / f"out{suffix}"
     save_image(Image.new("RGB", (24, 16), (1, 2, 3)), path, metadata=metadata)
     assert read_metadata(path) == metadata
-    assert read_parameters(path) == parameters_text(metadata, (24, 16)) == (
+    assert embedded_texts(path)[0] == parameters_text(metadata, (24, 16)) == (
         "café → snow\n"
         "Steps: 4, Sampler: iCD, CFG scale: 7.5, Seed: 42, Size: 24x16, Model: sd15-icd, Tau: 0.8, "
         'Source prompt: a dog, Loras: a.safetensors, Blend: "0.5, 0.25", Amplify: "cross: 2, self: (1, 3)"')
     if suffix != ".png":
         with Image.open(path) as saved:
             comment = saved.getexif().get_ifd(0x8769)[0x9286]
-        assert comment == b"UNICODE\0" + read_parameters(path).encode("utf-16-be")  # what A1111 writes
+        assert comment == b"UNICODE\0" + embedded_texts(path)[0].encode("utf-16-be")  # what A1111 writes
 
 
 def test_jpeg_parameters_too_long_for_exif_are_refused_before_writing(tmp_path):
@@ -355,7 +355,7 @@ def test_read_metadata_of_a_plain_image_is_empty(tmp_path):
     path = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(path)
     assert read_metadata(path) == {}
-    assert read_parameters(path) is None
+    assert embedded_texts(path)[0] is None
 
 
 def test_unknown_suffix_is_refused(tmp_path):

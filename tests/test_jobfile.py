@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from icd.app import cli
+from icd.app.cli import common
 from icd.images import read_metadata
 from icd.latents import read_latent_info
 from tests.fixtures.cli import icd
@@ -34,15 +34,18 @@ def jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    monkeypatch.setattr(cli, "_open", lambda *a, **k: pytest.fail("the model was opened"))
+    monkeypatch.setattr(common, "open_model", lambda *a, **k: pytest.fail("the model was opened"))
 
 
 def test_edit_jobs_run_each_row_with_its_own_settings(icd_home, tmp_path, monkeypatch):
     from icd.app.runner import LocalRunner
 
+    from icd.app.requests import Invert
+
     inversions = []
-    real = LocalRunner.invert
-    monkeypatch.setattr(LocalRunner, "invert", lambda self, *args: (inversions.append(args[1:]), real(self, *args))[1])
+    real = LocalRunner.run
+    monkeypatch.setattr(LocalRunner, "run", lambda self, request: (
+        isinstance(request, Invert) and inversions.append((request.prompt, request.seed)), real(self, request))[1])
     photo(tmp_path / "jobs" / "a.png")
     photo(tmp_path / "jobs" / "b.png", colour=(30, 200, 30))
     jobs = jsonl(tmp_path / "jobs" / "edits.jsonl", [

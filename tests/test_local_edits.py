@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import json
+import os
 import socket
 import threading
 
@@ -16,14 +17,16 @@ from PIL import Image
 
 from bench.miniature.world import Placed, Spec, colour_under, render
 from icd import pipeline
-from icd.app import server
-from icd.app.client import RemoteRunner
+from icd.app.requests import Edit, decode_request
+from icd.app.serve.scheduler import answer
+from icd.app.serve.client import RemoteRunner
 from icd.app.runner import LocalRunner
 from icd.app.session import open_session
-from icd.app.wire import receive, send
-from icd.editing import DEFAULT_STRENGTH, P2PConfig, edit_settings, strength_settings
+from icd.app.serve.wire import receive, send
+from icd.editing import DEFAULT_STRENGTH, Given, P2PConfig, edit_plan, model_defaults, resolve_edit, strength_knobs
 from icd.errors import ICDError
-from icd.images import image_to_pixels, mask_array, read_mask, read_metadata, selects_everything
+from icd.images import as_array, image_to_array, read_metadata
+from icd.masks import model_mask, read_mask, selects_everything
 from icd.models.hub import resolve_model
 from icd.models.offline import character_tokenizer
 from icd.p2p import PromptToPrompt, Steering
@@ -73,14 +76,14 @@ def test_hard_mask_keeps_the_source_trajectory_outside(mini, scene_files, method
     then differ from the reconstruction only through the VAE decoder's reach (its mid-block attention sees
     the whole latent): at most a few levels on average, far below the edit inside."""
     _, scene, circle = scene_files
-    x_T = pipeline.invert(mini, image_to_pixels(scene.image), SCENE.caption, 0)
+    x_T = pipeline.invert(mini, torch.from_numpy(image_to_array(scene.image)), SCENE.caption, 0)
     decoded = []
     decode = mini.model.decode_latents
     monkeypatch.setattr(mini.model, "decode_latents", lambda latents: decoded.append(latents) or decode(latents))
     cells = torch.zeros(1, 1, 8, 8)
     cells[..., :4, :4] = 1.0  # a hard mask on whole latent cells: the top-left quarter
     mask = torch.nn.functional.interpolate(cells, size=(64, 64))
-    result = pipeline.edit(mini, x_T, SCENE.caption, TARGET.caption, method=method, mask=mask)
+    result = pipeline.edit(mini, x_T, edit_plan(mini.manifest, SCENE.caption, TARGET.caption, method=method), mask=mask)
 
     source, edited = decoded[0][0], decoded[0][1]
     outside = ~cells[0, 0].bool()
@@ -115,7 +118,7 @@ def test_read_mask_brightness_grey_and_transparency(tmp_path):
     assert mask.shape == (2, 4) and mask.dtype == np.float32
     assert (mask[0, 0], mask[0, 1], mask[0, 2]) == (1.0, 0.0, np.float32(128 / 255))
     assert not selects_everything(mask) and selects_everything(np.ones((2, 2), np.float32))
-    small = mask_array(mask, (8, 4))
+    small = model_mask(mask, (8, 4))
     assert small.shape == (1, 1, 4, 8) and small.max() <= 1.0
 
 
@@ -135,7 +138,7 @@ def test_mask_file_confines_the_edit_and_keeps_the_photo_outside(icd_home, scene
     assert colour_under(Image.open(tmp_path / "edit.png"), scene.objects[0].mask) != "red"
     assert colour_under(Image.open(tmp_path / "edit.png"), scene.objects[1].mask) == "blue"
     meta = read_metadata(tmp_path / "edit.png")
-    assert (meta["mask"], meta["keep_outside"]) == (str(folder / "circle.png"), True)
+    assert (meta["mask"], meta["keep_outside"]) == (os.path.relpath(folder / "circle.png", tmp_path), True)
 
     with Image.open(tmp_path / "used.png") as used:
         assert (used.format, used.size, used.mode) == ("PNG", (64, 64), "L")
@@ -145,7 +148,7 @@ def test_mask_file_confines_the_edit_and_keeps_the_photo_outside(icd_home, scene
     again = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--save-mask", "used.png",
                            "-o", "again.png"), cwd=tmp_path)
     assert again.exit_code == 1
-    assert f"icd: error: {folder / 'scene.png'}: --save-mask used.png exists (use --overwrite to replace it)" \
+    assert f"icd: error: {folder / 'scene.png'}: used.png exists (use --overwrite to replace it)" \
         in again.stderr
     assert (tmp_path / "used.png").read_bytes() == before and not (tmp_path / "again.png").exists()
 
@@ -339,21 +342,32 @@ def test_blend_maps_are_recorded_after_the_edit_as_officially():
 
 def test_strength_mapping():
     manifest = resolve_model("mini")  # its own edit defaults: w 2, tau 0.8
-    defaults = edit_settings(manifest)
+    defaults = model_defaults(manifest)
 
-    def knobs(settings):
-        return settings["guidance"], settings["tau"], settings["p2p"].cross_replace, settings["p2p"].self_replace
+    def knobs(strength, **given):
+        plan = resolve_edit(manifest, Given({"target": "x", "strength": strength, **given}))
+        return plan.guidance, plan.tau, plan.p2p.cross_replace, plan.p2p.self_replace
 
-    assert knobs(strength_settings(manifest, 0.0)) == (0.0, 0.0, 1.0, 1.0)
-    assert knobs(strength_settings(manifest, DEFAULT_STRENGTH)) == (defaults.guidance, defaults.tau, 0.3, 0.6)
-    assert knobs(strength_settings(manifest, 1.0)) == (defaults.guidance, 1.0, 0.0, 0.0)
-    assert knobs(strength_settings(manifest, 0.25)) == (1.0, 0.4, 0.65, 0.8)
-    assert knobs(strength_settings(manifest, 0.75)) == (2.0, 0.9, 0.15, 0.3)
-    assert knobs(strength_settings(manifest, 1.0, guidance=7.0, self_replace=0.5, tau=None)) == (7.0, 1.0, 0.0, 0.5)
+    assert knobs(0.0) == (0.0, 0.0, 1.0, 1.0)
+    assert knobs(DEFAULT_STRENGTH) == (defaults.guidance, defaults.tau, 0.3, 0.6)
+    assert knobs(1.0) == (defaults.guidance, 1.0, 0.0, 0.0)
+    assert knobs(0.25) == (1.0, 0.4, 0.65, 0.8)
+    assert knobs(0.75) == (2.0, 0.9, 0.15, 0.3)
+    assert knobs(1.0, guidance=7.0, self_replace=0.5, tau=None) == (7.0, 1.0, 0.0, 0.5)
     with pytest.raises(ICDError, match="strength must be between 0 and 1, got 1.2"):
-        strength_settings(manifest, 1.2)
-    low, high = (strength_settings(manifest, s) for s in (0.1, 0.9))
-    assert low["guidance"] < high["guidance"] and low["p2p"].cross_replace > high["p2p"].cross_replace
+        strength_knobs(manifest, 1.2)
+    low, high = knobs(0.1), knobs(0.9)
+    assert low[0] < high[0] and low[2] > high[2]
+
+
+def test_strength_overrides_the_knobs_of_earlier_sources_only():
+    """A --from record's knobs give way to a --strength given later; knobs given with or after it win."""
+    manifest = resolve_model("mini")
+    record = Given({"target": "x", "guidance": 1.5, "tau": 0.5, "cross_replace": 0.2, "strength": 0.3})
+    plan = resolve_edit(manifest, record)  # the record's own knobs win over its own strength
+    assert (plan.guidance, plan.tau, plan.p2p.cross_replace, plan.strength) == (1.5, 0.5, 0.2, 0.3)
+    plan = resolve_edit(manifest, record, Given({"strength": 1.0, "tau": 0.9}))
+    assert (plan.guidance, plan.tau, plan.p2p.cross_replace, plan.strength) == (2.0, 0.9, 0.0, 1.0)
 
 
 def test_strength_on_the_command_line_and_explicit_options_win(icd_home, scene_files, tmp_path):
@@ -386,7 +400,8 @@ def test_sdxl_swap_keeps_the_target_pooled_embedding(icd_home, monkeypatch):
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     size = session.model.image_size(x_T)
     source, target = (session.model.encode_text([prompt], size) for prompt in ("a red cat", "a blue dog"))
-    pipeline.edit(session, x_T, "a red cat", "a blue dog", method="swap", guidance=3.0, tau=0.7)
+    plan = edit_plan(session.manifest, "a red cat", "a blue dog", method="swap", guidance=3.0, tau=0.7)
+    pipeline.edit(session, x_T, plan)
     assert [t for t, _ in seen] == sorted(session.manifest.reverse_timesteps, reverse=True)
     assert any(t / 1000 > 0.7 for t, _ in seen) and any(t / 1000 <= 0.7 for t, _ in seen)
     for t, cond in seen:
@@ -405,8 +420,7 @@ def test_masks_go_through_icd_serve(icd_home, tmp_path):
     near, far = socket.socketpair()
 
     def serve_one():
-        header, tensors = receive(far)
-        send(far, *server.answer(runner, header, tensors))
+        send(far, *answer(runner, decode_request(*receive(far))))
 
     worker = threading.Thread(target=serve_one, daemon=True)
     worker.start()
@@ -415,12 +429,12 @@ def test_masks_go_through_icd_serve(icd_home, tmp_path):
     x_T = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     mask = np.zeros((1, 1, 64, 64), np.float32)
     mask[..., 8:40, 8:40] = 1.0
-    args = (x_T, "a red cat", "a blue cat", "none", 3.0, 0.8, None, mask)
-    served = remote.edit(*args)
+    plan = edit_plan(runner.manifest, "a red cat", "a blue cat", method="none", guidance=3.0, tau=0.8)
+    served = remote.run(Edit(x_T, plan, mask))
     worker.join(60)
-    here = runner.edit(*args)
-    assert np.array_equal(served[0], here[0]) and served[1] == here[1] == []
-    assert np.array_equal(served[2], here[2]) and served[2].shape == (1, 1, 8, 8)
-    assert not np.array_equal(served[0], runner.edit(*args[:-1])[0])  # the mask acted
+    here = runner.run(Edit(x_T, plan, mask))
+    assert np.array_equal(served.pixels, as_array(here.pixels)) and served.notes == here.notes == []
+    assert np.array_equal(served.mask, as_array(here.mask)) and served.mask.shape == (1, 1, 8, 8)
+    assert not np.array_equal(served.pixels, as_array(runner.run(Edit(x_T, plan)).pixels))  # the mask acted
     near.close()
     far.close()

@@ -16,7 +16,7 @@ import torch
 from icd import pipeline
 from icd.app.session import Session, open_session
 from icd.core.denoiser import Conditioning
-from icd.editing import P2PConfig
+from icd.editing import P2PConfig, edit_plan
 from icd_export.graphs import LoopGraphs, Rerun, captures_loops, signature
 
 SCENES = [("a red circle on a sandy background", "a blue circle on a sandy background"),
@@ -31,7 +31,7 @@ def pixels(seed: int) -> torch.Tensor:
 
 def graphed(eager: Session, recorder=None) -> Session:
     """The eager session's model and UNets, its loops captured."""
-    return Session(eager.model, _unets=dict(eager._unets), graphs=LoopGraphs(eager.model.device, recorder or Rerun()))
+    return Session(eager.model, eager.engine, graphs=LoopGraphs(eager.model.device, recorder or Rerun()))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_edits_replay_with_new_inputs(sessions, method, masked):
         if masked:
             mask = torch.zeros(1, 1, 64, 64)
             mask[..., 8 * i:32 + 8 * i, 16:48] = 1.0
-        got, expected = (pipeline.edit(s, x_T, source, target, method=method, mask=mask) for s in (captured, eager))
+        plan = edit_plan(eager.manifest, source, target, method=method)
+        got, expected = (pipeline.edit(s, x_T, plan, mask=mask) for s in (captured, eager))
         same(got.edited, expected.edited)
         if expected.reconstruction is not None:
             same(got.reconstruction, expected.reconstruction)
@@ -78,7 +79,8 @@ def test_blend_words_and_windows_replay_with_their_own_maps_and_notes(sessions):
     for words, windows in [((("red",), ("blue",)), (0.3, 0.6)), ((("red",), ("blue",)), (0.3, 0.6)),
                            ((("circle",), ("circle",)), (0.9, 0.3))]:  # the third replays with other windows
         config = P2PConfig(cross_replace=windows[0], self_replace=windows[1], blend=words)
-        got, expected = (pipeline.edit(s, x_T, source, target, method="p2p", p2p=config) for s in (captured, eager))
+        plan = edit_plan(eager.manifest, source, target, method="p2p", p2p=config)
+        got, expected = (pipeline.edit(s, x_T, plan) for s in (captured, eager))
         same(got.edited, expected.edited)
         same(got.mask, expected.mask)
         assert got.notes == expected.notes
@@ -158,13 +160,13 @@ def test_on_cuda_captured_loops_equal_eager(icd_home, dtype):
     name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     captured = open_session("mini", "cuda", name, "torch", directions=("forward", "reverse"))
     assert captured.graphs is not None
-    eager = Session(captured.model, _unets=dict(captured._unets))
+    eager = Session(captured.model, captured.engine)
     for i, (source, target) in enumerate(SCENES):
         x_T = pipeline.invert(eager, pixels(i).cuda(), source, seed=0)
         torch.testing.assert_close(pipeline.invert(captured, pixels(i).cuda(), source, seed=0), x_T,
                                    rtol=0, atol=2e-2)
         for method in ("p2p", "swap"):
-            got, expected = (pipeline.edit(s, x_T, source, target, method=method, p2p=BLEND if method == "p2p" else None)
-                             for s in (captured, eager))
+            plan = edit_plan(eager.manifest, source, target, method=method, p2p=BLEND if method == "p2p" else None)
+            got, expected = (pipeline.edit(s, x_T, plan) for s in (captured, eager))
             torch.testing.assert_close(got.edited, expected.edited, rtol=0, atol=2 / 255)
     assert captured.graphs.recorded == 3

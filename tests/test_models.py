@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.tiny import build_tiny_model
 from icd import editing, pipeline
-from icd.app.session import Session, open_session
+from icd.app.session import Session, open_session, teacher_session
 from icd.core.consistency import add_noise, consistency_jump
 from icd.core.denoiser import Guided
 from icd.errors import ICDError, InputError, ModelError, OutputExistsError, UsageError
@@ -21,7 +21,7 @@ from icd.models.hub import resolve_model
 from icd.models.loading import Model, load_teacher, unet_config
 from icd.models.manifest import load_manifest, parse_manifest
 from icd.models.official import LORA_TARGETS
-from icd.p2p import P2PConfig
+from icd.editing import P2PConfig, edit_plan
 
 SIZE = 64  # a multiple of the tiny models' 32: latents 8x8 -> 4x4 -> 2x2 in the UNet
 
@@ -74,7 +74,7 @@ def test_manifest_of_tiny_model(tiny_dirs):
 
 def test_open_session_is_cached(sd15, tiny_dirs):
     assert open_session(load_manifest(tiny_dirs["sd15"]), "cpu", "fp32", "torch") is sd15
-    assert sd15.backend == "torch" and sd15.compile_mode is None
+    assert sd15.engine.name == "torch" and sd15.engine.compile_mode is None
     assert sd15.model.dtype == torch.float32 and sd15.model.device == torch.device("cpu")
 
 
@@ -102,7 +102,7 @@ def test_students_are_teacher_plus_lora(tiny_dirs, kind, request):
     model = request.getfixturevalue(kind)
     folder = tiny_dirs[kind]
     teacher = torch.load(folder / "teacher.pt", weights_only=True)
-    forward, reverse = model.unets("forward", "reverse")
+    forward, reverse = model.engine.unets(model.model, "forward", "reverse")
     assert forward is not reverse
     for unet, file in ((forward, "tiny-forward.safetensors"), (reverse, "tiny-reverse.safetensors")):
         assert not unet.training and not any(p.requires_grad for p in unet.parameters())
@@ -326,46 +326,51 @@ def test_reconstruct_is_deterministic(sd15, x_T):
 
 
 def test_edit_none_with_source_prompt_is_reconstruction(sd15, x_T):
-    result = pipeline.edit(sd15, x_T, "a cat", "a cat", method="none", guidance=0.0)
+    result = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a cat", method="none", guidance=0.0))
     assert result.reconstruction is None
     assert torch.equal(result.edited, pipeline.reconstruct(sd15, x_T, "a cat", guidance=0.0))
 
 
 def test_edit_swap(sd15, x_T):
-    none = pipeline.edit(sd15, x_T, "a cat", "a dog", method="none", guidance=7.0, tau=1.0).edited
+    none = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="none", guidance=7.0, tau=1.0)).edited
     # tau 1: every step is below tau, so every step uses the target: the same as 'none'
-    swap = pipeline.edit(sd15, x_T, "a cat", "a dog", method="swap", guidance=7.0, tau=1.0)
+    swap = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="swap", guidance=7.0, tau=1.0))
     assert swap.reconstruction is None and swap.edited.shape == (1, 3, SIZE, SIZE)
     assert torch.equal(swap.edited, none)
     # tau 0: every step is above tau: the source prompt, unguided, on all of them
-    all_source = pipeline.edit(sd15, x_T, "a cat", "a dog", method="swap", guidance=7.0, tau=0.0).edited
-    assert torch.equal(all_source, pipeline.edit(sd15, x_T, "a cat", "a cat", method="none", guidance=0.0).edited)
+    all_source = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="swap", guidance=7.0, tau=0.0)).edited
+    assert torch.equal(all_source, pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a cat", method="none", guidance=0.0)).edited)
     # tau 0.8: the source at 999 only; differs from both
-    mixed = pipeline.edit(sd15, x_T, "a cat", "a dog", method="swap", guidance=7.0, tau=0.8).edited
+    mixed = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="swap", guidance=7.0, tau=0.8)).edited
     assert not torch.equal(mixed, none) and not torch.equal(mixed, all_source)
 
 
 def test_edit_p2p(sd15, x_T):
-    result = pipeline.edit(sd15, x_T, "a cat", "a dog", method="p2p", p2p=P2PConfig(cross_replace=0.5, self_replace=0.5))
+    result = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="p2p", p2p=P2PConfig(cross_replace=0.5, self_replace=0.5)))
     assert result.edited.shape == (1, 3, SIZE, SIZE) and result.reconstruction.shape == (1, 3, SIZE, SIZE)
     # the source row is the unguided reconstruction (through P2P's own attention path: equal to rounding)
     reconstruction = pipeline.reconstruct(sd15, x_T, "a cat", guidance=0.0)
     assert (result.reconstruction - reconstruction).abs().max().item() < 1e-4
     assert (result.edited - result.reconstruction).abs().max().item() > 1e-3
     # attention processors are restored afterwards
-    (unet,) = sd15.unets("reverse")
+    (unet,) = sd15.engine.unets(sd15.model, "reverse")
     assert not any(type(p).__name__ == "_Processor" for p in unet.attn_processors.values())
 
 
 def test_edit_defaults_and_unknown_method(sd15, sdxl, x_T):
-    assert editing.edit_settings(sd15.manifest) == editing.EditDefaults("p2p", 19.0, 0.8)
-    assert editing.edit_settings(sdxl.manifest) == editing.EditDefaults("swap", 19.0, 0.7)
-    assert editing.edit_settings(sdxl.manifest, "none", 0.0, None) == editing.EditDefaults("none", 0.0, 0.7)
+    def settings(manifest, **given):
+        plan = editing.edit_plan(manifest, "a cat", "a dog", **given)
+        return editing.EditDefaults(plan.method, plan.guidance, plan.tau)
+
+    assert editing.model_defaults(sd15.manifest) == editing.EditDefaults("p2p", 19.0, 0.8)
+    assert settings(sd15.manifest) == editing.EditDefaults("p2p", 19.0, 0.8)
+    assert settings(sdxl.manifest) == editing.EditDefaults("swap", 19.0, 0.7)
+    assert settings(sdxl.manifest, method="none", guidance=0.0, tau=None) == editing.EditDefaults("none", 0.0, 0.7)
     own = replace(sd15.manifest, edit_defaults=(("guidance", 4.0),))
-    assert editing.edit_settings(own) == editing.EditDefaults("p2p", 4.0, 0.8)
-    assert editing.edit_settings(own, guidance=2.0) == editing.EditDefaults("p2p", 2.0, 0.8)
+    assert settings(own) == editing.EditDefaults("p2p", 4.0, 0.8)
+    assert settings(own, guidance=2.0) == editing.EditDefaults("p2p", 2.0, 0.8)
     with pytest.raises(ICDError) as err:
-        pipeline.edit(sd15, x_T, "a cat", "a dog", method="magic")
+        pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="magic"))
     assert "magic" in one_line(err)
 
 
@@ -384,9 +389,9 @@ def test_sdxl_invert_edit(sdxl, pixels):
     x = pipeline.invert(sdxl, pixels, "a cat", seed=1)
     assert x.shape == (1, 4, 8, 8)
     assert torch.equal(pipeline.invert(sdxl, pixels, "a cat", seed=1), x)
-    result = pipeline.edit(sdxl, x, "a cat", "a dog")  # the SDXL default: swap
+    result = pipeline.edit(sdxl, x, edit_plan(sdxl.manifest, "a cat", "a dog"))  # the SDXL default: swap
     assert result.reconstruction is None and result.edited.shape == (1, 3, SIZE, SIZE)
-    same = pipeline.edit(sdxl, x, "a cat", "a cat", method="none", guidance=0.0)
+    same = pipeline.edit(sdxl, x, edit_plan(sdxl.manifest, "a cat", "a cat", method="none", guidance=0.0))
     # not bitwise: the pooled vector of a 2-prompt batch differs from a 1-prompt one in the last bit
     assert (same.edited - pipeline.reconstruct(sdxl, x, "a cat")).abs().max().item() < 1e-3
     assert (result.edited - same.edited).abs().max().item() > 1e-3
@@ -491,19 +496,23 @@ def model_with_teacher(tiny_dirs, tmp_path, teacher, **change):
     return Session(Model(manifest, torch.device("cpu"), torch.float32, unet_config(manifest)))
 
 
+def unets_of(session: Session, *directions: str) -> list:
+    return session.engine.unets(session.model, *directions)
+
+
 def test_teacher_with_wrong_shape(tiny_dirs, tmp_path):
     state = torch.load(tiny_dirs["sd15"] / "teacher.pt", weights_only=True)
     state["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
     torch.save(state, tmp_path / "wrong.pt")
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tmp_path / "wrong.pt").unets("reverse")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tmp_path / "wrong.pt"), "reverse")
     message = one_line(err)
     assert "wrong.pt" in message and "sd15" in message and "conv_in.weight" in message
 
 
 def test_teacher_of_the_other_kind(tiny_dirs, tmp_path):
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tiny_dirs["sdxl"] / "teacher.pt").unets("forward")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tiny_dirs["sdxl"] / "teacher.pt"), "forward")
     assert "does not fit the sd15 UNet" in one_line(err)
 
 
@@ -512,22 +521,22 @@ def test_teacher_without_cond_proj(tiny_dirs, tmp_path):
     del state["time_embedding.cond_proj.weight"]
     torch.save(state, tmp_path / "plain.pt")
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tmp_path / "plain.pt").unets("forward")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tmp_path / "plain.pt"), "forward")
     assert "time_embedding.cond_proj.weight" in one_line(err)
 
 
 def test_teacher_not_a_state_dict(tiny_dirs, tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tmp_path / "text.pt").unets("forward")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tmp_path / "text.pt"), "forward")
     assert "text.pt: not a loadable teacher state dict" in one_line(err)
 
 
 def test_teacher_as_safetensors(tiny_dirs, tmp_path, sd15):
     state = torch.load(tiny_dirs["sd15"] / "teacher.pt", weights_only=True)
     save_file(state, str(tmp_path / "teacher.safetensors"))
-    (unet,) = model_with_teacher(tiny_dirs, tmp_path, tmp_path / "teacher.safetensors").unets("reverse")
-    (reference,) = sd15.unets("reverse")
+    (unet,) = unets_of(model_with_teacher(tiny_dirs, tmp_path, tmp_path / "teacher.safetensors"), "reverse")
+    (reference,) = unets_of(sd15, "reverse")
     ours, theirs = unet.state_dict(), reference.state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
@@ -535,20 +544,20 @@ def test_teacher_as_safetensors(tiny_dirs, tmp_path, sd15):
 def test_teacher_corrupt_safetensors(tiny_dirs, tmp_path):
     (tmp_path / "teacher.safetensors").write_text("hello")
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tmp_path / "teacher.safetensors").unets("forward")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tmp_path / "teacher.safetensors"), "forward")
     assert "teacher.safetensors" in one_line(err)
 
 
 def test_teacher_pickle_not_a_dict(tiny_dirs, tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tmp_path / "tensor.pt").unets("forward")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tmp_path / "tensor.pt"), "forward")
     assert "tensor.pt" in one_line(err)
 
 
 def test_missing_lora_direction(tiny_dirs, tmp_path):
     with pytest.raises(ModelError) as err:
-        model_with_teacher(tiny_dirs, tmp_path, tiny_dirs["sd15"] / "teacher.pt", reverse_lora=None).unets("reverse")
+        unets_of(model_with_teacher(tiny_dirs, tmp_path, tiny_dirs["sd15"] / "teacher.pt", reverse_lora=None), "reverse")
     assert "has no reverse LoRA" in one_line(err)
 
 
@@ -617,10 +626,10 @@ def test_tiny_model_folder_is_complete(tiny_dirs):
 
 
 def test_teacher_solver_runs_the_teacher_on_the_ddim_grid(sd15):
-    solver = sd15.teacher_solver(10)
+    solver = teacher_session(sd15, 10)
     assert solver.manifest.forward_timesteps == (99, 199, 299, 399, 499, 599, 699, 799, 899)
     assert solver.manifest.reverse_timesteps == (99, 199, 299, 399, 499, 599, 699, 799, 899, 999)
-    forward, reverse = solver.unets("forward", "reverse")
+    forward, reverse = solver.engine.unets(solver.model, "forward", "reverse")
     assert forward is reverse
     teacher = load_teacher(sd15.manifest, sd15.model.unet_config)
     assert all(torch.equal(value, teacher.state_dict()[key]) for key, value in forward.state_dict().items())

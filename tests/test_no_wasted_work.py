@@ -149,7 +149,8 @@ def test_batched_two_pass_equals_two_calls(tiny, t):
     with torch.inference_mode():
         batched = Guided(eps_fn, None, uncond)(x, t, cond, w)
         eps_c, eps_u = eps_fn(x, t, cond, None), eps_fn(x, t, uncond.expand(2), None)
-    torch.testing.assert_close(batched, guided_eps(eps_c, eps_u, torch.tensor(w)), rtol=1e-5, atol=1e-5)
+    # float rounding only: the batch of 4 rows and the two of 2 may take other CPU kernels (2.6e-5 seen)
+    torch.testing.assert_close(batched, guided_eps(eps_c, eps_u, torch.tensor(w)), rtol=1e-4, atol=1e-4)
     assert (batched - eps_c).abs().max().item() > 1e-3  # the guidance did something
 
 
@@ -175,3 +176,37 @@ def test_on_cuda_the_loops_never_sync(icd_home, two_pass):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert x_0.shape == z0.shape and torch.isfinite(x_0).all()
+
+
+class _HostCopies(TorchFunctionMode):
+    """The shapes of the tensors turned into numpy arrays (on a GPU each is a copy to the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.numpy:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_in_process_edit_keeps_x_T_on_the_device(icd_home, tmp_path):
+    """In this process x_T goes from the inversion to its edits as a tensor on the model's device: of the
+    latents only the pixels of the result come back to the host, never x_T (which icd serve's client needs)."""
+    from PIL import Image
+
+    from icd.app.jobs import Settings, edit_file
+    from icd.app.runner import LocalRunner
+    from icd.app.session import open_session
+    from icd.editing import edit_plan
+
+    runner = LocalRunner(open_session("mini", "cpu", "fp32", "torch", directions=("forward", "reverse")))
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "photo.png")
+    settings = Settings(runner, "mini")
+    plans = [edit_plan(runner.manifest, "a red circle on a sandy background", f"a {colour} circle on a sandy background")
+             for colour in ("blue", "green")]
+    with _HostCopies() as copies:
+        for i, plan in enumerate(plans):
+            edit_file(settings, tmp_path / "photo.png", plan, tmp_path / f"edit-{i}.png")
+    assert copies.shapes == [(3, 64, 64), (3, 64, 64)]  # each edit's pixels, nothing else

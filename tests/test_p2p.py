@@ -7,20 +7,9 @@ from diffusers import UNet2DConditionModel
 from icd.core.denoiser import Conditioning, Guided
 from icd.models.loading import unet_eps
 from icd.models.offline import character_tokenizer
-from icd.p2p import (
-    AttentionHost,
-    P2PConfig,
-    P2PProcessor,
-    PromptToPrompt,
-    Steered,
-    SteeredUNet,
-    Steering,
-    refinement_mapper,
-    replacement_mapper,
-    step_windows,
-    steered_eps,
-    word_token_indices,
-)
+from icd.editing import P2PConfig
+from icd.p2p import AttentionHost, P2PProcessor, PromptToPrompt, SteeredUNet, Steering, step_windows, steered_eps
+from icd.p2p.tokens import refinement_mapper, replacement_mapper, word_token_indices
 
 LATENT = (16, 12)  # not square: levels 16x12 (192 tokens), 8x6 (48), 4x3 (12, the mid block)
 
@@ -60,8 +49,8 @@ def latents(identical_rows):
 def host_of(unet):
     """The steered eager UNet and its denoiser, as a torch session hands them to Prompt-to-Prompt (no
     guidance embedding; the tests run w = 0, so the unconditional rows are never used)."""
-    steered = Steered(steered_eps(SteeredUNet(unet)))
-    return AttentionHost(steered, Guided(steered, None, Conditioning(torch.zeros(1, 77, 32))), torch.device("cpu"))
+    return AttentionHost(steered_eps(SteeredUNet(unet)), torch.device("cpu"),
+                         lambda eps: Guided(eps, None, Conditioning(torch.zeros(1, 77, 32))))
 
 
 @torch.no_grad()

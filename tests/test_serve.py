@@ -17,11 +17,12 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from icd.app import jobs, server
-from icd.app.client import _hello, find_server
+from icd.app import jobs
+from icd.app.serve import front as server
+from icd.app.serve.client import _hello, find_server
 from icd.app.runner import LocalRunner
 from icd.app.session import open_session
-from icd.app.wire import receive
+from icd.app.serve.wire import receive
 from icd.latents import load_latent
 from icd.models.hub import resolve_model
 from tests.fixtures.cli import icd
@@ -172,8 +173,8 @@ def test_the_server_killed_mid_batch_and_the_batch_completes_here(serving, tmp_p
         photo(tmp_path / "in" / f"p{i}.png", colour=(60 * i, 40, 200))
     real = jobs.edit_file
 
-    def kill_after_the_first(settings, path, options, output):
-        result = real(settings, path, options, output)
+    def kill_after_the_first(settings, path, plan, output, mask_output=None):
+        result = real(settings, path, plan, output, mask_output)
         if serving.process.poll() is None:
             serving.process.send_signal(signal.SIGKILL)
             serving.process.wait(timeout=60)
@@ -239,10 +240,10 @@ def test_a_server_of_another_model_or_dtype_is_not_used(icd_home, monkeypatch):
     runner = LocalRunner(open_session(manifest, "cpu", "fp32"))
     serving = server.Server(runner, "tiny", False, icd_home / "unused.sock")
     request = {"fingerprint": manifest.fingerprint, "device": "cpu", "dtype": "auto", "backend": "auto"}
-    assert serving.mismatch(request) is None
-    assert serving.mismatch({**request, "dtype": "bf16"}) == "it runs on cpu, fp32"
-    assert serving.mismatch({**request, "fingerprint": "0" * 16}).startswith("it serves model tiny (")
-    assert serving.mismatch({**request, "backend": "onnx"}) == "it runs the torch backend"
+    assert serving.match(request)[0] is None
+    assert serving.match({**request, "dtype": "bf16"})[0] == "it runs on cpu, fp32"
+    assert serving.match({**request, "fingerprint": "0" * 16})[0].startswith("it serves model tiny (")
+    assert serving.match({**request, "backend": "onnx"})[0] == "it runs the torch backend"
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     threading.Thread(target=serving.handle, args=(ours,), daemon=True).start()
     assert _hello(theirs, request)["mismatch"] is None

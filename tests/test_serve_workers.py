@@ -15,12 +15,16 @@ import time
 import numpy as np
 import pytest
 
-from icd.app import server
-from icd.app.cli import _serve_runner
-from icd.app.client import RemoteRunner, _hello
+from icd.app.requests import REQUESTS, Invert, Reconstruct
+from icd.app.serve import front as server
+from icd.app.serve.scheduler import ProcessWorker
+from icd.errors import ICDError
+from icd.images import as_array
+from icd.app.cli.serve import serve_runner as _serve_runner
+from icd.app.serve.client import RemoteRunner, _hello
 from icd.app.runner import LocalRunner
 from icd.app.session import open_session
-from icd.app.wire import receive, send
+from icd.app.serve.wire import receive, send
 from icd.models.hub import resolve_model
 from tests.fixtures.cli import icd
 from tests.test_serve import EDIT, Served, _icd_process, files, photo
@@ -101,21 +105,21 @@ def gated(icd_home):
     gate, so that the jobs sent meanwhile queue behind it; yields the server, the gate, and its batches."""
     runner = LocalRunner(open_session(resolve_model("mini"), "cpu", "fp32", directions=("forward", "reverse")))
     serving = server.Server(runner, "mini", False, icd_home / "unused.sock")
-    (worker,) = serving.workers
+    (worker,) = serving.scheduler.workers
     gate, batches = threading.Event(), []
     real = worker.run
 
-    def run(jobs):
-        batches.append([job.header["op"] for job in jobs])
+    def run(requests):
+        batches.append([request.op for request in requests])
         if len(batches) == 1:
             gate.wait(WAIT_S)
-        return real(jobs)
+        return real(requests)
 
     worker.run = run
-    serving.start()
+    serving.scheduler.start()
     yield serving, gate, batches
     gate.set()
-    serving.stop()
+    serving.scheduler.stop()
 
 
 def client(serving: server.Server) -> RemoteRunner:
@@ -136,16 +140,21 @@ def concurrently(serving, gate, calls) -> list:
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
     threads[0].start()
     deadline = time.monotonic() + WAIT_S
-    while not serving.workers[0].busy and time.monotonic() < deadline:
+    while not serving.scheduler.workers[0].busy and time.monotonic() < deadline:
         time.sleep(0.01)
     for thread in threads[1:]:
         thread.start()
-    while len(serving.queue) < len(calls) - 1 and time.monotonic() < deadline:
+    while len(serving.scheduler.queue) < len(calls) - 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     gate.set()
     for thread in threads:
         thread.join(WAIT_S)
     return results
+
+
+def here(runner: LocalRunner, request):
+    """A request run in this process, as the numpy array a client gets."""
+    return as_array(runner.run(request))
 
 
 def close_rows(batched, alone) -> None:
@@ -155,34 +164,34 @@ def close_rows(batched, alone) -> None:
 
 def test_queued_jobs_of_one_operation_and_size_run_as_one_batch(gated):
     serving, gate, batches = gated
-    runner = serving.workers[0].runner
+    runner = serving.scheduler.workers[0].runner
     rng = np.random.default_rng(0)
     pixels = [rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32) for _ in range(2)]
     held = rng.uniform(-1, 1, (1, 3, 64, 128)).astype(np.float32)  # another size: never in their batch
     jobs = [(held, "a red circle", 0), (pixels[0], "a red circle", 1), (pixels[1], "a blue square", 2)]
-    results = concurrently(serving, gate, [lambda remote, job=job: remote.invert(*job) for job in jobs])
+    results = concurrently(serving, gate, [lambda remote, job=job: remote.run(Invert(*job)) for job in jobs])
     assert batches == [["invert"], ["invert", "invert"]]
-    assert np.array_equal(results[0], runner.invert(*jobs[0]))  # a batch of one: the same bits as in-process
+    assert np.array_equal(results[0], here(runner, Invert(*jobs[0])))  # a batch of one: the same bits as in-process
     for got, job in zip(results[1:], jobs[1:]):
-        close_rows(got, runner.invert(*job))
+        close_rows(got, here(runner, Invert(*job)))
     assert not np.allclose(results[1], results[2], atol=0.1)  # each client got its own row
-    assert [(w["jobs"], w["batches"]) for w in serving.worker_status()] == [(3, 2)]
+    assert [(w["jobs"], w["batches"]) for w in serving.scheduler.status()] == [(3, 2)]
 
 
 def test_queued_generations_and_reconstructions_batch_by_size(gated):
     serving, gate, batches = gated
-    runner = serving.workers[0].runner
+    runner = serving.scheduler.workers[0].runner
     pixels = np.random.default_rng(1).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
-    latent = runner.invert(pixels, "a red circle", 3)
+    latent = here(runner, Invert(pixels, "a red circle", 3))
     calls = [("reconstruct", latent, "a red circle"), ("generate", "a red circle", 5, 64, 64, 3.0, 0.7),
              ("generate", "a blue square", 6, 64, 64, 3.0, 0.7),
              ("generate", "a blue square", 7, 64, 64, 2.0, 0.7),  # other guidance: a batch of its own
              ("reconstruct", latent * 0.5, "a green circle"), ("reconstruct", latent, "a red circle")]
-    results = concurrently(serving, gate, [lambda remote, op=op, args=args: getattr(remote, op)(*args)
+    results = concurrently(serving, gate, [lambda remote, op=op, args=args: remote.run(REQUESTS[op](*args))
                                            for op, *args in calls])
     assert batches[0] == ["reconstruct"]  # the others arrive in any order: the batches they form are fixed
     assert sorted(batches[1:]) == [["generate"], ["generate", "generate"], ["reconstruct", "reconstruct"]]
-    alone = [getattr(runner, op)(*args) for op, *args in calls]
+    alone = [here(runner, REQUESTS[op](*args)) for op, *args in calls]
     assert np.array_equal(results[0], alone[0]) and np.array_equal(results[3], alone[3])
     for got, expected in zip(results, alone):
         close_rows(got, expected)
@@ -190,23 +199,25 @@ def test_queued_generations_and_reconstructions_batch_by_size(gated):
 
 def test_a_bad_job_in_a_batch_fails_alone(gated):
     serving, gate, batches = gated
-    runner = serving.workers[0].runner
-    latent = runner.invert(np.zeros((1, 3, 64, 64), np.float32), "a red circle", 0)
+    runner = serving.scheduler.workers[0].runner
+    latent = here(runner, Invert(np.zeros((1, 3, 64, 64), np.float32), "a red circle", 0))
     conns = []
-    for header in ({"op": "reconstruct", "prompt": "a red circle"}, {"op": "reconstruct"},
+    for header in ({"op": "reconstruct", "prompt": "a red circle"}, {"op": "reconstruct", "prompt": 12},
                    {"op": "reconstruct", "prompt": "a blue square"}):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         threading.Thread(target=serving.handle, args=(ours,), daemon=True).start()
         send(theirs, header, {"x_T": latent})
         conns.append(theirs)
         deadline = time.monotonic() + WAIT_S
-        while not (serving.workers[0].busy and len(serving.queue) == len(conns) - 1) and time.monotonic() < deadline:
+        while not (serving.scheduler.workers[0].busy and len(serving.scheduler.queue) == len(conns) - 1) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
     gate.set()
     replies = [receive(conn) for conn in conns]
     assert batches == [["reconstruct"], ["reconstruct", "reconstruct"]]
-    assert replies[1] == ({"error": "unexpected KeyError in the server: 'prompt'"}, {})
-    assert np.array_equal(replies[2][1]["pixels"], runner.reconstruct(latent, "a blue square"))  # run alone
+    assert replies[1][0]["error"].startswith("unexpected ") and " in the server: " in replies[1][0]["error"]
+    assert replies[1][1] == {}
+    assert np.array_equal(replies[2][1]["pixels"], here(runner, Reconstruct(latent, "a blue square")))  # run alone
     for conn in conns:
         conn.close()
 
@@ -217,16 +228,16 @@ def test_a_client_that_names_a_device_matches_only_its_workers(icd_home):
     request = {"fingerprint": serving.facts["fingerprint"], "dtype": "auto"}
     assert serving.match({**request, "device": "cpu"}) == (None, frozenset({"cpu"}))
     assert serving.match(request) == (None, frozenset({"cpu"}))  # auto: every worker of the kind it resolves to
-    serving.workers[0].alive = False
+    serving.scheduler.workers[0].alive = False
     assert serving.match({**request, "device": "cpu"}) == ("it runs on cpu, fp32", frozenset())
 
 
 def test_a_worker_process_that_cannot_open_its_model_is_one_line(icd_home, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     missing = functools.partial(_serve_runner, resolve_model("tiny"), "fp16", "auto", False, logging.WARNING)
-    worker = server.ProcessWorker("cpu", missing)
+    worker = ProcessWorker("cpu", missing)
     try:
-        with pytest.raises(server.ICDError, match=r"^--device cpu: --dtype fp16: not supported on the CPU"):
+        with pytest.raises(ICDError, match=r"^--device cpu: --dtype fp16: not supported on the CPU"):
             worker.wait_ready()
     finally:
         worker.close()

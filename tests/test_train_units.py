@@ -27,7 +27,7 @@ from icd.models.loading import load_teacher, unet_config, unet_eps
 from icd.models.lora import fuse_lora
 from icd.models.manifest import load_manifest
 from icd.models.official import LORA_TARGETS
-from icd.pipeline import edit_settings
+from icd.editing import model_defaults
 from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
 from icd_train.data import ImageDataset, cached_latents, read_examples, square_pixels, vae_identity
 from icd_train.guidance import base_manifest, guidance_student, write_teacher_model
@@ -501,7 +501,7 @@ def test_moved_model_folder_still_loads_without_its_sources(source, tmp_path):
     assert manifest.teacher == moved / "teacher.pt" and manifest.base == str(moved / "base")
     assert manifest.forward_lora == moved / "forward.safetensors"
     assert load_teacher(manifest, unet_config(manifest)).config.time_cond_proj_dim == 512  # strict load
-    assert edit_settings(manifest).guidance == 19.0  # the default scales include the official w
+    assert model_defaults(manifest).guidance == 19.0  # the default scales include the official w
 
 
 def test_teacher_folder_carries_a_local_base_and_keeps_a_hub_id(source, tmp_path):

@@ -21,12 +21,12 @@ from icd.core.schedule import NUM_TRAIN_TIMESTEPS
 from icd.core.denoiser import Conditioning
 from icd.errors import ModelError
 from icd.models.loading import Model, load_teacher, unet_eps
-from icd.models.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest, write_model
+from icd.models.manifest import (MANIFEST_NAME, TEACHER_FILE, Manifest, carry_inside, load_manifest, parse_manifest,
+                                 write_model)
 
 from .config import GuidanceConfig, ICDSection
 from .data import batch_inputs, build_dataset, first_items, text_conditioning
-from .loop import (TEACHER_FILE, carry_inside, check_resolution, clip_and_step, make_loader, make_optimizer, run,
-                   weight_dtype)
+from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
 from .losses import RowRandom
 
 

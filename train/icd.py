@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 
 from icd.errors import ModelError
 from icd.models.loading import DIRECTIONS, Model, load_teacher
-from icd.models.manifest import Manifest, load_manifest, write_model
+from icd.models.manifest import Manifest, carry_inside, load_manifest, write_model
 from icd.editing import EDIT_DEFAULTS
 
 from .config import ICDConfig
 from .data import batch_inputs, build_dataset, first_items
 from .evaluate import ICDProbe
-from .loop import carry_inside, check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
+from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
 from .losses import LOSSES, PassRunner, RowRandom, Schedule, distance_for, draw, loss_weights
 from .students import load_lora, lora_weights, make_student, save_lora, trainable
 

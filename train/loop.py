@@ -20,10 +20,8 @@ import importlib.util
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -39,8 +37,6 @@ from .losses import RowRandom
 
 log = logging.getLogger("icd")
 CHECKPOINTS = "checkpoints"
-TEACHER_FILE = "teacher.pt"  # the teacher's name inside a model folder (the official teacher format)
-BASE_FOLDER = "base"  # a local base model's name inside a model folder
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -287,41 +283,3 @@ def run(make_stage, config, output: Path, resume: bool) -> dict:
     if accelerator.is_main_process:
         atomic_write(output / "config.json", lambda temporary: temporary.write_text(to_json(config)), overwrite=True)
     return fit(stage, config.train, output, flat_scalars(config), resume_from)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """`source` at `target`: a hard link on the same filesystem (no extra disk), else a copy by atomic_write.
-
-    A link is whole the moment it exists; made under a temporary name and renamed over `target`, it replaces an
-    earlier one in one step. It bypasses atomic_write, whose mode fixing would change the source's modes too.
-    """
-    if target.exists() and os.path.samefile(source, target):
-        return  # already this file (a resumed run saving again); renaming a link onto itself does nothing
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        os.link(source, temporary)
-    except OSError:  # another filesystem (EXDEV), one without hard links, or not permitted
-        atomic_write(target, partial(shutil.copyfile, source), overwrite=True)
-        return
-    try:
-        os.replace(temporary, target)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise ICDError(f"{target.name}: cannot write ({exc.strerror})") from exc
-
-
-def carry_inside(output: Path, teacher: Path | None, base: str) -> dict:
-    """Place the teacher and a local base folder inside the model folder `output`; returns the icd.json fields
-    naming them there. A hub-id base stays a hub id (the hub cache holds it)."""
-    fields = {"base": base}
-    if teacher is not None:
-        link_or_copy(teacher, output / TEACHER_FILE)
-        fields["teacher"] = TEACHER_FILE
-    if Path(base).is_dir():
-        for folder, _, names in os.walk(base, followlinks=True):  # a hub snapshot's files are links to blobs
-            for name in names:
-                source = Path(folder, name)
-                link_or_copy(source, output / BASE_FOLDER / source.relative_to(base))
-        fields["base"] = BASE_FOLDER
-    return fields

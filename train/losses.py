@@ -4,7 +4,7 @@ evaluates them.
 Timesteps. The teacher's ODE is solved on the 50-step DDIM grid 19, 39, ..., 999 plus every boundary, so a
 teacher step never crosses a boundary. With the paper's boundaries (all on the grid) this is exactly the
 official grid; with off-grid ones (249, 499, 699) those points are trained too, which the official code never
-does (reference §7.1, items 1 and 7).
+does: its off-grid boundaries are never start points of a consistency step).
 
 - Reverse CD (trains the reverse/decoding student, per-sample w): from t on the grid the target boundary is
   the largest reverse boundary below t. With reverse timesteps 259/519/779/999 the boundaries are
@@ -20,11 +20,11 @@ does (reference §7.1, items 1 and 7).
 
 Two choices of the authors' code are switches (ICDSection; `--config official` takes both as they do):
 - D1, icd.teacher_final_step: the teacher's step from 19 to 0 lands on the schedule's abar_0 = 0.99915
-  ("schedule", the authors' code and the default, §7.1 item 6) or on the clean latent (alpha = 1,
+  ("schedule", the authors' code and the default) or on the clean latent (alpha = 1,
   "boundary"), like every jump to 0. It touches the reverse CD rows drawn at t = 19, 1 in 50.
 - D2, icd.reverse_preservation_target: on the bottom segment lo_r = 0 ("clean", the default: the reverse
   model is taught the jump it makes at inference, 259 -> 0) or lo_r = lo_f = 19 ("start", the authors'
-  259 -> 19 back to where the forward jump started, §7.1 item 7). Above the bottom segment lo_r = lo_f either
+  259 -> 19 back to where the forward jump started). Above the bottom segment lo_r = lo_f either
   way.
 The miniature world measured both (BENCHMARKS.md, "The authors' training recipe against icd's two departures"): D1 changes nothing measurable; with "start"
 the reverse student drifts from the teacher (decode gap about 10x larger after 600 iterations).
@@ -290,7 +290,8 @@ def distance_for(icd: ICDSection) -> Distance:
 
 
 def loss_weights(icd: ICDSection) -> dict[str, float]:
-    """Each loss's weight; preservation losses are each gated on their own coefficient (§7.1, item 3)."""
+    """Each loss's weight; preservation losses are each gated on their own coefficient (the authors' code gates
+    the reverse one on the forward one's coefficient)."""
     weights = {"reverse_cd": 1.0, "forward_cd": 1.0, "forward_preservation": icd.forward_preservation,
                "reverse_preservation": icd.reverse_preservation}
     return {name: weight for name, weight in weights.items() if weight > 0}

@@ -49,12 +49,15 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from icd import pipeline  # noqa: E402
+from icd import pipeline
+from icd.editing import edit_plan  # noqa: E402
 from icd.app.bench import SOURCE, TARGET, cold_start_s, matmul_tflops, time_ms  # noqa: E402
 from icd.app.session import Session, open_session  # noqa: E402
 from icd.models.hub import resolve_model  # noqa: E402
 from icd.models.cache import icd_home  # noqa: E402
 from icd.models.loading import DIRECTIONS, DTYPES, PRECISIONS  # noqa: E402
+from icd_export.compiled import INDUCTOR  # noqa: E402
+from icd_export.engines import TorchEngine  # noqa: E402
 from icd_export.graphs import CudaRecorder, LoopGraphs, Rerun  # noqa: E402
 
 PEAK_TFLOPS = 790.0  # an H200's dense bf16 (and fp16) matmul rate, as measured on one (KINDS.md)
@@ -189,7 +192,8 @@ class Run:
 def photo_edit(session, pixels: torch.Tensor, method: str):
     """What `icd edit` does to a photo: invert under the source prompt, edit, decode the edited row."""
     x_T = pipeline.invert(session, pixels, SOURCE, 0)
-    return pipeline.edit(session, x_T, SOURCE, TARGET, method=method, with_reconstruction=False)
+    plan = edit_plan(session.manifest, SOURCE, TARGET, method=method)
+    return pipeline.edit(session, x_T, plan, with_reconstruction=False)
 
 
 def edit_call(session, pixels: torch.Tensor, name: str):
@@ -204,12 +208,17 @@ def recorder(device: torch.device):
     return CudaRecorder() if device.type == "cuda" else Rerun()
 
 
-def captured_session(eager: Session, compile_mode: str | None = None) -> Session:
+def captured_session(eager: Session, compile_mode: str | None = None, compiler: str = INDUCTOR) -> Session:
     """The eager session's model and UNets with every loop replayed as one captured graph, as `icd edit`
     runs on CUDA with one image size; `compile_mode` also compiles the UNets inside the loops."""
     device = eager.model.device
-    return Session(eager.model, "torch", compile_mode, LoopGraphs(device, recorder(device)),
-                   _unets=dict(eager._unets))
+    return Session(eager.model, compiled_engine(eager, compile_mode, compiler), LoopGraphs(device, recorder(device)))
+
+
+def compiled_engine(eager: Session, compile_mode: str | None, compiler: str) -> TorchEngine:
+    """The eager session's UNets, compiled in `compile_mode` by `compiler` (None: eager)."""
+    unets = dict(zip(DIRECTIONS, eager.engine.unets(eager.model, *DIRECTIONS)))
+    return TorchEngine(compile_mode, compiler, unets=unets)
 
 
 def unet_calls(session, size: int) -> dict:
@@ -354,20 +363,16 @@ def stage_compile(kind: str, dtype: str, names: tuple[str, ...], loops_captured:
     per call), or with `loops_captured` compiled without CUDA graphs inside loops captured whole (what
     `icd edit --compile` does on CUDA with one image size); the first call's seconds are the compile."""
     def compiled(run: Run, stage: str) -> None:
-        from icd_export import compiled as compiled_module
-
         eager = run.session(kind, dtype)
         mode = "max-autotune-no-cudagraphs" if loops_captured else run.args.compile_mode
-        if run.dry:
-            compiled_module.BACKEND = "eager"  # inductor's CPU builds take minutes; this checks the wiring
-        session = captured_session(eager, mode) if loops_captured else \
-            Session(eager.model, "torch", mode, _unets=dict(eager._unets))
+        compiler = "eager" if run.dry else INDUCTOR  # inductor's CPU builds take minutes; this checks the wiring
+        session = captured_session(eager, mode, compiler) if loops_captured else \
+            Session(eager.model, compiled_engine(eager, mode, compiler))
         pixels = run.pixels(kind)
         # A dry run compiles the plain and the steered graph only: enough to check the wiring, in less time.
         for name in names[:2] if run.dry else names:
             run.measure(stage, kind, dtype, "compile+captured" if loops_captured else "compile", name,
-                        edit_call(session, pixels, name), LABELS[name], compile_mode=mode,
-                        compiler=compiled_module.BACKEND)
+                        edit_call(session, pixels, name), LABELS[name], compile_mode=mode, compiler=compiler)
     return compiled
 
 

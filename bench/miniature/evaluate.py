@@ -31,11 +31,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from icd import pipeline  # noqa: E402
+from icd import pipeline
+from icd.editing import edit_plan  # noqa: E402
 from world import (BACKGROUNDS, COLOURS, SHAPES, Scene, Spec, background_of, colour_masks,  # noqa: E402
                               colour_under, follows, random_spec, render, shape_of)
-from icd.app.session import Session, open_session  # noqa: E402
-from icd.images import image_to_pixels, pixels_to_image  # noqa: E402
+from icd.app.session import Session, open_session, teacher_session  # noqa: E402
+from icd.images import image_to_array, pixels_to_image  # noqa: E402
 
 HELD_OUT = 10**6  # scene seeds from here on are never trained on (the recipe trains on 0..images-1)
 EDIT_KINDS = ("colour", "shape", "background")
@@ -80,7 +81,7 @@ def inversion(models: dict[str, Session], scenes: list[Scene], guidance: float, 
                             (f"w={guidance:g}, tau={tau:g}", guidance, tau)):
             started, scores = time.perf_counter(), []
             for scene in scenes:
-                x_T = pipeline.invert(model, image_to_pixels(scene.image), scene.caption, seed=0)
+                x_T = pipeline.invert(model, torch.from_numpy(image_to_array(scene.image)), scene.caption, seed=0)
                 out = pixels_to_image(pipeline.reconstruct(model, x_T, scene.caption, w, t)[0])
                 scores.append((psnr(out, scene.image), ssim(out, scene.image)))
             psnrs, ssims = zip(*scores)
@@ -138,9 +139,10 @@ def editing(models: dict[str, Session], specs: list[Spec], methods: tuple[str, .
             for i, spec in enumerate(specs):
                 kind, target_spec = edit_task(spec, i)
                 source, target = render(spec), render(target_spec)
-                x_T = pipeline.invert(model, image_to_pixels(source.image), source.caption, seed=0)
-                edited = pixels_to_image(pipeline.edit(model, x_T, source.caption, target.caption, method=method,
-                                                       guidance=guidance, tau=tau, with_reconstruction=False).edited[0])
+                x_T = pipeline.invert(model, torch.from_numpy(image_to_array(source.image)), source.caption, seed=0)
+                plan = edit_plan(model.manifest, source.caption, target.caption, method=method, guidance=guidance,
+                                 tau=tau)
+                edited = pixels_to_image(pipeline.edit(model, x_T, plan, with_reconstruction=False).edited[0])
                 changed = source.objects[0].mask | target.objects[0].mask
                 keep = changed if kind == "background" else ~changed
                 results[kind].append((edit_success(kind, edited, target), psnr(edited, source.image, keep),
@@ -175,7 +177,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = {name: load(folder) for name, folder in (item.split("=", 1) for item in args.model)}
     first = next(iter(models.values()))
-    everything = {"DDIM-50 (teacher)": first.teacher_solver(50), **models}
+    everything = {"DDIM-50 (teacher)": teacher_session(first, 50), **models}
     results = {}
     with torch.no_grad():
         if "inversion" in args.parts:

@@ -27,8 +27,8 @@ from local_edits import measure, one_object_cases, two_object_cases  # noqa: E40
 from icd import pipeline  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
 from icd.core.schedule import NUM_TRAIN_TIMESTEPS, reverse_jumps  # noqa: E402
-from icd.editing import edit_settings  # noqa: E402
-from icd.images import image_to_pixels, pixels_to_image  # noqa: E402
+from icd.editing import edit_plan, model_defaults  # noqa: E402
+from icd.images import image_to_array, pixels_to_image  # noqa: E402
 
 RAMPS = ((0.8, 0.8), (0.5, 0.5), (1.0, 1.0), (0.6, 1.0), (0.7, 0.9), (0.5, 0.9))  # (tau1, tau2); equal = a step
 
@@ -63,18 +63,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     session = open_session("mini", "cpu", "fp32", "torch")
-    guidance = edit_settings(session.manifest).guidance
+    guidance = model_defaults(session.manifest).guidance
     cases = one_object_cases(args.scenes, "colour") + two_object_cases(args.scenes)
     steps = [jump.t for jump in reverse_jumps(list(session.manifest.reverse_timesteps))]
     scores: dict[tuple, list[dict]] = {}
     with torch.no_grad():
         for case in cases:
-            x_T = pipeline.invert(session, image_to_pixels(case.source.image), case.source.caption, seed=0)
+            pixels = torch.from_numpy(image_to_array(case.source.image))
+            x_T = pipeline.invert(session, pixels, case.source.caption, seed=0)
             for tau1, tau2 in RAMPS:
                 with ramped(tau1, tau2):
                     for method in ("p2p", "swap"):
-                        result = pipeline.edit(session, x_T, case.source.caption, case.target.caption,
-                                               method=method, guidance=guidance, tau=tau1, with_reconstruction=False)
+                        plan = edit_plan(session.manifest, case.source.caption, case.target.caption, method=method,
+                                         guidance=guidance, tau=tau1)
+                        result = pipeline.edit(session, x_T, plan, with_reconstruction=False)
                         scores.setdefault((case.kind, method, tau1, tau2), []).append(
                             measure(case, pixels_to_image(result.edited[0])))
     rows = [{"edit": kind, "method": method, "tau1": tau1, "tau2": tau2,

@@ -49,10 +49,10 @@ from evaluate import EDIT_KINDS, edit_success, edit_task, held_out_specs, psnr, 
 from world import Scene, Spec, colour_under, grown, random_spec, recoloured, render  # noqa: E402
 from icd import pipeline  # noqa: E402
 from icd.app.demo import labelled_row  # noqa: E402
-from icd.app.jobs import FEATHER_PX  # noqa: E402
-from icd.app.session import Session, open_session  # noqa: E402
-from icd.editing import DEFAULT_STRENGTH, strength_settings  # noqa: E402
-from icd.images import LoadedImage, image_to_pixels, keep_outside, pixels_to_image  # noqa: E402
+from icd.app.session import Session, open_session, teacher_session  # noqa: E402
+from icd.editing import DEFAULT_STRENGTH, edit_plan  # noqa: E402
+from icd.images import LoadedImage, image_to_array, pixels_to_image  # noqa: E402
+from icd.masks import keep_outside  # noqa: E402
 
 METHODS = ("p2p", "swap", "none")
 REGIONS = ("none", "blend", "mask", "mask+keep")  # blend: p2p only; mask+keep: the mask edit, composited
@@ -97,7 +97,7 @@ def one_object_cases(count: int, kind: str) -> list[Case]:
     return cases
 
 
-def edited_images(model: Session, x_T: torch.Tensor, case: Case, method: str, settings: dict) -> dict:
+def edited_images(model: Session, x_T: torch.Tensor, case: Case, method: str, strength: float) -> dict:
     """{region: (edited image, seconds)} for every region the method takes (mask+keep composites the mask's
     edit with the input, as `icd edit --mask` does, at FEATHER_PX like the CLI at this working size)."""
     def timed(make):
@@ -105,18 +105,19 @@ def edited_images(model: Session, x_T: torch.Tensor, case: Case, method: str, se
         image = make()
         return image, time.perf_counter() - started
 
-    def edit(**extra) -> Image.Image:
-        result = pipeline.edit(model, x_T, case.source.caption, case.target.caption, method=method,
-                               with_reconstruction=False, **(settings | extra))
-        return pixels_to_image(result.edited[0])
+    plan = edit_plan(model.manifest, case.source.caption, case.target.caption, method=method, strength=strength)
+
+    def edit(plan=plan, mask=None) -> Image.Image:
+        return pixels_to_image(pipeline.edit(model, x_T, plan, mask=mask, with_reconstruction=False).edited[0])
 
     region = case.region()
     photo = LoadedImage(case.source.image, None, Path("scene.png"), case.source.image.size, "RGB")
     images = {"none": timed(edit), "mask": timed(lambda: edit(mask=torch.from_numpy(region)[None, None]))}
-    composite, seconds = timed(lambda: keep_outside(images["mask"][0], photo, region, FEATHER_PX))
+    composite, seconds = timed(lambda: keep_outside(images["mask"][0], photo, region, photo.original_size[0]))
     images["mask+keep"] = (composite, images["mask"][1] + seconds)
     if method == "p2p":
-        images["blend"] = timed(lambda: edit(p2p=replace(settings["p2p"], blend=((case.words[0],), (case.words[1],)))))
+        blend = replace(plan.p2p, blend=((case.words[0],), (case.words[1],)))
+        images["blend"] = timed(lambda: edit(replace(plan, p2p=blend)))
     return images
 
 
@@ -153,16 +154,16 @@ def mean_rows(records: list[tuple[tuple, dict]], keys: tuple[str, ...]) -> list[
 
 
 def run(model: Session, name: str, cases: list[Case], strengths: list[float]) -> dict:
-    points = [(s, strength_settings(model.manifest, s)) for s in strengths]
+
     edits, recons = [], []
     for n, case in enumerate(cases):
-        x_T = pipeline.invert(model, image_to_pixels(case.source.image), case.source.caption, seed=0)
+        x_T = pipeline.invert(model, torch.from_numpy(image_to_array(case.source.image)), case.source.caption, seed=0)
         recon = pixels_to_image(pipeline.reconstruct(model, x_T, case.source.caption)[0])
         recons.append(((name, case.kind), reconstruction_scores(recon, case.source)))
         # One-object edits run at the default settings only; the sweep is for the two-object scenes.
-        for strength, settings in [p for p in points if case.kind == TWO_OBJECTS or p[0] == DEFAULT_STRENGTH]:
+        for strength in [s for s in strengths if case.kind == TWO_OBJECTS or s == DEFAULT_STRENGTH]:
             for method in METHODS:
-                images = edited_images(model, x_T, case, method, settings)
+                images = edited_images(model, x_T, case, method, strength)
                 for region in (r for r in REGIONS if r in images):
                     image, seconds = images[region]
                     edits.append(((name, case.kind, method, region, strength),
@@ -179,7 +180,7 @@ def run_main(args) -> None:
     model = open_session(args.model, "cpu", "fp32", "torch")
     name = f"iCD {args.model}"
     if args.teacher:
-        model, name = model.teacher_solver(50), "DDIM-50 (teacher)"
+        model, name = teacher_session(model, 50), "DDIM-50 (teacher)"
     cases = [case for kind in args.edits for case in
              (two_object_cases(args.scenes) if kind == "two-objects" else one_object_cases(args.scenes, kind))]
     started = time.perf_counter()

@@ -39,10 +39,16 @@ class Item:
     error: str | None = None  # found while planning: reported, never run
     skipped: bool = False  # --skip-existing and the output is there
     job: object = None  # the item's own parameters, when they differ between items (seed, target, ...)
+    mask_output: Path | None = None  # an edit's --save-mask file
 
     @property
     def runnable(self) -> bool:
         return self.error is None and not self.skipped
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Every file the item writes: it writes them all or none."""
+        return [self.output, *([self.mask_output] if self.mask_output is not None else [])]
 
 
 @dataclass
@@ -130,27 +136,44 @@ def _identity(path: Path) -> tuple[int, int]:
 
 def plan(items: list[Item], inputs: Iterable[Path], *, overwrite: bool, skip_existing: bool,
          check: Callable[[Item], None] | None = None) -> list[Item]:
-    """Mark the items that must not run: an output that is one of the inputs, an existing output (an error
-    without --overwrite, skipped with --skip-existing), and an input whose header `check` refuses."""
-    inputs = _Inputs(inputs)
+    """Mark the items that must not run, before any model loads: an output that is a file the command reads
+    (`inputs`: its inputs, masks, job file) or that an earlier item writes too, an existing output (an error
+    without --overwrite; with --skip-existing an item whose outputs all exist is skipped), and an input whose
+    header `check` refuses."""
+    if overwrite and skip_existing:
+        raise UsageError("--overwrite and --skip-existing contradict each other: give one")
+    inputs, writers = _Inputs(inputs), {}
     for item in items:
-        if item.output in inputs:
-            item.error = f"{item.label}: the output {item.output} is one of the inputs: choose another -o"
-        elif item.output.exists() and not overwrite:
-            if skip_existing:
+        item.error = _output_problem(item, inputs, writers, overwrite)
+        existing = [path for path in item.outputs if path.exists()]
+        if item.error is None and existing and not overwrite:
+            if skip_existing and len(existing) == len(item.outputs):
                 item.skipped = True
             else:
-                item.error = f"{item.label}: {item.output} exists (use --overwrite to replace it, " \
-                             "or --skip-existing to leave it)"
+                item.error = f"{item.label}: {existing[0]} exists (use --overwrite to replace it" + \
+                             (", or --skip-existing to leave it)" if len(item.outputs) == 1 else ")")
         if item.runnable and check is not None:
             try:
                 check(item)
             except ICDError as err:
                 item.error = _named(item.label, str(err))
-    for folder in {item.output.parent for item in items}:
+    for folder in {path.parent for item in items for path in item.outputs}:
         if folder.is_dir() and (swept := sweep_temporaries(folder)):
             log.info("removed %d temporary file(s) left in %s by an interrupted run", swept, folder)
     return items
+
+
+def _output_problem(item: Item, inputs: _Inputs, writers: dict, overwrite: bool) -> str | None:
+    """Why one of the item's outputs may not be written: a file the command reads, or one an earlier item
+    writes (case folded: case-insensitive file systems clash on case alone)."""
+    for path in item.outputs:
+        if path in inputs:
+            return f"{item.label}: the output {path} is one of the inputs: choose another -o"
+        key = str(path.resolve()).casefold()
+        if key in writers:
+            return f"{item.label}: {path} is also written by {writers[key]}: give each result its own name"
+        writers[key] = item.label
+    return None
 
 
 def _named(label: str, message: str) -> str:

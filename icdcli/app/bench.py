@@ -23,10 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from icd import pipeline
+from icd.editing import edit_plan
 from icd.models.hub import resolve_model
 from icd.models.loading import DIRECTIONS, PRECISIONS, Model, resolve_device, resolve_dtype
 from icd_export.artifacts import tool_versions
 from icd_export.build import export_model
+from icd_export.registry import export_options
 from icd_export.onnx import UNetGraph, input_names, random_inputs
 
 from .session import Session, open_session
@@ -129,14 +131,15 @@ def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dt
     torch_dtype = resolve_dtype(dtype, torch_device)
     precision = PRECISIONS[torch_dtype]
     cold_start = cold_start and not stages_only
-    if backend in ("onnx", "tensorrt") or cold_start:  # what a fast start needs, built before any timing
-        export_model(manifest, (precision,), onnx=backend == "onnx", tensorrt=backend == "tensorrt",
-                     sizes=((size, size), (manifest.resolution,) * 2), max_batch=max(batches), device=torch_device)
+    engine_files = export_options(backend)
+    if any(engine_files.values()) or cold_start:  # what the engine or a fast start needs, built before any timing
+        export_model(manifest, (precision,), **engine_files, sizes=((size, size), (manifest.resolution,) * 2),
+                     max_batch=max(batches), device=torch_device)
     started = time.perf_counter()
     session = open_session(manifest, device, dtype, backend, compile, static_shapes=True, directions=DIRECTIONS)
     load_s = time.perf_counter() - started
     report = {"model": manifest.name, "kind": manifest.kind, "fingerprint": manifest.fingerprint,
-              "device": device_name(torch_device), "backend": session.backend, "dtype": precision, "compile": compile,
+              "device": device_name(torch_device), "backend": session.engine.name, "dtype": precision, "compile": compile,
               "size": [size, size], "warmup": warmup, "repeats": repeats, "versions": tool_versions(),
               "matmul_tflops": matmul_tflops(torch_device, torch_dtype), "load_s": load_s}
     with torch.inference_mode():
@@ -144,7 +147,7 @@ def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dt
                            report["matmul_tflops"], stages_only)
     if cold_start:
         report["cold_start_s"] = cold_start_s(manifest.path, device, precision, size, size, "--backend",
-                                             session.backend)
+                                             session.engine.name)
     return report
 
 
@@ -179,7 +182,8 @@ def _measure(session: Session, device: torch.device, size: int, warmup: int, rep
     def edit(method, latent=None):
         """What `icd edit` does: invert unless given x_T, edit, decode the edited row only."""
         x = pipeline.invert(session, pixels, SOURCE, 0) if latent is None else latent
-        return pipeline.edit(session, x, SOURCE, TARGET, method=method, with_reconstruction=False)
+        return pipeline.edit(session, x, edit_plan(model.manifest, SOURCE, TARGET, method=method),
+                             with_reconstruction=False)
 
     end_to_end = {
         "invert": ("invert: photo to x_T", lambda: pipeline.invert(session, pixels, SOURCE, 0), invert_flops),

@@ -11,7 +11,9 @@ from PIL import Image, ImageDraw, ImageFont
 from icd.files import atomic_write
 from icd.models.manifest import Manifest
 
-from .jobs import EditOptions, Settings, edit_file, invert_file, reconstruct_file
+from icd.editing import edit_plan
+
+from .jobs import Settings, edit_file, invert_file, reconstruct_file
 
 SAMPLE = files("icd") / "assets" / "sample.png"
 PANEL_HEIGHT = 256  # the smallest height a panel is shown at: mini's 64x64 scenes are upscaled 4x
@@ -80,8 +82,8 @@ def run_demo(settings: Settings, folder: Path) -> list[Path]:
         settings = replace(settings, overwrite=True)
     original = folder / "sample.png"  # a real file for the jobs, inside the demo folder
     atomic_write(original, lambda tmp: tmp.write_bytes(demo.png), overwrite=settings.overwrite)
-    latent = invert_file(settings, original, demo.source, folder / "sample.latent.safetensors")
-    edited, _ = edit_file(settings, latent, EditOptions(None, demo.target), folder / "sample-edit.png")
+    latent = invert_file(settings, original, demo.source, 0, folder / "sample.latent.safetensors")
+    edited, _ = edit_file(settings, latent, edit_plan(settings.manifest, None, demo.target), folder / "sample-edit.png")
     recon = reconstruct_file(settings, latent, folder / "sample-recon.png")
     picture = labelled_row([(Image.open(original), "input"), (Image.open(recon), "reconstruction"),
                             (Image.open(edited), f"edit: {demo.target}")])

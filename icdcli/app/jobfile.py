@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from icd.editing import Given, parse_amplify, parse_blend
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
-from icd.latents import MAX_SEED
+from icd.core.schedule import MAX_SEED
 
 MAX_ROWS = 100_000
 
@@ -69,38 +69,14 @@ class EditJob(_Row):
             raise ValueError("save_mask needs mask or mask_words: nothing else confines an edit")
         return self
 
-    def amplify_words(self) -> dict[str, float] | None:
-        return parse_amplify(self.amplify.split() if self.amplify else None)
-
-    def blend_words(self):
-        return parse_blend(self.mask_words or self.blend)
-
-
-def parse_amplify(values) -> dict[str, float] | None:
-    """WORD=FACTOR values as {word: factor}; a malformed one is a ValueError naming it."""
-    if not values:
-        return None
-    amplify = {}
-    for value in values:
-        word, _, factor = value.partition("=")
-        try:
-            number = float(factor)
-        except ValueError:
-            number = math.nan
-        if not word.strip() or not math.isfinite(number) or number < 0:
-            raise ValueError(f"'{value}' is not WORD=FACTOR with a finite factor >= 0, e.g. bear=4")
-        amplify[word.strip().lower()] = number
-    return amplify
-
-
-def parse_blend(value: str | None):
-    """SRC_WORDS:TGT_WORDS as two tuples of words; a malformed value is a ValueError naming it."""
-    if value is None:
-        return None
-    src, sep, tgt = value.partition(":")
-    if not sep or not src.split() or not tgt.split():
-        raise ValueError(f"'{value}' is not SRC_WORDS:TGT_WORDS, e.g. pug:bear")
-    return tuple(src.lower().split()), tuple(tgt.lower().split())
+    def settings(self, folder: Path, where: str) -> Given:
+        """The row's edit settings, named as its columns are (paths relative to the job file's `folder`)."""
+        values = {"source": self.source, "target": self.target, "seed": self.seed, "method": self.method,
+                  "guidance": self.guidance, "tau": self.tau, "strength": self.strength,
+                  "amplify": parse_amplify(self.amplify.split() if self.amplify else None),
+                  "blend": parse_blend(self.mask_words or self.blend),
+                  "mask": folder / self.mask if self.mask else None, "keep_outside": self.keep_outside}
+        return Given(values, {"blend": "blend" if self.blend else "mask_words"}, where)
 
 
 def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:

@@ -7,27 +7,27 @@ one-line message when its item cannot be done, and never touches the input files
 from __future__ import annotations
 
 import glob
+import os
 import re
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from icd import __version__
 from icd.errors import ICDError, InputError, UsageError
-from icd.editing import MASK_WORDS_NOTE, P2PConfig, edit_settings, guidance_on_steps
-from icd.images import (OUTPUT_SUFFIXES, LoadedImage, from_model_output, keep_outside, load_image, mask_array,
-                        probe_image, read_mask, save_image, save_mask, to_model_array, working_size)
+from icd.editing import MASK_WORDS_NOTE, EditPlan, guidance_on_steps
+from icd.images import (OUTPUT_SUFFIXES, LoadedImage, from_model_output, load_image, probe_image, save_image,
+                        to_model_array, working_size)
 from icd.latents import (LATENT_NAME, LATENT_SUFFIX, LatentInfo, is_latent_file, load_latent, read_latent_info,
                          save_latent)
+from icd.masks import keep_outside, model_mask, read_mask, save_mask
 from icd.models.manifest import Manifest
 
+from .requests import Edit, Generate, Invert, Reconstruct
 from .runner import Runner
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-# --keep-outside feathers the mask inwards by 2 working pixels, a quarter of a latent cell: on mini's two-object
-# scenes 4 pixels blurred the photo's colour into small objects (success 0.42 -> 0.33), 0.5-2 pixels did not.
-FEATHER_PX = 2.0
 
 
 def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
@@ -72,7 +72,7 @@ def needs_inversion(paths: list[Path]) -> bool:
 
 @dataclass
 class Inverted:
-    latent: np.ndarray  # x_T
+    latent: object  # x_T: a tensor on the model's device in this process, a numpy array from a server
     info: LatentInfo
     original: LoadedImage
 
@@ -99,7 +99,6 @@ class Settings:
 
     runner: Runner
     model_ref: str
-    seed: int = 0
     width: int | None = None
     height: int | None = None
     overwrite: bool = False
@@ -126,18 +125,18 @@ class Settings:
                             width=self.width, height=self.height)
 
 
-def _invert_image(settings: Settings, image: LoadedImage, prompt: str) -> tuple:
+def _invert_image(settings: Settings, image: LoadedImage, prompt: str, seed: int) -> tuple:
     size = settings.size_for(image.original_size)
-    latent = settings.runner.invert(to_model_array(image, size), prompt, settings.seed)
+    latent = settings.runner.run(Invert(to_model_array(image, size), prompt, seed))
     info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
-                      seed=settings.seed, width=size[0], height=size[1], original_width=image.original_size[0],
+                      seed=seed, width=size[0], height=size[1], original_width=image.original_size[0],
                       original_height=image.original_size[1], source=str(image.path))
     return latent, info
 
 
-def invert_file(settings: Settings, path: Path, prompt: str, output: Path) -> Path:
+def invert_file(settings: Settings, path: Path, prompt: str, seed: int, output: Path) -> Path:
     """Image -> latent file (x_T and its metadata)."""
-    latent, info = _invert_image(settings, load_image(path), prompt)
+    latent, info = _invert_image(settings, load_image(path), prompt, seed)
     save_latent(output, latent, info, overwrite=settings.overwrite)
     return output
 
@@ -178,94 +177,73 @@ def _resized(pixels, info: LatentInfo):
 def reconstruct_file(settings: Settings, path: Path, output: Path) -> Path:
     """Latent file -> image, decoded with its own prompt and w = 0."""
     latent, info = _load_checked_latent(settings, path)
-    image = _resized(settings.runner.reconstruct(latent, info.prompt), info)
+    image = _resized(settings.runner.run(Reconstruct(latent, info.prompt)), info)
     save_image(image, output, overwrite=settings.overwrite,
                metadata=settings.metadata(command="reconstruct", prompt=info.prompt, seed=info.seed, source=info.source))
     return output
 
 
-@dataclass
-class EditOptions:
-    source: str | None
-    target: str
-    method: str | None = None
-    guidance: float | None = None
-    tau: float | None = None
-    p2p: P2PConfig | None = None
-    mask: Path | None = None  # where the edit may act (white) and where the photo is kept (black)
-    keep_outside: bool = True  # with a mask: the input photo's own pixels outside it
-    mask_output: Path | None = None  # --save-mask: where the map the edit used goes
-    strength: float | None = None  # recorded: the knobs it set are in guidance, tau and p2p already
+def check_edit(plan: EditPlan, masks: dict[Path, np.ndarray]) -> None:
+    """The header pass of an edit's mask: read (once per file, into `masks`, which the run then uses)."""
+    if plan.mask is not None and plan.mask not in masks:
+        masks[plan.mask] = read_mask(plan.mask)
 
 
-def check_edit(options: EditOptions, inputs: list[Path], overwrite: bool, masks: dict[Path, np.ndarray]) -> None:
-    """The header pass of an edit's own files: its mask read (once per file, into `masks`, which the run then
-    uses) and its --save-mask output, which must not replace an input or, without --overwrite, a file."""
-    if options.mask is not None and options.mask not in masks:
-        masks[options.mask] = read_mask(options.mask)
-    written = options.mask_output
-    if written is None:
-        return
-    if any(written.resolve() == path.resolve() for path in inputs):
-        raise InputError(f"--save-mask {written} is one of the inputs: choose another")
-    if written.exists() and not overwrite:
-        raise InputError(f"--save-mask {written} exists (use --overwrite to replace it)")
-
-
-def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path) -> tuple[Path, list[str]]:
-    """Image or latent file -> edited image; returns the output and any notes (e.g. empty P2P windows)."""
+def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
+              mask_output: Path | None = None) -> tuple[Path, list[str]]:
+    """Image or latent file -> edited image (and the map the edit used in `mask_output`); returns the output
+    and any notes (e.g. empty P2P windows)."""
     if is_latent_file(path):
         latent, info = _load_checked_latent(settings, path)
-        source = options.source or info.prompt
+        plan = replace(plan, source=plan.source or info.prompt, seed=info.seed)
         original = None
     else:
-        if not options.source:
+        if not plan.source:
             raise ICDError("--src is needed to edit an image (a latent file carries its own prompt)")
-        inverted = settings.inversions.get((str(path), options.source, settings.seed, settings.width,
-                                            settings.height, settings.manifest.fingerprint),
-                                           lambda: _inverted(settings, path, options.source))
+        inverted = settings.inversions.get((str(path), plan.source, plan.seed, settings.width, settings.height,
+                                            settings.manifest.fingerprint),
+                                           lambda: _inverted(settings, path, plan.source, plan.seed))
         latent, info, original = inverted.latent, inverted.info, inverted.original
-        source = options.source
-    method, guidance, tau = astuple(edit_settings(settings.manifest, options.method, options.guidance, options.tau))
-    mask = None if options.mask is None else settings.mask(options.mask)
-    edited, notes, used = settings.runner.edit(latent, source, options.target, method, guidance, tau, options.p2p,
-                                               None if mask is None else mask_array(mask, (info.width, info.height)))
-    notes = [f"{path.name}: {note}" if note.startswith(MASK_WORDS_NOTE) else note for note in notes]
-    image = from_model_output(edited[0], original) if original else _resized(edited, info)
-    kept = mask is not None and options.keep_outside and original is not None
+    mask = None if plan.mask is None else settings.mask(plan.mask)
+    edited = settings.runner.run(Edit(latent, plan, None if mask is None else model_mask(mask, (info.width,
+                                                                                               info.height))))
+    notes = [f"{path.name}: {note}" if note.startswith(MASK_WORDS_NOTE) else note for note in edited.notes]
+    image = from_model_output(edited.pixels[0], original) if original else _resized(edited.pixels, info)
+    kept = mask is not None and plan.keep_outside and original is not None
     if kept:
-        image = keep_outside(image, original, mask, FEATHER_PX * original.original_size[0] / info.width)
-    elif mask is not None and options.keep_outside:
+        image = keep_outside(image, original, mask, info.width)
+    elif mask is not None and plan.keep_outside:
         notes.append(f"{path.name}: a latent file holds no photo to keep outside the mask: the pixels there are "
                      "the decoded ones")
     size = {} if original is None else {"width": info.width, "height": info.height}
-    local = {} if mask is None else {"mask": str(options.mask), "keep_outside": kept}
-    metadata = settings.metadata(command="edit", prompt=options.target, source_prompt=source, method=method,
-                                 guidance_steps=guidance_on_steps(settings.manifest, guidance, tau),
-                                 guidance_w=guidance, tau=tau, seed=info.seed, source=str(path), **size,
-                                 strength=options.strength, **local,
-                                 **(p2p_fields(options.p2p or P2PConfig()) if method == "p2p" else {}))
-    save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
-    if options.mask_output is not None:
-        if used is None:
-            raise ICDError(f"--save-mask {options.mask_output}: the edit was confined by no mask")
-        save_mask(used, options.mask_output, image.size, overwrite=settings.overwrite)
+    local = {} if mask is None else {"mask": relative_to(plan.mask, output.parent), "keep_outside": kept}
+    metadata = settings.metadata(command="edit", **plan.record(), seed=info.seed,
+                                 source=relative_to(path, output.parent), **size, **local,
+                                 guidance_steps=guidance_on_steps(settings.manifest, plan.guidance, plan.tau))
+    if mask_output is not None and edited.mask is None:
+        raise ICDError(f"--save-mask {mask_output}: the edit was confined by no mask")
+    wrote_mask = False
+    try:  # the map first, the edit last: a failure of either leaves neither (without --overwrite)
+        if mask_output is not None:
+            save_mask(edited.mask, mask_output, image.size, overwrite=settings.overwrite)
+            wrote_mask = True
+        save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
+    except BaseException:
+        if wrote_mask and not settings.overwrite:
+            mask_output.unlink(missing_ok=True)
+        raise
     return output, notes
 
 
-def _inverted(settings: Settings, path: Path, source: str) -> Inverted:
+def relative_to(path: Path, folder: Path) -> str:
+    """`path` as a result's record names it: relative to the result's folder, so that `--from` finds it from
+    anywhere and the two can move together."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
+def _inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted:
     original = load_image(path)
-    return Inverted(*_invert_image(settings, original, source), original)
-
-
-def p2p_fields(config: P2PConfig) -> dict:
-    """Prompt-to-Prompt's settings as metadata, in the forms the command line takes them back."""
-    fields = {"cross_replace": config.cross_replace, "self_replace": config.self_replace}
-    if config.amplify is not None:
-        fields["amplify"] = [f"{word}={factor:g}" for word, factor in config.amplify.items()]
-    if config.blend is not None:
-        fields["blend"] = " ".join(config.blend[0]) + ":" + " ".join(config.blend[1])
-    return fields
+    return Inverted(*_invert_image(settings, original, source, seed), original)
 
 
 def slug(prompt: str, limit: int = 40) -> str:
@@ -276,7 +254,7 @@ def slug(prompt: str, limit: int = 40) -> str:
 def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, tau: float, output: Path) -> Path:
     width, height = working_size((settings.manifest.resolution,) * 2, resolution=settings.manifest.resolution,
                                  multiple=settings.runner.size_multiple, width=settings.width, height=settings.height)
-    pixels = settings.runner.generate(prompt, seed, width, height, guidance, tau)
+    pixels = settings.runner.run(Generate(prompt, seed, width, height, guidance, tau))
     metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
                                  width=width, height=height,
                                  guidance_steps=guidance_on_steps(settings.manifest, guidance, tau))

@@ -5,11 +5,11 @@ order that lets one inversion serve several edits."""
 from __future__ import annotations
 
 import logging
-from dataclasses import astuple, replace
+from dataclasses import replace
 from pathlib import Path
 
 from icd.errors import ICDError, UsageError
-from icd.latents import MAX_SEED
+from icd.core.schedule import MAX_SEED
 
 log = logging.getLogger("icd")
 
@@ -19,7 +19,7 @@ def checked_mask(mask: str | None, masks: dict) -> Path | None:
     act stops the command before the model loads; one that selects everything is said once."""
     if mask is None:
         return None
-    from icd.images import read_mask, selects_everything
+    from icd.masks import read_mask, selects_everything
 
     try:
         values = read_mask(mask)
@@ -43,12 +43,30 @@ def with_mask_outputs(items: list, save_mask: str | None) -> list:
     if len(items) > 1 and Path(save_mask).suffix.lower() in OUTPUT_SUFFIXES:
         raise UsageError(f"--save-mask {save_mask} names one file, but there are {len(items)} results: give a folder")
     for item in items:
-        seed, options = item.job
         written = output_path(save_mask, f"{item.output.stem}-mask.png", len(items) > 1)
         if written.resolve() == item.output.resolve():
             raise UsageError(f"--save-mask {save_mask} is the edit's own output: choose another file")
-        item.job = (seed, replace(options, mask_output=written))
+        item.mask_output = written
     return items
+
+
+def captions_for(paths: list[Path], flag: str, labels: dict[Path, str] | None = None) -> dict[Path, str]:
+    """Each image's caption from the metadata.jsonl of its folder (Hugging Face style: file_name, text), the
+    source prompt of an image named without one; an image without one is a usage error naming it."""
+    from .jobfile import CAPTIONS_NAME, captions
+
+    folders: dict[Path, dict[str, str]] = {}
+    found = {}
+    for path in paths:
+        if path.parent not in folders:
+            folders[path.parent] = captions(path.parent)
+        caption = folders[path.parent].get(path.name)
+        if caption is None:
+            where = (labels or {}).get(path, str(path))
+            raise UsageError(f"{where}: no {flag}, and no caption for {path.name} in "
+                             f"{path.parent / CAPTIONS_NAME}")
+        found[path] = caption
+    return found
 
 
 def seeds_to_run(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
@@ -63,27 +81,28 @@ def seeds_to_run(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
     return tuple(range(first, first + count))
 
 
-def edit_items(paths: list[Path], output: str | None, options: list, seeds: tuple[int, ...]) -> list:
-    """One item per input, seed and target; names carry the target and seed when there are several
-    (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per target."""
+def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[int, ...]) -> list:
+    """One item per input, seed and plan (one plan per target); names carry the target and seed when there
+    are several (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once
+    per target."""
     from .batch import file_items
     from .jobs import needs_inversion, output_stem
 
     images = [path for path in paths if needs_inversion([path])]
     latents = [path for path in paths if path not in images]
-    many = len(options) * (len(images) * len(seeds) + len(latents)) > 1
-    labels = target_names([option.target for option in options])
+    many = len(plans) * (len(images) * len(seeds) + len(latents)) > 1
+    labels = target_names([plan.target for plan in plans])
     items = []
     for group, group_seeds in ((images, seeds), (latents, seeds[:1])):
         for seed in group_seeds if group else ():
-            for option in options:
-                suffix = (f"-{labels[option.target]}" if len(options) > 1 else "") + \
+            for plan in plans:
+                suffix = (f"-{labels[plan.target]}" if len(plans) > 1 else "") + \
                          (f"-s{seed}" if len(seeds) > 1 and group is images else "")
                 for item in file_items(group, output, lambda path: f"{output_stem(path)}-edit{suffix}.png",
                                        many=many):
                     if suffix:
-                        item.label = f"{item.label} ({option.target!r}, seed {seed})"
-                    item.job = (seed, option)
+                        item.label = f"{item.label} ({plan.target!r}, seed {seed})"
+                    item.job = replace(plan, seed=seed)
                     items.append(item)
     return items
 
@@ -108,41 +127,48 @@ def by_inversion(items: list) -> list:
     other, which is what lets the job cache reuse it; otherwise in the order given."""
     first: dict = {}
     for index, item in enumerate(items):
-        seed, options = item.job
-        first.setdefault((item.source, options.source, seed), index)
-    return sorted(items, key=lambda item: first[(item.source, item.job[1].source, item.job[0])])
+        first.setdefault((item.source, item.job.source, item.job.seed), index)
+    return sorted(items, key=lambda item: first[(item.source, item.job.source, item.job.seed)])
+
+
+def row_output(jobs_file: str, value: str, where: str, column: str, suffixes: tuple[str, ...] | str) -> Path:
+    """A file a job row writes: relative to the job file and inside its folder (never outside it), with a
+    suffix of its kind."""
+    folder = Path(jobs_file).parent
+    path = folder / value
+    inside = not Path(value).is_absolute() and ".." not in Path(value).parts and \
+        path.resolve().is_relative_to(folder.resolve())
+    if not inside:
+        raise UsageError(f"{where}: {column} {value}: name a file inside the job file's folder ({folder})")
+    if not value.lower().endswith(suffixes):
+        kinds = suffixes if isinstance(suffixes, str) else ", ".join(suffixes)
+        raise UsageError(f"{where}: {column} {value}: must end with {kinds}")
+    return path
 
 
 def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
     """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads."""
+    from icd.editing import resolve_edit
+    from icd.images import OUTPUT_SUFFIXES
     from icd.latents import is_latent_file
-    from icd.editing import P2PConfig, edit_settings, strength_settings
 
     from .batch import Item
     from .jobfile import EditJob, read_jobs
-    from .jobs import EditOptions, output_path, output_stem, slug
+    from .jobs import output_path, output_stem, slug
 
     folder = Path(jobs_file).parent
     items, rows = [], {}
     for number, job in read_jobs(jobs_file, EditJob):
         where = f"{jobs_file} row {number}"
         path = folder / job.image
-        method, guidance, tau = astuple(edit_settings(manifest, job.method, job.guidance, job.tau))
-        p2p_given = [name for name in ("blend", "mask_words", "amplify") if getattr(job, name)]
-        if p2p_given and method != "p2p":
-            raise UsageError(f"{where}: {', '.join(p2p_given)} apply to method p2p, not {method}")
+        plan = resolve_edit(manifest, job.settings(folder, f"{where}: "))
         if not job.source and not is_latent_file(path):
             raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
-        config = P2PConfig(amplify=job.amplify_words(), blend=job.blend_words())
-        if job.strength is not None:
-            knobs = strength_settings(manifest, job.strength, guidance=job.guidance, tau=job.tau)
-            guidance, tau = knobs["guidance"], knobs["tau"]
-            config = replace(knobs["p2p"], amplify=config.amplify, blend=config.blend)
-        options = EditOptions(job.source, job.target, method, guidance, tau, config,
-                              folder / job.mask if job.mask else None, job.keep_outside, strength=job.strength)
         name = f"{output_stem(path)}-edit-{slug(job.target)}-s{job.seed}.png"
-        target = folder / job.output if job.output else output_path(output, name, True)
-        written = [target, *([folder / job.save_mask] if job.save_mask else [])]
+        target = row_output(jobs_file, job.output, where, "output", tuple(sorted(OUTPUT_SUFFIXES))) if job.output else \
+            output_path(output, name, True)
+        written = [target, *([row_output(jobs_file, job.save_mask, where, "save_mask", ".png")] if job.save_mask
+                             else [])]
         if len(written) == 2 and written[0].resolve() == written[1].resolve():
             raise UsageError(f"{where}: save_mask {written[1]} is the edit's own output: choose another file")
         for kind, file in zip(("output", "save_mask"), written):
@@ -150,7 +176,5 @@ def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
                 raise UsageError(f"{where}: {kind} {file} is also written by row {rows[file.resolve()]}: give each "
                                  "row its own files")
             rows[file.resolve()] = number
-        if job.save_mask:
-            options = replace(options, mask_output=written[1])
-        items.append(Item(where, path, target, job=(job.seed, options)))
+        items.append(Item(where, path, target, job=plan, mask_output=written[1] if job.save_mask else None))
     return items

@@ -204,12 +204,6 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
         "reverse_timesteps": list(preset.reverse_timesteps), "resolution": preset.resolution})
 
 
-def installed_models() -> list[tuple[str, Path]]:
-    """The presets pulled into the cache, with their icd.json paths."""
-    manifests = [(name, preset_dir(name) / "icd.json") for name in PRESETS]
-    return [(name, path) for name, path in manifests if path.exists()]
-
-
 def builtin_dir(name: str) -> Path:
     """Where a model shipped inside the package lives."""
     return Path(str(files("icd") / "assets" / name))

@@ -12,22 +12,23 @@ import hashlib
 import json
 import os
 import reprlib
+import secrets
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ModelError
+from ..errors import ICDError, ModelError
 from ..files import atomic_write
 from .cache import cached_download, cached_download_path
-from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
+from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, LORA_ALPHA
 
 MANIFEST_NAME = "icd.json"
 KINDS = ("sd15", "sdxl")
-EDIT_METHODS = ("p2p", "swap", "none")  # what icd.pipeline.edit can do
 WEIGHT_KEYS = ("teacher", "forward_lora", "reverse_lora")
 MAX_STEPS = 16  # a consistency model's few steps; a schedule of hundreds would run for minutes per picture
 MAX_MANIFEST_BYTES = 1 << 20
@@ -270,3 +271,45 @@ def _relative(path: Path, folder: Path) -> str:
         return Path(os.path.relpath(path.resolve(), folder.resolve())).as_posix()
     except ValueError:  # another drive on Windows
         return str(path.resolve())
+
+
+TEACHER_FILE = "teacher.pt"  # the teacher's name inside a model folder (the official teacher format)
+BASE_FOLDER = "base"  # a local base model's name inside a model folder
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`source` at `target`: a hard link on the same filesystem (no extra disk), else a copy by atomic_write.
+
+    A link is whole the moment it exists; made under a temporary name and renamed over `target`, it replaces an
+    earlier one in one step. It bypasses atomic_write, whose mode fixing would change the source's modes too.
+    """
+    if target.exists() and os.path.samefile(source, target):
+        return  # already this file (a resumed run saving again); renaming a link onto itself does nothing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(source, temporary)
+    except OSError:  # another filesystem (EXDEV), one without hard links, or not permitted
+        atomic_write(target, partial(shutil.copyfile, source), overwrite=True)
+        return
+    try:
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ICDError(f"{target.name}: cannot write ({exc.strerror})") from exc
+
+
+def carry_inside(output: Path, teacher: Path | None, base: str) -> dict:
+    """Place the teacher and a local base folder inside the model folder `output`; returns the icd.json fields
+    naming them there. A hub-id base stays a hub id (the hub cache holds it)."""
+    fields = {"base": base}
+    if teacher is not None:
+        link_or_copy(teacher, output / TEACHER_FILE)
+        fields["teacher"] = TEACHER_FILE
+    if Path(base).is_dir():
+        for folder, _, names in os.walk(base, followlinks=True):  # a hub snapshot's files are links to blobs
+            for name in names:
+                source = Path(folder, name)
+                link_or_copy(source, output / BASE_FOLDER / source.relative_to(base))
+        fields["base"] = BASE_FOLDER
+    return fields

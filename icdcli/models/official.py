@@ -11,3 +11,4 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 FORWARD_TIMESTEPS = (19, 259, 519, 779)
 REVERSE_TIMESTEPS = (259, 519, 779, 999)
 GUIDANCE_SCALES = (0.0, 7.0, 11.0, 15.0, 19.0)  # w values of guidance distillation and reverse CD
+EDIT_METHODS = ("p2p", "swap", "none")  # what icd.pipeline.edit can do

@@ -1,5 +1,7 @@
 """The client side of `icd serve`: find a server that fits a command's model, device and dtype, run the
-jobs' operations on it, and fall back to this process when it goes away, so that a batch always completes."""
+jobs' requests on it, and fall back to this process when it goes away, falls silent (no heartbeat for
+SILENCE_S: suspended or stuck) or returns something that is not the result asked for (checked before anything
+is written), so that a batch always completes with results this process could have made."""
 
 from __future__ import annotations
 
@@ -11,16 +13,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from icd.errors import ICDError
+from icd.latents import LATENT_CHANNELS, VAE_FACTOR
 from icd.models.manifest import Manifest
 
-from .runner import LocalRunner, Runner, p2p_to_json
-from .server import sockets
-from .wire import Disconnected, receive, send
+from ..requests import Edit, Generate, Invert, Request, decode_result
+from ..runner import LocalRunner, Runner
+from .sockets import sockets
+from .wire import Disconnected, Malformed, receive, send
 
 log = logging.getLogger("icd")
 
 CONNECT_TIMEOUT_S = 5.0
+SILENCE_S = 30.0  # a server that says nothing for this long (it sends a heartbeat every 2 s) is given up on
 
 
 class ServerGone(Exception):
@@ -49,7 +56,7 @@ def _hello(conn: socket.socket, request: dict) -> dict | None:
     if "error" in facts:
         log.debug("%s", facts["error"])
         return None
-    conn.settimeout(None)  # jobs take as long as they take; a dead server closes the connection
+    conn.settimeout(SILENCE_S)  # jobs take as long as they take, with a heartbeat while they run
     return facts
 
 
@@ -98,81 +105,70 @@ def stop_server(path: Path, facts: dict, wait_s: float = 60.0) -> None:
 
 
 class RemoteRunner:
-    """The runner of a server: each operation is one request on the connection."""
+    """The runner of a server: each request is one message on the connection."""
 
     def __init__(self, conn: socket.socket, facts: dict, manifest: Manifest, path: Path):
         self.conn, self.path, self.manifest = conn, path, manifest
         self.backend, self.dtype, self.size_multiple = facts["backend"], facts["dtype"], facts["size_multiple"]
 
-    def _call(self, header: dict, tensors: dict | None = None) -> tuple[dict, dict]:
+    def run(self, request: Request):
         try:
-            send(self.conn, header, tensors)
-            reply, results = receive(self.conn)
-        except (OSError, Disconnected) as err:
+            send(self.conn, *request.encode())
+            header, arrays = receive(self.conn)
+            while header.get("working"):  # the server's heartbeat while the job runs
+                header, arrays = receive(self.conn)
+            if "error" in header:
+                raise ICDError(header["error"])
+            result = decode_result(request.op, header, arrays)
+            check_result(request, result)
+        except TimeoutError:
+            self.conn.close()
+            raise ServerGone(f"it said nothing for {SILENCE_S:.0f} s") from None
+        except (OSError, Disconnected, Malformed, KeyError, TypeError, ValueError) as err:
             self.conn.close()
             raise ServerGone(str(err) or type(err).__name__) from None
-        if "error" in reply:
-            raise ICDError(reply["error"])
-        return reply, results
+        return result
 
-    def invert(self, pixels, prompt, seed):
-        return self._call({"op": "invert", "prompt": prompt, "seed": seed}, {"pixels": pixels})[1]["x_T"]
 
-    def edit(self, x_T, source, target, method, guidance, tau, p2p, mask=None):
-        tensors = {"x_T": x_T} if mask is None else {"x_T": x_T, "mask": mask}
-        reply, results = self._call({"op": "edit", "source": source, "target": target, "method": method,
-                                     "guidance": guidance, "tau": tau, "p2p": p2p_to_json(p2p)}, tensors)
-        return results["pixels"], reply["notes"], results.get("mask")
-
-    def reconstruct(self, x_T, prompt):
-        return self._call({"op": "reconstruct", "prompt": prompt}, {"x_T": x_T})[1]["pixels"]
-
-    def generate(self, prompt, seed, width, height, guidance, tau):
-        return self._call({"op": "generate", "prompt": prompt, "seed": seed, "width": width, "height": height,
-                           "guidance": guidance, "tau": tau})[1]["pixels"]
+def check_result(request: Request, result) -> None:
+    """What a server returned has the shape, dtype and values the request asks for (a ValueError otherwise),
+    before anything is written from it."""
+    scale = VAE_FACTOR
+    if isinstance(request, Invert):
+        rows, _, height, width = request.pixels.shape
+        expected = {"x_T": (result, (rows, LATENT_CHANNELS, height // scale, width // scale))}
+    elif isinstance(request, Generate):
+        expected = {"pixels": (result, (1, 3, request.height, request.width))}
+    else:
+        rows, _, height, width = request.x_T.shape
+        pixels = result.pixels if isinstance(request, Edit) else result
+        expected = {"pixels": (pixels, (rows, 3, height * scale, width * scale))}
+        if isinstance(request, Edit) and result.mask is not None:
+            expected["mask"] = (result.mask, (1, 1, height, width))
+    for name, (array, shape) in expected.items():
+        if array.dtype != np.float32 or array.shape != shape:
+            raise ValueError(f"it returned {name} of {array.dtype} {array.shape}, not float32 {shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"it returned {name} holding NaN or inf")
 
 
 class FallbackRunner:
     """A server's runner that turns into an in-process one (opened then) when the server goes away; the
-    operation that found it gone is run again here, so no item of the batch is lost."""
+    request that found it gone is run again here, so no item of the batch is lost."""
 
     def __init__(self, remote: RemoteRunner, open_local: Callable[[], LocalRunner]):
         self.remote, self._open_local = remote, open_local
         self.current: Runner = remote
 
-    @property
-    def manifest(self) -> Manifest:
-        return self.current.manifest
+    def __getattr__(self, name: str):
+        """The facts a job records (manifest, backend, dtype, size multiple): the current runner's."""
+        return getattr(self.current, name)
 
-    @property
-    def backend(self) -> str:
-        return self.current.backend
-
-    @property
-    def dtype(self) -> str:
-        return self.current.dtype
-
-    @property
-    def size_multiple(self) -> int:
-        return self.current.size_multiple
-
-    def _run(self, operation: str, *args):
+    def run(self, request: Request):
         if self.current is self.remote:
             try:
-                return getattr(self.remote, operation)(*args)
+                return self.remote.run(request)
             except ServerGone as err:
                 log.warning("the server at %s went away (%s): continuing in this process", self.remote.path, err)
                 self.current = self._open_local()
-        return getattr(self.current, operation)(*args)
-
-    def invert(self, *args):
-        return self._run("invert", *args)
-
-    def edit(self, *args):
-        return self._run("edit", *args)
-
-    def reconstruct(self, *args):
-        return self._run("reconstruct", *args)
-
-    def generate(self, *args):
-        return self._run("generate", *args)
+        return self.current.run(request)

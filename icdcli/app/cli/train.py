@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+from .options import CONTEXT
+
 
 
 def _stage_options(command):
@@ -23,7 +24,7 @@ def _stage_options(command):
 def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output: str, resume: bool) -> None:
     from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
 
-    from .distributed import current_launch
+    from ..distributed import current_launch
 
     try:
         config = load_config(GuidanceConfig if stage == "guidance" else ICDConfig, config_file, settings)

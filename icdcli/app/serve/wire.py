@@ -20,7 +20,11 @@ MAX_TENSORS = 1 << 34  # bytes of tensors: 16 GiB, beyond any latent or picture
 
 
 class Disconnected(ConnectionError):
-    """The other end closed the connection or sent something that is not a message."""
+    """The other end closed the connection, or broke the framing: the stream cannot go on."""
+
+
+class Malformed(ValueError):
+    """A whole message whose header or arrays cannot be read: answered with an error, the stream goes on."""
 
 
 def send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | None = None) -> None:
@@ -32,15 +36,21 @@ def send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | Non
 
 
 def receive(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
+    """The next whole message; `Malformed` when it is read but its parts are not a JSON object and
+    safetensors arrays."""
     body = _exactly(sock, _length(sock, MAX_HEADER))
+    size = _length(sock, MAX_TENSORS)
+    blob = _exactly(sock, size) if size else b""
     try:
         header = json.loads(body)
-    except ValueError:
-        raise Disconnected("a message header is not JSON") from None
+    except (ValueError, RecursionError):
+        raise Malformed("the header is not JSON") from None
     if not isinstance(header, dict):
-        raise Disconnected("a message header is not a JSON object")
-    size = _length(sock, MAX_TENSORS)
-    return header, (load_tensors(_exactly(sock, size)) if size else {})
+        raise Malformed("the header is not a JSON object")
+    try:
+        return header, (load_tensors(blob) if blob else {})
+    except Exception:  # safetensors raises its own error types on a blob that is not its format
+        raise Malformed("the arrays are not a safetensors blob") from None
 
 
 def _length(sock: socket.socket, limit: int) -> int:

@@ -1,0 +1,54 @@
+"""`icd bench`: the time of every stage of an edit, whole edits, batches and a cold start."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import quiet_libraries
+from .options import DEFAULT_MODEL, uses
+
+
+@click.command()
+@uses("model", "device", "dtype", "backend", "compile")
+@click.option("--random-weights", type=click.Choice(["sd15", "sdxl"]), help="Measure the real SD1.5/SDXL "
+              "architecture with random weights instead of --model (built once into the cache, no download).")
+@click.option("--size", type=click.IntRange(min=64), default=512, show_default=True, help="Square image side in "
+              "pixels (128 on a CPU).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per stage.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, help="Batch sizes for the "
+              "throughput rows (repeatable). Default: 1, 2, 4.")
+@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
+              help="Also time a new `icd edit` process from start to edited image.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and ONNX Runtime. "
+              "Default: torch's.")
+@click.option("--stages-only", is_flag=True, help="Only the single stages: no whole edits, batches or cold start "
+              "(for CPUs).")
+@uses("json", "quiet", "verbose")
+def bench(model, device, dtype, backend, compile, random_weights, size, repeats, warmup, batches, cold_start,
+          threads, stages_only, as_json):
+    """Time every stage of an edit (text, VAE, each UNet call), whole edits, batches and a cold start,
+    each next to its floor (FLOPs over the measured matmul rate).
+
+    \b
+    Examples:
+      icd bench --random-weights sd15             # on a GPU: SD1.5 at 512x512, fp16
+      icd bench --random-weights sd15 --size 128 --repeats 3 --warmup 1 --stages-only   # on a CPU
+      icd bench -m sd15 --backend tensorrt --json
+    """
+    import torch
+
+    from icd.models.offline import build_random_model
+
+    from ..bench import format_report, run_bench
+
+    quiet_libraries()
+    if threads:
+        torch.set_num_threads(threads)
+    model = str(build_random_model(random_weights)) if random_weights else model or DEFAULT_MODEL
+    report = run_bench(model, backend=backend, device=device, dtype=dtype, size=size, warmup=warmup,
+                       repeats=repeats, batches=batches or (1, 2, 4), compile=compile, cold_start=cold_start,
+                       stages_only=stages_only)
+    click.echo(json.dumps(report) if as_json else format_report(report))

@@ -1,0 +1,169 @@
+"""The steps that several commands share: logging, the checks before a model loads, opening the runner (a
+running `icd serve`, else the model in this process) and running a planned batch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from icd.errors import ModelError, UsageError
+
+from .options import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from icd.models.manifest import Manifest
+
+log = logging.getLogger("icd")
+
+
+def quiet() -> bool:
+    return not logging.getLogger("icd").isEnabledFor(logging.WARNING)
+
+
+def verbose() -> bool:
+    return logging.getLogger("icd").isEnabledFor(logging.DEBUG)
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
+    (all shown with -v)."""
+    if verbose():
+        return
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    warnings.simplefilter("ignore")
+
+
+def resolve(model_ref: str | None) -> Manifest:
+    """The manifest of the model named, or of the default one: cheap (no weights), so every later check can use
+    it before anything loads. A default model that is not there says how to get it, and how to try icd
+    without it."""
+    from icd.models.hub import resolve_model
+
+    try:
+        return resolve_model(model_ref or DEFAULT_MODEL)
+    except ModelError as err:
+        if model_ref:
+            raise
+        raise ModelError(f"{err}; or try icd offline with the shipped demonstration model: -m mini (or set "
+                         f"ICD_MODEL=mini)") from None
+
+
+def check_size(manifest: Manifest, width: int | None, height: int | None) -> None:
+    from icd.images import check_multiple
+    from icd.models.geometry import size_multiple
+
+    multiple = size_multiple(manifest)
+    if multiple is not None:
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                check_multiple(name, value, multiple)
+
+
+def check_output(output: str | None, count: int, *, latent: bool = False) -> None:
+    """-o must name what the command writes: an image (or a latent file for invert), or a folder."""
+    if output is None:
+        return
+    from icd.images import OUTPUT_SUFFIXES
+    from icd.latents import LATENT_NAME, LATENT_SUFFIX
+
+    path = Path(output)
+    names_file = path.suffix.lower() in OUTPUT_SUFFIXES or output.endswith(LATENT_SUFFIX)
+    if latent and names_file and not output.endswith(LATENT_NAME):
+        raise UsageError(f"-o {output}: invert writes latent files: name one NAME{LATENT_NAME}, or a folder")
+    if not latent and output.endswith(LATENT_SUFFIX):
+        raise UsageError(f"-o {output}: this command writes images: name a .png, .jpg or .webp file, or a folder")
+    if not names_file and path.suffix and not path.is_dir() and path.suffix.lower()[1:].isalpha() \
+            and len(path.suffix) <= 5:
+        raise UsageError(f"-o {output}: unknown image format {path.suffix!r} (use .png, .jpg, .jpeg or .webp, "
+                         "or name a folder)")
+    if names_file and count > 1:
+        raise UsageError(f"-o {output} names one file, but there are {count} results: give a folder")
+    if path.is_file() and not names_file:
+        raise UsageError(f"-o {output} is a file: give a folder for the results")
+
+
+def check_engine(device: str, dtype: str, backend: str, compile: bool, server_may_check: bool = False) -> None:
+    """The backend options fit together, and the device exists and takes the dtype. That takes torch, which a
+    command served by `icd serve` never imports: with `server_may_check` and a server's socket present, the
+    device and dtype are left to the server's check (a server that cannot take them is not used) and to the
+    model's opening in this process."""
+    from icd_export.registry import check_options
+
+    check_options(backend, compile)
+    if server_may_check:
+        from ..serve.sockets import sockets
+
+        if sockets():
+            return
+    from icd.models.loading import resolve_device, resolve_dtype
+
+    from ..distributed import local_device
+
+    resolve_dtype(dtype, resolve_device(local_device(device)))
+
+
+def open_model(model_ref: str | Manifest, device: str, dtype: str, directions: tuple[str, ...] = (),
+               backend: str = "auto", compile: bool = False, static_shapes: bool = False):
+    """The session for a model; a failure here ends the command with one line (via `Main`). Under
+    `accelerate launch` or `torchrun`, `auto` means this process's own GPU."""
+    from ..distributed import local_device
+    from ..session import open_session
+
+    quiet_libraries()
+    return open_session(model_ref, local_device(device), dtype, backend, compile, static_shapes, directions)
+
+
+def open_runner(manifest: Manifest, device: str, dtype: str, directions: tuple[str, ...], backend: str,
+                compile: bool, static_shapes: bool = False, no_server: bool = False):
+    """What runs the jobs: a running `icd serve` of this model, device and dtype (said once), falling back to
+    this process if it goes away; else, or with --no-server, the model opened here."""
+    from ..runner import LocalRunner
+
+    def open_here():
+        return LocalRunner(open_model(manifest, device, dtype, directions, backend, compile, static_shapes))
+
+    if not no_server:
+        from ..distributed import local_device
+        from ..serve.client import FallbackRunner, find_server
+
+        remote = find_server(manifest, local_device(device), dtype, backend, compile)
+        if remote is not None:
+            log.info("using the server at %s", remote.path)
+            return FallbackRunner(remote, open_here)
+    return open_here()
+
+
+def job_settings(runner, model_ref: str, width: int | None = None, height: int | None = None,
+                 overwrite: bool = False):
+    from ..jobs import Settings
+
+    return Settings(runner=runner, model_ref=model_ref, width=width, height=height, overwrite=overwrite)
+
+
+def finish(items, work, as_json: bool) -> None:
+    """Run this process's share of the planned items (all of them, unless several processes were launched:
+    each plans the whole batch, so names agree, and runs every world-th item), write the --json-log, and
+    exit with the batch's code."""
+    from ..batch import run
+    from ..distributed import merge_json_log, process_share
+
+    ctx = click.get_current_context()
+    log_path = ctx.meta.get("icd.json_log")
+    if log_path and Path(log_path).exists() and not ctx.params.get("overwrite"):
+        raise UsageError(f"--json-log {log_path} exists (use --overwrite to replace it)")
+    report = run(process_share(items), work, as_json=as_json, quiet=quiet())
+    if log_path:
+        merge_json_log(log_path, report.records)
+    sys.exit(report.exit_code)

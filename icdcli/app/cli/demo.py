@@ -1,0 +1,32 @@
+"""`icd demo`: the whole chain on a sample, offline, with a before/after picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import job_settings, open_model, quiet
+from .options import uses
+
+
+@click.command()
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="icd-demo", show_default=True,
+              help="Folder for the demo's files.")
+@uses("model", "device", "dtype", "overwrite", "quiet", "verbose")
+def demo(output, model, device, dtype, overwrite):
+    """Invert, edit and reconstruct a sample, offline, and write a before/after picture.
+
+    The default `mini` model ships with icd: it was trained by bench/miniature/recipe.py on a miniature
+    world of coloured shapes, and turns a red circle into a blue one. It knows only that world, not
+    photos (for those, `icd pull sd15`). Other models edit the bundled photo.
+    """
+    from ..demo import run_demo
+    from ..runner import LocalRunner
+
+    model = model or "mini"
+    settings = job_settings(LocalRunner(open_model(model, device, dtype, ("forward", "reverse"))), model,
+                            overwrite=overwrite)
+    for path in run_demo(settings, Path(output)):
+        if not quiet():
+            click.echo(path)

@@ -1,0 +1,140 @@
+"""`icd invert` and `icd reconstruct`: photos to latent files (x_T and its record) and back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from icd.errors import UsageError
+
+from .common import check_engine, check_output, check_size, finish, job_settings, open_runner, resolve
+from .options import DEFAULT_MODEL, MAX_SEED, MODEL_RUN, uses
+
+
+@click.command()
+@click.argument("images", nargs=-1)
+@click.option("--prompt", "--src", "prompt", help="Prompt describing the photos (the source prompt of later edits; "
+              "--src as in `icd edit`). Default: each image's caption in the metadata.jsonl of its folder (Hugging "
+              "Face style: file_name, text).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the noise added before encoding.")
+@click.option("--jobs", "jobs_file", type=click.Path(dir_okay=False), help="A job file: JSON lines or CSV with "
+              "one inversion per row (image, source, seed, output; paths relative to the file).")
+@uses(*MODEL_RUN)
+def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compile, width, height, output,
+           overwrite, skip_existing, as_json, no_server):
+    """Encode photos into latent files (x_T plus metadata) for fast repeated edits.
+
+    \b
+    Examples:
+      icd invert photo.jpg --prompt "a pug on the grass"
+      icd edit photo.latent.safetensors --tgt "a bear on the grass"
+      icd invert photos/ -o latents/                  # captions from photos/metadata.jsonl
+    """
+    from icd.images import probe_image
+
+    from ..batch import plan
+    from ..jobs import invert_file
+
+    items = _job_items(jobs_file, images, prompt, output) if jobs_file else _image_items(images, prompt, seed, output)
+    check_output(output, max(len(items), 2 if jobs_file else 1), latent=True)
+    _captions(items)
+    check_engine(device, dtype, backend, compile, not no_server)
+    manifest = resolve(model)
+    model = model or DEFAULT_MODEL
+    check_size(manifest, width, height)
+    reads = [item.source for item in items] + ([Path(jobs_file)] if jobs_file else [])
+    items = plan(items, reads, overwrite=overwrite, skip_existing=skip_existing,
+                 check=lambda item: probe_image(item.source))
+    if not any(item.runnable for item in items):
+        finish(items, None, as_json)
+    settings = job_settings(open_runner(manifest, device, dtype, ("forward",), backend, compile,
+                                        bool(width and height), no_server), model, width, height, overwrite)
+
+    def work(item):
+        item_seed, item_prompt = item.job
+        return invert_file(settings, item.source, item_prompt, item_seed, item.output), []
+
+    finish(items, work, as_json)
+
+
+def _job_items(jobs_file: str, images, prompt, output) -> list:
+    from icd.latents import LATENT_NAME
+
+    from ..batch import Item
+    from ..jobfile import InvertJob, read_jobs
+    from ..jobs import output_path, output_stem
+    from ..planning import row_output
+
+    if images or prompt:
+        raise UsageError(f"--jobs {jobs_file} holds the images and prompts: drop "
+                         f"{', '.join(flag for flag, value in (('IMAGES', images), ('--prompt', prompt)) if value)}")
+    folder = Path(jobs_file).parent
+    items = []
+    for number, job in read_jobs(jobs_file, InvertJob):
+        where = f"{jobs_file} row {number}"
+        written = row_output(jobs_file, job.output, where, "output", LATENT_NAME) if job.output else \
+            output_path(output, output_stem(folder / job.image) + LATENT_NAME, True)
+        items.append(Item(where, folder / job.image, written, job=(job.seed, job.source)))
+    return items
+
+
+def _image_items(images, prompt, seed, output) -> list:
+    from icd.latents import LATENT_NAME
+
+    from ..batch import file_items
+    from ..jobs import IMAGE_SUFFIXES, expand_inputs
+
+    if not images:
+        raise UsageError("no IMAGES: name image files, folders or globs (or give --jobs FILE)")
+    items = file_items(expand_inputs(list(images), IMAGE_SUFFIXES), output, lambda path: path.stem + LATENT_NAME)
+    for item in items:
+        item.job = (seed, prompt)
+    return items
+
+
+def _captions(items) -> None:
+    """Give each item without a prompt its caption from its folder's metadata.jsonl."""
+    from ..planning import captions_for
+
+    needing = [item for item in items if not item.job[1]]
+    found = captions_for([item.source for item in needing], "--prompt", {item.source: item.label for item in needing})
+    for item in needing:
+        item.job = (item.job[0], found[item.source])
+
+
+@click.command()
+@click.argument("latents", nargs=-1, required=True)
+@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json", "json_log",
+      "quiet", "verbose", "no_server")
+def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json,
+                no_server):
+    """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
+    from icd.latents import LATENT_SUFFIX, read_latent_info
+
+    from ..batch import file_items, plan
+    from ..jobs import check_latent, expand_inputs, output_stem, reconstruct_file
+
+    paths = expand_inputs(list(latents), {LATENT_SUFFIX})
+    check_output(output, len(paths))
+    check_engine(device, dtype, backend, compile, not no_server)
+    refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
+    runners: dict[str, object] = {}  # one per model, found or opened at its first item
+
+    def check(item):
+        refs[item.source] = model or read_latent_info(item.source).model
+        check_latent(item.source, resolve(refs[item.source]), refs[item.source])
+
+    items = plan(file_items(paths, output, lambda path: f"{output_stem(path)}-recon.png"), paths,
+                 overwrite=overwrite, skip_existing=skip_existing, check=check)
+
+    def work(item):
+        model_ref = refs[item.source]
+        if model_ref not in runners:
+            runners[model_ref] = open_runner(resolve(model_ref), device, dtype, ("reverse",), backend, compile,
+                                             no_server=no_server)
+        return reconstruct_file(job_settings(runners[model_ref], model_ref, overwrite=overwrite), item.source,
+                                item.output), []
+
+    finish(items, work, as_json)
