@@ -122,10 +122,9 @@ def test_a_loop_that_cannot_be_recorded_runs_eagerly_and_says_so_once(sessions, 
 
 def doubling(graphs: LoopGraphs, sizes: tuple[int, ...]) -> list[int]:
     """Runs a loop on inputs of each size in turn (each output checked); the graphs recorded after each call."""
-    cond = Conditioning(torch.ones(1, 2, 3))
-    recorded = []
+    cond, recorded = Conditioning(torch.ones(1, 2, 3)), []
     for size in sizes:
-        out = graphs.run(("double",), lambda x, cond: x * 2 + cond.embeds.sum(), torch.full((1, size), 1.0 * size), cond)
+        out = graphs.run(("double",), lambda x, c: x * 2 + c.embeds.sum(), torch.full((1, size), 1.0 * size), cond)
         assert torch.equal(out, torch.full((1, size), 2.0 * size + 6))
         recorded.append(graphs.recorded)
     return recorded
