@@ -3,22 +3,25 @@ with one launch, so no Python, no kernel-launch gap and no allocator work sits b
 
 A loop is a function of explicit inputs (tensors, `Conditioning`s and tuples of them); everything else it
 reads is either a host constant, named in its key, or lives as long as the model (weights, the guidance
-embeddings the caller keeps alive through `keep`). The first call of a key and input signature runs eagerly
-(a single photo pays nothing for a graph it would use once); the second runs the loop twice on a side stream
-(lazy tensors such as e(w) and the Prompt-to-Prompt control are made then, outside the graph), records it
-into static input buffers and returns the warm-up's result; later calls copy their inputs into those buffers
-on the device and replay. Outputs are cloned: the next replay overwrites them.
+embeddings the caller keeps alive through `keep`). A loop is recorded only when it is used again while still
+remembered: its first call runs eagerly (a single photo pays nothing for a graph it would use once), the
+second runs it once on the capture stream (lazy tensors such as e(w) and the Prompt-to-Prompt control are
+made then, outside the graph), records it into static input buffers and returns the warm-up's result; later
+calls copy their inputs into those buffers and replay. Outputs are cloned: the next replay overwrites them.
+
+Recording, copying and replaying happen under the loop's device (`device_guard`) on a capture stream of that
+device: CUDA work goes to the current device's streams, so a process serving cuda:1 whose current device is
+cuda:0 would otherwise record an empty graph whose replays return the recording call's outputs.
 
 The loops are written for this (tests/test_no_wasted_work.py): no host reads, no host-to-device copies,
-noise drawn before the loop. `Rerun` stands in for the CUDA recorder where there is no GPU: it runs the
-loop again over the same static buffers, so everything but the recording itself is exercised on a CPU.
+noise drawn before the loop. tests/fixtures/recorders.py has the CPU stand-in for the recorder.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,13 +31,17 @@ from icd.core.denoiser import Conditioning
 
 log = logging.getLogger("icd")
 
-CAPACITY = 4  # graphs kept per session (each holds its own memory pool); the least recently used goes first
+# Graphs kept per session; the least recently used goes first. A serve session using every method, a mask,
+# blend words and two batch sizes runs 14 loops (tests/test_loop_graphs.py counts them), a second image size
+# twice that; with one memory pool for all graphs, a graph costs its static buffers and CUDA's graph objects.
+CAPACITY = 32
 
 
-def captures_loops(device: torch.device, backend: str) -> bool:
-    """Whether a session captures its loops: PyTorch on CUDA, unless ICD_CUDA_GRAPHS=0 (ONNX Runtime and
-    TensorRT run on their own streams; TensorRT records its own graphs)."""
-    return torch.device(device).type == "cuda" and backend == "torch" and os.environ.get("ICD_CUDA_GRAPHS", "1") != "0"
+def device_guard(device: torch.device):
+    """`device` made current for the CUDA work queued inside (a no-op context off CUDA): graphs record and
+    replay, and copies run, on the current device's streams, whatever device their tensors are on."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _map(fn: Callable[[torch.Tensor], Any], value):
@@ -50,48 +57,52 @@ def _map(fn: Callable[[torch.Tensor], Any], value):
     raise TypeError(f"a captured loop takes tensors, Conditionings and tuples of them, not {type(value).__name__}")
 
 
-def _leaves(value) -> list[torch.Tensor]:
+def leaves(value) -> list[torch.Tensor]:
+    """The tensors in a loop's inputs or outputs, in order."""
     found: list[torch.Tensor] = []
     _map(found.append, value)
     return found
 
 
+def cloned(value):
+    """A copy of every tensor in `value` (a replay's outputs, which the next replay overwrites)."""
+    return _map(torch.Tensor.clone, value)
+
+
 def signature(value) -> tuple:
     """What a graph is recorded for besides its key: the structure, shapes, dtypes and devices of the inputs."""
-    shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in _leaves(value))
+    shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in leaves(value))
     return shapes, repr(_map(lambda _: "T", value))
 
 
 class CudaRecorder:
-    """Records `run()` as a CUDA graph after two warm-up runs on a side stream; returns (warm-up result, replay)."""
+    """Records `run()` as a CUDA graph of `device`; returns (the warm-up's result, the static outputs, replay).
+
+    Under a guard of `device`, on one capture stream of it: one warm-up run (the loop ran eagerly once before,
+    so the kernels' lazy set-up is done; this run makes the stream's own and gives the call's result), then
+    the capture. Every graph of a recorder shares one memory pool: a session's loops run one at a time, their
+    inputs are copied into buffers outside the pool and their outputs cloned right after each replay, so one
+    graph may reuse another's scratch memory, in any order.
+    """
+
+    def __init__(self):
+        self.stream = None  # made on the device at the first recording
+        self.pool = None
 
     def __call__(self, run: Callable[[], Any], device: torch.device):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            run()
-            first = _map(torch.Tensor.clone, run())
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work of the server's other threads does not void this thread's recording
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = run()
+        with device_guard(device):
+            if self.stream is None:
+                self.stream, self.pool = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
+            current = torch.cuda.current_stream(device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                first = cloned(run())
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA work of the server's other threads does not void this thread's recording
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                outputs = run()
+            current.wait_stream(self.stream)
         return first, outputs, graph.replay
-
-
-class Rerun:
-    """The recorder's contract without a GPU: a replay runs the loop again on the static inputs and writes
-    into the static outputs, as a graph replay would."""
-
-    def __call__(self, run: Callable[[], Any], device: torch.device):
-        outputs = run()
-        first = _map(torch.Tensor.clone, outputs)
-
-        def replay():
-            for static, fresh in zip(_leaves(outputs), _leaves(run()), strict=True):
-                static.copy_(fresh)
-
-        return first, outputs, replay
 
 
 @dataclass
@@ -103,16 +114,18 @@ class _Graph:
 
 
 class LoopGraphs:
-    """The captured loops of one session, per (key, input signature). A loop that fails to record (an
-    operation CUDA graphs cannot hold) is said once and runs eagerly from then on."""
+    """The captured loops of one session, per (key, input signature): up to `capacity` graphs, and up to
+    `capacity` loops run once and remembered (the next call of one of those records it). A graph evicted is
+    forgotten, so its next call runs eagerly rather than paying a recording at once; a loop that fails to
+    record (an operation CUDA graphs cannot hold) is said once and runs eagerly from then on."""
 
     def __init__(self, device: torch.device, recorder=None, capacity: int = CAPACITY):
         self.device = torch.device(device)
         self.recorder = recorder or CudaRecorder()
         self.capacity = capacity
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()  # run once, eagerly, and not recorded
         self._failed: set[tuple] = set()
-        self._seen: set[tuple] = set()  # loops run once, eagerly: the next call of each records it
         self.recorded = 0  # graphs recorded so far (a second call of the same loop records none)
 
     def run(self, key: tuple, loop: Callable, *inputs, keep: Callable[[], list] = list):
@@ -122,19 +135,26 @@ class LoopGraphs:
         if full_key in self._failed:
             return loop(*inputs)
         graph = self._graphs.get(full_key)
-        if graph is None:
-            if full_key not in self._seen:
-                self._seen.add(full_key)
-                return loop(*inputs)
-            return self._record(full_key, loop, inputs, keep)
-        self._graphs.move_to_end(full_key)
-        for static, given in zip(_leaves(graph.inputs), _leaves(inputs), strict=True):
-            static.copy_(given)
-        graph.replay()
-        return _map(torch.Tensor.clone, graph.outputs)
+        if graph is not None:
+            self._graphs.move_to_end(full_key)
+            return self._replay(graph, inputs)
+        if full_key not in self._seen:
+            self._seen[full_key] = None
+            if len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
+            return loop(*inputs)
+        del self._seen[full_key]
+        return self._record(full_key, loop, inputs, keep)
+
+    def _replay(self, graph: _Graph, inputs: tuple):
+        with device_guard(self.device):
+            for static, given in zip(leaves(graph.inputs), leaves(inputs), strict=True):
+                static.copy_(given)
+            graph.replay()
+            return cloned(graph.outputs)
 
     def _record(self, full_key: tuple, loop: Callable, inputs: tuple, keep: Callable[[], list]):
-        static = _map(torch.Tensor.clone, inputs)
+        static = cloned(inputs)
         try:
             first, outputs, replay = self.recorder(lambda: loop(*static), self.device)
         except RuntimeError as error:  # CUDA refuses to record some operation: keep the loop eager

@@ -29,6 +29,7 @@ from icd.models.cache import icd_home
 from icd.p2p import CONTROL_NAMES
 
 from .artifacts import Built, Index, onnx_name, steered_onnx_name
+from .graphs import device_guard
 from .onnx import control_shapes, graph_inputs, input_shapes
 
 log = logging.getLogger("icd")
@@ -178,7 +179,9 @@ class TensorRTEps:
     Prompt-to-Prompt engine, (x, t, cond, timestep_cond, control) -> (eps, blend maps)). Each input shape's
     call is captured once into a CUDA graph over fixed buffers, with an execution context of its own: a
     context holds the shapes and addresses it was last given, which a graph captured for another shape must
-    not see changed under it. A call copies its inputs in, replays the graph and copies the outputs out."""
+    not see changed under it. A call copies its inputs in, replays the graph and copies the outputs out.
+    Loading, capture, copies and replay run under a guard of the engine's device: TensorRT allocates and
+    CUDA graphs record and replay on the current device, which need not be this one."""
 
     def __init__(self, index: Index, direction: str, device: torch.device, steered: bool = False):
         self.device = device
@@ -188,11 +191,12 @@ class TensorRTEps:
             raise ICDError(f"no TensorRT engine of the {direction} UNet for this GPU: run `icd export --tensorrt`")
         self.entry = index.entries[name]
         logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine((index.folder / name).read_bytes())
+        with device_guard(device):
+            self.engine = trt.Runtime(logger).deserialize_cuda_engine((index.folder / name).read_bytes())
+            self.stream = torch.cuda.Stream(device)
         if self.engine is None:
             raise ICDError(f"TensorRT could not load {name}: run `icd export --tensorrt --force`")
         self.outputs = ("eps", "blend_maps") if steered else ("eps",)
-        self.stream = torch.cuda.Stream(device)
         self._graphs: dict[tuple, tuple] = {}
 
     def _check_profile(self, feeds: dict) -> None:
@@ -209,14 +213,16 @@ class TensorRTEps:
             raise ICDError("TensorRT failed to run the engine")
 
     def _capture(self, feeds: dict) -> tuple:
-        """A context, fixed buffers for this shape and a CUDA graph of one engine run over them."""
+        """A context, fixed buffers for this shape and a CUDA graph of one engine run over them (under the
+        device guard of `_replay`)."""
         self._check_profile(feeds)
         context = self.engine.create_execution_context()
         buffers = {name: tensor.clone() for name, tensor in feeds.items()}
         for name, tensor in buffers.items():
             context.set_input_shape(name, tuple(tensor.shape))
         # eps is fp16 like the graph; the blend maps are computed in fp32 (icd.p2p)
-        outs = {name: torch.empty(tuple(context.get_tensor_shape(name)), device=self.device,
+        device = next(iter(buffers.values())).device
+        outs = {name: torch.empty(tuple(context.get_tensor_shape(name)), device=device,
                                   dtype=torch.float16 if name == "eps" else torch.float32) for name in self.outputs}
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -229,13 +235,14 @@ class TensorRTEps:
 
     def _replay(self, feeds: dict) -> list[torch.Tensor]:
         shape = tuple((name, tuple(tensor.shape)) for name, tensor in feeds.items())
-        if shape not in self._graphs:
-            self._graphs[shape] = self._capture(feeds)
-        graph, _, buffers, outs = self._graphs[shape]
-        for name, tensor in feeds.items():
-            buffers[name].copy_(tensor)
-        graph.replay()
-        return [out.clone() for out in outs.values()]  # the next replay overwrites the buffers
+        with device_guard(self.device):
+            if shape not in self._graphs:
+                self._graphs[shape] = self._capture(feeds)
+            graph, _, buffers, outs = self._graphs[shape]
+            for name, tensor in feeds.items():
+                buffers[name].copy_(tensor)
+            graph.replay()
+            return [out.clone() for out in outs.values()]  # the next replay overwrites the buffers
 
     def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, control=()):
         feeds = graph_inputs(x, t, cond, timestep_cond, torch.float16)

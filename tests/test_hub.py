@@ -10,6 +10,7 @@ import pytest
 
 from icd.errors import ModelError, UsageError
 from icd.models import cache, hub
+from icd.models.manifest import model_files
 from tests.fixtures.downloads import targz
 
 FORWARD = b"forward lora bytes"
@@ -80,6 +81,23 @@ def test_pull_fetches_only_the_needed_base_files(server, home, monkeypatch):
     assert not any(p.startswith("unet/") and p != "unet/config.json" for p in calls[0]["allow_patterns"])
     manifest = json.loads(path.read_text())
     assert (manifest["reverse_timesteps"], manifest["resolution"]) == ([249, 499, 699, 999], 1024)
+
+
+def test_pull_with_a_vae_fetches_it_with_the_base_and_names_it(server, home, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: calls.append(
+        (kwargs["repo_id"], kwargs["allow_patterns"])))
+    server.files["sdxl_cfg_distill.pt.tar.gz"] = targz({"teacher/sdxl_cfg_distill.pt": TEACHER})
+    server.files["iCD-SDXL_4steps_2.tar.gz"] = targz({"a-forward.safetensors": FORWARD,
+                                                      "a-reverse.safetensors": REVERSE})
+    path = hub.pull("sdxl", base_url=server.url, progress=False, vae=hub.SDXL_FP16_VAE)
+    assert calls == [(hub.SDXL_BASE, hub.BASE_FILES["sdxl"]),
+                     ("madebyollin/sdxl-vae-fp16-fix", ["config.json", "diffusion_pytorch_model.safetensors"])]
+    assert json.loads(path.read_text())["vae"] == "madebyollin/sdxl-vae-fp16-fix"
+    _, remote = model_files(path)
+    assert remote == [hub.SDXL_BASE, "madebyollin/sdxl-vae-fp16-fix"]  # what `icd pull --list` checks is cached
 
 
 def test_pull_refuses_archive_without_exactly_one_lora(server, home):

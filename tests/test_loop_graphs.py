@@ -5,7 +5,8 @@ A loop's first call runs eagerly, its second records the graph, the third and la
 GPU the `Rerun` recorder stands in for CUDA's: a replay runs the loop recorded (with the recording call's
 Python closure) over the static buffers the later call copied its inputs into. A loop that read
 a tensor from its closure instead of its inputs would replay the recording call's prompts or control here
-and fail these tests. The CUDA test at the end runs the real recorder where a GPU exists.
+and fail these tests. `FakeCuda` logs where the real recorder and TensorRT's replay queue their work (device,
+stream, pool); the CUDA test at the end runs the real recorder where a GPU exists, on a second GPU too.
 """
 
 import logging
@@ -17,7 +18,12 @@ from icd import pipeline
 from icd.app.session import Session, open_session
 from icd.core.denoiser import Conditioning
 from icd.editing import P2PConfig, edit_plan
-from icd_export.graphs import LoopGraphs, Rerun, captures_loops, signature
+from icd.models.loading import claim_device
+from icd_export.engines import OnnxEngine, TensorRTEngine, TorchEngine
+from icd_export.graphs import CAPACITY, LoopGraphs, signature
+from icd_export.tensorrt import TensorRTEps
+
+from fixtures.recorders import FakeCuda, Rerun
 
 SCENES = [("a red circle on a sandy background", "a blue circle on a sandy background"),
           ("a green square on a grassy background", "a green square on a snowy background"),
@@ -117,21 +123,120 @@ def test_a_loop_that_cannot_be_recorded_runs_eagerly_and_says_so_once(sessions, 
     assert session.graphs.recorded == 0
 
 
-def test_graphs_are_kept_per_shape_up_to_the_capacity():
-    graphs = LoopGraphs("cpu", Rerun(), capacity=2)
-
-    def loop(x, cond):
-        return x * 2 + cond.embeds.sum()
-
-    cond = Conditioning(torch.ones(1, 2, 3))
-    for size in (2, 2, 3, 3, 2, 4, 4, 2):
-        out = graphs.run(("double",), loop, torch.full((1, size), float(size)), cond)
+def doubling(graphs: LoopGraphs, sizes: tuple[int, ...]) -> list[int]:
+    """Runs a loop on inputs of each size in turn (each output checked); the graphs recorded after each call."""
+    cond, recorded = Conditioning(torch.ones(1, 2, 3)), []
+    for size in sizes:
+        out = graphs.run(("double",), lambda x, c: x * 2 + c.embeds.sum(), torch.full((1, size), 1.0 * size), cond)
         assert torch.equal(out, torch.full((1, size), 2.0 * size + 6))
-    # 2: eager, recorded; 3: eager, recorded; 2 replayed; 4: eager, recorded (3 dropped, the least recently
-    # used); 2 replayed
-    assert graphs.recorded == 3
-    assert list(graphs._graphs) == [(("double",), signature((torch.zeros(1, 4), cond))),
-                                    (("double",), signature((torch.zeros(1, 2), cond)))]
+        recorded.append(graphs.recorded)
+    return recorded
+
+
+def test_graphs_are_kept_per_shape_up_to_the_capacity_and_an_evicted_one_is_forgotten():
+    graphs = LoopGraphs("cpu", Rerun(), capacity=2)
+    # 2: eager, recorded; 3: eager, recorded; 2 replayed; 4: eager, recorded (3, the least recently used, is
+    # dropped and forgotten); 2 replayed; 3 runs eagerly again, as a loop never seen, then is recorded
+    # (dropping 4); 3 replayed
+    assert doubling(graphs, (2, 2, 3, 3, 2, 4, 4, 2, 3, 3, 3)) == [0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]
+    cond = Conditioning(torch.ones(1, 2, 3))
+    assert list(graphs._graphs) == [(("double",), signature((torch.zeros(1, size), cond))) for size in (2, 3)]
+
+
+def test_a_loop_run_once_is_remembered_up_to_the_capacity():
+    graphs = LoopGraphs("cpu", Rerun(), capacity=2)
+    # 1, 2, 3 eager (3 makes the graphs forget 1); 1 eager again (forgetting 2), then recorded; 3, still
+    # remembered, recorded
+    assert doubling(graphs, (1, 2, 3, 1, 1, 3)) == [0, 0, 0, 0, 1, 2]
+
+
+def test_a_serve_session_fits_the_graph_capacity(sessions):
+    """Every loop an `icd serve` session runs with default settings: inversion, reconstruction (w = 0) and
+    generation at batch 1 and 2 (the server batches those), and every edit method with and without a mask,
+    Prompt-to-Prompt also with blend words. Run twice, each loop is recorded once and none is evicted."""
+    eager, _ = sessions
+    session, (source, target) = graphed(eager), SCENES[0]
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0
+    for _ in range(2):
+        for rows in (1, 2):
+            x_T = pipeline.invert(session, torch.cat([pixels(i) for i in range(rows)]), [source] * rows,
+                                  list(range(rows)))
+            pipeline.reconstruct(session, x_T, [source] * rows)
+            pipeline.generate(session, [target] * rows, list(range(rows)), 64, 64)
+        for method, config in (("p2p", None), ("p2p", BLEND), ("swap", None), ("none", None)):
+            for region in (None, mask):
+                plan = edit_plan(eager.manifest, source, target, method=method, p2p=config)
+                pipeline.edit(session, x_T[:1], plan, mask=region)
+    assert session.graphs.recorded == len(session.graphs._graphs) == 14
+    assert 2 * 14 <= CAPACITY
+
+
+def test_recording_copies_and_replays_run_on_the_loops_device_and_capture_stream(monkeypatch):
+    fake = FakeCuda(monkeypatch)  # cuda:0 current, as in a process that never made its GPU current
+    graphs = LoopGraphs("cuda:1")
+
+    def loop(x):
+        fake.note("loop")
+        return x * 2
+
+    with fake.copies():
+        for key in ("a", "a", "a", "b", "b"):
+            graphs.run((key,), loop, torch.ones(2))
+    recording = [("enter", 1), ("loop", 1, "side1@1"),  # the warm-up, on the capture stream of cuda:1
+                 ("capture", 1, "side1@1", ("pool", 1)), ("loop", 1, "side1@1")]
+    assert fake.events == [("loop", 0, "default@0"), *recording,  # a: eager (its tensors place it), recorded
+                           ("enter", 1), ("copy", 1), ("replay", 1),  # a replayed
+                           ("loop", 0, "default@0"), *recording]  # b: the same stream and memory pool
+
+
+class FakeEngine:
+    """A TensorRT engine's calls that `TensorRTEps` makes, logging each run's device and stream."""
+
+    def __init__(self, fake: FakeCuda):
+        self.fake = fake
+
+    def create_execution_context(self):
+        return self
+
+    def set_input_shape(self, name, shape):
+        self.shape = shape
+
+    def get_tensor_shape(self, name):
+        return self.shape
+
+    def set_tensor_address(self, name, address):
+        pass
+
+    def execute_async_v3(self, stream):
+        self.fake.events.append(("enqueue", self.fake.index, stream))
+        return True
+
+
+def test_tensorrt_captures_and_replays_under_its_device(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    engine = TensorRTEps.__new__(TensorRTEps)  # its files and TensorRT itself are not needed past loading
+    engine.device, engine.outputs, engine._graphs = torch.device("cuda:1"), ("eps",), {}
+    engine.stream, engine.engine = torch.cuda.Stream("cuda:1"), FakeEngine(fake)
+    engine.entry = {"profile": {"sample": [[1, 4, 8, 8]] * 3}}
+    with fake.copies():
+        for _ in range(2):
+            engine._replay({"sample": torch.ones(1, 4, 8, 8)})
+    assert fake.events == [("enter", 1), ("enqueue", 1, "side1@1"), ("capture", 1, "side1@1", None),
+                           ("enqueue", 1, "side1@1"), ("copy", 1), ("replay", 1),
+                           ("enter", 1), ("copy", 1), ("replay", 1)]
+
+
+def test_a_process_on_a_gpu_makes_it_current_and_allows_tf32(monkeypatch):
+    fake, before = FakeCuda(monkeypatch), torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        claim_device(torch.device("cpu"))
+        assert fake.index == 0 and not torch.backends.cuda.matmul.allow_tf32
+        claim_device(torch.device("cuda:1"))
+        assert fake.index == 1 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_a_replay_returns_its_own_tensors_and_keeps_what_the_loop_reads():
@@ -147,23 +252,28 @@ def test_a_replay_returns_its_own_tensors_and_keeps_what_the_loop_reads():
 
 
 def test_only_torch_on_cuda_captures(monkeypatch):
-    assert captures_loops("cuda", "torch")
-    assert not captures_loops("cuda", "onnx") and not captures_loops("cuda", "tensorrt")
-    assert not captures_loops("cpu", "torch")
+    assert TorchEngine().captures_loops("cuda")
+    assert not OnnxEngine().captures_loops("cuda") and not TensorRTEngine().captures_loops("cuda")
+    assert not TorchEngine().captures_loops("cpu")
     monkeypatch.setenv("ICD_CUDA_GRAPHS", "0")
-    assert not captures_loops("cuda", "torch")
+    assert not TorchEngine().captures_loops("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_on_cuda_captured_loops_equal_eager(icd_home, dtype):
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    captured = open_session("mini", "cuda", name, "torch", directions=("forward", "reverse"))
-    assert captured.graphs is not None
+@pytest.mark.parametrize("index", [0, 1], ids=["cuda0", "cuda1"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_on_cuda_captured_loops_equal_eager(icd_home, dtype, index):
+    if index >= torch.cuda.device_count():
+        pytest.skip("needs a second GPU")
+    device = torch.device("cuda", index)
+    captured = open_session("mini", str(device), dtype, "torch", directions=("forward", "reverse"))
+    assert captured.graphs is not None and torch.cuda.current_device() == index  # the session made it current
+    if torch.cuda.device_count() > 1:
+        torch.cuda.set_device(1 - index)  # another GPU current: the guards alone must place the graphs' work
     eager = Session(captured.model, captured.engine)
     for i, (source, target) in enumerate(SCENES):
-        x_T = pipeline.invert(eager, pixels(i).cuda(), source, seed=0)
-        torch.testing.assert_close(pipeline.invert(captured, pixels(i).cuda(), source, seed=0), x_T,
+        x_T = pipeline.invert(eager, pixels(i).to(device), source, seed=0)
+        torch.testing.assert_close(pipeline.invert(captured, pixels(i).to(device), source, seed=0), x_T,
                                    rtol=0, atol=2e-2)
         for method in ("p2p", "swap"):
             plan = edit_plan(eager.manifest, source, target, method=method, p2p=BLEND if method == "p2p" else None)

@@ -230,6 +230,35 @@ def test_vae_runs_in_the_run_dtype_unless_sdxl_under_fp16(tiny_dirs, tmp_path, k
         assert (model.vae.dtype, model.text_encoders[0].dtype) == (vae_dtype, dtype)
 
 
+def test_a_vae_named_by_the_manifest_replaces_the_bases(tiny_dirs, tmp_path, caplog):
+    """An fp16-safe SDXL VAE named in icd.json (a folder here; a hub id is fetched by `icd pull --vae`) runs in
+    fp16 where the base's would be upcast, and is part of the model's fingerprint."""
+    from diffusers import AutoencoderKL
+
+    base = load_manifest(tiny_dirs["sdxl"])
+    folder = shutil.copytree(tiny_dirs["sdxl"], tmp_path / "sdxl")
+    safe = AutoencoderKL.from_pretrained(folder / "base" / "vae", force_upcast=False)
+    torch.nn.init.constant_(safe.decoder.conv_out.bias, 0.25)
+    safe.save_pretrained(folder / "fp16-vae")
+    fields = json.loads((folder / "icd.json").read_text())
+    (folder / "icd.json").write_text(json.dumps({**fields, "vae": "fp16-vae"}))
+    manifest = load_manifest(folder)
+    assert manifest.vae == str((folder / "fp16-vae").resolve()) and manifest.fingerprint != base.fingerprint
+    with caplog.at_level(logging.INFO, logger="icd"):
+        vae = Model.load(manifest, torch.device("cpu"), FP16).vae
+        assert vae.dtype == FP16 and torch.equal(vae.decoder.conv_out.bias, torch.full((3,), 0.25, dtype=FP16))
+        assert "icd" not in [name for name, _, _ in caplog.record_tuples]
+        assert Model.load(base, torch.device("cpu"), FP16).vae.dtype == FP32
+    assert [message for name, _, message in caplog.record_tuples if name == "icd"] == [
+        "SDXL's VAE runs in fp32 under fp16 (its config forces it: it overflows in fp16); an fp16-safe VAE saves "
+        "that time (`icd pull sdxl --vae madebyollin/sdxl-vae-fp16-fix`), as does --dtype bf16"]
+    (folder / "icd.json").write_text(json.dumps({**fields, "vae": "nobody/no-such-vae"}))
+    with pytest.raises(ModelError) as err:
+        Model.load(load_manifest(folder), torch.device("cpu"), FP16)
+    assert one_line(err).startswith("cannot load the weights of VAE nobody/no-such-vae (not in the Hugging Face "
+                                    "cache: `icd pull` a preset, or `hf download nobody/no-such-vae`): ")
+
+
 def encoder_batches(model: Model) -> list[int]:
     """The batch size of each call of the model's (first) text encoder from now on."""
     batches = []

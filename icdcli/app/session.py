@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from icd.core.denoiser import Denoiser, Guided
 from icd.core.schedule import ddim_grid
 from icd.models.hub import resolve_model
-from icd.models.loading import PRECISIONS, Model, load_teacher, ready_unet, resolve_device, resolve_dtype
+from icd.models.loading import (PRECISIONS, Model, claim_device, load_teacher, ready_unet, resolve_device,
+                                resolve_dtype)
 from icd.models.manifest import Manifest
 from icd.p2p import AttentionHost
 from icd_export.compiled import choose_compile_mode
@@ -106,6 +107,7 @@ def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "
     torch_dtype = resolve_dtype(dtype, torch_device)
     static_shapes = static_shapes and compile and torch_device.type == "cuda"  # only then does it change anything
     key = (manifest, torch_device, torch_dtype, backend, compile, static_shapes)
+    claim_device(torch_device)
     if key not in _OPEN:
         model = Model.load(manifest, torch_device, torch_dtype)
         engine = _settle_engine(backend, model, compile, static_shapes)

@@ -32,6 +32,11 @@ BUILTIN_MODELS = ("mini",)
 DEFAULT_BASE_URL = "https://storage.yandexcloud.net/yandex-research/invertible-cd/"
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+# The fp16-safe SDXL VAE SDXL users already run (the community's sdxl-vae-fp16-fix: the base VAE's weights
+# rescaled so that no activation overflows fp16): `icd pull sdxl --vae` names it, else SDXL's VAE runs in fp32
+# under fp16.
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repository: the VAE at its root
 
 # Base-model files a pipeline needs. The UNet weights come from the teacher .pt, so only its config.
 # SD1.5 edits in fp32 (full-precision files); SDXL runs its UNet in fp16 (fp16 variant files, half the size).
@@ -170,8 +175,9 @@ def _install(archive_name: str, wanted: dict[str, Path], *, base_url: str, force
 
 
 def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str = DEFAULT_BASE_URL,
-         fetch_base: bool = True) -> Path:
-    """Download one preset (teacher, LoRAs, optionally the base model) and return its icd.json path."""
+         fetch_base: bool = True, vae: str | None = None) -> Path:
+    """Download one preset (teacher, LoRAs, optionally the base model) and return its icd.json path; `vae` (a
+    hub id or a folder) replaces the base's VAE, fetched with the base files."""
     resolved = resolve_preset_name(name)
     if resolved is None:
         raise UsageError(f"unknown model '{name}'; choose one of: {', '.join([*PRESETS, *ALIASES])}")
@@ -189,19 +195,27 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
     if force or not (forward.exists() and reverse.exists()):
         _install(preset.lora_archive, {"*forward*.safetensors": forward, "*reverse*.safetensors": reverse},
                  base_url=base_url, force=force, progress=progress)
+    local_vae = vae is not None and Path(vae).is_dir()
     if fetch_base:
-        from huggingface_hub import snapshot_download  # slow import, only needed here
-
-        try:
-            snapshot_download(repo_id=preset.base, allow_patterns=BASE_FILES[preset.kind],
-                              force_download=force)
-        except Exception as e:  # huggingface_hub raises network, HTTP and cache errors of many types
-            raise ModelError(f"cannot download base model {preset.base}: {str(e).splitlines()[0]}") from None
+        _download_repo(preset.base, BASE_FILES[preset.kind], force, "base model")
+        if vae is not None and not local_vae:
+            _download_repo(vae, VAE_FILES, force, "VAE")
     return write_model(folder, {
         "name": resolved, "kind": preset.kind, "base": preset.base, "teacher": str(teacher),
         "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": forward.name, "reverse_lora": reverse.name,
         "lora_alpha": LORA_ALPHA, "forward_timesteps": list(preset.forward_timesteps),
-        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": preset.resolution})
+        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": preset.resolution,
+        **({"vae": str(Path(vae).resolve()) if local_vae else vae} if vae is not None else {})})
+
+
+def _download_repo(repo_id: str, patterns: list[str], force: bool, what: str) -> None:
+    """The files of a Hugging Face repository that match `patterns`, into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download  # slow import, only needed here
+
+    try:
+        snapshot_download(repo_id=repo_id, allow_patterns=patterns, force_download=force)
+    except Exception as e:  # huggingface_hub raises network, HTTP and cache errors of many types
+        raise ModelError(f"cannot download {what} {repo_id}: {str(e).splitlines()[0]}") from None
 
 
 def builtin_dir(name: str) -> Path:
@@ -267,9 +281,10 @@ def _files_size(paths: list[Path]) -> int:
 
 
 def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a base (its UNet config) or a VAE repository (its config at the root) is in the cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, "unet/config.json"), str)
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("unet/config.json", "config.json"))
 
 
 def available_models() -> list[AvailableModel]:

@@ -23,6 +23,7 @@ from ..errors import ModelError, UsageError
 from .cache import already_checked, remember_checked
 from .lora import first_non_finite, fuse_lora
 from .geometry import multiple_of
+from .hub import SDXL_FP16_VAE
 from .manifest import Manifest
 
 log = logging.getLogger("icd")
@@ -56,6 +57,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UsageError(f"--device {name}: {why}; choose one of: {_device_choices()}")
 
 
+def claim_device(device: torch.device) -> None:
+    """Make a CUDA `device` this process's current device, and let fp32 matmuls use TF32 on it.
+
+    Work that names no device (a library's default stream, TensorRT's allocations, `torch.cuda` calls without
+    an index) goes to the current device, cuda:0 unless set: a process running on cuda:1 (a torchrun rank, an
+    `icd serve` worker) says so here. TF32 is what cuDNN's fp32 convolutions already use by default; it
+    speeds up the fp32 layers of a half-precision run (SDXL's VAE under fp16) and changes nothing on a GPU
+    without it. A CPU device changes nothing."""
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        torch.cuda.set_device(device.index)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the CUDA-only switch (set_float32_matmul_precision: CPU too)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto = fp16 on a GPU, fp32 on a CPU (CPU fp16 kernels are missing or slow)."""
     if name == "auto":
@@ -67,22 +83,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _missing_base(base: str, part: str, err: Exception) -> ModelError:
+def _missing_base(base: str, part: str, err: Exception, whose: str = "base model") -> ModelError:
     """Loading never touches the network (so it cannot hang): a base model not on disk says how to get it."""
     hint = "" if Path(base).is_dir() else f" (not in the Hugging Face cache: `icd pull` a preset, or `hf download {base}`)"
-    return ModelError(f"cannot load {part} of base model {base}{hint}: {str(err).splitlines()[0]}")
+    return ModelError(f"cannot load {part} of {whose} {base}{hint}: {str(err).splitlines()[0]}")
 
 
-def _from_base(cls, base: str, subfolder: str):
+def _from_base(cls, base: str, subfolder: str | None, whose: str = "base model"):
     """Load one component of the base pipeline from disk (full-precision files, else the fp16 variant
-    that `icd pull` fetches for SDXL); a missing one is a one-line ModelError."""
+    that `icd pull` fetches for SDXL); a missing one is a one-line ModelError. `subfolder` None: the
+    component is the whole repository or folder (a VAE named apart from the base)."""
     try:
         return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as err:
         try:
             return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True, variant="fp16")
         except (OSError, ValueError):
-            raise _missing_base(base, f"'{subfolder}'", err) from None
+            raise _missing_base(base, f"'{subfolder}'" if subfolder else "the weights", err, whose) from None
 
 
 def unet_config(manifest: Manifest) -> dict:
@@ -193,6 +210,21 @@ def vae_dtype(kind: str, vae_config, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if upcast else dtype
 
 
+def load_vae(manifest: Manifest, device: torch.device, dtype: torch.dtype):
+    """The base's VAE, or the one the manifest names instead, on `device` in the dtype `vae_dtype` gives it."""
+    from diffusers import AutoencoderKL
+
+    if manifest.vae is None:
+        vae = _from_base(AutoencoderKL, manifest.base, "vae")
+    else:
+        vae = _from_base(AutoencoderKL, manifest.vae, None, whose="VAE")
+    chosen = vae_dtype(manifest.kind, vae.config, dtype)
+    if chosen != dtype:
+        log.info("SDXL's VAE runs in fp32 under fp16 (its config forces it: it overflows in fp16); an fp16-safe "
+                 "VAE saves that time (`icd pull sdxl --vae %s`), as does --dtype bf16", SDXL_FP16_VAE)
+    return vae.to(device, chosen).eval()
+
+
 def unet_eps(unet, dtype: torch.dtype | None = None) -> EpsFn:
     """A diffusers UNet as an epsilon function; `dtype` casts the latents (None leaves them to autocast)."""
 
@@ -228,7 +260,6 @@ class Model:
 
     @classmethod
     def load(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype) -> Model:
-        from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         tokenizers, encoders = [], []
@@ -239,9 +270,8 @@ class Model:
             tokenizers.append(tokenizer)
             encoder_cls = CLIPTextModelWithProjection if i == 1 else CLIPTextModel
             encoders.append(_from_base(encoder_cls, manifest.base, "text_encoder" + suffix).to(device, dtype).eval())
-        vae = _from_base(AutoencoderKL, manifest.base, "vae")
-        vae = vae.to(device, vae_dtype(manifest.kind, vae.config, dtype)).eval()
-        return cls(manifest, device, dtype, unet_config(manifest), tokenizers, encoders, vae)
+        return cls(manifest, device, dtype, unet_config(manifest), tokenizers, encoders,
+                   load_vae(manifest, device, dtype))
 
     @property
     def vae_scale_factor(self) -> int:

@@ -2,7 +2,8 @@
 
 A manifest names the pieces of an iCD model: the base Stable Diffusion pipeline (a local diffusers folder
 or a Hugging Face hub id), the CFG-distilled teacher UNet weights, the forward (encoding) and reverse
-(decoding) LoRAs, and the timesteps each was distilled for. Paths are relative to the manifest's folder;
+(decoding) LoRAs, and the timesteps each was distilled for; optionally a VAE replacing the base's (a folder or
+hub id, e.g. an fp16-safe SDXL VAE). Paths are relative to the manifest's folder;
 teacher and LoRA entries may also be http(s) URLs, downloaded into the cache on first use.
 """
 
@@ -50,6 +51,7 @@ class Manifest:
     path: Path | None = None
     edit_defaults: tuple[tuple[str, str | float], ...] = ()  # a model's own edit method / guidance / tau
     demo: tuple[Path, str, str] | None = None  # the picture `icd demo` edits, with its source and target prompts
+    vae: str | None = None  # a VAE replacing the base's: absolute local folder, or a hub id
 
     @cached_property
     def fingerprint(self) -> str:
@@ -60,7 +62,7 @@ class Manifest:
         """
         digest = hashlib.sha256()
         fields = (self.kind, self.base, self.guidance_embed_dim, self.lora_alpha,
-                  self.forward_timesteps, self.reverse_timesteps)
+                  self.forward_timesteps, self.reverse_timesteps) + ((self.vae,) if self.vae else ())
         digest.update(repr(fields).encode())
         for weights in (self.teacher, self.forward_lora, self.reverse_lora):
             if weights is None:
@@ -127,6 +129,7 @@ class ManifestSchema(_Strict):
     resolution: Annotated[int, Field(ge=8)] | None = None
     edit: _EditSchema = _EditSchema()
     demo: _DemoSchema | None = None
+    vae: Annotated[str, Field(min_length=1)] | None = None
 
 
 def _schema_problem(err: ValidationError) -> str:
@@ -174,7 +177,6 @@ def _weights_path(value: str | None, folder: Path, key: str, where: str) -> Path
 def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = None) -> Manifest:
     """Validate a manifest dict; every problem becomes one ModelError line naming the field."""
     fields = validate_fields(data, where)
-    local_base = (folder / fields.base).resolve()
     teacher = _weights_path(fields.teacher, folder, "teacher", where)
     embed_dim = fields.guidance_embed_dim
     if "guidance_embed_dim" not in fields.model_fields_set and teacher is not None:
@@ -185,7 +187,7 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
     return Manifest(
         name=fields.name or folder.name,
         kind=fields.kind,
-        base=str(local_base) if local_base.is_dir() else fields.base,
+        base=_folder_or_hub_id(fields.base, folder),
         teacher=teacher,
         guidance_embed_dim=embed_dim,
         forward_lora=_weights_path(fields.forward_lora, folder, "forward_lora", where),
@@ -197,7 +199,14 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
         path=path,
         edit_defaults=tuple(sorted(fields.edit.model_dump(exclude_none=True).items())),
         demo=demo,
+        vae=None if fields.vae is None else _folder_or_hub_id(fields.vae, folder),
     )
+
+
+def _folder_or_hub_id(value: str, folder: Path) -> str:
+    """A base or VAE entry: the absolute folder when it names one relative to the manifest, else a hub id."""
+    local = (folder / value).resolve()
+    return str(local) if local.is_dir() else value
 
 
 def _read_json(path: Path):
@@ -225,7 +234,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def model_files(path: str | Path) -> tuple[list[Path], list[str]]:
     """What a model folder (or icd.json) is made of without fetching anything: the local files it uses (its
-    folder, teacher, LoRAs, local base), and what it still needs from the network (uncached URLs, a hub base)."""
+    folder, teacher, LoRAs, local base and VAE), and what it still needs from the network (uncached URLs, hub ids)."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -238,8 +247,9 @@ def model_files(path: str | Path) -> tuple[list[Path], list[str]]:
             local.append(cached) if cached.is_file() else remote.append(value)
         elif value is not None and (folder / value).is_file():
             local.append((folder / value).resolve())
-    base = folder / fields.base
-    local.append(base.resolve()) if base.is_dir() else remote.append(fields.base)
+    for source in (fields.base, fields.vae):
+        if source is not None:
+            local.append((folder / source).resolve()) if (folder / source).is_dir() else remote.append(source)
     return local, remote
 
 
@@ -247,7 +257,7 @@ def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callabl
                 *, overwrite: bool = True) -> Path:
     """The one writer of model folders: each of `files` (name -> writer of a path) atomically, then icd.json.
 
-    icd.json comes last, so a folder holding one is complete. Paths in `fields` (teacher, LoRAs, a local base)
+    icd.json comes last, so a folder holding one is complete. Paths in `fields` (teacher, LoRAs, a local base or VAE)
     are written relative to the folder where they can be, so the folder can move with what it names. The
     manifest is checked as `load_manifest` will read it before it is written. Returns the icd.json path.
     """
@@ -256,7 +266,7 @@ def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callabl
     for name, write in (files or {}).items():
         atomic_write(folder / name, write, overwrite=overwrite)
     data = dict(fields)
-    for key in (*WEIGHT_KEYS, "base"):
+    for key in (*WEIGHT_KEYS, "base", "vae"):
         value = data.get(key)
         if value is not None and not _is_url(str(value)) and (folder / value).exists():
             data[key] = _relative(folder / value, folder)

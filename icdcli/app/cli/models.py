@@ -79,7 +79,9 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
 @click.option("--list", "show_list", is_flag=True, help="List the presets and every model that runs offline "
               "(shipped, pulled or built), with their sizes.")
 @click.option("--force", is_flag=True, help="Download again even if present.")
-def pull(name, show_list, force):
+@click.option("--vae", metavar="REPO|FOLDER", help="A VAE to run instead of the base's, fetched with it; for SDXL "
+              "under fp16: madebyollin/sdxl-vae-fp16-fix (else SDXL's VAE runs in fp32).")
+def pull(name, show_list, force, vae):
     """Download a released iCD model (teacher, LoRAs and base model) into the cache.
 
     The cache is $ICD_HOME, else $XDG_CACHE_HOME/icd, else ~/.cache/icd; base models go to the
@@ -102,7 +104,7 @@ def pull(name, show_list, force):
         for entry in offline.values():
             click.echo(f"{entry.name:16} {entry.source + ', ' + _bytes(entry.size_bytes):18} {entry.path}")
         return
-    click.echo(hub.pull(name, force=force))
+    click.echo(hub.pull(name, force=force, vae=vae))
 
 
 def _bytes(size: float) -> str:
