@@ -24,6 +24,7 @@ from icd.errors import ICDError, UsageError
 if TYPE_CHECKING:
     from icd.models.manifest import Manifest
 
+from .eval_command import evaluate
 from .training import train
 
 log = logging.getLogger("icd")
@@ -1027,3 +1028,4 @@ def demo(output, model, device, dtype, overwrite):
 
 
 main.add_command(train)
+main.add_command(evaluate)

@@ -221,10 +221,8 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
     else:
         if not options.source:
             raise ICDError("--src is needed to edit an image (a latent file carries its own prompt)")
-        inverted = settings.inversions.get((str(path), options.source, settings.seed, settings.width,
-                                            settings.height, settings.manifest.fingerprint),
-                                           lambda: _inverted(settings, path, options.source))
-        latent, info, original = inverted.latent, inverted.info, inverted.original
+        found = inverted(settings, path, options.source)
+        latent, info, original = found.latent, found.info, found.original
         source = options.source
     method, guidance, tau = astuple(edit_settings(settings.manifest, options.method, options.guidance, options.tau))
     mask = None if options.mask is None else settings.mask(options.mask)
@@ -253,9 +251,14 @@ def edit_file(settings: Settings, path: Path, options: EditOptions, output: Path
     return output, notes
 
 
-def _inverted(settings: Settings, path: Path, source: str) -> Inverted:
-    original = load_image(path)
-    return Inverted(*_invert_image(settings, original, source), original)
+def inverted(settings: Settings, path: Path, source: str) -> Inverted:
+    """The photo inverted under `source`, or the run's last inversion when it is the same one."""
+    def invert_now() -> Inverted:
+        original = load_image(path)
+        return Inverted(*_invert_image(settings, original, source), original)
+
+    return settings.inversions.get((str(path), source, settings.seed, settings.width, settings.height,
+                                    settings.manifest.fingerprint), invert_now)
 
 
 def p2p_fields(config: P2PConfig) -> dict:
