@@ -174,3 +174,24 @@ def test_pie_bench_masks_reach_the_edit(mini_set, tmp_path):
     # the right half is the photo's own pixels (kept outside the mask), but for the benchmark's border
     assert record["metrics"]["psnr"] > 45 and record["metrics"]["mse"] < 0.5
     assert record["target"] == "a blue circle on a sandy background" and record["type"] == "change object"
+
+
+def test_a_running_server_makes_the_edits(icd_home, tmp_path):
+    """Warm through `icd serve`: the same edits as in this process, bit for bit."""
+    from tests.test_serve import Served, photo
+
+    photo(tmp_path / "set" / "a.png")
+    (tmp_path / "set" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "source": "a red cat", "target": "a blue cat"}) + "\n")
+    args = ("eval", tmp_path / "set", "-m", "tiny", "--device", "cpu", "--metrics", "psnr", "--method", "none")
+    server = Served()
+    try:
+        served = icd(*args, "-o", tmp_path / "served", cwd=tmp_path)
+    finally:
+        server.close()
+    here = icd(*args, "-o", tmp_path / "here", "--no-server", cwd=tmp_path)
+    assert served.exit_code == here.exit_code == 0, served.output
+    assert f"icd: info: using the server at {server.path}" in served.stderr
+    assert "using the server" not in here.stderr
+    edits = [next((tmp_path / out / "edits").rglob("a.png")).read_bytes() for out in ("served", "here")]
+    assert edits[0] == edits[1]

@@ -21,6 +21,7 @@ attribute in both captions), the re-rendered true result (`targets/`) and the re
 
 Usage:
   python bench/miniature/edit_sets.py write OUTDIR [--scenes 48]
+  python bench/miniature/edit_sets.py strengths EVAL/summary.json    # a --strength sweep's table, compact
   python bench/miniature/edit_sets.py example --output bench/results/mask_example.png
 The `icd eval` commands and their tables: BENCHMARKS.md ("The miniature world").
 """
@@ -204,6 +205,29 @@ def example(output: Path, seed: int, index: int) -> None:
     print(f"{output}: {source.caption} -> {target.caption}")
 
 
+def region(settings: dict) -> str:
+    """The old tables' name of what confined an edit: none, blend (the words), mask, mask+keep."""
+    use = settings["mask_use"]
+    return {"words": "blend", "mask": "mask+keep" if settings["keep_outside"] else "mask"}.get(use, use)
+
+
+def strength_table(summary: dict) -> str:
+    """A two-object run's --strength sweep from its summary.json, compact: a row per solver, method and region,
+    a column per strength, each cell success / PSNR inside the other object / PSNR outside both objects."""
+    cells: dict[tuple, dict] = {}
+    for row in summary["overall"]:
+        settings, metrics = row["settings"], row["metrics"]
+        if settings["strength"] is not None:
+            cells.setdefault((settings["solver"], settings["method"], region(settings)), {})[settings["strength"]] = \
+                f"{100 * metrics['success']:.0f}% / {metrics['psnr_other']:.1f} / {metrics['psnr_outside']:.1f}"
+    strengths = sorted({strength for row in cells.values() for strength in row})
+    lines = ["| solver | method | region | " + " | ".join(f"s={value:g}" for value in strengths) + " |",
+             "| --- | --- | --- |" + " ---: |" * len(strengths)]
+    for (solver, method, where), row in cells.items():
+        lines.append(f"| {solver} | {method} | {where} | " + " | ".join(row.get(v, "") for v in strengths) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,10 +239,14 @@ def main() -> None:
     picture.add_argument("--seed", type=int, default=1000014, help="a held-out two-object scene")
     picture.add_argument("--object", type=int, default=0, help="the object to recolour (0 or 1)")
     picture.add_argument("--output", type=Path, required=True)
+    sweep = commands.add_parser("strengths", help="the compact --strength table of a two-objects evaluation")
+    sweep.add_argument("summary", type=Path, help="its summary.json")
     args = parser.parse_args()
     if args.command == "write":
         write_sets(args.output, args.scenes, args.sets)
         print("\n".join(str(args.output / name) for name in args.sets))
+    elif args.command == "strengths":
+        print(strength_table(json.loads(args.summary.read_text())))
     else:
         example(args.output, args.seed, args.object)
 

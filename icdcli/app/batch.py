@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import suppress
@@ -64,6 +65,22 @@ def debugging() -> bool:
     """Tracebacks of unexpected errors are shown with -v or ICD_DEBUG=1."""
     return os.environ.get("ICD_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"} or \
         logging.getLogger("icd").isEnabledFor(logging.DEBUG)
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
+    (all shown with -v)."""
+    if logging.getLogger("icd").isEnabledFor(logging.DEBUG):
+        return
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    warnings.simplefilter("ignore")
 
 
 def error_line(message: str) -> None:

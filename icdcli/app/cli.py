@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import traceback
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,19 +61,9 @@ class Finite(click.ParamType):
 
 
 def _quiet_libraries() -> None:
-    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
-    (all shown with -v)."""
-    if _verbose():
-        return
-    import diffusers
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
+    from .batch import quiet_libraries
 
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    disable_progress_bars()
-    warnings.simplefilter("ignore")
+    quiet_libraries()
 
 
 class _OneLineHandler(logging.Handler):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import click
@@ -31,20 +30,12 @@ def _setting(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 def _verbosity(quiet: bool, verbose: bool) -> None:
+    from .batch import quiet_libraries
+
     if quiet and verbose:
         raise UsageError("-q and -v cannot be used together")
     logging.getLogger("icd").setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
-    if verbose:
-        return
-    import diffusers
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    disable_progress_bars()
-    warnings.simplefilter("ignore")
+    quiet_libraries()
 
 
 def _setting_option(name: str, metavar: str, text: str):
