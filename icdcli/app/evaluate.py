@@ -305,9 +305,9 @@ def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray |
     metrics = run.evaluator.measure(Sample(np.asarray(photo.rgb), edit, mask, item))
     size = run.jobs(setting.solver).size_for(photo.original_size) if earlier is None else \
         (earlier["settings"]["width"], earlier["settings"]["height"])
-    p2p = setting.p2p(item)
+    blend = getattr(setting.p2p(item), "blend", None)
     applied = {"mask": setting.mask_use == "mask" and _mask_file(run, item) is not None,
-               "blend": None if p2p is None or p2p.blend is None else " ".join(p2p.blend[0]) + ":" + " ".join(p2p.blend[1])}
+               "blend": None if blend is None else " ".join(blend[0]) + ":" + " ".join(blend[1])}
     return {"id": item.id, "image_path": item.relative, "type": item.kind, "source": item.source,
             "target": item.target, "edit": output.relative_to(run.out).as_posix(), "setting": setting.label,
             "settings": {**setting.fields(), "model": run.model_ref, "seed": run.seed, "width": size[0],
@@ -462,31 +462,35 @@ def _tradeoff_axes(metrics: list[str], chosen: tuple[str, str] | None) -> tuple[
     return (editing, keeping) if editing and keeping else None
 
 
-SWEPT_NUMBERS = ("guidance", "tau", "strength", "cross_replace", "self_replace")
+# The numbers a sweep moves along a line of the plot, with their labels; strength first: it sets the others.
+SWEPT_NUMBERS = {"strength": "s", "guidance": "w", "tau": "tau", "cross_replace": "cross", "self_replace": "self"}
 
 
 def _plot(run: EvalRun, summary: dict, infos: dict[str, MetricInfo], axes: tuple[str, str]) -> None:
-    """One line per solver, method and region use, through the sweep's points in their order."""
+    """One line per solver, method and region use, through the sweep's points in their order: a colour per method
+    and region use, a marker per solver."""
     editing, keeping = axes
-    lines: dict[str, list] = {}
+    lines: dict[tuple[str, str], list] = {}
     for row in summary["overall"]:
         settings = row["settings"]
-        name = " ".join(str(settings[part]) for part in ("solver", "method") if settings.get(part))
-        name += "" if settings["mask_use"] == "none" else f" {settings['mask_use']}" + (
-            "+keep" if settings.get("keep_outside") else "")
-        lines.setdefault(name, []).append(row)
+        kind = settings["method"] + ("" if settings["mask_use"] == "none" else f" {settings['mask_use']}" + (
+            "+keep" if settings.get("keep_outside") else ""))
+        lines.setdefault((settings["solver"], kind), []).append(row)
+    solvers, kinds = (list(dict.fromkeys(key[part] for key in lines)) for part in (0, 1))
     series = []
-    for name, rows in lines.items():
+    scale = {name: 100 if infos[name].percent else 1 for name in axes}
+    for (solver, kind), rows in lines.items():
         varying = [part for part in SWEPT_NUMBERS if len({json.dumps(r["settings"][part]) for r in rows}) > 1]
-        points = [(r["metrics"][keeping], r["metrics"][editing],
-                   " ".join(f"{part[0]}{r['settings'][part]:g}" for part in varying)) for r in rows
+        shown = varying[:1] if "strength" in varying else varying
+        points = [(scale[keeping] * r["metrics"][keeping], scale[editing] * r["metrics"][editing],
+                   " ".join(f"{SWEPT_NUMBERS[part]}{r['settings'][part]:g}" for part in shown)) for r in rows
                   if r["metrics"][keeping] is not None and r["metrics"][editing] is not None]
         if points:
-            series.append(Series(name, points))
+            series.append(Series(f"{solver} {kind}", points, kinds.index(kind), solvers.index(solver)))
     if series:
-        tradeoff_plot(series, infos[keeping].heading, infos[editing].heading,
-                      f"{run.dataset.path.name}: {sum(r['n'] for r in summary['overall'])} edits, model {run.model_ref}",
-                      run.out / "tradeoff.png")
+        title = f"{run.dataset.path.name}: {sum(r['n'] for r in summary['overall'])} edits, model {run.model_ref}"
+        label = {name: infos[name].heading + (" (%)" if infos[name].percent else "") for name in axes}
+        tradeoff_plot(series, label[keeping], label[editing], title, run.out / "tradeoff.png")
 
 
 def _sheet(run: EvalRun, records: list[dict], metric: str, infos: dict[str, MetricInfo]) -> None:

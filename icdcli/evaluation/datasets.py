@@ -233,7 +233,8 @@ def read_folder(folder: Path) -> Dataset:
             rows.append((number, _FolderRow.model_validate_json(line)))
         except ValidationError as err:
             problem = err.errors()[0]
-            problems.append((number, f"{'.'.join(str(part) for part in problem['loc']) or 'the line'}: {problem['msg']}"))
+            where = ".".join(str(part) for part in problem["loc"]) or "the line"
+            problems.append((number, f"{where}: {problem['msg']}"))
     stems = [row.id or PurePosixPath(row.file_name).stem for _, row in rows]
     for (number, row), stem in zip(rows, stems):
         item_id = stem if row.id or stems.count(stem) == 1 else f"{stem}-{number}"
@@ -274,7 +275,8 @@ def select(dataset: Dataset, types: list[str] | None, limit: int | None) -> list
     items = dataset.items
     if types:
         known = {kind for kind in (item.kind for item in items) if kind}
-        wanted = {PIE_TYPES.get(kind, kind.replace("_", " ")) if dataset.kind == "pie-bench" else kind for kind in types}
+        pie = dataset.kind == "pie-bench"
+        wanted = {PIE_TYPES.get(kind, kind.replace("_", " ")) if pie else kind for kind in types}
         unknown = sorted(wanted - known)
         if unknown:
             raise UsageError(f"--types: no items of type {', '.join(unknown)} (types here: "

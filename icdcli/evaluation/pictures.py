@@ -14,7 +14,7 @@ from icd.files import atomic_write
 
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
-PLOT_SIZE, MARGINS = (900, 600), (80, 40, 260, 70)  # left, top, right, bottom
+PLOT_SIZE, MARGINS = (900, 620), (80, 60, 260, 70)  # left, top, right, bottom
 THUMB_HEIGHT, CAPTION_WIDTH = 160, 520
 
 
@@ -22,6 +22,8 @@ THUMB_HEIGHT, CAPTION_WIDTH = 160, 520
 class Series:
     name: str
     points: list[tuple[float, float, str]]  # x, y, the label of the point (the swept value)
+    colour: int = 0  # index into COLOURS
+    marker: int = 0  # 0 circle, 1 square, 2 triangle, 3 diamond
 
 
 def _font(size: int):
@@ -64,29 +66,42 @@ def _axes(pen: ImageDraw.ImageDraw, xs: list[float], ys: list[float], labels: tu
         pen.text((left - 6, py), f"{y:g}", fill="black", font=font, anchor="rm")
     pen.rectangle([left, top, left + width, top + height], outline="black")
     pen.text((left + width / 2, PLOT_SIZE[1] - 18), labels[0], fill="black", font=_font(15), anchor="mm")
-    pen.text((12, top - 22), labels[1], fill="black", font=_font(15), anchor="lm")
+    pen.text((12, top - 16), labels[1], fill="black", font=_font(15), anchor="lm")
     return to_pixels
 
 
+def _marker(pen: ImageDraw.ImageDraw, x: float, y: float, shape: int, colour: str, size: float = 4.5) -> None:
+    if shape % 4 == 0:
+        pen.ellipse([x - size, y - size, x + size, y + size], fill=colour)
+    elif shape % 4 == 1:
+        pen.rectangle([x - size, y - size, x + size, y + size], fill=colour)
+    elif shape % 4 == 2:
+        pen.polygon([(x, y - size - 1), (x + size + 1, y + size), (x - size - 1, y + size)], fill=colour)
+    else:
+        pen.polygon([(x, y - size - 1), (x + size + 1, y), (x, y + size + 1), (x - size - 1, y)], fill=colour)
+
+
 def tradeoff_plot(series: list[Series], x_label: str, y_label: str, title: str, path: Path) -> None:
-    """One line per series through its points (in the order given), each point labelled."""
+    """One line per series through its points (in the order given), each point labelled; a series' colour and
+    marker as it says (e.g. the colour for the method, the marker for the solver)."""
     canvas = Image.new("RGB", PLOT_SIZE, "white")
     pen = ImageDraw.Draw(canvas)
     points = [point for line in series for point in line.points]
     to_pixels = _axes(pen, [p[0] for p in points], [p[1] for p in points], (x_label, y_label))
     small, legend_x = _font(11), PLOT_SIZE[0] - MARGINS[2] + 16
     for number, line in enumerate(series):
-        colour = COLOURS[number % len(COLOURS)]
+        colour = COLOURS[line.colour % len(COLOURS)]
         pixels = [to_pixels(x, y) for x, y, _ in line.points]
         if len(pixels) > 1:
             pen.line(pixels, fill=colour, width=2)
         for (px, py), (_, _, label) in zip(pixels, line.points):
-            pen.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-            pen.text((px + 6, py - 6), label, fill=colour, font=small, anchor="ls")
+            _marker(pen, px, py, line.marker, colour)
+            pen.text((px + 7, py - 5), label, fill=colour, font=small, anchor="ls")
         legend_y = MARGINS[1] + 20 * number
         pen.line([(legend_x, legend_y), (legend_x + 24, legend_y)], fill=colour, width=3)
+        _marker(pen, legend_x + 12, legend_y, line.marker, colour)
         pen.text((legend_x + 30, legend_y), line.name[:36], fill="black", font=_font(12), anchor="lm")
-    pen.text((MARGINS[0], 12), title, fill="black", font=_font(13), anchor="lm")
+    pen.text((MARGINS[0], 14), title, fill="black", font=_font(13), anchor="lm")
     _save(canvas, path)
 
 
