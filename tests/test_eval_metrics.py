@@ -242,3 +242,21 @@ def test_dinov2_cosine(metric_models):
     expected = F.cosine_similarity(*pooled).item()
     assert measure(["dinov2"], source, edit, models=metric_models)["dinov2"] == pytest.approx(expected, abs=1e-5)
     assert measure(["dinov2"], source, source, models=metric_models)["dinov2"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_metric_model_missing_weights_is_refused(metric_models, tmp_path):
+    """Weights missing from a model's files would be random: the metric is not measured, and says why."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "dinov2"
+    shutil.copytree(metric_models["dinov2"], broken)
+    weights = load_file(broken / "model.safetensors")
+    dropped = sorted(name for name in weights if name.endswith("layernorm.weight"))[-1]
+    save_file({name: value for name, value in weights.items() if name != dropped}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    evaluator = Evaluator(["dinov2", "mse"], {"dinov2": str(broken)})
+    assert evaluator.names == ["mse"]
+    assert evaluator.unavailable == [f"metric dinov2 not measured: {broken}: 1 weight(s) missing from its files "
+                                     f"(e.g. {dropped}): not the model this metric needs"]

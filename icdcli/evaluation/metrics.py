@@ -107,6 +107,17 @@ class MetricModelMissing(Exception):
     """A metric model that cannot be loaded here; the message says how to get it."""
 
 
+def _pretrained(loader, ref: str, **options):
+    """A model from its folder or hub id, refused when its files lack weights the model needs: those would be
+    random, and the metric a number that means nothing."""
+    model, info = loader.from_pretrained(ref, output_loading_info=True, **options)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise MetricModelMissing(f"{ref}: {len(missing)} weight(s) missing from its files (e.g. {missing[0]}): not "
+                                 "the model this metric needs")
+    return model.eval()
+
+
 def _as_features(output) -> torch.Tensor:
     """transformers 4 returns CLIP's projected features as a tensor, 5 as the pooled output of a model output
     (also why torchmetrics 1.9's CLIPScore fails on transformers 5, torchmetrics issue 3407)."""
@@ -117,7 +128,7 @@ class Clip:
     def __init__(self, ref: str, device: torch.device):
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = CLIPModel.from_pretrained(ref).eval().to(device)
+        self.model = _pretrained(CLIPModel, ref).to(device)
         self.processor = CLIPProcessor.from_pretrained(ref)
         self.device = device
 
@@ -142,7 +153,7 @@ class DinoKeys:
     def __init__(self, ref: str, device: torch.device):
         from transformers import ViTModel
 
-        self.model = ViTModel.from_pretrained(ref, add_pooling_layer=False).eval().to(device)
+        self.model = _pretrained(ViTModel, ref, add_pooling_layer=False).to(device)
         projections = [module for name, module in self.model.named_modules()
                        if name.endswith(("k_proj", "attention.key"))]
         if not projections:
@@ -168,7 +179,7 @@ class Dinov2:
     def __init__(self, ref: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoModel
 
-        self.model = AutoModel.from_pretrained(ref).eval().to(device)
+        self.model = _pretrained(AutoModel, ref).to(device)
         self.processor = AutoImageProcessor.from_pretrained(ref)
         self.device = device
 
