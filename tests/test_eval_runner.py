@@ -1,9 +1,12 @@
 """`icd eval` end to end on `mini`: one inversion per photo for a whole sweep, resuming an interrupted run,
-refusing another run's folder, a bad item failing alone, the baseline, and the command's files."""
+refusing another run's folder, a bad item failing alone, the baseline, the command's files, a running server
+and two torchrun processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -195,3 +198,18 @@ def test_a_running_server_makes_the_edits(icd_home, tmp_path):
     assert "using the server" not in here.stderr
     edits = [next((tmp_path / out / "edits").rglob("a.png")).read_bytes() for out in ("served", "here")]
     assert edits[0] == edits[1]
+
+
+def test_two_torchrun_processes_share_the_items_and_write_one_result(mini_set, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "icd",
+               "eval", str(mini_set), *MINI, "-o", "out", "--metrics", "checks", "--sweep", "mask_use=none,mask"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = records(tmp_path / "out")
+    assert sorted((r["id"], r["settings"]["mask_use"]) for r in found) == sorted(
+        (json.loads(row)["id"], use) for row in (mini_set / "metadata.jsonl").read_text().splitlines()
+        for use in ("none", "mask"))
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [  # no results.rank-N.jsonl left
+        "contact_sheet.png", "edits", "results.jsonl", "run.json", "summary.json", "summary.md"]
+    assert result.stdout.count("# icd eval:") == 1  # the first process prints the table
