@@ -95,10 +95,6 @@ def _quiet() -> bool:
     return not logging.getLogger("icd").isEnabledFor(logging.WARNING)
 
 
-def _verbose() -> bool:
-    return logging.getLogger("icd").isEnabledFor(logging.DEBUG)
-
-
 def _open(model_ref: str | Manifest, device: str, dtype: str, directions: tuple[str, ...] = (),
           backend: str = "auto", compile: bool = False, static_shapes: bool = False):
     """The session for a model; a failure here ends the command with one line (via `Main`). Under
