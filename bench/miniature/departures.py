@@ -4,9 +4,10 @@ measured on the miniature world.
 Stage 2 of the miniature recipe (`icd train icd --config bench/miniature/icd.toml`, 600 iterations, the
 4-step timesteps) once per variant and training seed, all from the shipped `mini`'s teacher (its teacher.pt
 is fp16; training on the CPU upcasts it to fp32) and the same rendered training scenes (0..3999). Each
-trained model is then measured like BENCHMARKS.md's tables, with bench/miniature/evaluate.py's functions:
-reconstruction PSNR of 48 held-out scenes, unguided and guided (w, tau), and p2p edit success and
-preservation on 48 held-out one-object scenes (colour, shape and background swaps); plus the decode, jump and
+trained model is then measured like BENCHMARKS.md's tables: reconstruction PSNR of 48 held-out scenes,
+unguided and guided (w, tau; bench/miniature/evaluate.py's functions), and p2p edit success and preservation
+on 48 held-out one-object scenes (colour, shape and background swaps: `icd eval` on edit_sets.py's `editing`
+set); plus the decode, jump and
 reconstruction gaps against the teacher that the training logs at its last step (train/evaluate.py).
 
 Runs already trained (a `done` file) or measured (`measured.json`) are kept, so more seeds can be added later.
@@ -20,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import evaluate
+from edit_sets import write_sets
 from recipe import IMAGES, train, wait
 from world import render, write_imagefolder
 
@@ -78,7 +83,18 @@ def logged_gaps(folder: Path) -> dict[str, float]:
     return {name: last[f"eval/{name}"] for name in GAPS} | {"step": last["step"]}
 
 
-def measure(folder: Path, scenes: int, guidance: float, tau: float) -> dict:
+def edit_scores(folder: Path, sets: Path, guidance: float, tau: float) -> dict:
+    """p2p edit success and preservation per kind of edit, by `icd eval` on the editing set (one thread)."""
+    out = folder / "eval-editing"
+    subprocess.run([sys.executable, "-m", "icd", "eval", str(sets / "editing"), "-m", str(folder), "-o", str(out),
+                    "--method", "p2p", "--guidance", f"{guidance:g}", "--tau", f"{tau:g}", "--metrics", "checks",
+                    "--device", "cpu", "--no-server", "-q"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    by_type = json.loads((out / "summary.json").read_text())["by_type"]
+    return {f"{name}_{kind}": rows[0]["metrics"][metric] for kind, rows in by_type.items()
+            for name, metric in (("success", "success"), ("preservation", "preservation"))}
+
+
+def measure(folder: Path, sets: Path, scenes: int, guidance: float, tau: float) -> dict:
     """Reconstruction PSNR (unguided; guided with dynamic guidance), p2p editing and the training's gaps."""
     cached = folder / "measured.json"
     if cached.is_file():
@@ -87,13 +103,10 @@ def measure(folder: Path, scenes: int, guidance: float, tau: float) -> dict:
     with torch.no_grad():
         inversion = evaluate.inversion(model, [render(spec) for spec in evaluate.held_out_specs(scenes)], guidance,
                                        tau)
-        editing = evaluate.editing(model, evaluate.held_out_specs(scenes, objects=1), ("p2p",), guidance, tau)
     by_decoding = {row["decoding"]: row["psnr"] for row in inversion}
     result = {"psnr_unguided": by_decoding["unguided"],
               "psnr_guided": by_decoding[f"w={guidance:g}, tau={tau:g}"],
-              **{f"success_{row['edit']}": row["success"] for row in editing},
-              **{f"preservation_{row['edit']}": row["preservation_psnr"] for row in editing},
-              **logged_gaps(folder)}
+              **edit_scores(folder, sets, guidance, tau), **logged_gaps(folder)}
     cached.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -136,9 +149,13 @@ def main() -> None:
     runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     train_runs(output, runs, args.jobs)
     torch.set_num_threads(args.threads)
+    sets = output / "sets"
+    if not (sets / "editing" / "metadata.jsonl").is_file():
+        write_sets(sets, args.scenes, ["editing"])
     results: dict[str, dict[int, dict]] = {variant: {} for variant in args.variants}
     for variant, seed in runs:
-        results[variant][seed] = measure(run_folder(output, variant, seed), args.scenes, args.guidance, args.tau)
+        results[variant][seed] = measure(run_folder(output, variant, seed), sets, args.scenes, args.guidance,
+                                         args.tau)
     print(summary_table(results))
     if args.json:
         settings = {variant: dict(zip(("teacher_final_step", "reverse_preservation_target"), VARIANTS[variant]))

@@ -4,13 +4,10 @@
   scene, for the teacher's DDIM-50 inversion and for each iCD model, with unguided decoding (w = 0) and with
   guided decoding (w = --guidance) with and without dynamic guidance (tau = 1 vs --tau);
 - generation: how often images follow their captions (the world's judges), the teacher's 50 DDIM steps
-  against the reverse student's few, same noise, same guidance;
-- editing: colour, shape and background swaps of one-object scenes: success (the judges find the target
-  attribute), preservation (PSNR of what the edit should leave alone: outside the object's old and new masks,
-  or inside them for a background swap), PSNR to the re-rendered target scene, and seconds per edit
-  (inversion included), for p2p, swap and none, on iCD and on the teacher's DDIM-50 inversion.
+  against the reverse student's few, same noise, same guidance.
 
-Everything runs through icd's own pipeline (what `icd edit` runs), on the CPU, fp32.
+Editing is measured by `icd eval` on the sets `edit_sets.py` writes (BENCHMARKS.md has the commands); this
+module also draws those sets' edits (`edit_task`). Everything runs through icd's own pipeline, on the CPU, fp32.
 
 Usage: python bench/miniature/evaluate.py --model NAME=DIR [--model NAME=DIR ...] [--scenes 48] [--json out.json]
 The first model also provides the teacher (all models share it).
@@ -31,21 +28,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from icd import pipeline
-from icd.editing import edit_plan  # noqa: E402
-from world import (BACKGROUNDS, COLOURS, SHAPES, Scene, Spec, background_of, colour_masks,  # noqa: E402
-                              colour_under, follows, random_spec, render, shape_of)
+from icd import pipeline  # noqa: E402
+from world import BACKGROUNDS, COLOURS, SHAPES, Scene, Spec, follows, random_spec, render  # noqa: E402
 from icd.app.session import Session, open_session, teacher_session  # noqa: E402
+from icd.evaluation.checks import psnr  # noqa: E402
 from icd.images import image_to_array, pixels_to_image  # noqa: E402
 
 HELD_OUT = 10**6  # scene seeds from here on are never trained on (the recipe trains on 0..images-1)
 EDIT_KINDS = ("colour", "shape", "background")
-
-
-def psnr(a: Image.Image, b: Image.Image, mask: np.ndarray | None = None) -> float:
-    diff = np.asarray(a, np.float32) - np.asarray(b, np.float32)
-    mse = float(np.mean((diff if mask is None else diff[mask]) ** 2))
-    return 10 * np.log10(255**2 / max(mse, 1e-10))
 
 
 def ssim(a: Image.Image, b: Image.Image) -> float:
@@ -119,43 +109,6 @@ def edit_task(spec: Spec, index: int) -> tuple[str, Spec]:
     return kind, spec.edited(background=str(rng.choice([b for b in BACKGROUNDS if b != spec.background])))
 
 
-def edit_success(kind: str, image: Image.Image, target: Scene) -> bool:
-    thing = target.objects[0]
-    if kind == "colour":
-        return colour_under(image, thing.mask) == thing.colour
-    if kind == "shape":
-        mask = colour_masks(image).get(thing.colour)
-        return mask is not None and shape_of(mask) == thing.shape
-    return background_of(image, [thing.mask]) == target.background
-
-
-def editing(models: dict[str, Session], specs: list[Spec], methods: tuple[str, ...], guidance: float,
-            tau: float) -> list[dict]:
-    rows = []
-    for name, model in models.items():
-        for method in methods:
-            results = {kind: [] for kind in EDIT_KINDS}
-            started = time.perf_counter()
-            for i, spec in enumerate(specs):
-                kind, target_spec = edit_task(spec, i)
-                source, target = render(spec), render(target_spec)
-                x_T = pipeline.invert(model, torch.from_numpy(image_to_array(source.image)), source.caption, seed=0)
-                plan = edit_plan(model.manifest, source.caption, target.caption, method=method, guidance=guidance,
-                                 tau=tau)
-                edited = pixels_to_image(pipeline.edit(model, x_T, plan, with_reconstruction=False).edited[0])
-                changed = source.objects[0].mask | target.objects[0].mask
-                keep = changed if kind == "background" else ~changed
-                results[kind].append((edit_success(kind, edited, target), psnr(edited, source.image, keep),
-                                      psnr(edited, target.image)))
-            seconds = (time.perf_counter() - started) / len(specs)
-            for kind, values in results.items():
-                success, kept, to_target = zip(*values)
-                rows.append({"model": name, "method": method, "edit": kind, "success": float(np.mean(success)),
-                             "preservation_psnr": float(np.mean(kept)), "target_psnr": float(np.mean(to_target)),
-                             "seconds_per_edit": seconds})
-    return rows
-
-
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -167,10 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
     parser.add_argument("--scenes", type=int, default=48)
-    parser.add_argument("--guidance", type=float, default=4.0, help="w for guided decoding, generation, editing")
+    parser.add_argument("--guidance", type=float, default=4.0, help="w for guided decoding and generation")
     parser.add_argument("--tau", type=float, default=0.8)
-    parser.add_argument("--methods", nargs="+", default=["p2p", "swap", "none"])
-    parser.add_argument("--parts", nargs="+", default=["inversion", "generation", "editing"])
+    parser.add_argument("--parts", nargs="+", default=["inversion", "generation"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -185,9 +137,6 @@ def main() -> None:
             results["inversion"] = inversion(everything, scenes, args.guidance, args.tau)
         if "generation" in args.parts:
             results["generation"] = generation(everything, held_out_specs(args.scenes), args.guidance, args.tau)
-        if "editing" in args.parts:
-            results["editing"] = editing(everything, held_out_specs(args.scenes, objects=1), tuple(args.methods),
-                                         args.guidance, args.tau)
     for part, rows in results.items():
         print(f"\n## {part}\n\n{table(rows)}")
     if args.json:

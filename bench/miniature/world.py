@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import CLIPTokenizer
 
+from icd.evaluation import checks
+
 # Saturated object colours, each far (> 75 in RGB) from every other colour and from every background.
 COLOURS = {"red": (220, 30, 30), "green": (20, 160, 40), "blue": (30, 60, 230), "yellow": (245, 215, 30),
            "white": (250, 250, 250), "black": (15, 15, 15)}
@@ -157,48 +159,31 @@ def write_imagefolder(folder: str | Path, seeds, size: int = 64) -> Path:
     return folder / "metadata.jsonl"
 
 
-# --- judges -------------------------------------------------------------------------------------------
+# --- judges (icd eval's checks: the same functions judge the sets `edit_sets.py` writes) ----------------
 
 _BACKGROUND_RGB = {name: texture[0] for name, texture in BACKGROUNDS.items()}
 
 
-def _nearest(rgb, palette: dict[str, tuple]) -> str:
-    centres = np.asarray(list(palette.values()), np.float32)
-    return list(palette)[int(np.argmin(np.linalg.norm(centres - np.asarray(rgb, np.float32), axis=1)))]
-
-
 def colour_under(image: Image.Image, mask: np.ndarray) -> str:
     """The palette colour nearest to the median pixel under a mask."""
-    return _nearest(np.median(np.asarray(image)[mask], axis=0), COLOURS)
+    return checks.colour_under(np.asarray(image), mask, COLOURS)
 
 
 def background_of(image: Image.Image, masks=()) -> str:
     """The background nearest to the median pixel outside the masks (a generated image has none: objects
     cover well under half of any scene, so the median is still the background's)."""
     outside = ~np.any(np.asarray(masks, dtype=bool).reshape(-1, *image.size[::-1]), axis=0)
-    return _nearest(np.median(np.asarray(image)[outside], axis=0), _BACKGROUND_RGB)
+    return checks.colour_under(np.asarray(image), outside, _BACKGROUND_RGB)
 
 
 def colour_masks(image: Image.Image, min_pixels: int = 24) -> dict[str, np.ndarray]:
     """Pixels nearest to each object colour (backgrounds compete too), for colours with enough of them,
     the most frequent first."""
-    centres = np.asarray([*COLOURS.values(), *_BACKGROUND_RGB.values()], np.float32)
-    labels = np.argmin(np.linalg.norm(np.asarray(image, np.float32)[..., None, :] - centres, axis=-1), axis=-1)
-    masks = {name: labels == i for i, name in enumerate(COLOURS)}
-    return dict(sorted(((n, m) for n, m in masks.items() if m.sum() >= min_pixels), key=lambda item: -item[1].sum()))
+    regions = checks.colour_regions(np.asarray(image), {**COLOURS, **_BACKGROUND_RGB}, min_pixels)
+    return {name: region for name, region in regions.items() if name in COLOURS}
 
 
-def shape_of(mask: np.ndarray) -> str | None:
-    """Shapes told apart by how much of their bounding box they fill: triangle 1/2, circle pi/4, square 1.
-    A 3x3 majority filter first drops stray pixels that would widen the box; None if nothing is left."""
-    padded = np.pad(mask, 1).astype(np.int8)
-    height, width = mask.shape
-    votes = sum(padded[i:i + height, j:j + width] for i in range(3) for j in range(3))
-    rows, cols = np.nonzero(votes >= 5)
-    if rows.size == 0:
-        return None
-    fill = rows.size / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
-    return "triangle" if fill < 0.68 else "circle" if fill < 0.88 else "square"
+shape_of = checks.shape_of
 
 
 def follows(image: Image.Image, spec: Spec) -> dict[str, bool]:

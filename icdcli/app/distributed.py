@@ -89,11 +89,20 @@ def merge_json_log(path: str | Path, records: list[dict], timeout: timedelta = M
     rank 0's first, then rank 1's, and so on. Every process of the launch must call it, after its share: rank 0
     waits up to `timeout` for the others and writes the file, replacing an older one; the others write nothing.
     A lone process writes its own records."""
-    launch = current_launch()
-    merged = _gather(records, launch, timeout) if launch.several else [records]
-    if launch.rank == 0:
-        text = "".join(json.dumps(record) + "\n" for part in merged for record in part)
+    merged = gather_records(records, timeout)
+    if merged is not None:
+        text = "".join(json.dumps(record) + "\n" for record in merged)
         atomic_write(path, lambda temporary: Path(temporary).write_text(text), overwrite=True)
+
+
+def gather_records(records: list, timeout: timedelta = MERGE_TIMEOUT) -> list | None:
+    """Every process's `records` on rank 0, rank 0's first, then rank 1's, ... (None on the other ranks; a lone
+    process gets its own). Every process of the launch must call it: rank 0 waits up to `timeout` for the others."""
+    launch = current_launch()
+    if not launch.several:
+        return records
+    parts = _gather(records, launch, timeout)
+    return [record for part in parts for record in part] if launch.rank == 0 else None
 
 
 def _gather(records: list[dict], launch: Launch, timeout: timedelta) -> list[list[dict]]:

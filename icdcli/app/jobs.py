@@ -200,10 +200,8 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
     else:
         if not plan.source:
             raise ICDError("--src is needed to edit an image (a latent file carries its own prompt)")
-        inverted = settings.inversions.get((str(path), plan.source, plan.seed, settings.width, settings.height,
-                                            settings.manifest.fingerprint),
-                                           lambda: _inverted(settings, path, plan.source, plan.seed))
-        latent, info, original = inverted.latent, inverted.info, inverted.original
+        found = inverted(settings, path, plan.source, plan.seed)
+        latent, info, original = found.latent, found.info, found.original
     mask = None if plan.mask is None else settings.mask(plan.mask)
     edited = settings.runner.run(Edit(latent, plan, None if mask is None else model_mask(mask, (info.width,
                                                                                                info.height))))
@@ -241,9 +239,15 @@ def relative_to(path: Path, folder: Path) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
 
 
-def _inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted:
-    original = load_image(path)
-    return Inverted(*_invert_image(settings, original, source, seed), original)
+def inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted:
+    """The photo inverted under `source` from the noise of `seed`, or the run's last inversion when it is the
+    same one."""
+    def invert_now() -> Inverted:
+        original = load_image(path)
+        return Inverted(*_invert_image(settings, original, source, seed), original)
+
+    return settings.inversions.get((str(path), source, seed, settings.width, settings.height,
+                                    settings.manifest.fingerprint), invert_now)
 
 
 def slug(prompt: str, limit: int = 40) -> str:

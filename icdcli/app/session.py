@@ -9,6 +9,7 @@ each loop is replayed as one captured CUDA graph.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field, replace
 
 from icd.core.denoiser import Denoiser, Guided
@@ -91,6 +92,22 @@ def _settle_engine(requested: str, model: Model, compile: bool, static_shapes: b
     if compile and choice.compiles:
         engine.compile_mode = choose_compile_mode(model.device, static_shapes, engine.captures_loops(model.device))
     return engine
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
+    (all shown with -v)."""
+    if logging.getLogger("icd").isEnabledFor(logging.DEBUG):
+        return
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    warnings.simplefilter("ignore")
 
 
 _OPEN: dict = {}

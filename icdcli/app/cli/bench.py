@@ -6,7 +6,6 @@ import json
 
 import click
 
-from .common import quiet_libraries
 from .options import DEFAULT_MODEL, uses
 
 
@@ -43,6 +42,7 @@ def bench(model, device, dtype, backend, compile, random_weights, size, repeats,
     from icd.models.offline import build_random_model
 
     from ..bench import format_report, run_bench
+    from ..session import quiet_libraries
 
     quiet_libraries()
     if threads:

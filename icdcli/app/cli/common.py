@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,26 +22,6 @@ log = logging.getLogger("icd")
 
 def quiet() -> bool:
     return not logging.getLogger("icd").isEnabledFor(logging.WARNING)
-
-
-def verbose() -> bool:
-    return logging.getLogger("icd").isEnabledFor(logging.DEBUG)
-
-
-def quiet_libraries() -> None:
-    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
-    (all shown with -v)."""
-    if verbose():
-        return
-    import diffusers
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    disable_progress_bars()
-    warnings.simplefilter("ignore")
 
 
 def resolve(model_ref: str | None) -> Manifest:
@@ -118,6 +97,7 @@ def open_model(model_ref: str | Manifest, device: str, dtype: str, directions: t
                backend: str = "auto", compile: bool = False, static_shapes: bool = False):
     """The session for a model; a failure here ends the command with one line (via `Main`). Under
     `accelerate launch` or `torchrun`, `auto` means this process's own GPU."""
+    from ..session import quiet_libraries
     from ..distributed import local_device
     from ..session import open_session
 
@@ -130,19 +110,10 @@ def open_runner(manifest: Manifest, device: str, dtype: str, directions: tuple[s
     """What runs the jobs: a running `icd serve` of this model, device and dtype (said once), falling back to
     this process if it goes away; else, or with --no-server, the model opened here."""
     from ..runner import LocalRunner
+    from ..serve.client import served_or_here
 
-    def open_here():
-        return LocalRunner(open_model(manifest, device, dtype, directions, backend, compile, static_shapes))
-
-    if not no_server:
-        from ..distributed import local_device
-        from ..serve.client import FallbackRunner, find_server
-
-        remote = find_server(manifest, local_device(device), dtype, backend, compile)
-        if remote is not None:
-            log.info("using the server at %s", remote.path)
-            return FallbackRunner(remote, open_here)
-    return open_here()
+    return served_or_here(manifest, device, dtype, backend, compile, no_server, lambda: LocalRunner(
+        open_model(manifest, device, dtype, directions, backend, compile, static_shapes)))
 
 
 def job_settings(runner, model_ref: str, width: int | None = None, height: int | None = None,

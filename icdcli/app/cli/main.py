@@ -22,7 +22,7 @@ from .options import CONTEXT
 COMMANDS = {"edit": ("edit", "edit"), "invert": ("invert", "invert"), "reconstruct": ("invert", "reconstruct"),
             "generate": ("generate", "generate"), "serve": ("serve", "serve"), "export": ("models", "export"),
             "bench": ("bench", "bench"), "pull": ("models", "pull"), "info": ("models", "info"),
-            "demo": ("demo", "demo"), "train": ("train", "train")}
+            "demo": ("demo", "demo"), "train": ("train", "train"), "eval": ("eval", "evaluate")}
 
 
 class _OneLineHandler(logging.Handler):

@@ -9,7 +9,6 @@ import click
 
 from icd import __version__
 
-from .common import quiet_libraries
 from .options import DEFAULT_MODEL, uses
 
 
@@ -57,6 +56,7 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
     from icd.models.loading import resolve_device
     from icd_export.artifacts import artifacts_dir
     from icd_export.build import export_model
+    from ..session import quiet_libraries
 
     quiet_libraries()
     manifest = resolve_model(model or DEFAULT_MODEL)

@@ -91,6 +91,19 @@ def find_server(manifest: Manifest, device: str, dtype: str, backend: str, compi
     return None
 
 
+def served_or_here(manifest: Manifest, device: str, dtype: str, backend: str, compile: bool, no_server: bool,
+                   open_here: Callable[[], Runner]) -> Runner:
+    """A running `icd serve` of this model, device and dtype (said once), falling back to `open_here()` if it
+    goes away; else, or with `no_server`, `open_here()` at once."""
+    from ..distributed import local_device
+
+    remote = None if no_server else find_server(manifest, local_device(device), dtype, backend, compile)
+    if remote is None:
+        return open_here()
+    log.info("using the server at %s", remote.path)
+    return FallbackRunner(remote, open_here)
+
+
 def stop_server(path: Path, facts: dict, wait_s: float = 60.0) -> None:
     """SIGTERM a server (it finishes its job in flight) and wait until its socket is gone."""
     try:

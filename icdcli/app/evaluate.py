@@ -1,0 +1,531 @@
+"""`icd eval`'s runner: every item of a data set edited under every setting and measured, resumably.
+
+Each photo is inverted once per solver (the model's own iCD, or the teacher's multi-step DDIM baseline) and
+every setting is decoded from that inversion; the edits go to OUT/edits/<setting>/<the photo's path in the data
+set>, each measured record to OUT/results.jsonl as soon as it is made, so a rerun of the same command skips
+what is there (and measures again what lacks a metric asked for now). The edits run over the `Runner`
+protocol, so a running `icd serve` of the model does them warm; under torchrun or accelerate each process runs
+every N-th photo and the first one writes the tables. OUT/run.json names the data set, model and seed: another
+run into the same OUT is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from icd import __version__
+from icd.editing import MASK_WORDS_NOTE, EditPlan, Given, resolve_edit
+from icd.errors import ICDError, OutputExistsError, UsageError
+from icd.evaluation.datasets import Dataset, EvalItem, decode_rle
+from icd.evaluation.metrics import METRICS, Evaluator, MetricInfo, Sample, check_infos
+from icd.evaluation.pictures import Series, contact_sheet, tradeoff_plot
+from icd.evaluation.results import RESULTS, key, read_records, record_line, write_records
+from icd.evaluation.summary import published_rows, summarise, summary_markdown, write_summary
+from icd.files import atomic_write
+from icd.images import LoadedImage, load_image
+from icd.models.manifest import Manifest
+
+from .batch import debugging, error_line
+from .distributed import current_launch, gather_records, process_share
+from .jobs import Settings, edit_file, inverted
+from .runner import Runner
+from .session import Session, quiet_libraries
+
+log = logging.getLogger("icd")
+METHODS = ("p2p", "swap", "none")
+MASK_USES = ("none", "mask", "words")
+SWEEPABLE = ("method", "guidance", "tau", "strength", "cross_replace", "self_replace", "mask_use", "keep_outside")
+RUN_FILE = "run.json"
+IDENTITY = ("dataset", "model_fingerprint", "seed", "width", "height")  # what another run into OUT must share
+SHEET_ROWS = 6  # best and worst items on the contact sheet
+EDITING_METRICS = ("clip_t", "clip_whole", "success", "clip_edited", "image_reward")
+KEEPING_METRICS = ("dinov2", "clip_i", "psnr", "ssim", "structure", "lpips", "mse")
+
+
+def _number(low: float, high: float | None = None):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise ValueError(f"'{text}' is not a number in {low:g}..{high:g}" if high is not None
+                             else f"'{text}' is not a number >= {low:g}")
+        return value
+    return parse
+
+
+def _choice(options: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"'{text}' is not one of {', '.join(options)}")
+        return text
+    return parse
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "on", "off", "yes", "no", "1", "0"):
+        raise ValueError(f"'{text}' is not true or false")
+    return text.lower() in ("true", "on", "yes", "1")
+
+
+PARSERS = {"method": _choice(METHODS), "guidance": _number(0), "tau": _number(0, 1), "strength": _number(0, 1),
+           "cross_replace": _number(0, 1), "self_replace": _number(0, 1), "mask_use": _choice(MASK_USES),
+           "keep_outside": _flag}
+
+
+def parse_sweeps(texts: tuple[str, ...]) -> dict[str, list]:
+    """--sweep NAME=V1,V2,...: each setting's values, checked as the option of that name checks them."""
+    sweeps: dict[str, list] = {}
+    for text in texts:
+        name, sep, values = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in SWEEPABLE:
+            raise UsageError(f"--sweep {text}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)}")
+        if name in sweeps:
+            raise UsageError(f"--sweep {name} is given twice: list all its values in one")
+        try:
+            parsed = [PARSERS[name](value.strip()) for value in values.split(",") if value.strip()]
+        except ValueError as err:
+            raise UsageError(f"--sweep {text}: {err}") from None
+        if not parsed:
+            raise UsageError(f"--sweep {text}: no values")
+        sweeps[name] = list(dict.fromkeys(parsed))
+    return sweeps
+
+
+@dataclass(frozen=True)
+class EvalSetting:
+    """One setting of a run, resolved on the model: what a record's edit was made with (`plan` without its
+    prompts, seed and region, which each item gives)."""
+
+    solver: str  # "icd", or the baseline "ddim<steps>"
+    plan: EditPlan
+    mask_use: str = "none"  # none, mask (the data set's region) or words (its blend words, p2p)
+
+    @property
+    def label(self) -> str:
+        """The setting's name: its edits' folder, its rows."""
+        plan, p2p = self.plan, self.plan.method == "p2p"
+        parts = [self.solver, plan.method, f"w{plan.guidance:g}", f"tau{plan.tau:g}"]
+        parts += [] if plan.strength is None else [f"s{plan.strength:g}"]
+        parts += [f"cross{plan.p2p.cross_replace:g}", f"self{plan.p2p.self_replace:g}"] if p2p else []
+        if p2p and plan.p2p.amplify:
+            parts.append("amp" + "+".join(f"{word}{factor:g}" for word, factor in plan.p2p.amplify.items()))
+        parts += [] if self.mask_use == "none" else [self.mask_use + ("-keep" if plan.keep_outside else "")]
+        return re.sub(r"[^A-Za-z0-9.+=-]+", "_", "-".join(parts))
+
+    def fields(self) -> dict:
+        """The setting as a record keeps it (summary.SETTING_COLUMNS); p2p's knobs only for p2p."""
+        plan, p2p = self.plan, self.plan.method == "p2p"
+        amplify = plan.p2p.amplify if p2p else None
+        return {"solver": self.solver, "method": plan.method, "guidance": plan.guidance, "tau": plan.tau,
+                "strength": plan.strength, "cross_replace": plan.p2p.cross_replace if p2p else None,
+                "self_replace": plan.p2p.self_replace if p2p else None,
+                "amplify": None if not amplify else [f"{word}={factor:g}" for word, factor in amplify.items()],
+                "mask_use": self.mask_use, "keep_outside": plan.keep_outside if self.mask_use == "mask" else None}
+
+    def for_item(self, item: EvalItem, seed: int, mask: Path | None) -> EditPlan:
+        """The edit of one item: its prompts, the run's seed, its region as the setting uses it."""
+        p2p = self.plan.p2p
+        if self.mask_use == "words" and item.blend is not None:
+            p2p = replace(p2p, blend=item.blend)
+        return replace(self.plan, source=item.source, target=item.target, seed=seed, p2p=p2p,
+                       mask=mask if self.mask_use == "mask" else None)
+
+
+def _resolved(manifest: Manifest, solver: str, choice: dict, amplify: dict | None) -> EvalSetting | None:
+    """One combination of options as a setting, or None when it makes no sense (blend words without p2p)."""
+    mask_use = choice.get("mask_use") or "none"
+    given = {name: choice.get(name) for name in ("method", "guidance", "tau", "strength", "cross_replace",
+                                                 "self_replace")}
+    plan = resolve_edit(manifest, Given({**given, "keep_outside": choice.get("keep_outside")}))
+    if mask_use == "words" and plan.method != "p2p":
+        return None
+    if plan.method == "p2p" and amplify:
+        plan = replace(plan, p2p=replace(plan.p2p, amplify=dict(sorted(amplify.items()))))
+    return EvalSetting(solver, plan, mask_use)
+
+
+def resolve_settings(manifest: Manifest, given: dict, sweeps: dict[str, list], solvers: list[str],
+                     amplify: dict | None) -> list[EvalSetting]:
+    """Every solver times every combination of the swept values (the options given fixing the rest), each
+    resolved on the model once; combinations that resolve alike are one setting."""
+    for name in sweeps:
+        if given.get(name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} and --sweep {name}: give one of them")
+    settings, skipped = [], 0
+    for solver in solvers:
+        for values in itertools.product(*sweeps.values()):
+            setting = _resolved(manifest, solver, {**given, **dict(zip(sweeps, values))}, amplify)
+            skipped += setting is None
+            if setting is not None and setting not in settings:
+                settings.append(setting)
+    if not settings:
+        raise UsageError("--mask-use words applies to --method p2p: no setting is left to run")
+    p2p_given = [name for name in ("cross_replace", "self_replace") if given.get(name) is not None] + \
+        (["amplify"] if amplify else [])
+    if p2p_given and not any(setting.plan.method == "p2p" for setting in settings):
+        raise UsageError(f"--{', --'.join(name.replace('_', '-') for name in p2p_given)} apply to --method p2p")
+    if skipped:
+        log.info("%d combination(s) of the sweep skipped: --mask-use words applies to p2p only", skipped)
+    return settings
+
+
+@dataclass
+class EvalRun:
+    """Everything a run needs; the runners are opened at their first edit (none when all is done)."""
+
+    dataset: Dataset
+    items: list[EvalItem]
+    settings: list[EvalSetting]
+    out: Path
+    model_ref: str
+    manifest: Manifest
+    evaluator: Evaluator
+    open_runner: Callable[[str], Runner]  # solver -> its runner
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    plot: tuple[str, str] | None = None  # the trade-off plot's editing and preservation metrics
+    quiet: bool = False
+    _jobs: dict[str, Settings] = field(default_factory=dict)
+    _inversion_seconds: dict = field(default_factory=dict)
+    _notes: set[str] = field(default_factory=set)
+    _region_notes: int = 0
+
+    def about(self) -> dict:
+        size = (self.manifest.resolution,) * 2 if self.dataset.square and not (self.width or self.height) else \
+            (self.width, self.height)
+        return {"dataset": str(self.dataset.path.resolve()), "dataset_kind": self.dataset.kind,
+                "model": self.model_ref, "model_fingerprint": self.manifest.fingerprint, "seed": self.seed,
+                "width": size[0], "height": size[1], "icd_version": __version__}
+
+    def jobs(self, solver: str) -> Settings:
+        """The job settings of a solver, its runner opened at the first call."""
+        if solver not in self._jobs:
+            about = self.about()
+            self._jobs[solver] = Settings(runner=self.open_runner(solver), model_ref=self.model_ref,
+                                          width=about["width"], height=about["height"], overwrite=True)
+        return self._jobs[solver]
+
+    def note(self, notes: list[str], item: EvalItem) -> None:
+        """Each note of the edits once; the per-photo notes of blend words (every photo of `mini` has one) are
+        counted, shown one by one with -v."""
+        for note in notes:
+            if MASK_WORDS_NOTE in note.split(": ", 1)[0] or note.split(": ", 1)[-1].startswith(MASK_WORDS_NOTE):
+                self._region_notes += 1
+                log.debug("%s: %s", item.id, note.split(": ", 1)[-1])
+            elif note not in self._notes:
+                self._notes.add(note)
+                log.warning(note)
+
+
+def claim_output(out: Path, about: dict) -> None:
+    """OUT must be new, empty, or hold an evaluation of the same data set, model, seed and size (which the run
+    continues): anything else is refused before a file is written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file: give a folder for the evaluation")
+    marker = out / RUN_FILE
+    if marker.is_file():
+        try:
+            earlier = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"-o {out}: its {RUN_FILE} cannot be read ({err}): choose another -o") from None
+        for name in IDENTITY:
+            if earlier.get(name) != about.get(name):
+                raise UsageError(f"-o {out} holds an evaluation with another {name.replace('_', ' ')} "
+                                 f"({earlier.get(name)}, not {about.get(name)}): choose another -o")
+        return
+    if current_launch().rank != 0:
+        return  # the first process claims the folder
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"-o {out} is not empty and holds no `icd eval` run ({RUN_FILE}): choose a new folder")
+    atomic_write(marker, lambda temporary: Path(temporary).write_text(json.dumps(about, indent=1) + "\n"))
+
+
+def _mask_file(run: EvalRun, item: EvalItem) -> Path | None:
+    """The item's region as a picture `icd edit --mask` reads: the data set's file, or PIE-Bench's run-length
+    mask written once under OUT/masks."""
+    if item.mask_file is not None or item.mask_rle is None:
+        return item.mask_file
+    path = run.out / "masks" / item.edit_name
+    if not path.is_file():
+        picture = Image.fromarray(decode_rle(item.mask_rle).astype(np.uint8) * 255)
+        try:
+            atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
+        except OutputExistsError:
+            pass  # another process wrote the same mask meanwhile
+    return path
+
+
+def _edit(run: EvalRun, item: EvalItem, setting: EvalSetting, output: Path) -> dict:
+    """Edit one item under one setting (its inversion shared by the solver's settings); the timings."""
+    settings = run.jobs(setting.solver)
+    started = time.perf_counter()
+    inverted(settings, item.image, item.source, run.seed)
+    invert_seconds = run._inversion_seconds.setdefault((item.id, setting.solver), time.perf_counter() - started)
+    plan = setting.for_item(item, run.seed, _mask_file(run, item) if setting.mask_use == "mask" else None)
+    started = time.perf_counter()
+    _, notes = edit_file(settings, item.image, plan, output)
+    seconds = time.perf_counter() - started
+    run.note(notes, item)
+    manifest = settings.manifest
+    return {"seconds": round(invert_seconds + seconds, 4), "invert_seconds": round(invert_seconds, 4),
+            "unet_calls": len(manifest.forward_timesteps) + len(manifest.reverse_timesteps)}
+
+
+def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray | None, setting: EvalSetting,
+            earlier: dict | None) -> dict:
+    """One item under one setting, edited (unless an earlier record's edit is there: then measured again)."""
+    output = run.out / "edits" / setting.label / item.edit_name
+    if earlier is not None and output.is_file():
+        timing = {name: earlier.get(name) for name in ("seconds", "invert_seconds", "unet_calls")}
+    else:
+        timing = _edit(run, item, setting, output)
+    edit = np.asarray(load_image(output).rgb)
+    metrics = run.evaluator.measure(Sample(np.asarray(photo.rgb), edit, mask, item))
+    size = run.jobs(setting.solver).size_for(photo.original_size) if earlier is None else \
+        (earlier["settings"]["width"], earlier["settings"]["height"])
+    blend = setting.for_item(item, run.seed, None).p2p.blend if setting.plan.method == "p2p" else None
+    applied = {"mask": setting.mask_use == "mask" and _mask_file(run, item) is not None,
+               "blend": None if blend is None else " ".join(blend[0]) + ":" + " ".join(blend[1])}
+    return {"id": item.id, "image_path": item.relative, "type": item.kind, "source": item.source,
+            "target": item.target, "edit": output.relative_to(run.out).as_posix(), "setting": setting.label,
+            "settings": {**setting.fields(), "model": run.model_ref, "seed": run.seed, "width": size[0],
+                         "height": size[1], "applied": applied},
+            "metrics": {**(earlier or {}).get("metrics", {}), **metrics}, **timing}
+
+
+def _item_mask(item: EvalItem, size: tuple[int, int]) -> np.ndarray | None:
+    """The item's region at the photo's size (w, h), for the metrics."""
+    mask = item.mask()
+    if mask is None or mask.shape == (size[1], size[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.BILINEAR), np.float32)
+
+
+def _walled(label: str, work: Callable[[], object]) -> bool:
+    """Run one unit of work; whatever it raises becomes its one line (interrupts pass). True when it worked."""
+    try:
+        work()
+        return True
+    except ICDError as err:
+        error_line(f"{label}: {err}")
+    except Exception as err:  # the wall: one bad item must not end the run
+        if debugging():
+            traceback.print_exc(file=sys.stderr)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        error_line(f"{label}: unexpected {type(err).__name__}: {first}"
+                   + ("" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)"))
+    return False
+
+
+def _run_item(run: EvalRun, item: EvalItem, plan: list, write: Callable[[dict], None], bar) -> int:
+    """Every pending setting of one item, each behind its own wall; returns how many failed."""
+    loaded = {}
+
+    def load() -> None:
+        loaded["photo"] = load_image(item.image)
+        loaded["mask"] = _item_mask(item, loaded["photo"].original_size)
+
+    if not _walled(item.id, load):
+        bar.update(len(plan))
+        return len(plan)
+    failed = 0
+    for setting, earlier in plan:
+        failed += not _walled(f"{item.id} [{setting.label}]", lambda: write(
+            _record(run, item, loaded["photo"], loaded["mask"], setting, earlier)))
+        bar.update(1)
+    for settings in run._jobs.values():
+        settings.masks.clear()  # the masks of one item are not needed again
+    return failed
+
+
+class _NoBar:
+    def update(self, count: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, quiet: bool):
+    """A progress bar over the edits on a terminal (the first process's only)."""
+    if quiet or not sys.stderr.isatty() or current_launch().rank != 0 or not total:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, unit="edit", dynamic_ncols=True, leave=False)
+
+
+def _results_paths(out: Path) -> list[Path]:
+    return [out / RESULTS, *sorted(out.glob("results.rank-*.jsonl"))]
+
+
+def run_evaluation(run: EvalRun) -> int:
+    """Edit, measure and record every pending item and setting of this process's share, then (first process)
+    write the results, the tables and the pictures. Returns the exit code: 1 if anything failed."""
+    claim_output(run.out, run.about())
+    done = read_records(_results_paths(run.out))
+    plans = []
+    for item in process_share(run.items):
+        expected = run.evaluator.expected(item)
+        plan = [(s, done.get((item.id, s.label))) for s in run.settings]
+        plan = [(s, r) for s, r in plan if r is None or expected - r["metrics"].keys()]
+        if plan:
+            plans.append((item, plan))
+    launch = current_launch()
+    sink = run.out / (RESULTS if not launch.several else f"results.rank-{launch.rank}.jsonl")
+    new_records, failed = [], 0
+    bar = _progress(sum(len(plan) for _, plan in plans), run.quiet)
+    with open(sink, "a", encoding="utf-8") as results:
+        def write(record: dict) -> None:
+            results.write(record_line(record))
+            results.flush()
+            new_records.append(record)
+
+        try:
+            for item, plan in plans:
+                failed += _run_item(run, item, plan, write, bar)
+        finally:
+            bar.close()
+    if run._region_notes:
+        log.info("%d edit(s): the blend words' map selected the whole image or nothing (-v shows each)",
+                 run._region_notes)
+    merged = gather_records(new_records)
+    if merged is not None:
+        _write_outputs(run, {**done, **{key(record): record for record in merged}})
+    return 1 if failed or run.dataset.problems else 0
+
+
+def _ordered(run: EvalRun, records: dict) -> list[dict]:
+    """This run's settings first, in their order, each over the data set's order; then earlier runs' records."""
+    settings = {setting.label: number for number, setting in enumerate(run.settings)}
+    items = {item.id: number for number, item in enumerate(run.dataset.items)}
+    return sorted(records.values(), key=lambda r: (settings.get(r["setting"], len(settings)), r["setting"],
+                                                   items.get(r["id"], len(items)), r["id"]))
+
+
+def _write_outputs(run: EvalRun, records: dict) -> None:
+    """results.jsonl whole, the summary tables, the trade-off plot of a sweep and the contact sheet."""
+    ordered = _ordered(run, records)
+    write_records(run.out / RESULTS, ordered)
+    for partial in run.out.glob("results.rank-*.jsonl"):
+        partial.unlink()
+    if not ordered:
+        return
+    infos = {**METRICS, **check_infos(run.dataset.items)}
+    summary = summarise(ordered, infos)
+    about = run.about()
+    markdown = summary_markdown(summary, infos, about, published_rows(run.dataset.kind, run.dataset.path.name))
+    write_summary(run.out, summary, markdown, about)
+    axes = _tradeoff_axes(summary["metrics"], run.plot)
+    if axes and len(summary["overall"]) > 1:
+        _plot(run, summary, infos, axes)
+    ranking = axes[0] if axes else next(iter(summary["metrics"]), None)
+    if ranking:
+        _sheet(run, ordered, ranking, infos)
+    if not run.quiet:
+        sys.stdout.write(markdown)
+        sys.stdout.flush()
+
+
+def _tradeoff_axes(metrics: list[str], chosen: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The editing and preservation metrics of the plot: as chosen, else the first ones measured."""
+    if chosen is not None:
+        missing = [name for name in chosen if name not in metrics]
+        if missing:
+            log.warning("--plot: %s was not measured: no trade-off plot", ", ".join(missing))
+            return None
+        return chosen
+    editing = next((name for name in EDITING_METRICS if name in metrics), None)
+    keeping = next((name for name in KEEPING_METRICS if name in metrics), None)
+    return (editing, keeping) if editing and keeping else None
+
+
+# The numbers a sweep moves along a line of the plot, with their labels; strength first: it sets the others.
+SWEPT_NUMBERS = {"strength": "s", "guidance": "w", "tau": "tau", "cross_replace": "cross", "self_replace": "self"}
+
+
+def _plot(run: EvalRun, summary: dict, infos: dict[str, MetricInfo], axes: tuple[str, str]) -> None:
+    """One line per solver, method and region use, through the sweep's points in their order: a colour per method
+    and region use, a marker per solver."""
+    editing, keeping = axes
+    lines: dict[tuple[str, str], list] = {}
+    for row in summary["overall"]:
+        settings = row["settings"]
+        kind = settings["method"] + ("" if settings["mask_use"] == "none" else f" {settings['mask_use']}" + (
+            "+keep" if settings.get("keep_outside") else ""))
+        lines.setdefault((settings["solver"], kind), []).append(row)
+    solvers, kinds = (list(dict.fromkeys(key[part] for key in lines)) for part in (0, 1))
+    series = []
+    scale = {name: 100 if infos[name].percent else 1 for name in axes}
+    for (solver, kind), rows in lines.items():
+        varying = [part for part in SWEPT_NUMBERS if len({json.dumps(r["settings"][part]) for r in rows}) > 1]
+        shown = varying[:1] if "strength" in varying else varying
+        points = [(scale[keeping] * r["metrics"][keeping], scale[editing] * r["metrics"][editing],
+                   " ".join(f"{SWEPT_NUMBERS[part]}{r['settings'][part]:g}" for part in shown)) for r in rows
+                  if r["metrics"][keeping] is not None and r["metrics"][editing] is not None]
+        if points:
+            series.append(Series(f"{solver} {kind}", points, kinds.index(kind), solvers.index(solver)))
+    if series:
+        title = f"{run.dataset.path.name}: {sum(r['n'] for r in summary['overall'])} edits, model {run.model_ref}"
+        label = {name: infos[name].heading + (" (%)" if infos[name].percent else "") for name in axes}
+        tradeoff_plot(series, label[keeping], label[editing], title, run.out / "tradeoff.png")
+
+
+def _sheet(run: EvalRun, records: list[dict], metric: str, infos: dict[str, MetricInfo]) -> None:
+    """The best and the worst records by `metric`: source | edit | what they are."""
+    scored = [r for r in records if r["metrics"].get(metric) is not None and (run.out / r["edit"]).is_file()]
+    if not scored:
+        return
+    info = infos[metric]
+    scored.sort(key=lambda r: r["metrics"][metric], reverse=info.higher_is_better)
+    count = min(SHEET_ROWS, max(1, len(scored) // 2))
+    items = {item.id: item for item in run.dataset.items}
+
+    def entries(chosen: list[dict]):
+        for record in chosen:
+            value = record["metrics"][metric]
+            shown = f"{100 * value:.0f}%" if info.percent else f"{value:.{info.digits}f}"
+            caption = f"{record['id']} [{record['setting']}] {info.heading} {shown}: {record['source']} -> " \
+                      f"{record['target']}"
+            source = items[record["id"]].image if record["id"] in items else None
+            if source is not None and source.is_file():
+                yield load_image(source).rgb, load_image(run.out / record["edit"]).rgb, caption
+
+    contact_sheet([(f"best by {info.heading}", list(entries(scored[:count]))),
+                   (f"worst by {info.heading}", list(entries(scored[::-1][:count])))], run.out / "contact_sheet.png")
+
+
+def solver_runners(manifest: Manifest, device: str, dtype: str, backend: str, compile: bool, no_server: bool,
+                   steps: int) -> Callable[[str], Runner]:
+    """solver -> its runner: iCD through a running `icd serve` of the model, device and dtype when there is one
+    (falling back to this process if it goes away), else in this process; the baseline (the teacher's DDIM on
+    `steps` steps, on PyTorch) always in this process."""
+    from .distributed import local_device
+    from .runner import LocalRunner
+    from .serve.client import served_or_here
+    from .session import open_session, teacher_session
+
+    def open_here(backend: str = backend, directions: tuple[str, ...] = ("forward", "reverse")) -> Session:
+        quiet_libraries()
+        return open_session(manifest, local_device(device), dtype, backend, compile, directions=directions)
+
+    def open_runner(solver: str) -> Runner:
+        if solver != "icd":
+            return LocalRunner(teacher_session(open_here("torch", ()), steps))
+        return served_or_here(manifest, device, dtype, backend, compile, no_server, lambda: LocalRunner(open_here()))
+
+    return open_runner
