@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from icd.core.denoiser import EpsFn
-from icd.errors import ICDError
+from icd.errors import ICDError, first_line
 from icd.models.loading import DIRECTIONS, PRECISIONS, Model, ready_unet, unet_eps
 from icd.models.manifest import Manifest
 from icd.p2p import SteeredUNet, steered_eps
@@ -97,13 +97,13 @@ def engine_eps(backend: str, model: Model, direction: str) -> EpsFn:
             if name is None:  # no engine at all: TensorRTEps said what to run
                 raise
             return _torch_instead(index, name, err, model, direction)
-    from .onnx import OnnxEps, onnx_session
+    from .onnx import OnnxEps
 
     name = index.find(kind="onnx", direction=direction, precision=PRECISIONS[model.dtype])
     if name is None:
         raise ICDError(f"the ONNX graph of the {direction} UNet is gone: run `icd export -m {model.manifest.name}`")
     try:
-        return OnnxEps(onnx_session(index.folder / name, model.device), model.device, model.dtype)
+        return OnnxEps(_session(index, name, model.device), model.device, model.dtype)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail...)
         return _torch_instead(index, name, err, model, direction)
 
@@ -122,23 +122,30 @@ def engine_steered(backend: str, model: Model):
             if name is None:
                 raise
             return _torch_instead(index, name, err, model, "reverse", steered=True)
-    from .onnx import OnnxSteered, onnx_session
+    from .onnx import OnnxSteered
 
     name = index.find(kind="onnx-p2p", direction="reverse", precision=PRECISIONS[model.dtype])
     if name is None:
         raise ICDError(f"the prompt-to-prompt ONNX graph of the reverse UNet is gone: run `icd export -m "
                        f"{model.manifest.name}`")
     try:
-        return OnnxSteered(onnx_session(index.folder / name, model.device), model.device, model.dtype,
-                           model.unet_config)
+        return OnnxSteered(_session(index, name, model.device), model.device, model.dtype, model.unet_config)
     except Exception as err:  # noqa: BLE001 - as in engine_eps
         return _torch_instead(index, name, err, model, "reverse", steered=True)
+
+
+def _session(index: Index, graph: str, device: torch.device):
+    """The ONNX Runtime session of the graph `graph`: on the CPU its version optimised for this CPU, when built."""
+    from .onnx import find_cpu_optimized, onnx_session
+
+    optimized = find_cpu_optimized(index, graph) if device.type == "cpu" else None
+    return onnx_session(index.folder / graph, device, optimized)
 
 
 def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str, steered: bool = False):
     """The PyTorch epsilon function (or steered run) of a UNet whose engine file `name` would not load (it is
     forgotten)."""
-    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    why = first_line(err)
     index.forget_damaged(name, why, f"running the {direction} UNet on PyTorch")
     (unet,) = fused_unets(model.manifest, model.unet_config, (direction,), model.dtype, model.device)
     unet = ready_unet(unet, model.device, model.dtype)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icd.errors import ICDError, UsageError
-from icd.files import sweep_temporaries
+from icd.files import real_path, sweep_temporaries
 
 log = logging.getLogger("icd")
 
@@ -88,7 +88,7 @@ def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[
         if not clashes:
             return names
         for path in (p for group in clashes for p in group):
-            parents = path.resolve().parent.parts[1:][-depth:]
+            parents = real_path(path).parent.parts[1:][-depth:]
             names[path] = "-".join([*parents, name_for(path)])
     if clashes := _clashes(names):
         first, second = clashes[0][:2]
@@ -110,12 +110,12 @@ class _Inputs:
     def __init__(self, paths: Iterable[Path]):
         self.paths, self.identities = set(), set()
         for path in paths:
-            self.paths.add(path.resolve())
+            self.paths.add(real_path(path))
             with suppress(OSError):
                 self.identities.add(_identity(path))
 
     def __contains__(self, output: Path) -> bool:
-        if output.resolve() in self.paths:
+        if real_path(output) in self.paths:
             return True
         try:
             return _identity(output) in self.identities
@@ -200,9 +200,8 @@ def _attempt(item: Item, work, report: Report) -> dict:
     except ICDError as err:
         return {"status": "error", "error": _named(item.label, str(err))}
     except Exception as err:  # the wall: an unexpected failure of one item must not end the batch
-        if _is_out_of_memory(err):
-            return {"status": "error", "error": f"{item.label}: out of memory: try a smaller --width/--height "
-                                                "or --dtype fp16"}
+        if memory := out_of_memory(err):
+            return {"status": "error", "error": f"{item.label}: {memory}"}
         if debugging():
             traceback.print_exc(file=sys.stderr)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -215,12 +214,16 @@ def _attempt(item: Item, work, report: Report) -> dict:
     return {"status": "ok", "output": str(output)}
 
 
-def _is_out_of_memory(err: Exception) -> bool:
+def out_of_memory(err: Exception) -> str | None:
+    """The line for an allocation that failed (a GPU's, or the CPU's: Python's MemoryError, or torch's
+    allocator refusing), else None."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
         torch.cuda.empty_cache()
-        return True
-    return False
+        return "out of memory: try a smaller --width/--height or --dtype fp16"
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        return "out of memory: try a smaller --width/--height, or free memory for icd"
+    return None
 
 
 def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool) -> None:
@@ -244,9 +247,23 @@ def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool
 
 
 def _line(text: str) -> None:
-    """One whole line on stdout in one write, so lines of processes sharing a pipe never interleave."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    """One whole line on stdout in one write, so lines of processes sharing a pipe never interleave. When the
+    reader has gone (`icd ... | head -1`) the rest of the report goes nowhere and the work goes on."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+
+
+def discard_stdout() -> None:
+    """Send what is still to be written on stdout, the buffered part included, to the null device: its reader
+    has closed the pipe, and every later write (Python's own at exit too) would fail again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
 
 
 def file_items(paths: list[Path], output: str | None, name_for: Callable[[Path], str], *,

@@ -20,6 +20,7 @@ import click
 
 from icd import __version__
 from icd.errors import ICDError, UsageError
+from icd.limits import MAX_SEED, MAX_SIDE
 
 if TYPE_CHECKING:
     from icd.models.manifest import Manifest
@@ -35,8 +36,6 @@ GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG sca
 TAU_HELP = ("Dynamic guidance: w is used on steps with t/1000 <= tau and 0 on the noisier ones above. "
             "1.0 = guidance on every step.")
 MODEL_DEFAULT_HELP = "Default: the model's own (its icd.json; else SD1.5 {sd15}, SDXL {sdxl})."
-MAX_SIDE = 8192  # pixels: beyond this a working size is a typo, not a photo
-MAX_SEED = 2**64 - 1  # icd.latents.MAX_SEED (not imported: it would load numpy for `icd --help`)
 
 
 class Finite(click.ParamType):
@@ -284,11 +283,13 @@ class Main(click.Group):
     temporary file outlives a killed run."""
 
     def invoke(self, ctx: click.Context):
-        from .batch import debugging, error_line
+        from .batch import debugging, discard_stdout, error_line, out_of_memory
 
         previous = _on_sigterm()
         log = logging.getLogger("icd")
         logging_state = (log.level, log.propagate, list(log.handlers))
+        # File names are bytes: one that is not UTF-8 (a str with surrogate escapes) is printed as it is, as ls does.
+        stdout_errors = _print_names_as_bytes()
         try:
             return super().invoke(ctx)
         except UsageError as err:
@@ -307,9 +308,15 @@ class Main(click.Group):
         except KeyboardInterrupt:
             error_line("interrupted: no result was left half-written")
             ctx.exit(130)
+        except BrokenPipeError:  # the reader of stdout has gone (`icd info | head -1`): as git or cat would
+            discard_stdout()
+            ctx.exit(141)  # 128 + SIGPIPE
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as err:  # the last wall: one line, the traceback only when asked for
+            if memory := out_of_memory(err):
+                error_line(memory)
+                ctx.exit(1)
             if debugging():
                 traceback.print_exc(file=sys.stderr)
             error_line(f"unexpected {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -317,8 +324,18 @@ class Main(click.Group):
             ctx.exit(1)
         finally:
             _restore_sigterm(previous)
+            _print_names_as_bytes(stdout_errors)
             log.setLevel(logging_state[0])  # a caller in Python (a test, a script) gets its logging back
             log.propagate, log.handlers[:] = logging_state[1], logging_state[2]
+
+
+def _print_names_as_bytes(errors: str = "surrogateescape") -> str | None:
+    """Set stdout's error handler (when it has one to set); returns the one it had."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    previous = getattr(sys.stdout, "errors", None)
+    if reconfigure is not None and errors is not None:
+        reconfigure(errors=errors)
+    return previous
 
 
 class _Terminated(KeyboardInterrupt):

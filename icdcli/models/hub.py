@@ -19,7 +19,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, first_line
 from .cache import _offline_var, cache_error, download, icd_home, is_disk_error, writing_cache
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, model_files, write_model
 from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
@@ -196,7 +196,7 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
             snapshot_download(repo_id=preset.base, allow_patterns=BASE_FILES[preset.kind],
                               force_download=force)
         except Exception as e:  # huggingface_hub raises network, HTTP and cache errors of many types
-            raise ModelError(f"cannot download base model {preset.base}: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"cannot download base model {preset.base}: {first_line(e)}") from None
     return write_model(folder, {
         "name": resolved, "kind": preset.kind, "base": preset.base, "teacher": str(teacher),
         "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": forward.name, "reverse_lora": reverse.name,

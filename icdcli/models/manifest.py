@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ..errors import ModelError
 from ..files import atomic_write
+from ..limits import MAX_SIDE
 from .cache import cached_download, cached_download_path
 from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
 
@@ -123,7 +125,7 @@ class ManifestSchema(_Strict):
     lora_alpha: PositiveNumber = LORA_ALPHA
     forward_timesteps: Timesteps
     reverse_timesteps: Timesteps
-    resolution: Annotated[int, Field(ge=8)] | None = None
+    resolution: Annotated[int, Field(ge=8, le=MAX_SIDE)] | None = None
     edit: _EditSchema = _EditSchema()
     demo: _DemoSchema | None = None
 
@@ -155,6 +157,24 @@ def validate_fields(data, where: str) -> ManifestSchema:
         raise ModelError(f"{where}: the manifest is nested too deeply") from None
 
 
+# A Hugging Face hub id as the hub takes it: NAME or OWNER/NAME, each of letters, digits, '_', '-' and '.', neither
+# starting nor ending with '-' or '.', without '--' or '..', at most 96 characters.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?/)?[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?", re.ASCII)
+
+
+def _base(value: str, local: Path, where: str) -> str:
+    """The base pipeline: a local folder (absolute), else a hub id; anything else is one ModelError line."""
+    if local.is_dir():
+        return str(local)
+    if "://" in value:
+        raise ModelError(f"{where}: field 'base': {reprlib.repr(value)} is a URL, which base cannot be: name a "
+                         "Hugging Face hub id (owner/name) or a local diffusers folder")
+    if not _HUB_ID.fullmatch(value) or len(value) > 96 or "--" in value or ".." in value:
+        raise ModelError(f"{where}: field 'base': {reprlib.repr(value)} is neither a folder (there is none at "
+                         f"{local}) nor a Hugging Face hub id (owner/name)")
+    return value
+
+
 def _is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
 
@@ -184,7 +204,7 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
     return Manifest(
         name=fields.name or folder.name,
         kind=fields.kind,
-        base=str(local_base) if local_base.is_dir() else fields.base,
+        base=_base(fields.base, local_base, where),
         teacher=teacher,
         guidance_embed_dim=embed_dim,
         forward_lora=_weights_path(fields.forward_lora, folder, "forward_lora", where),
