@@ -241,7 +241,9 @@ class Index:
     def intact(self, name: str) -> bool:
         """Whether each file of the artifact is still the one built (see the module's docstring); one that is
         not is forgotten (its files deleted, one warning) unless another process rebuilt it meanwhile."""
-        entry = self.entries[name]
+        entry = self.entries.get(name)
+        if entry is None:  # forgotten meanwhile (by this process, or another one whose index was read since)
+            return False
         problem, restamped = self._problem(entry)
         if problem is None:
             if restamped:  # a copied cache: the files are the ones built, under new times

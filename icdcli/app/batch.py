@@ -261,7 +261,8 @@ def discard_stdout() -> None:
     has closed the pipe, and every later write (Python's own at exit too) would fail again."""
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(null, sys.stdout.fileno())
+        with suppress(OSError, ValueError):  # a stdout without a descriptor (a caller's own stream) keeps its own
+            os.dup2(null, sys.stdout.fileno())
     finally:
         os.close(null)
 

@@ -164,7 +164,7 @@ def _csv_rows(path: Path, text: str):
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = [name.strip() for name in reader.fieldnames or ()]
-        if repeated := next((name for name in columns if name and columns.count(name) > 1), None):
+        if repeated := _first_repeated(name for name in columns if name):
             raise UsageError(f"{path}: the column '{repeated}' appears twice in the header: give each column once")
         for number, row in enumerate(reader, start=1):
             if None in row:
@@ -185,12 +185,18 @@ class _RepeatedKey(ValueError):
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are all different: a repeated one would silently take the last value."""
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _RepeatedKey(key)
-        seen.add(key)
+    if (repeated := _first_repeated(key for key, _ in pairs)) is not None:
+        raise _RepeatedKey(repeated)
     return dict(pairs)
+
+
+def _first_repeated(names) -> str | None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 def _json_rows(path: Path, text: str):
