@@ -713,6 +713,24 @@ def test_two_swapped_graphs_are_found_and_rebuilt(icd_home, caplog):
                        "unet-reverse-p2p-fp32.onnx": True}
 
 
+def test_a_fifo_in_place_of_a_graph_is_not_waited_on(icd_home, caplog):
+    pytest.importorskip("onnxruntime")
+    from icd_export.artifacts import Index, artifacts_dir
+    from icd_export.build import export_model
+
+    manifest = resolve_model("tiny")
+    export_model(manifest, ("fp32",))
+    graph = artifacts_dir(manifest) / "unet-reverse-fp32.onnx"
+    graph.unlink()
+    os.mkfifo(graph)
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        assert within(20, lambda: Index.open(manifest).find(kind="onnx", direction="reverse"), graph) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{graph} is damaged (unet-reverse-fp32.onnx: not a regular file (a FIFO)): it is not used; the next "
+        "`icd export` rebuilds it"]
+    assert not os.path.lexists(graph) and not graph.with_name(graph.name + ".data").exists()
+
+
 def test_a_copied_cache_is_hashed_once_and_kept(exported, monkeypatch):
     """New times, same bytes (a copy without its times): each file is hashed whole once, and its new time kept."""
     from icd_export import artifacts
