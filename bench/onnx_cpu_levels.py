@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from icd.models.hub import resolve_model  # noqa: E402
 from icd.models.loading import unet_config  # noqa: E402
 from icd_export.artifacts import Index, fused_unets  # noqa: E402
-from icd_export.onnx import cpu_optimized_path, graph_class, graph_feeds  # noqa: E402
+from icd_export.onnx import find_cpu_optimized, graph_class, graph_feeds  # noqa: E402
 
 
 def session(path, level, threads: int):
@@ -49,11 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     manifest = resolve_model(args.model)
-    folder = Index.open(manifest).folder
-    graph = folder / f"unet-{args.graph}-fp32.onnx"
-    saved = cpu_optimized_path(graph)
-    if not saved.is_file():
-        raise SystemExit(f"{saved} is missing: run `icd export -m {args.model}` first")
+    index = Index.open(manifest)
+    graph = index.folder / f"unet-{args.graph}-fp32.onnx"
+    saved = find_cpu_optimized(index, graph.name) if graph.name in index.entries else None
+    if saved is None:
+        raise SystemExit(f"no CPU-optimised version of {graph}: run `icd export -m {args.model}` first")
     steered = args.graph == "reverse-p2p"
     direction = "forward" if args.graph == "forward" else "reverse"
     unet = fused_unets(manifest, unet_config(manifest), (direction,), torch.float32, torch.device("cpu"))[0].eval()

@@ -7,12 +7,13 @@ import logging
 import torch
 
 from icd.errors import ICDError
+from icd.files import sweep_temporaries
 from icd.models.cache import writing_cache
 from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
 from icd.models.manifest import Manifest
 
 from .artifacts import Built, Index, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
-from .onnx import cpu_optimized_path, example_latent, export_unet, verify_graph, verify_latent, write_cpu_optimized
+from .onnx import ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent
 
 log = logging.getLogger("icd")
 
@@ -33,6 +34,7 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
     config = unet_config(manifest)
     with writing_cache(), Index.open(manifest).lock():
         index = Index.open(manifest)  # read again under the lock: another export may just have finished
+        sweep_temporaries(index.folder)  # what a killed export was building
         if verify:
             for name in list(index.entries):
                 if damaged := index.damaged_files(name):
@@ -75,9 +77,7 @@ def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[st
             done.append(Built(steered_onnx_name(precision), precision not in stale_steered))
         if "fp32" in graph_precisions:  # the graphs ONNX Runtime runs on a CPU
             for name in (onnx_name(direction, "fp32"), *([steered_onnx_name("fp32")] if steered else [])):
-                if not cpu_optimized_path(index.folder / name).is_file():
-                    log.info("optimising %s for this CPU (once)", name)
-                    write_cpu_optimized(index.folder / name)
+                ensure_cpu_optimized(index, name, force)
         if tensorrt:
             from .tensorrt import ensure_engine
 
@@ -101,8 +101,9 @@ def _export_graph(index: Index, unet, direction: str, precision: str, device: to
     target pair for the Prompt-to-Prompt graph), record both."""
     log.info("exporting the %s UNet%s to ONNX (%s)", direction, " with prompt-to-prompt" if steered else "", precision)
     name = steered_onnx_name(precision) if steered else onnx_name(direction, precision)
-    files = export_unet(unet, index.folder / name, precision, device, steered=steered)
-    latent, batch = verify_latent(unet.config), 2 if steered else 1
-    error = verify_graph(index.folder / name, unet, precision, batch=batch, latent=latent, steered=steered)
-    index.record(name, files, kind="onnx-p2p" if steered else "onnx", direction=direction, precision=precision,
-                 example=[2, *example_latent(unet.config)], verified=[batch, *latent], relative_error=error)
+    with index.staged() as scratch:
+        files = export_unet(unet, scratch / name, precision, device, steered=steered)
+        latent, batch = verify_latent(unet.config), 2 if steered else 1
+        error = verify_graph(scratch / name, unet, precision, batch=batch, latent=latent, steered=steered)
+        index.record(name, files, kind="onnx-p2p" if steered else "onnx", direction=direction, precision=precision,
+                     example=[2, *example_latent(unet.config)], verified=[batch, *latent], relative_error=error)

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from icd.core.denoiser import EpsFn
-from icd.errors import ICDError
+from icd.errors import ICDError, first_line
 from icd.models.loading import DIRECTIONS, PRECISIONS, Model, ready_unet, unet_eps
 from icd.models.manifest import Manifest
 from icd.p2p import SteeredUNet, steered_eps
@@ -133,28 +133,31 @@ class OnnxEngine(Engine):
         return {"onnx": True, "tensorrt": False}
 
     def eps(self, model, direction):
-        from .onnx import OnnxEps, onnx_session
+        from .onnx import OnnxEps
 
-        return self._open(model, direction, "onnx", lambda path: OnnxEps(onnx_session(path, model.device),
-                                                                          model.device, model.dtype))
+        return self._open(model, direction, "onnx", lambda session: OnnxEps(session, model.device, model.dtype))
 
     def steered(self, model):
-        from .onnx import OnnxSteered, onnx_session
+        from .onnx import OnnxSteered
 
-        return self._open(model, "reverse", "onnx-p2p", lambda path: OnnxSteered(
-            onnx_session(path, model.device), model.device, model.dtype, model.unet_config))
+        return self._open(model, "reverse", "onnx-p2p", lambda session: OnnxSteered(
+            session, model.device, model.dtype, model.unet_config))
 
     @staticmethod
-    def _open(model: Model, direction: str, kind: str, open_graph):
-        """`open_graph(path)` of the graph of `kind`; a graph that fails to load (damaged in place) is
-        forgotten with one warning line, and this UNet runs on PyTorch instead."""
+    def _open(model: Model, direction: str, kind: str, wrap):
+        """`wrap(session)` of the ONNX Runtime session of the graph of `kind` (on the CPU its version optimised
+        for this CPU, when built); a graph that fails to load (damaged in place) is forgotten with one warning
+        line, and this UNet runs on PyTorch instead."""
+        from .onnx import find_cpu_optimized, onnx_session
+
         index = Index.open(model.manifest)
         name = index.find(kind=kind, direction=direction, precision=PRECISIONS[model.dtype])
         if name is None:
             what = "prompt-to-prompt ONNX graph" if kind == "onnx-p2p" else "ONNX graph"
             raise ICDError(f"the {what} of the {direction} UNet is gone: run `icd export -m {model.manifest.name}`")
         try:
-            return open_graph(index.folder / name)
+            optimized = find_cpu_optimized(index, name) if model.device.type == "cpu" else None
+            return wrap(onnx_session(index.folder / name, model.device, optimized))
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail...)
             return _torch_instead(index, name, err, model, direction, kind == "onnx-p2p")
 
@@ -206,7 +209,7 @@ class TensorRTEngine(Engine):
 def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str, steered: bool):
     """The PyTorch epsilon function (or steered run) of a UNet whose engine file `name` would not load (it is
     forgotten)."""
-    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    why = first_line(err)
     index.forget_damaged(name, why, f"running the {direction} UNet on PyTorch")
     (unet,) = fused_unets(model.manifest, model.unet_config, (direction,), model.dtype, model.device)
     unet = ready_unet(unet, model.device, model.dtype)

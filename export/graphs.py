@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from icd.core.denoiser import Conditioning
+from icd.errors import first_line
 
 log = logging.getLogger("icd")
 
@@ -160,7 +161,7 @@ class LoopGraphs:
         except RuntimeError as error:  # CUDA refuses to record some operation: keep the loop eager
             self._failed.add(full_key)
             log.warning("could not capture the %s loop as a CUDA graph, running it step by step: %s",
-                        full_key[0][0], str(error).splitlines()[0])
+                        full_key[0][0], first_line(error))
             return loop(*inputs)
         if len(self._graphs) >= self.capacity:
             self._graphs.popitem(last=False)

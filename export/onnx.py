@@ -21,6 +21,9 @@ the tiny UNet on the development CPU, and its tests must stay fast.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,8 +32,12 @@ import torch
 
 from icd.core.consistency import Timesteps
 from icd.core.denoiser import Conditioning
-from icd.errors import ICDError
+from icd.errors import ICDError, first_line
 from icd.p2p import CONTROL_NAMES, LEVELS, SteeredUNet, blend_level, level_grid
+
+from .artifacts import Index
+
+log = logging.getLogger("icd")
 
 OPSET = 17
 TEXT_TOKENS = 77
@@ -189,7 +196,7 @@ def export_unet(unet, path: Path, precision: str, device: torch.device, steered:
             torch.onnx.export(graph, example, str(traced), dynamo=False, input_names=names, output_names=list(graph.outputs),
                               dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
         except Exception as err:  # the exporter raises many types
-            raise ExportError(f"ONNX export failed: {str(err).splitlines()[0]}") from None
+            raise ExportError(f"ONNX export failed: {first_line(err)}") from None
         # One weights file beside the graph (the exporter writes one per tensor when over 2 GB).
         model = onnx.load(str(traced))
     data = path.with_name(path.name + ".data")
@@ -214,50 +221,56 @@ def ort_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[device]
 
 
-def cpu_optimized_path(path: Path) -> Path:
-    """Where ONNX Runtime's fully optimised CPU version of the graph `path` is kept. Its layout optimisations
+def cpu_optimized_spec(index: Index, graph: str) -> dict:
+    """What the fully optimised CPU version of the graph `graph` is recorded as: its layout optimisations
     depend on the ONNX Runtime version and the CPU's instruction set, and it derives from one build of the
-    graph (its size and time), so all of these name it."""
-    import hashlib
-
+    graph (its hash)."""
     import onnxruntime as ort
 
-    stat = path.stat()
-    origin = f"{ort.__version__} {torch.backends.cpu.get_cpu_capability()} {stat.st_size} {stat.st_mtime_ns}"
-    return path.with_name(f"{path.stem}.cpu-{hashlib.sha256(origin.encode()).hexdigest()[:12]}.ort.onnx")
+    return {"kind": "onnx-cpu", "graph": graph, "graph_sha256": index.entries[graph]["sha256"],
+            "onnxruntime": ort.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
-def write_cpu_optimized(path: Path) -> Path:
-    """Optimise the graph `path` fully for this CPU once (ORT_ENABLE_ALL: for the SD1.5 P2P graph at 128 px,
+def find_cpu_optimized(index: Index, graph: str) -> Path | None:
+    """The fully optimised CPU version of the graph `graph` for this ONNX Runtime and CPU, when built and intact."""
+    name = index.find(**cpu_optimized_spec(index, graph))
+    return None if name is None else index.folder / name
+
+
+def ensure_cpu_optimized(index: Index, graph: str, force: bool = False) -> None:
+    """Optimise the graph `graph` fully for this CPU once (ORT_ENABLE_ALL: for the SD1.5 P2P graph at 128 px,
     calls 12% faster than at the basic level, BENCHMARKS.md) and keep the result beside it, so that sessions
     open it without optimising (6.5 s for SD1.5, where optimising fully takes 20 s). Called by the export,
-    under its lock; the graph file appears last (its weights file is written first), and older versions
-    (and a write cut short) are removed."""
+    under its lock; older versions are removed."""
     import onnxruntime as ort
 
-    target = cpu_optimized_path(path)
-    if target.is_file():
-        return target
-    partial = target.with_name(target.name + ".partial")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(partial)
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
-    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    partial.replace(target)
-    for old in path.parent.glob(f"{path.stem}.cpu-*.ort.onnx*"):
-        if old.name not in (target.name, target.name + ".data"):
-            old.unlink()
-    return target
+    spec = cpu_optimized_spec(index, graph)
+    if not force and index.find(**spec):
+        return
+    log.info("optimising %s for this CPU (once)", graph)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{Path(graph).stem}.cpu-{key}.ort.onnx"
+    with index.staged() as scratch:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(scratch / name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            ort.InferenceSession(str(index.folder / graph), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (a full disk among them)
+            raise ExportError(f"optimising {graph} for this CPU failed: {first_line(err)}") from None
+        for older in index.matching(kind="onnx-cpu", graph=graph):
+            index.remove(older)
+        index.record(name, sorted(scratch.iterdir()), **spec)
 
 
-def onnx_session(path: Path, device: torch.device):
+def onnx_session(path: Path, device: torch.device, optimized: Path | None = None):
     """An ONNX Runtime session on the CPU or, for a CUDA device, the CUDA provider on `ort_stream`.
 
-    On the CPU a session opens the export's fully optimised version of the graph when there is one for this
-    CPU and ONNX Runtime (`write_cpu_optimized`), without optimising again; else it runs only the basic
+    On the CPU a session opens `optimized`, the export's fully optimised version of the graph for this CPU and
+    ONNX Runtime (`find_cpu_optimized`), when there is one, without optimising again; else it runs only the basic
     optimisations, which open SD1.5's graph in 6.6 s where optimising fully takes 20 s."""
     import onnxruntime as ort
 
@@ -273,8 +286,7 @@ def onnx_session(path: Path, device: torch.device):
     # ONNX Runtime's threads otherwise spin after each run, taking the cores from torch's work between UNet
     # calls (text encoder, VAE, the sampler's arithmetic).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    optimized = cpu_optimized_path(path)
-    if optimized.is_file():
+    if optimized is not None:
         options.graph_optimization_level = levels.ORT_DISABLE_ALL
         path = optimized
     else:

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from icd.core.consistency import Timesteps
 from icd.core.denoiser import Conditioning
 from icd.errors import ICDError
+from icd.files import open_regular
 from icd.models.cache import icd_home
 
 from icd.p2p import CONTROL_NAMES
@@ -152,15 +152,13 @@ def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, f
     log.info("building the TensorRT engine of the %s UNet (minutes, once per GPU and TensorRT version)", direction)
     graph = steered_onnx_name(PRECISION) if steered else onnx_name(direction, PRECISION)
     plan = build_engine(trt, index.folder / graph, key["profile"], timing_cache_path(key))
-    temporary = index.folder / (name + ".tmp")
-    temporary.write_bytes(plan)
-    os.replace(temporary, index.folder / name)
-    # One engine per UNet and GPU: the one just built replaces any other profile's, so that it is the one used.
-    identity = {k: key[k] for k in ("tensorrt", "gpu", "compute_capability")}
-    for older in index.matching(kind=kind, direction=direction, **identity):
-        if older != name:
+    with index.staged() as scratch:
+        (scratch / name).write_bytes(plan)
+        # One engine per UNet and GPU: the one just built replaces any other profile's, so that it is the one used.
+        identity = {k: key[k] for k in ("tensorrt", "gpu", "compute_capability")}
+        for older in index.matching(kind=kind, direction=direction, **identity):
             index.remove(older)
-    index.record(name, [index.folder / name], kind=kind, direction=direction, key=key_hash(key), **key)
+        index.record(name, [scratch / name], kind=kind, direction=direction, key=key_hash(key), **key)
     return Built(name, False)
 
 
@@ -191,8 +189,8 @@ class TensorRTEps:
             raise ICDError(f"no TensorRT engine of the {direction} UNet for this GPU: run `icd export --tensorrt`")
         self.entry = index.entries[name]
         logger = trt.Logger(trt.Logger.WARNING)
-        with device_guard(device):
-            self.engine = trt.Runtime(logger).deserialize_cuda_engine((index.folder / name).read_bytes())
+        with device_guard(device), open_regular(index.folder / name, follow_symlinks=False) as plan:
+            self.engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read())
             self.stream = torch.cuda.Stream(device)
         if self.engine is None:
             raise ICDError(f"TensorRT could not load {name}: run `icd export --tensorrt --force`")

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .core.schedule import MAX_SEED, dynamic_guidance, reverse_jumps
+from .core.schedule import dynamic_guidance, reverse_jumps
 from .errors import ICDError, UsageError
+from .limits import MAX_SEED
 from .models.official import EDIT_METHODS
 
 if TYPE_CHECKING:  # not imported: the command line's help reads this module's constants

@@ -19,3 +19,10 @@ class ModelError(ICDError):
 
 class OutputExistsError(ICDError):
     """An output that would overwrite an existing file without --overwrite."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error; its type's name when it has none (an
+    EOFError from an empty file says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

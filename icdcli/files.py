@@ -25,23 +25,26 @@ from .errors import ICDError, InputError, OutputExistsError
 # `.NAME.<pid>-<hex>.tmp`: the writer's pid lets a later run tell an abandoned temporary from a live one.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]+\.tmp")
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a device"),
-          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
 # File systems without hard links (FAT on a USB stick, some network shares) answer os.link with these.
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 _UMASK_LOCK = threading.Lock()
 
 
-def open_regular(path: str | Path) -> BinaryIO:
-    """The input opened for binary reading if it is a regular file (symlinks followed), else one InputError.
+def open_regular(path: str | Path, *, follow_symlinks: bool = True) -> BinaryIO:
+    """The input opened for binary reading if it is a regular file, else one InputError.
 
     The kind is checked before opening (a device is never opened) and again on the open descriptor (the
-    path may have changed in between); the open itself is non-blocking, so a FIFO cannot hang it.
+    path may have changed in between); the open itself is non-blocking, so a FIFO cannot hang it. Symlinks
+    are followed unless `follow_symlinks` is False: then a link is refused as what it is (a cache's own files,
+    which must never lead outside it).
     """
     path = Path(path)
     name = path.name
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        _refuse_unless_regular(name, os.stat(path).st_mode)
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        _refuse_unless_regular(name, (os.stat if follow_symlinks else os.lstat)(path).st_mode)
+        descriptor = os.open(path, flags)
     except FileNotFoundError:
         raise InputError(f"{name}: no such file") from None
     except PermissionError:
@@ -55,6 +58,12 @@ def open_regular(path: str | Path) -> BinaryIO:
     except BaseException:
         os.close(descriptor)
         raise
+
+
+def real_path(path: str | Path) -> Path:
+    """The absolute path with its symlinks resolved as far as they resolve. Unlike Path.resolve, a symlink loop
+    is no exception here: the path comes back as it is, and fails as its own item when it is opened."""
+    return Path(os.path.realpath(path))
 
 
 def _refuse_unless_regular(name: str, mode: int) -> None:
@@ -74,9 +83,10 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwr
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_path(path)
         write_fn(temporary)
         _follow_umask(temporary)
         if temporary.is_dir():
@@ -91,7 +101,30 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwr
         raise ICDError(f"{path.name}: cannot write ({reason})") from exc
     finally:
         with suppress(OSError):  # cleanup must not hide the real error
-            shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
+            if temporary is not None:
+                shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
+
+
+def temporary_path(path: Path) -> Path:
+    """A fresh temporary name beside `path`, `.NAME.<pid>-<hex>.tmp` (what `sweep_temporaries` recognises),
+    with NAME shortened when needed so that the whole fits the folder's limit on a name's bytes: a legal
+    output name must not fail for its temporary's length."""
+    tail = f".{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    name = os.fsencode(path.name)
+    room = _name_max(path.parent) - 1 - len(tail)
+    if len(name) > room:
+        while room > 1 and name[room] & 0xC0 == 0x80:  # cut between UTF-8 characters, not inside one
+            room -= 1
+        name = name[:room]
+    return path.with_name(os.fsdecode(b"." + name) + tail)
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name in bytes that `folder`'s file system takes (255 where it does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _exists_error(path: Path) -> OutputExistsError:

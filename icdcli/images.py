@@ -36,6 +36,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .errors import ICDError, InputError, UsageError
 from .files import atomic_write, open_regular
+from .limits import MAX_SIDE
 
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
@@ -110,7 +111,7 @@ def opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
                     if max_pixels is None:
                         yield im
                         return
-                    _check_pixel_count(name, _oriented_size(im), max_pixels)
+                    check_pixel_count(name, _oriented_size(im), max_pixels)
                     with _pillow_pixel_threshold(max_pixels):
                         yield im
         except UnidentifiedImageError:
@@ -121,7 +122,8 @@ def opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
             raise InputError(f"{name}: truncated or corrupt image data") from None
 
 
-def _check_pixel_count(name: str, size: tuple[int, int], limit: int) -> None:
+def check_pixel_count(name: str, size: tuple[int, int], limit: int) -> None:
+    """An InputError when a picture of `size` (width, height) would be over `limit` pixels."""
     width, height = size
     if width * height > limit:
         raise InputError(f"{name}: {width}x{height} pixels is over the {_describe(limit)} limit "
@@ -203,13 +205,18 @@ def working_size(original_size: tuple[int, int], *, resolution: int, multiple: i
     if height is not None:
         check_multiple("height", height, multiple)
     if width is not None and height is not None:
-        return width, height
-    if width is not None:
-        return width, _nearest_multiple(width * orig_h / orig_w, multiple)
-    if height is not None:
-        return _nearest_multiple(height * orig_w / orig_h, multiple), height
-    scale = resolution / (orig_w * orig_h) ** 0.5
-    return _nearest_multiple(orig_w * scale, multiple), _nearest_multiple(orig_h * scale, multiple)
+        size = width, height
+    elif width is not None:
+        size = width, _nearest_multiple(width * orig_h / orig_w, multiple)
+    elif height is not None:
+        size = _nearest_multiple(height * orig_w / orig_h, multiple), height
+    else:
+        scale = resolution / (orig_w * orig_h) ** 0.5
+        size = _nearest_multiple(orig_w * scale, multiple), _nearest_multiple(orig_h * scale, multiple)
+    if max(size) > MAX_SIDE:  # a photo of an extreme aspect ratio
+        raise InputError(f"its working size would be {size[0]}x{size[1]}, over the {MAX_SIDE}-pixel limit of a "
+                         f"side (the photo is {orig_w}x{orig_h}): give --width and --height")
+    return size
 
 
 def _nearest_multiple(value: float, multiple: int) -> int:
@@ -324,7 +331,10 @@ def parameters_text(metadata: dict, size: tuple[int, int]) -> str:
         if key not in known and value is not None:
             fields.setdefault(key.replace("_", " ").capitalize(), _readable(value))
     pairs = [f"{label}: {_quoted(value)}" for label, value in fields.items() if value is not None]
-    return "\n".join([*lines, ", ".join(pairs)])
+    # A file name that is not UTF-8 (surrogate escapes in a str) is shown with its bytes escaped, \xe9: the text
+    # is for people and must be UTF-8; the `icd` JSON keeps the name exactly.
+    text = "\n".join([*lines, ", ".join(pairs)])
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _readable(value: object, nested: bool = False) -> str:

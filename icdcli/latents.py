@@ -23,22 +23,22 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save_file
 
 from . import __version__
-from .core.schedule import MAX_SEED
-from .errors import InputError
+from .errors import InputError, first_line
 from .files import atomic_write, open_regular
-from .images import as_array
+from .images import as_array, check_pixel_count, max_pixels_limit
+from .limits import MAX_SEED, MAX_SIDE
 
 FORMAT = "icd-latent-1"
 LATENT_SUFFIX = ".safetensors"
 LATENT_NAME = ".latent.safetensors"  # what `icd invert` names its files: NAME.latent.safetensors
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8  # pixels per latent cell, each way
-MAX_SIDE = 16384
 MAX_HEADER_BYTES = 1 << 20  # a latent's header is a few hundred bytes; this refuses a bogus length at once
 _FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the float dtypes safetensors names
 _NOT_A_LATENT = "a safetensors file, but not an icd latent (make one with `icd invert`)"
 
-Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+WorkingSide = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+Side = Annotated[int, Field(gt=0)]  # an original side: the photo's pixel count is checked against the limit
 Count = Annotated[int, Field(ge=0)]
 
 
@@ -51,8 +51,8 @@ class LatentInfo(BaseModel):
     model_fingerprint: str
     prompt: str
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
-    width: Side  # working size the latent was encoded at
-    height: Side
+    width: WorkingSide  # working size the latent was encoded at
+    height: WorkingSide
     original_width: Side
     original_height: Side
     source: str  # the image file it came from
@@ -74,7 +74,9 @@ Schema = TypeVar("Schema", bound=BaseModel)
 
 def save_latent(path: str | Path, latent, info: LatentInfo, *, overwrite: bool = False) -> None:
     """Write x_T (a numpy array or a torch tensor, stored as float32) and its record."""
-    metadata = {"format": FORMAT, "icd": info.model_dump_json()}
+    # json, not pydantic, writes the record: its ASCII escapes keep a file name that is not UTF-8 (a str with
+    # surrogate escapes) exactly, where pydantic's UTF-8 output refuses it.
+    metadata = {"format": FORMAT, "icd": json.dumps(info.model_dump())}
     tensors = {"latent": np.ascontiguousarray(as_array(latent))}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
@@ -100,7 +102,7 @@ def load_latent(path: str | Path) -> tuple[np.ndarray, LatentInfo]:
         try:
             latent = load_safetensors(data)["latent"]
         except SafetensorError as err:
-            raise InputError(f"{name}: corrupt latent file ({str(err).splitlines()[0]})") from None
+            raise InputError(f"{name}: corrupt latent file ({first_line(err)})") from None
     if not np.isfinite(latent).all():
         raise InputError(f"{name}: the latent holds NaN or inf values")
     return latent.astype(np.float32), info
@@ -134,6 +136,8 @@ def _read_header(file: BinaryIO, name: str) -> tuple[LatentInfo, _TensorEntry, i
     if others:
         raise InputError(f"{name}: holds tensors other than 'latent' ({', '.join(others)}), not an icd latent")
     info = _parse_info(name, metadata.get("icd"))
+    # The result is resized back to the original size: no bigger than a photo icd would take as input.
+    check_pixel_count(f"{name}: original size", (info.original_width, info.original_height), max_pixels_limit())
     entry = _validated(_TensorEntry, header["latent"], f"{name}: tensor 'latent' field")
     _check_tensor(name, entry, info)
     expected_size = 8 + header_length + entry.data_offsets[1]

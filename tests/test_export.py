@@ -2,7 +2,6 @@
 fused weights that load without the teacher, and artifacts reused when valid, rebuilt when not."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from icd_export import artifacts  # noqa: E402
 from icd_export.artifacts import Index, artifacts_dir, load_fused_unet  # noqa: E402
 from icd_export.build import export_model  # noqa: E402
 from icd_export.onnx import (  # noqa: E402
-    ExportError, UNetGraph, cpu_optimized_path, example_latent, export_unet, input_names, onnx_session, random_inputs,
+    ExportError, UNetGraph, example_latent, export_unet, find_cpu_optimized, input_names, onnx_session, random_inputs,
     verify_graph)
 
 
@@ -159,20 +158,20 @@ def test_fused_weights_load_without_the_teacher(icd_home, monkeypatch):
 
 
 def test_cpu_sessions_open_the_exports_fully_optimised_graphs(icd_home):
-    """The export optimises every fp32 graph for this CPU once; sessions open that version without optimising
-    (same outputs); a graph rebuilt since is opened as it is until the next export optimises it again,
-    which also removes the outdated version."""
+    """The export optimises every fp32 graph for this CPU once, as an artifact of its own; sessions open that
+    version without optimising (same outputs); a graph rebuilt since is opened as it is until the next export
+    optimises it again, which also removes the outdated version."""
     import onnxruntime as ort
 
     manifest = resolve_model("tiny")
     export_model(manifest, ("fp32",))
-    folder = artifacts_dir(manifest)
+    index = Index.open(manifest)
     for name in ("unet-forward-fp32.onnx", "unet-reverse-fp32.onnx", "unet-reverse-p2p-fp32.onnx"):
-        optimized = cpu_optimized_path(folder / name)
+        optimized = find_cpu_optimized(index, name)
         assert optimized.is_file() and optimized.with_name(optimized.name + ".data").is_file()
-    graph = folder / "unet-reverse-fp32.onnx"
-    outdated = cpu_optimized_path(graph)
-    session = onnx_session(graph, torch.device("cpu"))
+    graph = index.folder / "unet-reverse-fp32.onnx"
+    outdated = find_cpu_optimized(index, graph.name)
+    session = onnx_session(graph, torch.device("cpu"), outdated)
     assert session._model_path == str(outdated)
     # its threads sleep between runs instead of spinning on the cores torch needs next (BENCHMARKS.md)
     assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -184,11 +183,12 @@ def test_cpu_sessions_open_the_exports_fully_optimised_graphs(icd_home):
     (fast,), (reference,) = session.run(["eps"], feeds), plain.run(["eps"], feeds)
     assert abs(fast - reference).max() < 1e-4 * abs(reference).max()
 
-    stat = graph.stat()
-    os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rebuild would
-    assert not cpu_optimized_path(graph).is_file()
+    index._changes[graph.name] = {**index.entries[graph.name], "sha256": "0" * 64}  # as a rebuild would
+    index._save()
+    assert find_cpu_optimized(index, graph.name) is None
     assert onnx_session(graph, torch.device("cpu"))._model_path == str(graph)
     export_model(manifest, ("fp32",))
-    assert cpu_optimized_path(graph).is_file() and not outdated.exists()
+    index.reload()
+    assert find_cpu_optimized(index, graph.name).is_file() and not outdated.exists()
     assert not outdated.with_name(outdated.name + ".data").exists()
-    assert not list(folder.glob("*.partial"))
+    assert not [p for p in index.folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]

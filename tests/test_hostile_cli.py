@@ -63,7 +63,7 @@ USAGE_CASES = {
     "width not a multiple": (("edit", "{photo}", "--src", "a", "--tgt", "b", "--width", "100", *TINY),
                              "--width 100 is not a positive multiple of"),
     "width far too large": (("edit", "{photo}", "--src", "a", "--tgt", "b", "--width", "16384", *TINY),
-                            "16384 is not in the range 8<=x<=8192"),
+                            "16384 is not in the range 8<=x<=2048"),
     "tau nan": (("edit", "{photo}", "--src", "a", "--tgt", "b", "--tau", "nan", *TINY), "nan is not a finite number"),
     "guidance inf": (("edit", "{photo}", "--src", "a", "--tgt", "b", "--guidance", "inf", *TINY),
                      "inf is not a finite number"),

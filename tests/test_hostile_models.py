@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from icd.errors import ModelError, UsageError
@@ -26,7 +27,10 @@ from icd.models import cache, hub, loading, lora
 from icd.models.hub import available_models, resolve_model
 from icd.models.loading import fuse_unets, load_teacher, resolve_device, resolve_dtype, unet_config
 from icd.models.manifest import MAX_STEPS, load_manifest, parse_manifest, write_model
+from tests.fixtures.cli import icd
+from tests.fixtures.deadline import within
 from tests.fixtures.downloads import targz
+from tests.test_hostile_cli import photo
 
 TESTS = Path(__file__).parent
 VALID = {"kind": "sd15", "base": "base", "forward_timesteps": [19, 259], "reverse_timesteps": [259, 999]}
@@ -74,6 +78,11 @@ def tree(folder: Path) -> set[str]:
     ({"demo": {"image": 3, "source": "a", "target": "b"}}, "field 'demo.image': Input should be a valid string (got 3)"),
     ({"kind": "sd3"}, "field 'kind': Input should be 'sd15' or 'sdxl' (got 'sd3')"),
     ({"resolution": 4}, "field 'resolution': Input should be greater than or equal to 8 (got 4)"),
+    ({"resolution": 4096}, "field 'resolution': Input should be less than or equal to 2048 (got 4096)"),
+    ({"resolution": 200000}, "field 'resolution': Input should be less than or equal to 2048 (got 200000)"),
+    ({"base": "https://example.com/sd15"}, "field 'base': 'https://example.com/sd15' is a URL, which base cannot be: "
+                                           "name a Hugging Face hub id (owner/name) or a local diffusers folder"),
+    ({"base": "../sd15"}, "field 'base': '../sd15' is neither a folder (there is none at "),
 ])
 def test_manifest_field_errors_are_one_line(tmp_path, change, expected):
     path = tmp_path / "icd.json"
@@ -487,15 +496,23 @@ def test_two_exports_at_once_keep_both_in_the_index(icd_home, tmp_path):
 
 # --- exported artifacts damaged in place ---------------------------------------------------------------------
 
-def damage(path: Path, at: int = 0) -> None:
-    """Overwrite bytes in place from `at` on (the size stays, so only loading or hashing can tell)."""
+def damage(path: Path, at: int = 0, keep_time: bool = False) -> None:
+    """Overwrite bytes in place from `at` on (the size stays); `keep_time`: as bit rot would, the file's time too."""
+    status = path.stat()
     data = bytearray(path.read_bytes())
     data[at:at + 64] = os.urandom(64)
     path.write_bytes(bytes(data))
+    if keep_time:
+        os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ends_sha256(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[:1 << 20] + data[max(0, len(data) - (1 << 20)):]).hexdigest()
 
 
 @pytest.fixture
@@ -510,8 +527,10 @@ def exported(icd_home):
 
 def test_each_file_hash_is_recorded(exported):
     manifest, folder, Index, _ = exported
-    entry = Index.open(manifest).entries["unet-reverse-fp32.safetensors"]
-    assert entry["file_sha256"] == {"unet-reverse-fp32.safetensors": sha256(folder / "unet-reverse-fp32.safetensors")}
+    path = folder / "unet-reverse-fp32.safetensors"
+    entry = Index.open(manifest).entries[path.name]
+    assert entry["files"] == {path.name: {"size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
+                                          "ends_sha256": ends_sha256(path), "sha256": sha256(path)}}
 
 
 def test_garbage_fused_weights_warn_and_fall_back(exported, caplog):
@@ -522,7 +541,8 @@ def test_garbage_fused_weights_warn_and_fall_back(exported, caplog):
     with caplog.at_level(logging.WARNING, logger="icd"):
         assert load_fused_unet(manifest, unet_config(manifest), "reverse", torch.float32, torch.device("cpu")) is None
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "unet-reverse-fp32.safetensors is damaged" in warning and "using the teacher and LoRA instead" in warning
+    assert warning.endswith("unet-reverse-fp32.safetensors is damaged (unet-reverse-fp32.safetensors is not the file "
+                            "built): it is not used; the next `icd export` rebuilds it")
     assert not (folder / "unet-reverse-fp32.safetensors").exists()
     assert "unet-reverse-fp32.safetensors" not in Index.open(manifest).entries
     built = {b.name: b.reused for b in export_model(manifest, ("fp32",), onnx=False)}
@@ -532,13 +552,13 @@ def test_garbage_fused_weights_warn_and_fall_back(exported, caplog):
 def test_verify_rehashes_and_rebuilds(exported, caplog):
     manifest, folder, Index, export_model = exported
     path = folder / "unet-forward-fp32.safetensors"
-    damage(path, at=path.stat().st_size // 2)  # in the weights: it still loads, only the hash tells
+    damage(path, at=path.stat().st_size // 2, keep_time=True)  # in the weights: it loads, only the hash tells
     assert {b.name: b.reused for b in export_model(manifest, ("fp32",), onnx=False)}[path.name] is True
     with caplog.at_level(logging.WARNING, logger="icd"):
         built = {b.name: b.reused for b in export_model(manifest, ("fp32",), onnx=False, verify=True)}
     assert built == {"unet-forward-fp32.safetensors": False, "unet-reverse-fp32.safetensors": True}
     assert "unet-forward-fp32.safetensors differs from its recorded SHA-256" in caplog.text
-    assert Index.open(manifest).entries[path.name]["file_sha256"][path.name] == sha256(path)
+    assert Index.open(manifest).entries[path.name]["files"][path.name]["sha256"] == sha256(path)
 
 
 def test_garbage_onnx_graph_runs_on_torch_instead(icd_home, caplog):
@@ -550,7 +570,9 @@ def test_garbage_onnx_graph_runs_on_torch_instead(icd_home, caplog):
     manifest = resolve_model("tiny")
     export_model(manifest, ("fp32",))
     graph = artifacts_dir(manifest) / "unet-reverse-fp32.onnx"
-    damage(graph)
+    damage(graph)  # and recorded as it is now: a graph this ONNX Runtime cannot load
+    index = Index.open(manifest)
+    index.record(graph.name, index.files(graph.name), **index.entries[graph.name])
     model = loading.Model(manifest, torch.device("cpu"), torch.float32, unet_config(manifest))
     with caplog.at_level(logging.WARNING, logger="icd"):
         eps = OnnxEngine().eps(model, "reverse")
@@ -561,3 +583,165 @@ def test_garbage_onnx_graph_runs_on_torch_instead(icd_home, caplog):
 
     out = eps(x, 259, Conditioning(torch.randn(1, 77, 32)), torch.zeros(1, 512))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+# --- a hostile artifacts folder: paths outside it, FIFOs, files swapped --------------------------------------
+
+@pytest.fixture
+def fresh_sessions(monkeypatch):
+    """Each command opens its model anew (a process keeps its sessions), so it reads the artifacts again."""
+    from icd.app import session
+
+    monkeypatch.setattr(session, "_OPEN", {})
+    return session._OPEN
+
+
+def warnings_of(result) -> list[str]:
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr, result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("icd: warning: ")]
+
+
+HOSTILE_ENTRIES = {
+    "a file up two folders": lambda entry, victims: {**entry, "files": {**entry["files"], "../../x": entry["files"][
+        next(iter(entry["files"]))]}},
+    "an absolute path": lambda entry, victims: {**entry, "files": {str(victims[1]): entry["files"][
+        next(iter(entry["files"]))]}},
+}
+
+
+@pytest.mark.parametrize("case", [*HOSTILE_ENTRIES, "an artifact named up two folders"])
+def test_an_index_naming_files_outside_its_folder_is_rebuilt_and_nothing_outside_is_touched(exported, tmp_path,
+                                                                                           icd_home, case):
+    manifest, folder, Index, export_model = exported
+    victims = [icd_home / "x", tmp_path / "victim.txt"]
+    for victim in victims:
+        victim.write_text("keep me")
+    index = json.loads((folder / "index.json").read_text())
+    entries = index["artifacts"]
+    name = "unet-reverse-fp32.safetensors"
+    if case in HOSTILE_ENTRIES:
+        entries[name] = HOSTILE_ENTRIES[case](entries[name], victims)
+    else:
+        entries["../../x"] = entries.pop(name)
+    (folder / "index.json").write_text(json.dumps(index))
+    before = tree(folder)
+    result = icd("export", "-m", "tiny", "--no-onnx", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    (warning,) = warnings_of(result)
+    assert warning.startswith(f"icd: warning: {folder / 'index.json'} is damaged (entry ") and warning.endswith(
+        "is not a file of this folder): it is replaced by an empty index, and the next `icd export` rebuilds the "
+        "artifacts")
+    assert result.stdout.splitlines()[:2] == ["built  unet-forward-fp32.safetensors",
+                                              "built  unet-reverse-fp32.safetensors"]
+    assert [victim.read_text() for victim in victims] == ["keep me", "keep me"]
+    assert tree(folder) == before
+    assert set(Index.open(manifest).entries) == {"unet-forward-fp32.safetensors", name}
+
+
+def test_a_fifo_in_place_of_the_index_is_replaced_without_being_read(exported, caplog):
+    manifest, folder, Index, export_model = exported
+    index_path = folder / "index.json"
+    index_path.unlink()
+    os.mkfifo(index_path)
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        assert within(20, lambda: Index.open(manifest), index_path).entries == {}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{index_path} is damaged (index.json: not a regular file (a FIFO)): it is replaced by an empty index, "
+        "and the next `icd export` rebuilds the artifacts"]
+    assert json.loads(index_path.read_text())["artifacts"] == {}
+    assert {b.name: b.reused for b in export_model(manifest, ("fp32",), onnx=False)} == {
+        "unet-forward-fp32.safetensors": False, "unet-reverse-fp32.safetensors": False}
+
+
+def test_a_fifo_in_place_of_fused_weights_is_not_waited_on(exported, tmp_path, fresh_sessions):
+    manifest, folder, Index, export_model = exported
+    weights = folder / "unet-reverse-fp32.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    photo(tmp_path / "a.png")
+    result = within(120, lambda: icd("edit", "a.png", "--src", "a red cat", "--tgt", "a blue cat", "--method", "none",
+                                     "-m", "tiny", "--device", "cpu", "--backend", "torch", cwd=tmp_path), weights)
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result) == [
+        f"icd: warning: {weights} is damaged (unet-reverse-fp32.safetensors: not a regular file (a FIFO)): it is "
+        "not used; the next `icd export` rebuilds it"]
+    assert not os.path.lexists(weights) and sorted(p.name for p in tmp_path.iterdir()) == ["a-edit.png", "a.png"]
+
+
+def test_two_swapped_weight_files_are_found_and_not_used(exported, tmp_path, fresh_sessions):
+    """Same sizes, same names: only their stamps tell them apart. The picture is the one the right weights give."""
+    manifest, folder, Index, export_model = exported
+    photo(tmp_path / "a.png")
+    edit = ("edit", "a.png", "--src", "a red cat", "--tgt", "a blue cat", "--method", "none", "-m", "tiny",
+            "--device", "cpu", "--backend", "torch")
+    assert icd(*edit, "-o", "right.png", cwd=tmp_path).exit_code == 0
+    forward, reverse = folder / "unet-forward-fp32.safetensors", folder / "unet-reverse-fp32.safetensors"
+    assert forward.stat().st_size == reverse.stat().st_size
+    forward.rename(tmp_path / "swap")
+    reverse.rename(forward)
+    (tmp_path / "swap").rename(reverse)
+    fresh_sessions.clear()
+    result = icd(*edit, "-o", "swapped.png", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result) == [f"icd: warning: {path} is damaged ({path.name} is not the file built): it is not "
+                                   "used; the next `icd export` rebuilds it" for path in (forward, reverse)]
+    assert Image.open(tmp_path / "swapped.png").tobytes() == Image.open(tmp_path / "right.png").tobytes()
+    assert not forward.exists() and not reverse.exists()
+    assert {b.name: b.reused for b in export_model(manifest, ("fp32",), onnx=False)} == {
+        "unet-forward-fp32.safetensors": False, "unet-reverse-fp32.safetensors": False}
+
+
+def test_two_swapped_graphs_are_found_and_rebuilt(icd_home, caplog):
+    pytest.importorskip("onnxruntime")
+    from icd_export.artifacts import Index, artifacts_dir
+    from icd_export.build import export_model
+
+    manifest = resolve_model("tiny")
+    export_model(manifest, ("fp32",))
+    folder = artifacts_dir(manifest)
+    for suffix in (".onnx", ".onnx.data"):
+        forward, reverse = folder / f"unet-forward-fp32{suffix}", folder / f"unet-reverse-fp32{suffix}"
+        forward.rename(folder / "swap")
+        reverse.rename(forward)
+        (folder / "swap").rename(reverse)
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        assert Index.open(manifest).find(kind="onnx", precision="fp32") is None
+    assert {r.getMessage().split(" is damaged")[0] for r in caplog.records} == {
+        str(folder / "unet-forward-fp32.onnx"), str(folder / "unet-reverse-fp32.onnx")}
+    rebuilt = {b.name: b.reused for b in export_model(manifest, ("fp32",)) if b.name.endswith(".onnx")}
+    assert rebuilt == {"unet-forward-fp32.onnx": False, "unet-reverse-fp32.onnx": False,
+                       "unet-reverse-p2p-fp32.onnx": True}
+
+
+def test_a_fifo_in_place_of_a_graph_is_not_waited_on(icd_home, caplog):
+    pytest.importorskip("onnxruntime")
+    from icd_export.artifacts import Index, artifacts_dir
+    from icd_export.build import export_model
+
+    manifest = resolve_model("tiny")
+    export_model(manifest, ("fp32",))
+    graph = artifacts_dir(manifest) / "unet-reverse-fp32.onnx"
+    graph.unlink()
+    os.mkfifo(graph)
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        assert within(20, lambda: Index.open(manifest).find(kind="onnx", direction="reverse"), graph) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{graph} is damaged (unet-reverse-fp32.onnx: not a regular file (a FIFO)): it is not used; the next "
+        "`icd export` rebuilds it"]
+    assert not os.path.lexists(graph) and not graph.with_name(graph.name + ".data").exists()
+
+
+def test_a_copied_cache_is_hashed_once_and_kept(exported, monkeypatch):
+    """New times, same bytes (a copy without its times): each file is hashed whole once, and its new time kept."""
+    from icd_export import artifacts
+
+    manifest, folder, Index, export_model = exported
+    path = folder / "unet-forward-fp32.safetensors"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    hashed = []
+    whole = artifacts._hash_stream
+    monkeypatch.setattr(artifacts, "_hash_stream", lambda file, *a: hashed.append(file.name) or whole(file, *a))
+    assert Index.open(manifest).find(kind="unet", direction="forward") == path.name
+    assert Index.open(manifest).find(kind="unet", direction="forward") == path.name
+    assert len(hashed) == 1
+    assert Index.open(manifest).entries[path.name]["files"][path.name]["mtime_ns"] == path.stat().st_mtime_ns

@@ -226,7 +226,7 @@ def test_multi_frame_gif_uses_the_first_frame(tmp_path):
     ((1080, 1920), 512, 64, (384, 704)),
     ((4000, 3000), 1024, 32, (1184, 896)),
     ((512, 512), 512, 64, (512, 512)),
-    ((10, 1000), 512, 64, (64, 5120)),  # never below one multiple
+    ((1, 400), 64, 8, (8, 1280)),  # never below one multiple
 ])
 def test_working_size_keeps_aspect_and_area(original, resolution, multiple, expected):
     assert working_size(original, resolution=resolution, multiple=multiple) == expected
@@ -243,6 +243,8 @@ def test_working_size_with_explicit_sides():
      "--width 500 is not a positive multiple of 64 (nearest valid: 448 or 512)"),
     ({"height": 30}, "--height 30 is not a positive multiple of 64 (nearest valid: 64)"),
     ({"width": 0}, "--width 0 is not a positive multiple of 64 (nearest valid: 64)"),
+    ({"height": 2048}, "its working size would be 2752x2048, over the 2048-pixel limit of a side (the photo is "
+                       "512x384): give --width and --height"),
 ])
 def test_working_size_rejects_sides_that_are_not_multiples(sides, message):
     with pytest.raises(ICDError) as info:

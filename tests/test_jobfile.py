@@ -86,7 +86,7 @@ BAD_ROWS = {
     "seed negative": ({"image": "a.png", "source": "a", "target": "b", "seed": -1},
                       "row 2: seed: Input should be greater than or equal to 0"),
     "same output": ({"image": "a.png", "source": "a", "target": "c", "output": "x.png"},
-                    "row 2: output"),
+                    "row 2: {folder}/x.png is also written by {jobs} row 1: give each result its own name"),
 }
 
 
@@ -99,7 +99,7 @@ def test_a_bad_row_stops_everything_before_the_model_loads(icd_home, tmp_path, n
     before = files(tmp_path)
     result = icd("edit", "--jobs", jobs, *TINY, cwd=tmp_path)
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith(f"icd: error: {jobs} {message}"), result.stderr
+    assert result.stderr.startswith(f"icd: error: {jobs} " + message.format(folder=tmp_path, jobs=jobs)), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert files(tmp_path) == before
 

@@ -233,7 +233,7 @@ def test_job_file_rows_take_masks_and_strengths(icd_home, scene_files, tmp_path)
     ({"mask_words": "red:green", "save_mask": "out.png", "output": "out.png"},
      "row 1: save_mask out.png is the edit's own output: choose another file"),
     ({"mask_words": "red:green", "save_mask": "second.png"},
-     "row 2: output second.png is also written by row 1: give each row its own files"),
+     "row 2: second.png is also written by jobs.jsonl row 1: give each result its own name"),
 ])
 def test_job_file_save_mask_is_checked_before_the_model_loads(icd_home, tmp_path, row, message):
     rows = [{"image": "scene.png", "source": SCENE.caption, "target": TARGET.caption, **row},

@@ -90,6 +90,19 @@ def test_yaml_file(tmp_path):
     ("icd.forward_timesteps=259,19", "increasing timesteps"),
     ("train.gradient_accumulation=2", "needs icd.schedule = 'summed'"),
     ("lora.rank=0", "lora: rank >= 1"),
+    ("train.lr=nan", "train.lr: must be a finite number, not nan"),
+    ("lora.alpha=inf", "lora.alpha: must be a finite number, not inf"),
+    ("icd.guidance_scales=0,nan", "icd.guidance_scales: must be a finite number, not nan"),
+    ("icd.guidance_scales=0,-1", "icd.guidance_scales: w is the classical CFG scale minus one, so not negative"),
+    ("icd.huber_c=-inf", "icd.huber_c: must be a finite number, not -inf"),
+    ("icd.ddim_steps=0", "icd.ddim_steps: must divide 1000"),
+    ("train.adam_beta2=1", "train.adam_beta1/2: from 0 to below 1"),
+    ("train.max_grad_norm=0", "train.max_grad_norm: must be positive"),
+    ("train.seed=-1", "train.seed: from 0 to 18446744073709551615"),
+    ("data.resolution=200000", "data.resolution: a multiple of 8 from 8 to 2048"),
+    ("train.max_steps=0", "train.max_steps: must be at least 1"),
+    ("icd.guidance_scales=" + "[" * 100_000 + "]" * 100_000,
+     "icd.guidance_scales: nested too deeply to be a setting"),
 ])
 def test_config_errors_are_one_line(override, message):
     with pytest.raises(ConfigError) as err:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icd.errors import ICDError
+from icd.errors import ICDError, first_line
+from icd.limits import MAX_SEED, MAX_SIDE
 from icd.models.official import (FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, GUIDANCE_SCALES, LORA_ALPHA, LORA_RANK,
                                  LORA_TARGETS, REVERSE_TIMESTEPS)
 
@@ -147,9 +149,11 @@ def _coerce(value, kind, key: str):
         (item,) = typing.get_args(kind)
         return [_coerce(v, item, key) for v in (value if isinstance(value, list) else [value])]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # TOML and YAML both spell nan and inf
+        raise ConfigError(f"{key}: must be a finite number, not {value!r}")
     return value
 
 
@@ -165,7 +169,11 @@ def _assign(config, key: str, value, from_text: bool = False) -> None:
     if name not in sections[section]:
         raise ConfigError(f"unknown setting '{key}' (in [{section}]: {', '.join(sections[section])})")
     kind = sections[section][name]
-    setattr(getattr(config, section), name, _coerce(_from_text(value, kind) if from_text else value, kind, key))
+    try:
+        parsed = _from_text(value, kind) if from_text else value
+    except RecursionError:
+        raise ConfigError(f"{key}: nested too deeply to be a setting") from None
+    setattr(getattr(config, section), name, _coerce(parsed, kind, key))
 
 
 def preset_names() -> list[str]:
@@ -194,12 +202,16 @@ def _read_file(path: Path) -> dict:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a configuration (nested too deeply)") from None
     else:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a configuration (nested too deeply)") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{path}: the configuration must be sections of key = value settings")
     return data
@@ -228,20 +240,31 @@ def _check(condition: bool, message: str) -> None:
 
 
 def validate(config: Config) -> None:
-    """Reject settings that could only fail later, or silently train something else."""
+    """Reject settings that could only fail later, or silently train something else: the whole configuration
+    is checked before anything is written (every number is finite already, `_coerce`)."""
     train, data = config.train, config.data
     _check(bool(config.model.path), "model.path: name the model to start from")
     _check(bool(data.path), "data.path: name the folder of training images")
-    _check(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution: a positive multiple of 8")
+    _check(8 <= data.resolution <= MAX_SIDE and data.resolution % 8 == 0,
+           f"data.resolution: a multiple of 8 from 8 to {MAX_SIDE}")
+    _check(data.workers >= 0, "data.workers: 0 (load in the training process) or a number of processes")
     for key in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every", "log_every",
                 "keep_checkpoints"):
         _check(getattr(train, key) >= 1, f"train.{key}: must be at least 1")
     _check(train.eval_every >= 0, "train.eval_every: 0 (only before and after) or a number of steps")
     _check(train.eval_samples >= 0, "train.eval_samples: 0 (no evaluation) or a number of images")
     _check(train.lr > 0, "train.lr: must be positive")
+    _check(0 <= train.adam_beta1 < 1 and 0 <= train.adam_beta2 < 1, "train.adam_beta1/2: from 0 to below 1")
+    _check(train.adam_eps > 0, "train.adam_eps: must be positive")
+    _check(train.weight_decay >= 0, "train.weight_decay: not negative")
+    _check(train.max_grad_norm > 0, "train.max_grad_norm: must be positive")
+    _check(0 <= train.seed <= MAX_SEED, f"train.seed: from 0 to {MAX_SEED}")
     _check(train.mixed_precision in MIXED_PRECISION, f"train.mixed_precision: one of {', '.join(MIXED_PRECISION)}")
+    scales = config.guidance.scales if isinstance(config, GuidanceConfig) else config.icd.guidance_scales
+    key = "guidance.scales" if isinstance(config, GuidanceConfig) else "icd.guidance_scales"
+    _check(bool(scales), f"{key}: give at least one guidance value")
+    _check(min(scales) >= 0, f"{key}: w is the classical CFG scale minus one, so not negative")
     if isinstance(config, GuidanceConfig):
-        _check(bool(config.guidance.scales), "guidance.scales: give at least one guidance value")
         _check(config.guidance.embed_dim > 0 and config.guidance.embed_dim % 2 == 0,
                "guidance.embed_dim: a positive even number")
         return
@@ -251,8 +274,9 @@ def validate(config: Config) -> None:
         _check(bool(steps) and steps == sorted(set(steps)) and 0 < steps[0] and steps[-1] < 1000,
                f"icd.{key}: increasing timesteps in 1..999")
     _check(icd.reverse_timesteps[-1] == 999, "icd.reverse_timesteps: decoding starts from pure noise at 999")
-    _check(1000 % icd.ddim_steps == 0, "icd.ddim_steps: must divide 1000 (50 gives the grid 19, 39, ..., 999)")
-    _check(bool(icd.guidance_scales), "icd.guidance_scales: give at least one guidance value")
+    _check(icd.ddim_steps >= 1 and 1000 % icd.ddim_steps == 0,
+           "icd.ddim_steps: must divide 1000 (50 gives the grid 19, 39, ..., 999)")
+    _check(icd.eval_guidance >= 0, "icd.eval_guidance: not negative")
     _check(icd.loss in ("huber", "l2"), "icd.loss: huber or l2")
     _check(icd.huber_c > 0, "icd.huber_c: must be positive")
     _check(icd.forward_preservation >= 0 and icd.reverse_preservation >= 0, "icd.*_preservation: not negative")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from icd.errors import ICDError, InputError
+from icd.errors import ICDError, InputError, first_line
 from icd.files import atomic_write
 from icd.images import load_image, to_model_input
 
@@ -155,7 +155,7 @@ def cached_latents(cache: Path, examples: list[Example], resolution: int, vae: s
                     return LatentDataset(f.get_tensor("latents"), json.loads(metadata["captions"]))
             log.info("%s: made from other images or settings, rebuilding", cache)
         except Exception as err:  # safetensors raises several types for a damaged file
-            log.warning("%s: unreadable latent cache, rebuilding (%s)", cache, str(err).splitlines()[0])
+            log.warning("%s: unreadable latent cache, rebuilding (%s)", cache, first_line(err))
     dataset = encode_examples(examples, resolution, encode)
     atomic_write(cache, lambda temporary: save_file({"latents": dataset.latents.contiguous()}, str(temporary),
                                                     metadata={"key": key, "captions": json.dumps(dataset.captions)}),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from icd.core.consistency import add_noise, guidance_embedding, guided_eps
 from icd.core.schedule import NUM_TRAIN_TIMESTEPS
 from icd.core.denoiser import Conditioning
-from icd.errors import ModelError
+from icd.errors import ModelError, first_line
 from icd.models.loading import Model, load_teacher, unet_eps
 from icd.models.manifest import (MANIFEST_NAME, TEACHER_FILE, Manifest, carry_inside, load_manifest, parse_manifest,
                                  write_model)
@@ -41,7 +41,7 @@ def base_manifest(path: str, resolution: int) -> Manifest:
     try:
         unet = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: neither an iCD model nor a diffusers base model ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: neither an iCD model nor a diffusers base model ({first_line(err)})") from None
     kind = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"
     defaults = ICDSection()
     data = {"kind": kind, "base": path, "forward_timesteps": defaults.forward_timesteps,

@@ -277,9 +277,9 @@ def clip_and_step(stage) -> None:
 def run(make_stage, config, output: Path, resume: bool) -> dict:
     """Train one stage into `output` (the model folder, logs, checkpoints and the effective config.json)."""
     resume_from = check_output(output, resume)
-    output.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(config.train, output)
-    stage = make_stage(config, output, accelerator)
+    stage = make_stage(config, output, accelerator)  # checks the settings against the model: nothing written yet
+    output.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         atomic_write(output / "config.json", lambda temporary: temporary.write_text(to_json(config)), overwrite=True)
     return fit(stage, config.train, output, flat_scalars(config), resume_from)

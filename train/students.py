@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from icd.errors import ModelError
+from icd.errors import ModelError, first_line
 from icd.files import atomic_write
 
 from .config import ConfigError, LoraSection
@@ -31,7 +31,7 @@ def make_student(teacher, lora: LoraSection, gradient_checkpointing: bool):
     try:
         return get_peft_model(unet, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
     except ValueError as err:  # e.g. no target module found
-        raise ConfigError(f"lora.targets: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"lora.targets: {first_line(err)}") from None
 
 
 def trainable(model) -> list[torch.nn.Parameter]:

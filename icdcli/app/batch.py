@@ -20,8 +20,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icd.errors import ICDError, UsageError
-from icd.files import sweep_temporaries
+from icd.errors import ICDError, UsageError, first_line
+from icd.files import real_path, sweep_temporaries
 
 log = logging.getLogger("icd")
 
@@ -94,7 +94,7 @@ def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[
         if not clashes:
             return names
         for path in (p for group in clashes for p in group):
-            parents = path.resolve().parent.parts[1:][-depth:]
+            parents = real_path(path).parent.parts[1:][-depth:]
             names[path] = "-".join([*parents, name_for(path)])
     if clashes := _clashes(names):
         first, second = clashes[0][:2]
@@ -116,12 +116,12 @@ class _Inputs:
     def __init__(self, paths: Iterable[Path]):
         self.paths, self.identities = set(), set()
         for path in paths:
-            self.paths.add(path.resolve())
+            self.paths.add(real_path(path))
             with suppress(OSError):
                 self.identities.add(_identity(path))
 
     def __contains__(self, output: Path) -> bool:
-        if output.resolve() in self.paths:
+        if real_path(output) in self.paths:
             return True
         try:
             return _identity(output) in self.identities
@@ -137,14 +137,15 @@ def _identity(path: Path) -> tuple[int, int]:
 def plan(items: list[Item], inputs: Iterable[Path], *, overwrite: bool, skip_existing: bool,
          check: Callable[[Item], None] | None = None) -> list[Item]:
     """Mark the items that must not run, before any model loads: an output that is a file the command reads
-    (`inputs`: its inputs, masks, job file) or that an earlier item writes too, an existing output (an error
-    without --overwrite; with --skip-existing an item whose outputs all exist is skipped), and an input whose
-    header `check` refuses."""
+    (`inputs`: its inputs, masks, job file), an existing output (an error without --overwrite; with
+    --skip-existing an item whose outputs all exist is skipped), and an input whose header `check` refuses.
+    Two items that would write one file are a usage error: one result would be lost."""
     if overwrite and skip_existing:
         raise UsageError("--overwrite and --skip-existing contradict each other: give one")
-    inputs, writers = _Inputs(inputs), {}
+    _refuse_shared_outputs(items)
+    inputs = _Inputs(inputs)
     for item in items:
-        item.error = _output_problem(item, inputs, writers, overwrite)
+        item.error = _output_problem(item, inputs)
         existing = [path for path in item.outputs if path.exists()]
         if item.error is None and existing and not overwrite:
             if skip_existing and len(existing) == len(item.outputs):
@@ -163,16 +164,23 @@ def plan(items: list[Item], inputs: Iterable[Path], *, overwrite: bool, skip_exi
     return items
 
 
-def _output_problem(item: Item, inputs: _Inputs, writers: dict, overwrite: bool) -> str | None:
-    """Why one of the item's outputs may not be written: a file the command reads, or one an earlier item
-    writes (case folded: case-insensitive file systems clash on case alone)."""
+def _refuse_shared_outputs(items: list[Item]) -> None:
+    """Every output is written by one item only (case folded: case-insensitive file systems clash on case)."""
+    writers: dict[str, str] = {}
+    for item in items:
+        for path in item.outputs:
+            key = str(real_path(path)).casefold()
+            if key in writers:
+                raise UsageError(f"{item.label}: {path} is also written by {writers[key]}: give each result its "
+                                 "own name")
+            writers[key] = item.label
+
+
+def _output_problem(item: Item, inputs: _Inputs) -> str | None:
+    """Why one of the item's outputs may not be written: it is a file the command reads."""
     for path in item.outputs:
         if path in inputs:
             return f"{item.label}: the output {path} is one of the inputs: choose another -o"
-        key = str(path.resolve()).casefold()
-        if key in writers:
-            return f"{item.label}: {path} is also written by {writers[key]}: give each result its own name"
-        writers[key] = item.label
     return None
 
 
@@ -220,17 +228,8 @@ def _attempt(item: Item, work, report: Report) -> dict:
     """One item's wall: whatever it raises becomes its one line (KeyboardInterrupt and exits pass)."""
     try:
         output, notes = work(item)
-    except ICDError as err:
-        return {"status": "error", "error": _named(item.label, str(err))}
     except Exception as err:  # the wall: an unexpected failure of one item must not end the batch
-        if _is_out_of_memory(err):
-            return {"status": "error", "error": f"{item.label}: out of memory: try a smaller --width/--height "
-                                                "or --dtype fp16"}
-        if debugging():
-            traceback.print_exc(file=sys.stderr)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        hint = "" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)"
-        return {"status": "error", "error": f"{item.label}: unexpected {type(err).__name__}: {first}{hint}"}
+        return {"status": "error", "error": _named(item.label, failure_line(err))}
     for note in notes:
         if note not in report.notes:
             report.notes.add(note)
@@ -238,12 +237,29 @@ def _attempt(item: Item, work, report: Report) -> dict:
     return {"status": "ok", "output": str(output)}
 
 
-def _is_out_of_memory(err: Exception) -> bool:
+def failure_line(err: Exception) -> str:
+    """What went wrong, in one line: the message of an error icd expects, else an allocation that failed,
+    else the unexpected error (its traceback on stderr with -v or ICD_DEBUG=1)."""
+    if isinstance(err, ICDError):
+        return str(err)
+    if memory := out_of_memory(err):
+        return memory
+    if debugging():
+        traceback.print_exc(file=sys.stderr)
+    return f"unexpected {type(err).__name__}: {first_line(err)}" + \
+        ("" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)")
+
+
+def out_of_memory(err: Exception) -> str | None:
+    """The line for an allocation that failed (a GPU's, or the CPU's: Python's MemoryError, or torch's
+    allocator refusing), else None."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
         torch.cuda.empty_cache()
-        return True
-    return False
+        return "out of memory: try a smaller --width/--height or --dtype fp16"
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        return "out of memory: try a smaller --width/--height, or free memory for icd"
+    return None
 
 
 def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool) -> None:
@@ -267,9 +283,24 @@ def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool
 
 
 def _line(text: str) -> None:
-    """One whole line on stdout in one write, so lines of processes sharing a pipe never interleave."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    """One whole line on stdout in one write, so lines of processes sharing a pipe never interleave. When the
+    reader has gone (`icd ... | head -1`) the rest of the report goes nowhere and the work goes on."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+
+
+def discard_stdout() -> None:
+    """Send what is still to be written on stdout, the buffered part included, to the null device: its reader
+    has closed the pipe, and every later write (Python's own at exit too) would fail again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with suppress(OSError, ValueError):  # a stdout without a descriptor (a caller's own stream) keeps its own
+            os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
 
 
 def file_items(paths: list[Path], output: str | None, name_for: Callable[[Path], str], *,

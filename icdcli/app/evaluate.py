@@ -18,7 +18,6 @@ import math
 import re
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 
 from icd import __version__
 from icd.editing import MASK_WORDS_NOTE, EditPlan, Given, resolve_edit
-from icd.errors import ICDError, OutputExistsError, UsageError
+from icd.errors import OutputExistsError, UsageError
 from icd.evaluation.datasets import Dataset, EvalItem, decode_rle
 from icd.evaluation.metrics import METRICS, Evaluator, MetricInfo, Sample, check_infos
 from icd.evaluation.pictures import Series, contact_sheet, tradeoff_plot
@@ -38,7 +37,7 @@ from icd.files import atomic_write
 from icd.images import LoadedImage, load_image
 from icd.models.manifest import Manifest
 
-from .batch import debugging, error_line
+from .batch import error_line, failure_line
 from .distributed import current_launch, gather_records, process_share
 from .jobs import Settings, edit_file, inverted
 from .runner import Runner
@@ -320,14 +319,8 @@ def _walled(label: str, work: Callable[[], object]) -> bool:
     try:
         work()
         return True
-    except ICDError as err:
-        error_line(f"{label}: {err}")
     except Exception as err:  # the wall: one bad item must not end the run
-        if debugging():
-            traceback.print_exc(file=sys.stderr)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        error_line(f"{label}: unexpected {type(err).__name__}: {first}"
-                   + ("" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)"))
+        error_line(f"{label}: {failure_line(err)}")
     return False
 
 

@@ -7,27 +7,37 @@ every error names the file, the row and the field. Paths in a job file are relat
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icd.editing import Given, parse_amplify, parse_blend
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
-from icd.core.schedule import MAX_SEED
+from icd.limits import MAX_SEED
 
 MAX_ROWS = 100_000
+
+
+def _no_nul(path: str) -> str:
+    if "\0" in path:
+        raise ValueError("a path cannot hold a NUL character")
+    return path
+
+
+PathText = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 
 
 class _Row(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    image: str = Field(min_length=1)
+    image: PathText
     source: str | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    output: str | None = None
+    output: PathText | None = None
 
 
 class InvertJob(_Row):
@@ -44,10 +54,10 @@ class EditJob(_Row):
     blend: str | None = None  # the older name of mask_words
     mask_words: str | None = None
     amplify: str | None = None  # WORD=F, several separated by spaces
-    mask: str | None = Field(None, min_length=1)  # a mask picture, relative to the job file
+    mask: PathText | None = None  # a mask picture, relative to the job file
     keep_outside: bool = True
     strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    save_mask: str | None = Field(None, min_length=1)  # where the map the edit used goes, relative to the file
+    save_mask: PathText | None = None  # where the map the edit used goes, relative to the file
 
     @field_validator("amplify")
     @classmethod
@@ -80,7 +90,8 @@ class EditJob(_Row):
 
 
 def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
-    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV (.csv) job file."""
+    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV (.csv) job file. JSON values are
+    taken as their types (true is no seed, a list no prompt); CSV cells are text, read as the column's type."""
     path = Path(path)
     rows = list(_rows(path))
     if not rows:
@@ -88,7 +99,7 @@ def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
     jobs = []
     for number, fields in rows:
         try:
-            jobs.append((number, schema.model_validate(fields)))
+            jobs.append((number, schema.model_validate(fields, strict=not _is_csv(path))))
         except ValidationError as err:
             raise UsageError(f"{path} row {number}: {_problem(err)}") from None
     return jobs
@@ -106,8 +117,14 @@ def _problem(err: ValidationError) -> str:
     return f"{where}: {what}"
 
 
+def _is_csv(path: Path) -> bool:
+    return path.suffix.lower() == ".csv"
+
+
 def _rows(path: Path):
     """(row number, fields) of each non-empty row; the rows of a CSV file are counted after its header."""
+    if not _is_csv(path) and path.suffix.lower() not in (".jsonl", ".json"):
+        raise UsageError(f"{path}: a job file is .jsonl (one JSON object per line) or .csv")
     try:
         with open_regular(path) as file:
             text = file.read().decode("utf-8-sig")
@@ -115,8 +132,16 @@ def _rows(path: Path):
         raise UsageError(str(err)) from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text") from None
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+    return _csv_rows(path, text) if _is_csv(path) else _json_rows(path, text)
+
+
+def _csv_rows(path: Path, text: str):
+    """The file's whole text through the csv module, so a quoted cell keeps its line breaks."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        columns = [name.strip() for name in reader.fieldnames or ()]
+        if repeated := _first_repeated(name for name in columns if name):
+            raise UsageError(f"{path}: the column '{repeated}' appears twice in the header: give each column once")
         for number, row in enumerate(reader, start=1):
             if None in row:
                 raise UsageError(f"{path} row {number}: more cells than the header has columns")
@@ -124,16 +149,45 @@ def _rows(path: Path):
             if fields:
                 yield number, fields
             _check_count(path, number)
-        return
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        raise UsageError(f"{path}: a job file is .jsonl (one JSON object per line) or .csv")
-    for number, line in enumerate(text.splitlines(), start=1):
+    except csv.Error as err:
+        raise UsageError(f"{path} line {reader.line_num}: not readable CSV ({err})") from None
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different: a repeated one would silently take the last value."""
+    if (repeated := _first_repeated(key for key, _ in pairs)) is not None:
+        raise _RepeatedKey(repeated)
+    return dict(pairs)
+
+
+def _first_repeated(names) -> str | None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def _json_rows(path: Path, text: str):
+    # Lines end at "\n" only: str.splitlines would also split at characters a JSON string may hold (U+2028).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            fields = json.loads(line)
+            fields = json.loads(line, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as err:
+            raise UsageError(f"{path} row {number}: the key '{err.key}' appears twice: give each key once") from None
         except ValueError as err:
             raise UsageError(f"{path} row {number}: not JSON ({err.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{path} row {number}: not a job (its JSON is nested too deeply)") from None
         if not isinstance(fields, dict):
             raise UsageError(f"{path} row {number}: not a JSON object")
         _check_count(path, number)
@@ -163,7 +217,7 @@ def captions(folder: Path) -> dict[str, str]:
     found = {}
     for number, fields in _rows(path):
         try:
-            caption = _Caption.model_validate(fields)
+            caption = _Caption.model_validate(fields, strict=True)
         except ValidationError as err:
             raise UsageError(f"{path} row {number}: {_problem(err)}") from None
         found[caption.file_name] = caption.text

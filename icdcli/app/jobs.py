@@ -16,6 +16,7 @@ import numpy as np
 
 from icd import __version__
 from icd.errors import ICDError, InputError, UsageError
+from icd.files import real_path
 from icd.editing import MASK_WORDS_NOTE, EditPlan, guidance_on_steps
 from icd.images import (OUTPUT_SUFFIXES, LoadedImage, from_model_output, load_image, probe_image, save_image,
                         to_model_array, working_size)
@@ -33,8 +34,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
     """Files as given, folders as their files with `suffixes` (sorted, not recursive), globs expanded.
 
-    A name that matches nothing is kept, so that it fails as its own item with a clear message; nothing at
-    all to work on is a UsageError.
+    A name that matches nothing (or a symlink loop) is kept, so that it fails as its own item with a clear
+    message; a name given twice (a.png, ./a.png and its absolute path) is kept once; nothing at all to work on is
+    a UsageError.
     """
     found: list[Path] = []
     for arg in args:
@@ -48,7 +50,10 @@ def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
             found.append(path)
     if not found:
         raise UsageError(f"no input files in {' '.join(args)} (looked for {', '.join(sorted(suffixes))})")
-    return list(dict.fromkeys(found))
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(real_path(path.parent) / path.name, path)  # a name's first spelling (links are names)
+    return list(unique.values())
 
 
 def output_path(output: str | None, default_name: str, many: bool) -> Path:

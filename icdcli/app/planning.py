@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from icd.errors import ICDError, UsageError
-from icd.core.schedule import MAX_SEED
+from icd.files import real_path
+from icd.limits import MAX_SEED
 
 log = logging.getLogger("icd")
 
@@ -44,7 +45,7 @@ def with_mask_outputs(items: list, save_mask: str | None) -> list:
         raise UsageError(f"--save-mask {save_mask} names one file, but there are {len(items)} results: give a folder")
     for item in items:
         written = output_path(save_mask, f"{item.output.stem}-mask.png", len(items) > 1)
-        if written.resolve() == item.output.resolve():
+        if real_path(written) == real_path(item.output):
             raise UsageError(f"--save-mask {save_mask} is the edit's own output: choose another file")
         item.mask_output = written
     return items
@@ -137,7 +138,7 @@ def row_output(jobs_file: str, value: str, where: str, column: str, suffixes: tu
     folder = Path(jobs_file).parent
     path = folder / value
     inside = not Path(value).is_absolute() and ".." not in Path(value).parts and \
-        path.resolve().is_relative_to(folder.resolve())
+        real_path(path).is_relative_to(real_path(folder))
     if not inside:
         raise UsageError(f"{where}: {column} {value}: name a file inside the job file's folder ({folder})")
     if not value.lower().endswith(suffixes):
@@ -157,7 +158,7 @@ def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
     from .jobs import output_path, output_stem, slug
 
     folder = Path(jobs_file).parent
-    items, rows = [], {}
+    items = []
     for number, job in read_jobs(jobs_file, EditJob):
         where = f"{jobs_file} row {number}"
         path = folder / job.image
@@ -169,12 +170,7 @@ def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
             output_path(output, name, True)
         written = [target, *([row_output(jobs_file, job.save_mask, where, "save_mask", ".png")] if job.save_mask
                              else [])]
-        if len(written) == 2 and written[0].resolve() == written[1].resolve():
+        if len(written) == 2 and real_path(written[0]) == real_path(written[1]):
             raise UsageError(f"{where}: save_mask {written[1]} is the edit's own output: choose another file")
-        for kind, file in zip(("output", "save_mask"), written):
-            if file.resolve() in rows:
-                raise UsageError(f"{where}: {kind} {file} is also written by row {rows[file.resolve()]}: give each "
-                                 "row its own files")
-            rows[file.resolve()] = number
         items.append(Item(where, path, target, job=plan, mask_output=written[1] if job.save_mask else None))
     return items

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NUM_TRAIN_TIMESTEPS = 1000
-MAX_SEED = 2**64 - 1  # the seeds of the noise: what torch's generators take
 
 
 def dynamic_guidance(w: float, t: int, tau: float) -> float:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from icd.errors import UsageError
+from icd.errors import UsageError, first_line
 from icd.images import load_image
 from icd.masks import read_mask
 
@@ -228,7 +228,7 @@ def _load(model: str, ref: str, device: torch.device):
     except (OSError, ValueError, RuntimeError) as err:
         how = HOW_TO_GET.get(model) or (f"download it once with network (`hf download {ref}`), or give "
                                         f"--{model.replace('_', '-')}-model FOLDER with a local copy")
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise MetricModelMissing(f"{ref} is not available here ({reason[:160]}): {how}") from None
 
 

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import posixpath
+import stat
 import sys
 import urllib.error
 import urllib.parse
@@ -73,7 +74,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         return
     with writing_cache():
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")
+        handle = _open_lock_file(path)
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         _HELD_LOCKS.add(path)
@@ -81,6 +82,15 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             _HELD_LOCKS.discard(path)
+
+
+def _open_lock_file(path: Path):
+    """The lock file, created if needed; anything but a regular file there (a FIFO would block the open, a link
+    could lead outside the cache) is refused in one line."""
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise ModelError(f"{path} is not a regular file: remove it (icd keeps a lock file there)")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, 0o666), "a")
 
 
 def _verdict_path(key: str) -> Path:

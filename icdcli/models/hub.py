@@ -19,7 +19,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, first_line
 from .cache import _offline_var, cache_error, download, icd_home, is_disk_error, writing_cache
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, model_files, write_model
 from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
@@ -215,7 +215,7 @@ def _download_repo(repo_id: str, patterns: list[str], force: bool, what: str) ->
     try:
         snapshot_download(repo_id=repo_id, allow_patterns=patterns, force_download=force)
     except Exception as e:  # huggingface_hub raises network, HTTP and cache errors of many types
-        raise ModelError(f"cannot download {what} {repo_id}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot download {what} {repo_id}: {first_line(e)}") from None
 
 
 def builtin_dir(name: str) -> Path:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..core.consistency import Timesteps
 from ..core.denoiser import Conditioning, EpsFn
-from ..errors import ModelError, UsageError
+from ..errors import ModelError, UsageError, first_line
 from .cache import already_checked, remember_checked
 from .lora import first_non_finite, fuse_lora
 from .geometry import multiple_of
@@ -86,7 +86,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def _missing_base(base: str, part: str, err: Exception, whose: str = "base model") -> ModelError:
     """Loading never touches the network (so it cannot hang): a base model not on disk says how to get it."""
     hint = "" if Path(base).is_dir() else f" (not in the Hugging Face cache: `icd pull` a preset, or `hf download {base}`)"
-    return ModelError(f"cannot load {part} of {whose} {base}{hint}: {str(err).splitlines()[0]}")
+    return ModelError(f"cannot load {part} of {whose} {base}{hint}: {first_line(err)}")
 
 
 def _from_base(cls, base: str, subfolder: str | None, whose: str = "base model"):
@@ -133,13 +133,15 @@ def unet_from_state(config: dict, state: Mapping, where: str, kind: str | None =
 def _load_state_dict(path: Path) -> Mapping:
     """A teacher's weights; `.pt` files are unpickled with weights_only=True (no code runs). Anything but a
     non-empty mapping of parameter names to tensors is one ModelError line."""
+    if path.stat().st_size == 0:  # torch.load would say only "EOFError"
+        raise ModelError(f"{path}: an empty file (0 bytes), not a teacher state dict")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, pickle and zip errors come in many types
-        raise ModelError(f"{path}: not a loadable teacher state dict ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: not a loadable teacher state dict ({first_line(err)})") from None
     if not isinstance(state, Mapping):
         raise ModelError(f"{path}: holds a {type(state).__name__}, not a UNet state dict")
     if not state:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 _PATTERNS = [
     (re.compile(r"^(?:unet\.)?base_model\.model\.(.+)\.lora_([AB])\.weight$"), "peft"),
@@ -53,7 +53,7 @@ def read_lora(path: Path, module_names: set[str],
     try:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises several types for corrupt files
-        raise ModelError(f"{path}: not a readable safetensors LoRA file ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: not a readable safetensors LoRA file ({first_line(err)})") from None
     if check is not None:
         check(path, tensors)
     kohya_names = {name.replace(".", "_"): name for name in module_names}
@@ -97,6 +97,9 @@ def read_lora(path: Path, module_names: set[str],
                              f"{tuple(layer.up.shape)}, not two matrices (2-D) or two conv kernels (4-D)")
         if layer.down.shape[0] != layer.up.shape[1]:
             raise ModelError(f"{path}: LoRA for '{name}' has A of rank {layer.down.shape[0]} but B of rank {layer.up.shape[1]}")
+        if layer.down.shape[0] == 0:  # its scale, alpha / rank, would divide by zero
+            raise ModelError(f"{path}: LoRA for '{name}' has rank 0 (A is {tuple(layer.down.shape)}): it holds no "
+                             "update, so the file is not a trained LoRA")
     return layers
 
 

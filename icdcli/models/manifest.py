@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import reprlib
 import secrets
 import shutil
@@ -25,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from ..errors import ICDError, ModelError
 from ..files import atomic_write
+from ..limits import MAX_SIDE
 from .cache import cached_download, cached_download_path
 from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, LORA_ALPHA
 
@@ -126,7 +128,7 @@ class ManifestSchema(_Strict):
     lora_alpha: PositiveNumber = LORA_ALPHA
     forward_timesteps: Timesteps
     reverse_timesteps: Timesteps
-    resolution: Annotated[int, Field(ge=8)] | None = None
+    resolution: Annotated[int, Field(ge=8, le=MAX_SIDE)] | None = None
     edit: _EditSchema = _EditSchema()
     demo: _DemoSchema | None = None
     vae: Annotated[str, Field(min_length=1)] | None = None
@@ -159,6 +161,26 @@ def validate_fields(data, where: str) -> ManifestSchema:
         raise ModelError(f"{where}: the manifest is nested too deeply") from None
 
 
+# A Hugging Face hub id as the hub takes it: NAME or OWNER/NAME, each of letters, digits, '_', '-' and '.', neither
+# starting nor ending with '-' or '.', without '--' or '..', at most 96 characters.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?/)?[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?", re.ASCII)
+
+
+def _folder_or_hub_id(value: str, folder: Path, where: str, key: str) -> str:
+    """A base or VAE entry: the absolute folder when it names one relative to the manifest, else a hub id;
+    anything else is one ModelError line."""
+    local = (folder / value).resolve()
+    if local.is_dir():
+        return str(local)
+    if "://" in value:
+        raise ModelError(f"{where}: field '{key}': {reprlib.repr(value)} is a URL, which {key} cannot be: name a "
+                         "Hugging Face hub id (owner/name) or a local diffusers folder")
+    if not _HUB_ID.fullmatch(value) or len(value) > 96 or "--" in value or ".." in value:
+        raise ModelError(f"{where}: field '{key}': {reprlib.repr(value)} is neither a folder (there is none at "
+                         f"{local}) nor a Hugging Face hub id (owner/name)")
+    return value
+
+
 def _is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
 
@@ -187,7 +209,7 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
     return Manifest(
         name=fields.name or folder.name,
         kind=fields.kind,
-        base=_folder_or_hub_id(fields.base, folder),
+        base=_folder_or_hub_id(fields.base, folder, where, "base"),
         teacher=teacher,
         guidance_embed_dim=embed_dim,
         forward_lora=_weights_path(fields.forward_lora, folder, "forward_lora", where),
@@ -199,14 +221,9 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
         path=path,
         edit_defaults=tuple(sorted(fields.edit.model_dump(exclude_none=True).items())),
         demo=demo,
-        vae=None if fields.vae is None else _folder_or_hub_id(fields.vae, folder),
+        vae=None if fields.vae is None else _folder_or_hub_id(fields.vae, folder, where, "vae"),
     )
 
-
-def _folder_or_hub_id(value: str, folder: Path) -> str:
-    """A base or VAE entry: the absolute folder when it names one relative to the manifest, else a hub id."""
-    local = (folder / value).resolve()
-    return str(local) if local.is_dir() else value
 
 
 def _read_json(path: Path):

@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from icd.errors import ICDError, UsageError
+from icd.limits import MAX_SEED
 
 from .common import check_engine, check_output, check_size, finish, job_settings, open_runner, resolve
-from .options import DEFAULT_MODEL, MAX_SEED, MODEL_RUN, uses
+from .options import DEFAULT_MODEL, MODEL_RUN, uses
 
 # The options a --from record gives defaults to besides the edit settings (those are its first `Given`).
 RERUN_OPTIONS = ("model", "dtype", "backend", "width", "height")

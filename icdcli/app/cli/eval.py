@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from icd.errors import UsageError
+from icd.limits import MAX_SEED
 
 from .common import check_size, quiet, resolve
-from .options import DEFAULT_MODEL, MAX_SEED, uses
+from .options import DEFAULT_MODEL, uses
 
 log = logging.getLogger("icd")
 

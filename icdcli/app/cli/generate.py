@@ -6,8 +6,10 @@ import secrets
 
 import click
 
+from icd.limits import MAX_SEED
+
 from .common import check_engine, check_output, check_size, finish, job_settings, open_runner, resolve
-from .options import DEFAULT_MODEL, MAX_SEED, MODEL_RUN, uses
+from .options import DEFAULT_MODEL, MODEL_RUN, uses
 
 
 @click.command()

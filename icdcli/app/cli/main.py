@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 import threading
-import traceback
 
 import click
 
@@ -40,6 +39,15 @@ def setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
+def _print_names_as_bytes(errors: str | None = "surrogateescape") -> str | None:
+    """Set stdout's error handler (when it has one to set); returns the one it had."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    previous = getattr(sys.stdout, "errors", None)
+    if reconfigure is not None and errors is not None:
+        reconfigure(errors=errors)
+    return previous
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is so that every cleanup on the way out runs."""
 
@@ -61,12 +69,14 @@ class Main(click.Group):
         return getattr(importlib.import_module(f"{__package__}.{module}"), attribute)
 
     def invoke(self, ctx: click.Context):
-        from ..batch import debugging, error_line
+        from ..batch import discard_stdout, error_line, failure_line
 
         previous = signal.signal(signal.SIGTERM, _raise_terminated) \
             if threading.current_thread() is threading.main_thread() else None
         log = logging.getLogger("icd")
         logging_state = (log.level, log.propagate, list(log.handlers))
+        # File names are bytes: one that is not UTF-8 (a str with surrogate escapes) is printed as it is, as ls does.
+        stdout_errors = _print_names_as_bytes()
         try:
             return super().invoke(ctx)
         except UsageError as err:
@@ -85,16 +95,16 @@ class Main(click.Group):
         except KeyboardInterrupt:
             error_line("interrupted: no result was left half-written")
             ctx.exit(130)
+        except BrokenPipeError:  # the reader of stdout has gone (`icd info | head -1`): as git or cat would
+            discard_stdout()
+            ctx.exit(141)  # 128 + SIGPIPE
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as err:  # the last wall: one line, the traceback only when asked for
-            if debugging():
-                traceback.print_exc(file=sys.stderr)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            error_line(f"unexpected {type(err).__name__}: {first}"
-                       + ("" if debugging() else " (run with -v or ICD_DEBUG=1 for the traceback)"))
+            error_line(failure_line(err))
             ctx.exit(1)
         finally:
+            _print_names_as_bytes(stdout_errors)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             log.setLevel(logging_state[0])  # a caller in Python (a test, a script) gets its logging back

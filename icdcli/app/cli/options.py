@@ -10,14 +10,13 @@ import math
 
 import click
 
-from icd.core.schedule import MAX_SEED
 from icd.editing import (DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE, EDIT_DEFAULTS, GENERATE_GUIDANCE,
                          GENERATE_TAU)
+from icd.limits import MAX_SIDE
 from icd_export.registry import BACKENDS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MODEL = "sd15"
-MAX_SIDE = 8192  # pixels: beyond this a working size is a typo, not a photo
 
 GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG scale minus one, so 0 means the "
                  "prompt alone, without extra guidance.")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from icd.errors import ICDError
+from icd.errors import ICDError, first_line
 
 from ..requests import Request, decode_request, encode_result
 from ..runner import LocalRunner
@@ -34,11 +34,6 @@ log = logging.getLogger("icd")
 MAX_BATCH_ROWS = 8  # jobs in one model call: more would only make the first client wait for the last
 WORKER_STOP_S = 60.0
 Reply = tuple[dict, dict]  # a JSON header and named arrays, as the wire sends them
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def answer(runner: LocalRunner, request: Request) -> Reply:
