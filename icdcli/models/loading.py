@@ -227,16 +227,19 @@ def load_vae(manifest: Manifest, device: torch.device, dtype: torch.dtype):
     return vae.to(device, chosen).eval()
 
 
+def unet_inputs(x: torch.Tensor, t: Timesteps, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample and timesteps a diffusers UNet takes for latents `x` at `t` (one for all rows, or a tensor of
+    one per row); `dtype` casts the latents (None leaves them to autocast)."""
+    timestep = t.to(x.device) if isinstance(t, torch.Tensor) else \
+        torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    return (x if dtype is None else x.to(dtype)), timestep
+
+
 def unet_eps(unet, dtype: torch.dtype | None = None) -> EpsFn:
-    """A diffusers UNet as an epsilon function; `dtype` casts the latents (None leaves them to autocast)."""
+    """A diffusers UNet as an epsilon function (`unet_inputs` says what `dtype` does)."""
 
     def eps(x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(t, torch.Tensor):
-            timestep = t.to(x.device)
-        else:
-            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        sample = x if dtype is None else x.to(dtype)
-        return unet(sample, timestep, timestep_cond=timestep_cond, return_dict=False, **cond.unet_kwargs())[0]
+        return unet(*unet_inputs(x, t, dtype), timestep_cond=timestep_cond, return_dict=False, **cond.unet_kwargs())[0]
 
     return eps
 

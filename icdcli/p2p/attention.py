@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..core.denoiser import Denoiser
 from ..editing import P2PConfig
+from ..models.loading import unet_inputs
 from .control import PromptToPrompt
 from .geometry import LEVELS, attention_level, blend_level
 
@@ -147,11 +148,7 @@ def steered_eps(module, dtype: torch.dtype | None = None):
     `dtype` casts the latents (as `unet_eps` does)."""
 
     def run(x, t, cond, timestep_cond, control):
-        if isinstance(t, torch.Tensor):
-            timestep = t.to(x.device)
-        else:
-            timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        sample = x if dtype is None else x.to(dtype)
+        sample, timestep = unet_inputs(x, t, dtype)
         return module(sample, timestep, control, timestep_cond=timestep_cond, **cond.unet_kwargs())
 
     return run
