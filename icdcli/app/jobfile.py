@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,10 @@ from icd.files import open_regular
 from icd.core.schedule import MAX_SEED
 
 MAX_ROWS = 100_000
+# `--jobs -`: the rows come from standard input (JSON lines when the first character is `{`, else CSV), their
+# paths relative to the current folder; errors name it so.
+STDIN = "-"
+STDIN_NAME = "<stdin>"
 
 
 class _Row(BaseModel):
@@ -106,16 +111,25 @@ def _problem(err: ValidationError) -> str:
     return f"{where}: {what}"
 
 
+def _text(path: Path) -> str:
+    if str(path) == STDIN_NAME:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("--jobs -: standard input is a terminal: pipe or redirect the job rows into it")
+        return sys.stdin.buffer.read().decode("utf-8-sig")
+    with open_regular(path) as file:
+        return file.read().decode("utf-8-sig")
+
+
 def _rows(path: Path):
     """(row number, fields) of each non-empty row; the rows of a CSV file are counted after its header."""
     try:
-        with open_regular(path) as file:
-            text = file.read().decode("utf-8-sig")
+        text = _text(path)
     except InputError as err:
         raise UsageError(str(err)) from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text") from None
-    if path.suffix.lower() == ".csv":
+    suffix = path.suffix.lower() if str(path) != STDIN_NAME else ".jsonl" if text.lstrip().startswith("{") else ".csv"
+    if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         for number, row in enumerate(reader, start=1):
             if None in row:
@@ -125,7 +139,7 @@ def _rows(path: Path):
                 yield number, fields
             _check_count(path, number)
         return
-    if path.suffix.lower() not in (".jsonl", ".json"):
+    if suffix not in (".jsonl", ".json"):
         raise UsageError(f"{path}: a job file is .jsonl (one JSON object per line) or .csv")
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
