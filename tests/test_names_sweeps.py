@@ -64,7 +64,7 @@ def test_templates_are_checked_before_anything_runs():
     fields = ("stem", "seed", "guidance", "n")
     named = naming("{stem}-w{guidance}-{n:03d}.jpg", None, fields)
     assert (named.suffix, named.fill("", {"stem": "cat", "guidance": 19.0, "n": 7})) == (".jpg", "cat-w19-007")
-    assert naming(None, "jpeg", fields).suffix == ".jpg"
+    assert naming(None, "jpeg", fields).suffix == naming("{stem}.JPEG", None, fields).suffix == ".jpg"
     refusals = {"{stem}-{target}": "--name {stem}-{target}: unknown field {target}: this command knows {stem}, "
                                    "{seed}, {guidance}, {n}",
                 "{target.__class__}": "unknown field {target.__class__}",
@@ -229,6 +229,10 @@ def test_jobs_from_standard_input(icd_home, tmp_path, no_model_load):
     planned = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(p["input"], p["outputs"], p["settings"]["guidance"]) for p in planned] == [
         ("<stdin> row 1", ["out/a-edit-a-dog-s0.png"], 3.0), ("<stdin> row 2", ["out/a-edit-a-fox-s0.png"], 19.0)]
+    named = icd("edit", "--jobs", "-", *TINY, "--name", "{n}-{target}-w{guidance}", "--format", "webp", "--dry-run",
+                cwd=tmp_path, stdin=rows)
+    assert [line.split(":")[0] for line in named.stdout.splitlines()] == ["<stdin> row 1 -> 1-a-dog-w3.webp",
+                                                                          "<stdin> row 2 -> 2-a-fox-w19.webp"]
     lines = '{"image": "a.png", "source": "a cat", "seed": 4}\n'
     result = icd("invert", "--jobs", "-", *TINY, "--dry-run", cwd=tmp_path, stdin=lines)
     assert result.exit_code == 0 and result.stdout.startswith("<stdin> row 1 -> a.latent.safetensors: ")

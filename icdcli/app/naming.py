@@ -87,11 +87,11 @@ def naming(template: str | None, format_name: str | None, fields: tuple[str, ...
     suffix = None if format_name is None else suffixes[format_name.lower()]
     if template is None:
         return Naming(None, suffix)
-    for named in sorted(set(suffixes.values()), key=len, reverse=True):
-        if template.lower().endswith(named) and len(template) > len(named):
+    for ending, named in sorted(suffixes.items(), key=lambda pair: len(pair[0]), reverse=True):
+        if template.lower().endswith("." + ending) and len(template) > len(ending) + 1:
             if suffix is not None and suffix != named:
-                raise UsageError(f"--name {template} ends with {named}, but --format asks for {suffix}: give one")
-            template, suffix = template[: -len(named)], named
+                raise UsageError(f"--name {template} ends with .{ending}, but --format asks for {suffix}: give one")
+            template, suffix = template[: -len(ending) - 1], named
             break
     if any(char in template for char in "/\\\0") or template.strip(". ") == "":
         raise UsageError(f"--name {template}: a file name without folders (-o chooses the folder)")

@@ -15,7 +15,7 @@ from .options import DEFAULT_MODEL, IMAGE_NAMING, MAX_SEED, MODEL_RUN, uses
 
 INVERT_FIELDS = ("stem", "seed", "n")
 RECONSTRUCT_FIELDS = ("stem", "seed", "n")
-LATENT_FORMAT = {"latent": ".latent.safetensors"}
+LATENT_FORMAT = {"latent.safetensors": ".latent.safetensors"}  # a template may end with it
 
 
 @click.command()
