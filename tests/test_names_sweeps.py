@@ -265,6 +265,12 @@ def test_metadata_keys_a1111_readers_expect(icd_home, tmp_path):
     assert f"Size: 64x48, Model hash: {meta['model_fingerprint']}, Model: tiny" in parameters
     assert 'Mask words: "cat:dog"' in parameters and f"Mask hash: {meta['mask_hash']}" in parameters
     assert "fingerprint" not in parameters and "Blend" not in parameters
+    Image.new("L", (64, 48), 128).save(mask)
+    rerun = icd("edit", "--from", "masked.png", "--dry-run", cwd=tmp_path)
+    assert rerun.exit_code == 0, rerun.output
+    now = hashlib.sha256(mask.read_bytes()).hexdigest()[:10]
+    assert f"icd: warning: --from masked.png: its mask m.png has changed since (hash {now}, recorded " \
+           f"{meta['mask_hash']}): the rerun uses it as it is now" in rerun.stderr
     assert icd("invert", source, "--prompt", "a red cat", *TINY, cwd=tmp_path).exit_code == 0
     result = icd("edit", "a.latent.safetensors", "--tgt", "a dog", "--method", "none", *TINY, cwd=tmp_path)
     assert result.exit_code == 0, result.output

@@ -3,6 +3,7 @@ seed (or per job-file row), resolved once before any model loads."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .common import (before_loading, check_engine, check_output, check_size, fin
                      naming_options, open_runner, resolve, write_grid)
 from .options import DEFAULT_MODEL, IMAGE_NAMING, MAX_SEED, MODEL_RUN, uses
 
+log = logging.getLogger("icd")
 # The options a --from record gives defaults to besides the edit settings (those are its first `Given`).
 RERUN_OPTIONS = ("model", "dtype", "backend", "width", "height")
 # The settings a comma list sweeps, and the fields an edit's --name may hold (all of them).
@@ -55,7 +57,23 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(str(err), ctx, param) from None
     ctx.default_map = {**(ctx.default_map or {}), **options}
     ctx.meta["icd.rerun_input"] = folder / record["source"] if record.get("source") else None
+    _warn_if_mask_changed(value, ctx.meta["icd.rerun"].values.get("mask"), record.get("mask_hash"))
     return value
+
+
+def _warn_if_mask_changed(result: str, mask: Path | None, recorded_hash) -> None:
+    """A rerun reads the mask file as it is now: say so when it is not the one the result recorded."""
+    from ..jobs import file_hash
+
+    if mask is None or not isinstance(recorded_hash, str):
+        return
+    try:
+        now = file_hash(mask)
+    except ICDError:
+        return  # a mask that cannot be read is refused with the other checks
+    if now != recorded_hash:
+        log.warning("--from %s: its mask %s has changed since (hash %s, recorded %s): the rerun uses it as it is "
+                    "now", result, mask, now, recorded_hash)
 
 
 @click.command()
