@@ -106,9 +106,7 @@ def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[
             seed_of = recorded_seed(path) if group is latents else None
             for seed in group_seeds:
                 for plan in plans:
-                    values = {"stem": stems[path], "target": plan.target, "seed": seed if seed_of is None else seed_of,
-                              "method": plan.method, "strength": "default" if plan.strength is None else plan.strength,
-                              "guidance": plan.guidance, "tau": plan.tau, "n": len(items) + 1}
+                    values = plan_values(plan, stems[path], seed if seed_of is None else seed_of, len(items) + 1)
                     name = naming.fill(default, {**values, "target": names[plan.target]}) + suffix
                     item = Item(str(path) + _sweep_label(values, varying, group is images), path,
                                 output_path(output, name, many), job=replace(plan, seed=seed), values=values)
@@ -118,6 +116,13 @@ def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[
 
         refuse_clashes(items, naming.template, ("target", "seed", *swept, "method"))
     return items
+
+
+def plan_values(plan, stem: str, seed: int | None, number: int) -> dict:
+    """What an edit's name may hold ({target} as the prompt: the name takes its slug)."""
+    return {"stem": stem, "target": plan.target, "seed": seed, "method": plan.method,
+            "strength": "default" if plan.strength is None else plan.strength, "guidance": plan.guidance,
+            "tau": plan.tau, "n": number}
 
 
 def _sweep_label(values: dict, varying: set[str], with_seed: bool) -> str:
@@ -228,10 +233,9 @@ def edit_job_items(jobs_file: str, manifest, output: str | None, names) -> list:
         plan = resolve_edit(manifest, job.settings(folder, f"{where}: "))
         if not job.source and not is_latent_file(path):
             raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
-        values = {"stem": output_stem(path), "target": slug(job.target), "seed": job.seed, "method": plan.method,
-                  "strength": "default" if plan.strength is None else plan.strength, "guidance": plan.guidance,
-                  "tau": plan.tau, "n": number}
-        name = names.fill("{stem}-edit-{target}-s{seed}", values) + (names.suffix or kept_suffix(path))
+        values = plan_values(plan, output_stem(path), job.seed, number)
+        name = names.fill("{stem}-edit-{target}-s{seed}", {**values, "target": slug(job.target)}) + \
+            (names.suffix or kept_suffix(path))
         target = row_output(jobs_file, job.output, where, "output", tuple(sorted(OUTPUT_SUFFIXES))) if job.output else \
             output_path(output, name, True)
         written = [target, *([row_output(jobs_file, job.save_mask, where, "save_mask", ".png")] if job.save_mask
