@@ -24,10 +24,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from icd.app.batch import file_items, plan  # noqa: E402
-from icd.app.jobs import EditOptions, Settings, check_input, edit_file, invert_file, output_stem  # noqa: E402
+from icd.app.batch import Item, plan  # noqa: E402
+from icd.app.jobs import Settings, check_input, edit_file, invert_file  # noqa: E402
+from icd.app.naming import output_stem  # noqa: E402
 from icd.app.runner import LocalRunner  # noqa: E402
 from icd.app.session import open_session  # noqa: E402
+from icd.editing import edit_plan  # noqa: E402
 from timing import median_ms  # noqa: E402  (bench/ is the script's folder)
 
 
@@ -53,24 +55,24 @@ def main() -> None:
         (folder / "photos").mkdir()
         (folder / "latents").mkdir()
         photos = [photo(folder / "photos" / f"p{i:03}.png", i) for i in range(args.items)]
-        first = invert_file(settings, photos[0], "a red circle on a sandy background",
+        first = invert_file(settings, photos[0], "a red circle on a sandy background", 0,
                             folder / "latents" / "l000.latent.safetensors")
         latents = [first] + [Path(shutil.copy(first, folder / "latents" / f"l{i:03}.latent.safetensors"))
                              for i in range(1, args.items)]
 
         def header_pass(paths):
-            items = file_items(paths, str(folder / "out"), lambda path: f"{output_stem(path)}-edit.png")
+            items = [Item(str(path), path, folder / "out" / f"{output_stem(path)}-edit.png") for path in paths]
             plan(items, paths, overwrite=False, skip_existing=False,
                  check=lambda item: check_input(item.source, manifest, "mini"))
             assert all(item.runnable for item in items)
 
-        options = EditOptions("a red circle on a sandy background", "a blue circle on a sandy background")
+        edit = edit_plan(manifest, "a red circle on a sandy background", "a blue circle on a sandy background")
         edits = iter(range(10**6))
         rows = {
             f"header pass, {args.items} photos": median_ms(lambda: header_pass(photos), args.repeats),
             f"header pass, {args.items} latent files": median_ms(lambda: header_pass(latents), args.repeats),
             "one mini edit of a photo": median_ms(
-                lambda: edit_file(settings, photos[0], options, folder / "out" / f"e{next(edits)}.png"),
+                lambda: edit_file(settings, photos[0], edit, folder / "out" / f"e{next(edits)}.png"),
                 args.repeats),
         }
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -36,7 +36,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .errors import ICDError, InputError, UsageError
 from .files import atomic_write, open_regular
-from .limits import MAX_SIDE
+from .limits import DEFAULT_QUALITY, MAX_SIDE
 
 DEFAULT_MAX_PIXELS = 64_000_000
 MAX_PIXELS_ENV = "ICD_MAX_PIXELS"
@@ -49,6 +49,8 @@ _EXIF_IFD, _USER_COMMENT, _SOFTWARE, _DESCRIPTION, _ORIENTATION = 0x8769, 0x9286
 # EXIF UserComment starts with its character code: A1111 writes UNICODE (UTF-16, in the EXIF byte order).
 _ASCII_PREFIX, _UNICODE_PREFIX = b"ASCII\0\0\0", b"UNICODE\0"
 _JPEG_EXIF_LIMIT = 65533  # one JPEG marker segment holds the whole EXIF block
+# The record's keys that A1111-style readers know under another label than the key's own.
+_PARAMETER_LABELS = {"model_fingerprint": "Model hash", "blend": "Mask words"}
 _PILLOW_THRESHOLD_LOCK = threading.RLock()
 
 
@@ -283,8 +285,10 @@ def from_model_output(pixels, original: LoadedImage | None) -> Image.Image:
     return image
 
 
-def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False) -> None:
-    """Save in the format the suffix names, with the generation parameters embedded twice.
+def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False,
+               quality: int = DEFAULT_QUALITY) -> None:
+    """Save in the format the suffix names (JPEG and WebP at `quality`), with the generation parameters
+    embedded twice.
 
     The A1111 `parameters` text, for the tools that read it, and our own JSON, for read_metadata: PNG text
     chunks `parameters` and `icd`; in a JPEG or WebP, EXIF UserComment and ImageDescription.
@@ -308,7 +312,7 @@ def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite:
         if image_format == "JPEG" and len(exif.tobytes()) > _JPEG_EXIF_LIMIT:
             raise ICDError(f"{path.name}: the parameters are too long for a JPEG's EXIF block "
                            "(save as .png or .webp)")
-        options = {"exif": exif, "quality": 95}
+        options = {"exif": exif, "quality": quality}
         if image_format == "JPEG" and img.mode != "RGB":
             img = _over_white(img)  # JPEG has no alpha
     atomic_write(path, lambda temporary: img.save(temporary, format=image_format, **options),
@@ -318,18 +322,21 @@ def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite:
 def parameters_text(metadata: dict, size: tuple[int, int]) -> str:
     """The A1111-style `parameters` string that other tools read: the prompt line, then `Key: value` pairs.
 
-    Steps count the decoding steps (`guidance_steps`); the CFG scale is the classical one, the paper's w + 1.
+    Steps count the decoding steps (`guidance_steps`); the CFG scale is the classical one, the paper's w + 1;
+    Size is the picture's; the model's fingerprint is its `Model hash`, as A1111 readers look for it.
     """
     steps = metadata.get("guidance_steps")
     w = metadata.get("guidance_w")
     fields = {"Steps": len(steps) if steps else None, "Sampler": "iCD" if steps else None,
               "CFG scale": w + 1 if isinstance(w, (int, float)) else None,
-              "Seed": metadata.get("seed"), "Size": f"{size[0]}x{size[1]}", "Model": metadata.get("model")}
+              "Seed": metadata.get("seed"), "Size": f"{size[0]}x{size[1]}",
+              "Model hash": metadata.get("model_fingerprint"), "Model": metadata.get("model")}
     lines = [str(metadata.get("prompt", ""))]
-    known = {"prompt", "guidance_steps", "guidance_w", "seed", "model"}
+    known = {"prompt", "guidance_steps", "guidance_w", "seed", "model", "model_fingerprint"}
     for key, value in metadata.items():
         if key not in known and value is not None:
-            fields.setdefault(key.replace("_", " ").capitalize(), _readable(value))
+            label = _PARAMETER_LABELS.get(key, key.replace("_", " ").capitalize())
+            fields.setdefault(label, _readable(value))
     pairs = [f"{label}: {_quoted(value)}" for label, value in fields.items() if value is not None]
     # A file name that is not UTF-8 (surrogate escapes in a str) is shown with its bytes escaped, \xe9: the text
     # is for people and must be UTF-8; the `icd` JSON keeps the name exactly.

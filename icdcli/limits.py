@@ -1,4 +1,4 @@
-"""The sizes icd refuses before any work, shared by every layer that reads one.
+"""The sizes icd refuses before any work, and the numbers of its outputs, shared by every layer that uses one.
 
 Plain numbers without imports, so that the command line can declare its options with them without loading
 numpy or PIL (`icd --help` stays instant).
@@ -11,3 +11,4 @@ numpy or PIL (`icd --help` stays instant).
 # picture on a CPU and a claimed 200000 exhausts the memory. So anything past 2048 is a typo or an attack.
 MAX_SIDE = 2048
 MAX_SEED = 2**64 - 1  # what torch's generators take
+DEFAULT_QUALITY = 95  # of JPEG and WebP results (--quality)

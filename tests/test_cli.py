@@ -55,14 +55,14 @@ def test_edit_folder_with_good_and_bad_files(icd_home, folder, tmp_path):
                  "--device", "cpu", cwd=tmp_path)
     assert result.exit_code == 1
     assert snapshot(folder) == before  # inputs untouched
-    assert sorted(p.name for p in out.iterdir()) == ["a-edit.png", "b-edit.png", "c-edit.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a-edit.png", "b-edit.jpg", "c-edit.png"]  # formats kept
     assert "icd: error: broken.jpg: not an image (cannot identify the format)" in result.stderr
     assert "icd: error: truncated.png: truncated or corrupt image data" in result.stderr
     assert "icd: error: 2 of 5 items failed" in result.stderr
     assert "notes.txt" not in result.output
     # each result keeps its input's size; the alpha input gets its alpha back
     assert Image.open(out / "a-edit.png").size == (100, 60)
-    assert Image.open(out / "b-edit.png").size == (90, 130)
+    assert Image.open(out / "b-edit.jpg").size == (90, 130) and Image.open(out / "b-edit.jpg").format == "JPEG"
     assert Image.open(out / "c-edit.png").mode == "RGBA"
     meta = read_metadata(out / "a-edit.png")
     assert (meta["prompt"], meta["source_prompt"], meta["method"], meta["guidance_w"], meta["tau"]) == (

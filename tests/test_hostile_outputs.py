@@ -16,7 +16,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from icd.app.cli import common
-from icd.images import read_metadata
 from tests.fixtures.cli import icd
 from tests.test_hostile_cli import TINY, files, one_error_line, photo
 

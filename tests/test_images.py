@@ -330,14 +330,16 @@ def test_webp_metadata_keeps_alpha(tmp_path):
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
 def test_every_format_carries_the_same_parameters_and_icd_json(tmp_path, suffix):
     """A1111 readers find `parameters` (a PNG text chunk, else EXIF UserComment); our JSON comes back whole."""
-    metadata = {**METADATA, "prompt": "café → snow", "blend": [0.5, 0.25], "amplify": {"cross": 2, "self": [1, 3]}}
+    metadata = {**METADATA, "prompt": "café → snow", "blend": [0.5, 0.25], "amplify": {"cross": 2, "self": [1, 3]},
+                "model_fingerprint": "0123456789abcdef", "mask_hash": "fedcba9876"}
     path = tmp_path / f"out{suffix}"
     save_image(Image.new("RGB", (24, 16), (1, 2, 3)), path, metadata=metadata)
     assert read_metadata(path) == metadata
     assert embedded_texts(path)[0] == parameters_text(metadata, (24, 16)) == (
         "café → snow\n"
-        "Steps: 4, Sampler: iCD, CFG scale: 7.5, Seed: 42, Size: 24x16, Model: sd15-icd, Tau: 0.8, "
-        'Source prompt: a dog, Loras: a.safetensors, Blend: "0.5, 0.25", Amplify: "cross: 2, self: (1, 3)"')
+        "Steps: 4, Sampler: iCD, CFG scale: 7.5, Seed: 42, Size: 24x16, Model hash: 0123456789abcdef, "
+        "Model: sd15-icd, Tau: 0.8, Source prompt: a dog, Loras: a.safetensors, Mask words: \"0.5, 0.25\", "
+        'Amplify: "cross: 2, self: (1, 3)", Mask hash: fedcba9876')
     if suffix != ".png":
         with Image.open(path) as saved:
             comment = saved.getexif().get_ifd(0x8769)[0x9286]

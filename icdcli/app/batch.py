@@ -14,7 +14,6 @@ import os
 import sys
 import time
 import traceback
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -25,10 +24,6 @@ from icd.files import real_path, sweep_temporaries
 
 log = logging.getLogger("icd")
 
-# How many parent folders may be put in front of a name to tell apart two inputs of the same name.
-MAX_NAME_DEPTH = 4
-
-
 @dataclass
 class Item:
     """One unit of work: what the user named (`label`), its input (a file or a seed) and its output."""
@@ -36,10 +31,12 @@ class Item:
     label: str
     source: Path | int
     output: Path
-    error: str | None = None  # found while planning: reported, never run
+    error: str | None = None  # found while planning (then never run) or while running
     skipped: bool = False  # --skip-existing and the output is there
     job: object = None  # the item's own parameters, when they differ between items (seed, target, ...)
     mask_output: Path | None = None  # an edit's --save-mask file
+    values: dict = field(default_factory=dict)  # what its name may hold ({stem}, {target}, {seed}, ...)
+    settings: dict = field(default_factory=dict)  # what it runs with, as --dry-run and -v show it
 
     @property
     def runnable(self) -> bool:
@@ -83,30 +80,6 @@ def stderr_line(text: str) -> None:
         bars.tqdm.write(text, file=sys.stderr)
     else:
         print(text, file=sys.stderr, flush=True)
-
-
-def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[Path, str]:
-    """Each input's output name; inputs whose names clash get their parent folders' names in front
-    (a/x.png and b/x.png -> a-x-edit.png, b-x-edit.png). Inputs that cannot be told apart are a UsageError."""
-    names = {path: name_for(path) for path in inputs}
-    for depth in range(1, MAX_NAME_DEPTH + 1):
-        clashes = _clashes(names)
-        if not clashes:
-            return names
-        for path in (p for group in clashes for p in group):
-            parents = real_path(path).parent.parts[1:][-depth:]
-            names[path] = "-".join([*parents, name_for(path)])
-    if clashes := _clashes(names):
-        first, second = clashes[0][:2]
-        raise UsageError(f"{first} and {second} would both be written to {names[first]}: run them separately")
-    return names
-
-
-def _clashes(names: dict[Path, str]) -> list[list[Path]]:
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for path, name in names.items():
-        groups[name.lower()].append(path)  # case-insensitive file systems clash on case alone
-    return [group for group in groups.values() if len(group) > 1]
 
 
 class _Inputs:
@@ -158,9 +131,6 @@ def plan(items: list[Item], inputs: Iterable[Path], *, overwrite: bool, skip_exi
                 check(item)
             except ICDError as err:
                 item.error = _named(item.label, str(err))
-    for folder in {path.parent for item in items for path in item.outputs}:
-        if folder.is_dir() and (swept := sweep_temporaries(folder)):
-            log.info("removed %d temporary file(s) left in %s by an interrupted run", swept, folder)
     return items
 
 
@@ -189,8 +159,10 @@ def _named(label: str, message: str) -> str:
     return message if message.startswith((label, Path(label).name)) else f"{label}: {message}"
 
 
-def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as_json: bool, quiet: bool) -> Report:
-    """Report the planned failures at once, then run `work` on the others, each behind a wall."""
+def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as_json: bool, quiet: bool,
+        stages: Callable[[], dict[str, float]] | None = None) -> Report:
+    """Report the planned failures at once, then run `work` on the others, each behind a wall; `stages` gives
+    the seconds of each stage of the item just run (with -v, a line per item with its settings)."""
     report = Report()
     runnable = []
     for item in items:
@@ -204,24 +176,89 @@ def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as
         raise ValueError("run: items to run but no work")
     if report.skipped:
         log.info("skipped %d item(s) whose output exists", report.skipped)
-    for item in _progress(runnable, quiet):
+    for folder in {path.parent for item in runnable for path in item.outputs}:
+        if folder.is_dir() and (swept := sweep_temporaries(folder)):
+            log.info("removed %d temporary file(s) left in %s by an interrupted run", swept, folder)
+    for item in _progress(runnable, quiet or as_json):
         started = time.perf_counter()
         record = _attempt(item, work, report)
         record["seconds"] = round(time.perf_counter() - started, 3)
+        if stages is not None:
+            record["stages"] = stages()
+        if record["status"] == "error":
+            item.error = record["error"]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s", item.label, described(item.settings, record))
         _finish(report, item, record, as_json, quiet)
     if report.failed and len(items) > 1:
         error_line(f"{report.failed} of {len(items)} items failed")
     return report
 
 
+def described(settings: dict, record: dict | None = None) -> str:
+    """An item's settings as -v and --dry-run show them (`key value, ...`), and, once it ran, its stages'
+    seconds and the rest (reading, resizing) against the whole."""
+    text = ", ".join(f"{key} {_shown(value)}" for key, value in settings.items() if value is not None)
+    if record is None or "stages" not in record:
+        return text
+    stages = record["stages"]
+    rest = max(0.0, record["seconds"] - sum(stages.values()))
+    timed = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in {**stages, "rest": rest}.items())
+    return f"{text}; {timed} (of {record['seconds']:.3f} s)" if text else f"{timed} (of {record['seconds']:.3f} s)"
+
+
+def _shown(value) -> str:
+    """A setting's value: numbers as a person writes them, text quoted where it holds spaces or commas."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, list) else str(value)
+    return json.dumps(text) if isinstance(value, str) and any(char in text for char in ' ,"') else text
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 def _progress(items: list[Item], quiet: bool) -> Iterable[Item]:
-    """The items, behind a progress bar on a terminal (not with -q, not into a file or pipe: there tqdm's
-    import alone would be a tenth of a served edit)."""
-    if quiet or not sys.stderr.isatty():
+    """The items, behind a progress bar with the time left when there are several and stderr is a terminal
+    (not with -q or --json, not into a file or pipe: there tqdm's import alone would be a tenth of a served
+    edit); the bar names the item it is on."""
+    if quiet or len(items) < 2 or not on_terminal():
         return items
     from tqdm import tqdm
 
-    return tqdm(items, file=sys.stderr, unit="item", dynamic_ncols=True, leave=False)
+    def shown():
+        with tqdm(items, file=sys.stderr, unit="item", dynamic_ncols=True, leave=False, mininterval=0.2,
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} left, {rate_fmt}]{postfix}"
+                  ) as bar:
+            for item in bar:
+                bar.set_postfix_str(item.label, refresh=False)
+                yield item
+
+    return shown()
+
+
+def show_plan(items: list[Item], as_json: bool) -> Report:
+    """--dry-run: each item's input, outputs and settings (or why it would not run), one line each on stdout
+    (JSON lines with --json); nothing is run. Failed counts the items that would fail."""
+    report = Report()
+    for item in items:
+        status = "error" if item.error else "skipped" if item.skipped else "planned"
+        record = {"input": item.label, "status": status, "outputs": [str(path) for path in item.outputs],
+                  "settings": item.settings, **({"error": item.error} if item.error else {})}
+        report.records.append(record)
+        report.failed += status == "error"
+        report.skipped += status == "skipped"
+        report.done += status == "planned"
+        if as_json:
+            stdout_line(json.dumps(record, default=str))
+            continue
+        settings = described(item.settings)
+        what = f"error: {item.error}" if item.error else "skipped: the output exists" if item.skipped else settings
+        stdout_line(f"{item.label} -> {', '.join(record['outputs'])}" + (f": {what}" if what else ""))
+    log.info("dry run: %d to run, %d skipped, %d refused; nothing was loaded or written", report.done,
+             report.skipped, report.failed)
+    return report
 
 
 def _attempt(item: Item, work, report: Report) -> dict:
@@ -277,12 +314,12 @@ def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool
     record = {"input": item.label, **record, **({"rank": launch.rank} if launch.several else {})}
     report.records.append(record)
     if as_json:
-        _line(json.dumps(record))
+        stdout_line(json.dumps(record))
     elif status == "ok" and not quiet:
-        _line(record["output"])
+        stdout_line(record["output"])
 
 
-def _line(text: str) -> None:
+def stdout_line(text: str) -> None:
     """One whole line on stdout in one write, so lines of processes sharing a pipe never interleave. When the
     reader has gone (`icd ... | head -1`) the rest of the report goes nowhere and the work goes on."""
     try:
@@ -303,12 +340,20 @@ def discard_stdout() -> None:
         os.close(null)
 
 
-def file_items(paths: list[Path], output: str | None, name_for: Callable[[Path], str], *,
-               many: bool | None = None) -> list[Item]:
-    """One item per input file; its output is -o for a single result, else a distinct name in -o's folder
-    (`many`: whether the command writes several results in all; default: whether there are several paths)."""
-    from .jobs import output_path
+def file_items(paths: list[Path], output: str | None, naming, default: str, suffix_of: Callable[[Path], str],
+               fields: tuple[str, ...], values_of: Callable[[Path], dict] | None = None) -> list[Item]:
+    """One item per input file, named by `naming` (else the template `default`) with `values_of`'s values
+    besides {stem} and {n}, in the format `suffix_of` gives; its output is -o for a single result, else that
+    name in -o's folder."""
+    from .naming import distinct_stems, output_path, refuse_clashes
 
-    many = len(paths) > 1 if many is None else many
-    names = distinct_names(paths, name_for)
-    return [Item(str(path), path, output_path(output, names[path], many)) for path in paths]
+    suffixes = {path: suffix_of(path) for path in paths}
+    stems = distinct_stems(paths, suffixes)
+    items = []
+    for number, path in enumerate(paths, start=1):
+        values = {"stem": stems[path], "n": number, **(values_of(path) if values_of else {})}
+        name = naming.fill(default, values) + suffixes[path]
+        items.append(Item(str(path), path, output_path(output, name, len(paths) > 1), values=values))
+    if naming.template is not None:
+        refuse_clashes(items, naming.template, fields)
+    return items

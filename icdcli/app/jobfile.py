@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,6 +21,10 @@ from icd.files import open_regular
 from icd.limits import MAX_SEED
 
 MAX_ROWS = 100_000
+# `--jobs -`: the rows come from standard input (JSON lines when the first character is `{`, else CSV), their
+# paths relative to the current folder; errors name it so.
+STDIN = "-"
+STDIN_NAME = "<stdin>"
 
 
 def _no_nul(path: str) -> str:
@@ -90,16 +95,19 @@ class EditJob(_Row):
 
 
 def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
-    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV (.csv) job file. JSON values are
-    taken as their types (true is no seed, a list no prompt); CSV cells are text, read as the column's type."""
+    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV (.csv) job file, or of standard
+    input (`-`: JSON lines when it starts with `{`, else CSV). JSON values are taken as their types (true is no
+    seed, a list no prompt); CSV cells are text, read as the column's type."""
     path = Path(path)
-    rows = list(_rows(path))
+    text = _text(path)
+    csv_rows = _is_csv(path, text)
+    rows = list(_csv_rows(path, text) if csv_rows else _json_rows(path, text))
     if not rows:
         raise UsageError(f"{path}: no jobs in the file")
     jobs = []
     for number, fields in rows:
         try:
-            jobs.append((number, schema.model_validate(fields, strict=not _is_csv(path))))
+            jobs.append((number, schema.model_validate(fields, strict=not csv_rows)))
         except ValidationError as err:
             raise UsageError(f"{path} row {number}: {_problem(err)}") from None
     return jobs
@@ -117,26 +125,32 @@ def _problem(err: ValidationError) -> str:
     return f"{where}: {what}"
 
 
-def _is_csv(path: Path) -> bool:
+def _is_csv(path: Path, text: str) -> bool:
+    if str(path) == STDIN_NAME:
+        return not text.lstrip().startswith("{")
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise UsageError(f"{path}: a job file is .jsonl (one JSON object per line) or .csv")
     return path.suffix.lower() == ".csv"
 
 
-def _rows(path: Path):
-    """(row number, fields) of each non-empty row; the rows of a CSV file are counted after its header."""
-    if not _is_csv(path) and path.suffix.lower() not in (".jsonl", ".json"):
-        raise UsageError(f"{path}: a job file is .jsonl (one JSON object per line) or .csv")
+def _text(path: Path) -> str:
+    """The job file's text (standard input's for `-`)."""
     try:
+        if str(path) == STDIN_NAME:
+            if sys.stdin is None or sys.stdin.isatty():
+                raise UsageError("--jobs -: standard input is a terminal: pipe or redirect the job rows into it")
+            return sys.stdin.buffer.read().decode("utf-8-sig")
         with open_regular(path) as file:
-            text = file.read().decode("utf-8-sig")
+            return file.read().decode("utf-8-sig")
     except InputError as err:
         raise UsageError(str(err)) from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text") from None
-    return _csv_rows(path, text) if _is_csv(path) else _json_rows(path, text)
 
 
 def _csv_rows(path: Path, text: str):
-    """The file's whole text through the csv module, so a quoted cell keeps its line breaks."""
+    """The whole text through the csv module, so a quoted cell keeps its line breaks; the rows are counted
+    after the header."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = [name.strip() for name in reader.fieldnames or ()]
@@ -215,7 +229,7 @@ def captions(folder: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     found = {}
-    for number, fields in _rows(path):
+    for number, fields in _json_rows(path, _text(path)):
         try:
             caption = _Caption.model_validate(fields, strict=True)
         except ValidationError as err:

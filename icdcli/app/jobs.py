@@ -7,21 +7,24 @@ one-line message when its item cannot be done, and never touches the input files
 from __future__ import annotations
 
 import glob
+import hashlib
+import logging
 import os
-import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from icd import __version__
-from icd.errors import ICDError, InputError, UsageError
-from icd.files import real_path
 from icd.editing import MASK_WORDS_NOTE, EditPlan, guidance_on_steps
-from icd.images import (OUTPUT_SUFFIXES, LoadedImage, from_model_output, load_image, probe_image, save_image,
-                        to_model_array, working_size)
-from icd.latents import (LATENT_NAME, LATENT_SUFFIX, LatentInfo, is_latent_file, load_latent, read_latent_info,
-                         save_latent)
+from icd.errors import ICDError, InputError, UsageError
+from icd.files import open_regular, real_path
+from icd.images import (OUTPUT_SUFFIXES, LoadedImage, from_model_output, load_image, probe_image,
+                        read_metadata, save_image, to_model_array, working_size)
+from icd.latents import LatentInfo, is_latent_file, load_latent, read_latent_info, save_latent
+from icd.limits import DEFAULT_QUALITY
 from icd.masks import keep_outside, model_mask, read_mask, save_mask
 from icd.models.manifest import Manifest
 
@@ -29,46 +32,53 @@ from .requests import Edit, Generate, Invert, Reconstruct
 from .runner import Runner
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+log = logging.getLogger("icd")
 
 
 def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
-    """Files as given, folders as their files with `suffixes` (sorted, not recursive), globs expanded.
+    """Files as given, folders as their files with `suffixes` (sorted, not recursive), globs expanded; of a
+    folder's or a glob's images, those that are icd's own results of an earlier run are left out (so that a
+    rerun into the input folder does not edit its own outputs): named one by one, they are inputs as any.
 
     A name that matches nothing (or a symlink loop) is kept, so that it fails as its own item with a clear
     message; a name given twice (a.png, ./a.png and its absolute path) is kept once; nothing at all to work on is
     a UsageError.
     """
     found: list[Path] = []
+    results = 0
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes
+            listed = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes
                             and not p.name.startswith("."))
         elif not path.exists() and glob.has_magic(arg):
-            found += sorted(Path(p) for p in glob.glob(arg) if Path(p).is_file())
+            listed = sorted(Path(p) for p in glob.glob(arg) if Path(p).is_file())
         else:
             found.append(path)
+            continue
+        kept = [p for p in listed if not is_icd_result(p)]
+        results += len(listed) - len(kept)
+        found += kept
+    left_out = f"{results} file(s) there are icd's own results of an earlier run: name them one by one to use them"
     if not found:
-        raise UsageError(f"no input files in {' '.join(args)} (looked for {', '.join(sorted(suffixes))})")
+        raise UsageError(f"no input files in {' '.join(args)} (looked for {', '.join(sorted(suffixes))})" +
+                         (f"; {left_out}" if results else ""))
+    if results:
+        log.info("left out %s", left_out.replace(" there are", " that are"))
     unique: dict[Path, Path] = {}
     for path in found:
         unique.setdefault(real_path(path.parent) / path.name, path)  # a name's first spelling (links are names)
     return list(unique.values())
 
 
-def output_path(output: str | None, default_name: str, many: bool) -> Path:
-    """`-o` is the file for a single result, or the folder for several; default: the current folder."""
-    if output is None:
-        return Path(default_name)
-    target = Path(output)
-    if not many and (target.suffix.lower() in OUTPUT_SUFFIXES or target.name.endswith(LATENT_SUFFIX)):
-        return target
-    return target / default_name
-
-
-def output_stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(LATENT_NAME)] if name.endswith(LATENT_NAME) else path.stem
+def is_icd_result(path: Path) -> bool:
+    """Whether an image carries the record icd writes into its results (read from the header only)."""
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        return False
+    try:
+        return "command" in read_metadata(path)
+    except ICDError:  # not a readable image: it fails as its own item
+        return False
 
 
 def needs_inversion(paths: list[Path]) -> bool:
@@ -98,6 +108,30 @@ class InversionCache:
         return self.value
 
 
+class StageClock:
+    """The seconds the current item spent in each stage (the model's requests, writing), for -v and --json."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def take(self) -> dict[str, float]:
+        """The stages since the last call, and a fresh start for the next item."""
+        taken, self.seconds = {name: round(seconds, 3) for name, seconds in self.seconds.items()}, {}
+        return taken
+
+
+# Each request's stage: an edit's request decodes its latents too.
+STAGES = {Invert: "invert", Edit: "edit", Reconstruct: "decode", Generate: "generate"}
+
+
 @dataclass
 class Settings:
     """What every job shares: the model (in this process or a server's) and the run's parameters."""
@@ -107,13 +141,25 @@ class Settings:
     width: int | None = None
     height: int | None = None
     overwrite: bool = False
+    quality: int = DEFAULT_QUALITY  # JPEG and WebP results
     inversions: InversionCache = field(default_factory=InversionCache)
     masks: dict[Path, np.ndarray] = field(default_factory=dict)  # each mask file, read once per run
+    clock: StageClock = field(default_factory=StageClock)
+
+    def run(self, request):
+        """The runner's result for `request`, its time counted to the request's stage."""
+        with self.clock.stage(STAGES[type(request)]):
+            return self.runner.run(request)
 
     def mask(self, path: Path) -> np.ndarray:
         if path not in self.masks:
             self.masks[path] = read_mask(path)
         return self.masks[path]
+
+    def save(self, image, output: Path, metadata: dict) -> None:
+        """A result written in its format (at --quality), its time counted to the `write` stage."""
+        with self.clock.stage("write"):
+            save_image(image, output, metadata=metadata, overwrite=self.overwrite, quality=self.quality)
 
     @property
     def manifest(self) -> Manifest:
@@ -132,7 +178,7 @@ class Settings:
 
 def _invert_image(settings: Settings, image: LoadedImage, prompt: str, seed: int) -> tuple:
     size = settings.size_for(image.original_size)
-    latent = settings.runner.run(Invert(to_model_array(image, size), prompt, seed))
+    latent = settings.run(Invert(to_model_array(image, size), prompt, seed))
     info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
                       seed=seed, width=size[0], height=size[1], original_width=image.original_size[0],
                       original_height=image.original_size[1], source=str(image.path))
@@ -142,7 +188,8 @@ def _invert_image(settings: Settings, image: LoadedImage, prompt: str, seed: int
 def invert_file(settings: Settings, path: Path, prompt: str, seed: int, output: Path) -> Path:
     """Image -> latent file (x_T and its metadata)."""
     latent, info = _invert_image(settings, load_image(path), prompt, seed)
-    save_latent(output, latent, info, overwrite=settings.overwrite)
+    with settings.clock.stage("write"):
+        save_latent(output, latent, info, overwrite=settings.overwrite)
     return output
 
 
@@ -182,9 +229,9 @@ def _resized(pixels, info: LatentInfo):
 def reconstruct_file(settings: Settings, path: Path, output: Path) -> Path:
     """Latent file -> image, decoded with its own prompt and w = 0."""
     latent, info = _load_checked_latent(settings, path)
-    image = _resized(settings.runner.run(Reconstruct(latent, info.prompt)), info)
-    save_image(image, output, overwrite=settings.overwrite,
-               metadata=settings.metadata(command="reconstruct", prompt=info.prompt, seed=info.seed, source=info.source))
+    image = _resized(settings.run(Reconstruct(latent, info.prompt)), info)
+    settings.save(image, output, settings.metadata(command="reconstruct", prompt=info.prompt, seed=info.seed,
+                                                   source=info.source))
     return output
 
 
@@ -208,7 +255,7 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
         found = inverted(settings, path, plan.source, plan.seed)
         latent, info, original = found.latent, found.info, found.original
     mask = None if plan.mask is None else settings.mask(plan.mask)
-    edited = settings.runner.run(Edit(latent, plan, None if mask is None else model_mask(mask, (info.width,
+    edited = settings.run(Edit(latent, plan, None if mask is None else model_mask(mask, (info.width,
                                                                                                info.height))))
     notes = [f"{path.name}: {note}" if note.startswith(MASK_WORDS_NOTE) else note for note in edited.notes]
     image = from_model_output(edited.pixels[0], original) if original else _resized(edited.pixels, info)
@@ -218,24 +265,32 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
     elif mask is not None and plan.keep_outside:
         notes.append(f"{path.name}: a latent file holds no photo to keep outside the mask: the pixels there are "
                      "the decoded ones")
-    size = {} if original is None else {"width": info.width, "height": info.height}
-    local = {} if mask is None else {"mask": relative_to(plan.mask, output.parent), "keep_outside": kept}
+    local = {} if mask is None else {"mask": relative_to(plan.mask, output.parent),
+                                     "mask_hash": file_hash(plan.mask), "keep_outside": kept}
     metadata = settings.metadata(command="edit", **plan.record(), seed=info.seed,
-                                 source=relative_to(path, output.parent), **size, **local,
+                                 source=relative_to(path, output.parent), width=info.width, height=info.height, **local,
                                  guidance_steps=guidance_on_steps(settings.manifest, plan.guidance, plan.tau))
     if mask_output is not None and edited.mask is None:
         raise ICDError(f"--save-mask {mask_output}: the edit was confined by no mask")
     wrote_mask = False
     try:  # the map first, the edit last: a failure of either leaves neither (without --overwrite)
         if mask_output is not None:
-            save_mask(edited.mask, mask_output, image.size, overwrite=settings.overwrite)
+            with settings.clock.stage("write"):
+                save_mask(edited.mask, mask_output, image.size, overwrite=settings.overwrite)
             wrote_mask = True
-        save_image(image, output, metadata=metadata, overwrite=settings.overwrite)
+        settings.save(image, output, metadata)
     except BaseException:
         if wrote_mask and not settings.overwrite:
             mask_output.unlink(missing_ok=True)
         raise
     return output, notes
+
+
+def file_hash(path: Path) -> str:
+    """The first 10 hex digits of a file's SHA-256, as A1111 records a model's hash: what a result records of
+    the mask it used, to tell whether the file under that name is still the same."""
+    with open_regular(path) as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:10]
 
 
 def relative_to(path: Path, folder: Path) -> str:
@@ -255,17 +310,12 @@ def inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted
                                     settings.manifest.fingerprint), invert_now)
 
 
-def slug(prompt: str, limit: int = 40) -> str:
-    """A file-name-safe short form of a prompt."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-") or "image"
-
-
 def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, tau: float, output: Path) -> Path:
     width, height = working_size((settings.manifest.resolution,) * 2, resolution=settings.manifest.resolution,
                                  multiple=settings.runner.size_multiple, width=settings.width, height=settings.height)
-    pixels = settings.runner.run(Generate(prompt, seed, width, height, guidance, tau))
+    pixels = settings.run(Generate(prompt, seed, width, height, guidance, tau))
     metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
                                  width=width, height=height,
                                  guidance_steps=guidance_on_steps(settings.manifest, guidance, tau))
-    save_image(from_model_output(pixels[0], None), output, metadata=metadata, overwrite=settings.overwrite)
+    settings.save(from_model_output(pixels[0], None), output, metadata)
     return output

@@ -4,6 +4,7 @@ order that lets one inversion serve several edits."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +40,7 @@ def with_mask_outputs(items: list, save_mask: str | None) -> list:
         return items
     from icd.images import OUTPUT_SUFFIXES
 
-    from .jobs import output_path
+    from .naming import output_path
 
     if len(items) > 1 and Path(save_mask).suffix.lower() in OUTPUT_SUFFIXES:
         raise UsageError(f"--save-mask {save_mask} names one file, but there are {len(items)} results: give a folder")
@@ -82,35 +83,102 @@ def seeds_to_run(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
     return tuple(range(first, first + count))
 
 
-def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[int, ...]) -> list:
-    """One item per input, seed and plan (one plan per target); names carry the target and seed when there
-    are several (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once
-    per target."""
-    from .batch import file_items
-    from .jobs import needs_inversion, output_stem
+def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[int, ...], naming,
+               swept: tuple[str, ...] = ()) -> list:
+    """One item per input, seed and plan (one plan per target and swept setting), named by `naming` or by
+    default NAME-edit with the target, seed and swept settings (`swept`) added where several are run
+    (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per plan."""
+    from .batch import Item
+    from .jobs import needs_inversion
+    from .naming import distinct_stems, edit_template, kept_suffix, output_path
 
     images = [path for path in paths if needs_inversion([path])]
     latents = [path for path in paths if path not in images]
     many = len(plans) * (len(images) * len(seeds) + len(latents)) > 1
-    labels = target_names([plan.target for plan in plans])
+    names = target_names(list(dict.fromkeys(plan.target for plan in plans)))
+    varying = {*(("target",) if len(names) > 1 else ()), *(("seed",) if len(seeds) > 1 else ()), *swept}
+    default = edit_template(varying)
     items = []
     for group, group_seeds in ((images, seeds), (latents, seeds[:1])):
-        for seed in group_seeds if group else ():
-            for plan in plans:
-                suffix = (f"-{labels[plan.target]}" if len(plans) > 1 else "") + \
-                         (f"-s{seed}" if len(seeds) > 1 and group is images else "")
-                for item in file_items(group, output, lambda path: f"{output_stem(path)}-edit{suffix}.png",
-                                       many=many):
-                    if suffix:
-                        item.label = f"{item.label} ({plan.target!r}, seed {seed})"
-                    item.job = replace(plan, seed=seed)
+        suffixes = {path: naming.suffix or kept_suffix(path) for path in group}
+        stems = distinct_stems(group, suffixes)
+        for path in group:
+            suffix = suffixes[path]
+            seed_of = recorded_seed(path) if group is latents else None
+            for seed in group_seeds:
+                for plan in plans:
+                    values = plan_values(plan, stems[path], seed if seed_of is None else seed_of, len(items) + 1)
+                    name = naming.fill(default, {**values, "target": names[plan.target]}) + suffix
+                    item = Item(str(path) + _sweep_label(values, varying, group is images), path,
+                                output_path(output, name, many), job=replace(plan, seed=seed), values=values)
                     items.append(item)
+    if naming.template is not None:
+        from .naming import refuse_clashes
+
+        refuse_clashes(items, naming.template, ("target", "seed", *swept, "method"))
     return items
+
+
+def plan_values(plan, stem: str, seed: int | None, number: int) -> dict:
+    """What an edit's name may hold ({target} as the prompt: the name takes its slug)."""
+    return {"stem": stem, "target": plan.target, "seed": seed, "method": plan.method,
+            "strength": "default" if plan.strength is None else plan.strength, "guidance": plan.guidance,
+            "tau": plan.tau, "n": number}
+
+
+def _sweep_label(values: dict, varying: set[str], with_seed: bool) -> str:
+    """What tells an item from the others of its input, after its path: (target, seed, swept settings)."""
+    if not varying:
+        return ""
+    parts = [repr(values["target"]), *([f"seed {values['seed']}"] if with_seed else []),
+             *(f"{name} {values[name]:g}" for name in ("guidance", "tau", "strength") if name in varying)]
+    return f" ({', '.join(parts)})"
+
+
+def recorded_seed(path: Path) -> int | None:
+    """The seed a latent file records (read from its header: cheap), for its name; None when it cannot be read
+    (the file then fails as its own item)."""
+    from icd.latents import read_latent_info
+
+    try:
+        return read_latent_info(path).seed
+    except ICDError:
+        return None
+
+
+def sweep_values(given: dict, swept: tuple[str, ...]) -> list[dict]:
+    """Every combination of the swept settings' values, in the order given (a setting not given: None, so that
+    the model's default or --strength decides it)."""
+    lists = [given[name] or (None,) for name in swept]
+    return [dict(zip(swept, values)) for values in itertools.product(*lists)]
+
+
+def sweep_plans(manifest, sources: list, given: dict, targets: tuple[str, ...], sweeps: list[dict],
+                flags: dict) -> list:
+    """One plan per target and combination of swept values, each resolved as a single edit's would be."""
+    from icd.editing import Given, resolve_edit
+
+    return [resolve_edit(manifest, *sources, Given({**given, **values, "target": target}, flags))
+            for target in targets for values in sweeps]
+
+
+def edit_settings(plan, path: Path) -> dict:
+    """What an edit runs with, as --dry-run and -v show it (a latent file's prompt and seed are its own)."""
+    from icd.latents import is_latent_file
+
+    recorded = plan.record()
+    latent = "the latent file's" if is_latent_file(path) else None
+    settings = {"source": recorded.pop("source_prompt") or latent, "target": recorded.pop("prompt"),
+                "seed": latent or plan.seed, "method": recorded.pop("method"), "guidance": recorded.pop("guidance_w"),
+                **recorded}
+    if plan.mask is not None:
+        settings |= {"mask": str(plan.mask), "keep_outside": plan.keep_outside}
+    return settings
 
 
 def target_names(targets: list[str]) -> dict[str, str]:
     """A distinct file-name part for each target prompt (two that slug alike get -2, -3, ...)."""
-    from .jobs import slug
+    from .naming import slug
 
     names, taken = {}, set()
     for target in targets:
@@ -147,15 +215,16 @@ def row_output(jobs_file: str, value: str, where: str, column: str, suffixes: tu
     return path
 
 
-def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
-    """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads."""
+def edit_job_items(jobs_file: str, manifest, output: str | None, names) -> list:
+    """The items of an edit job file, every row checked (exit 2 with its row number) before any model loads; a
+    row without an output is named by `names` (default NAME-edit-<target>-s<seed>, in the input's format)."""
     from icd.editing import resolve_edit
     from icd.images import OUTPUT_SUFFIXES
     from icd.latents import is_latent_file
 
     from .batch import Item
     from .jobfile import EditJob, read_jobs
-    from .jobs import output_path, output_stem, slug
+    from .naming import kept_suffix, output_path, output_stem, slug
 
     folder = Path(jobs_file).parent
     items = []
@@ -165,12 +234,15 @@ def edit_job_items(jobs_file: str, manifest, output: str | None) -> list:
         plan = resolve_edit(manifest, job.settings(folder, f"{where}: "))
         if not job.source and not is_latent_file(path):
             raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
-        name = f"{output_stem(path)}-edit-{slug(job.target)}-s{job.seed}.png"
+        values = plan_values(plan, output_stem(path), job.seed, number)
+        name = names.fill("{stem}-edit-{target}-s{seed}", {**values, "target": slug(job.target)}) + \
+            (names.suffix or kept_suffix(path))
         target = row_output(jobs_file, job.output, where, "output", tuple(sorted(OUTPUT_SUFFIXES))) if job.output else \
             output_path(output, name, True)
         written = [target, *([row_output(jobs_file, job.save_mask, where, "save_mask", ".png")] if job.save_mask
                              else [])]
         if len(written) == 2 and real_path(written[0]) == real_path(written[1]):
             raise UsageError(f"{where}: save_mask {written[1]} is the edit's own output: choose another file")
-        items.append(Item(where, path, target, job=plan, mask_output=written[1] if job.save_mask else None))
+        items.append(Item(where, path, target, job=plan, mask_output=written[1] if job.save_mask else None,
+                          values=values))
     return items

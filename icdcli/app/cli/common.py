@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,8 +51,9 @@ def check_size(manifest: Manifest, width: int | None, height: int | None) -> Non
                 check_multiple(name, value, multiple)
 
 
-def check_output(output: str | None, count: int, *, latent: bool = False) -> None:
-    """-o must name what the command writes: an image (or a latent file for invert), or a folder."""
+def check_output(output: str | None, count: int, *, latent: bool = False, naming=None) -> None:
+    """-o must name what the command writes: an image (or a latent file for invert), or a folder; a file
+    named for one result leaves no name to --name, and is in --format's format."""
     if output is None:
         return
     from icd.images import OUTPUT_SUFFIXES
@@ -69,6 +71,10 @@ def check_output(output: str | None, count: int, *, latent: bool = False) -> Non
                          "or name a folder)")
     if names_file and count > 1:
         raise UsageError(f"-o {output} names one file, but there are {count} results: give a folder")
+    if names_file and naming is not None and naming.template is not None:
+        raise UsageError(f"-o {output} names the result's file: --name names results in a folder")
+    if names_file and naming is not None and naming.suffix not in (None, path.suffix.lower().replace(".jpeg", ".jpg")):
+        raise UsageError(f"-o {output} is not a {naming.suffix} file, which --format asks for")
     if path.is_file() and not names_file:
         raise UsageError(f"-o {output} is a file: give a folder for the results")
 
@@ -116,17 +122,46 @@ def open_runner(manifest: Manifest, device: str, dtype: str, directions: tuple[s
         open_model(manifest, device, dtype, directions, backend, compile, static_shapes)))
 
 
+def jobs_path(jobs_file: str | None) -> str | None:
+    """--jobs FILE, where `-` is standard input."""
+    from ..jobfile import STDIN, STDIN_NAME
+
+    return STDIN_NAME if jobs_file == STDIN else jobs_file
+
+
 def job_settings(runner, model_ref: str, width: int | None = None, height: int | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, quality: int | None = None):
+    from icd.limits import DEFAULT_QUALITY
+
     from ..jobs import Settings
 
-    return Settings(runner=runner, model_ref=model_ref, width=width, height=height, overwrite=overwrite)
+    return Settings(runner=runner, model_ref=model_ref, width=width, height=height, overwrite=overwrite,
+                    quality=quality or DEFAULT_QUALITY)
 
 
-def finish(items, work, as_json: bool) -> None:
+def dry_run() -> bool:
+    return bool(click.get_current_context().meta.get("icd.dry_run"))
+
+
+def before_loading(items, as_json: bool, extra: Callable[[bool], None] | None = None) -> None:
+    """Where a command stops before it opens a model: --dry-run prints the plan (and `extra`, e.g. the grid's
+    line) and exits; a batch with nothing to run reports its items and exits."""
+    if dry_run():
+        from ..batch import show_plan
+
+        report = show_plan(items, as_json)
+        if extra is not None:
+            extra(as_json)
+        sys.exit(report.exit_code)
+    if not any(item.runnable for item in items):
+        finish(items, None, as_json)
+
+
+def finish(items, work, as_json: bool, clock=None, after: Callable[[object], None] | None = None) -> None:
     """Run this process's share of the planned items (all of them, unless several processes were launched:
-    each plans the whole batch, so names agree, and runs every world-th item), write the --json-log, and
-    exit with the batch's code."""
+    each plans the whole batch, so names agree, and runs every world-th item), write the --json-log, then
+    `after` (with the report: e.g. the grid), and exit with the batch's code. `clock`: the jobs' StageClock,
+    which times each item's stages."""
     from ..batch import run
     from ..distributed import merge_json_log, process_share
 
@@ -134,7 +169,38 @@ def finish(items, work, as_json: bool) -> None:
     log_path = ctx.meta.get("icd.json_log")
     if log_path and Path(log_path).exists() and not ctx.params.get("overwrite"):
         raise UsageError(f"--json-log {log_path} exists (use --overwrite to replace it)")
-    report = run(process_share(items), work, as_json=as_json, quiet=quiet())
+    report = run(process_share(items), work, as_json=as_json, quiet=quiet(),
+                 stages=None if clock is None else clock.take)
     if log_path:
         merge_json_log(log_path, report.records)
+    if after is not None:
+        after(report)
     sys.exit(report.exit_code)
+
+
+def write_grid(sheet, report, overwrite: bool, as_json: bool) -> None:
+    """--grid's sheet after the batch; a sheet that cannot be written fails the command (exit 1)."""
+    from icd.errors import ICDError
+
+    from ..batch import error_line
+    from ..grid import write
+
+    try:
+        written = write(sheet, overwrite, as_json, quiet())
+    except ICDError as err:
+        written = False
+        error_line(f"--grid {sheet.path}: {err}")
+    else:
+        if not written:
+            error_line(f"--grid {sheet.path}: no result to show: not written")
+    report.failed += not written
+
+
+def naming_options(template: str | None, format_name: str | None, quality: int | None, fields: tuple[str, ...]):
+    """--name, --format and --quality checked together, before anything loads."""
+    from ..naming import naming
+
+    names = naming(template, format_name, fields)
+    if quality is not None and names.suffix == ".png":
+        raise UsageError("--quality applies to JPEG and WebP results, not PNG")
+    return names

@@ -3,6 +3,7 @@ seed (or per job-file row), resolved once before any model loads."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +12,19 @@ import click
 from icd.errors import ICDError, UsageError
 from icd.limits import MAX_SEED
 
-from .common import check_engine, check_output, check_size, finish, job_settings, open_runner, resolve
-from .options import DEFAULT_MODEL, MODEL_RUN, uses
+from ..grid import layout
+from ..naming import FIELDS
+from ..planning import edit_settings
+from .common import (before_loading, check_engine, check_output, check_size, finish, job_settings, jobs_path,
+                     naming_options, open_runner, resolve, write_grid)
+from .options import DEFAULT_MODEL, IMAGE_NAMING, MODEL_RUN, uses
 
+log = logging.getLogger("icd")
 # The options a --from record gives defaults to besides the edit settings (those are its first `Given`).
 RERUN_OPTIONS = ("model", "dtype", "backend", "width", "height")
+# The settings a comma list sweeps, and the fields an edit's --name may hold (all of them).
+SWEPT = ("guidance", "tau", "strength")
+EDIT_FIELDS = tuple(FIELDS)
 # How the command line names the settings, for the errors of `resolve_edit`.
 FLAGS = {"method": "--method", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
          "amplify": "--amplify", "blend": "--mask-words/--blend"}
@@ -29,6 +38,7 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
         return None
     from icd.editing import recorded
     from icd.images import read_metadata
+    from icd.latents import LATENT_SUFFIX
 
     folder = Path(value).parent
     try:
@@ -36,7 +46,9 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
         if record.get("command") != "edit":
             raise ICDError(f"{value} holds no parameters of `icd edit`")
         ctx.meta["icd.rerun"] = recorded(record, folder)
-        options = {name: record[name] for name in RERUN_OPTIONS if record.get(name) is not None}
+        from_latent = str(record.get("source", "")).endswith(LATENT_SUFFIX)  # it keeps the size it was inverted at
+        options = {name: record[name] for name in RERUN_OPTIONS if record.get(name) is not None
+                   and not (from_latent and name in ("width", "height"))}
         for name, value_ in options.items():
             if not isinstance(value_, int if name in ("width", "height") else str) or isinstance(value_, bool):
                 raise ValueError(f"its recorded {name} is {value_!r}")
@@ -46,7 +58,23 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(str(err), ctx, param) from None
     ctx.default_map = {**(ctx.default_map or {}), **options}
     ctx.meta["icd.rerun_input"] = folder / record["source"] if record.get("source") else None
+    _warn_if_mask_changed(value, ctx.meta["icd.rerun"].values.get("mask"), record.get("mask_hash"))
     return value
+
+
+def _warn_if_mask_changed(result: str, mask: Path | None, recorded_hash) -> None:
+    """A rerun reads the mask file as it is now: say so when it is not the one the result recorded."""
+    from ..jobs import file_hash
+
+    if mask is None or not isinstance(recorded_hash, str):
+        return
+    try:
+        now = file_hash(mask)
+    except ICDError:
+        return  # a mask that cannot be read is refused with the other checks
+    if now != recorded_hash:
+        log.warning("--from %s: its mask %s has changed since (hash %s, recorded %s): the rerun uses it as it is "
+                    "now", result, mask, now, recorded_hash)
 
 
 @click.command()
@@ -55,7 +83,7 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
               "Default: each image's caption in the metadata.jsonl of its folder; a latent file carries its own.")
 @click.option("--tgt", "targets", multiple=True, help="Prompt describing the wanted result (required). Repeatable: "
               "one output per target, NAME-edit-<target>.png, all from one inversion.")
-@uses("method", "guidance", "tau")
+@uses("method", "guidances", "taus")
 @click.option("--seed", "seeds", type=click.IntRange(0, MAX_SEED), multiple=True,
               help="Seed of the noise added before encoding (default 0). Repeatable: one output per seed, "
                    "NAME-edit-s<seed>.png.")
@@ -73,18 +101,22 @@ def _rerun_defaults(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--save-mask", type=click.Path(), metavar="PATH", help="Write the map the edit was "
               "confined to (--mask or --mask-words, on the latent grid) as a PNG of the image's size: a .png file "
               "for one result, else a folder (NAME-edit...-mask.png in it).")
-@uses("strength")
+@uses("strengths")
+@click.option("--grid", type=click.Path(dir_okay=False), metavar="FILE", help="Also write a contact sheet of the "
+              "results: a row per input (and per target or seed when the columns are others), its photo first, "
+              "each result labelled with what differs: the swept settings, else the seeds, else the targets.")
 @click.option("--from", "from_image", metavar="IMAGE", is_eager=True, callback=_rerun_defaults,
               help="Rerun the edit recorded in a result of `icd edit`: its input, prompts and every setting, "
                    "unless given here.")
 @click.option("--jobs", "jobs_file", type=click.Path(dir_okay=False), help="A job file: JSON lines or CSV with "
               "one edit per row (image, source, target, seed, method, guidance, tau, strength, mask_words (or "
               "blend), amplify, mask, keep_outside, output; paths relative to the file; default output "
-              "NAME-edit-<target>-s<seed>.png in -o), all checked before the model loads.")
-@uses(*MODEL_RUN)
+              "NAME-edit-<target>-s<seed> in -o), all checked before the model loads; - reads it from standard "
+              "input (paths relative to the current folder).")
+@uses(*IMAGE_NAMING, *MODEL_RUN)
 def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_replace, self_replace, amplify, blend,
-         mask, keep_outside, save_mask, strength, from_image, jobs_file, model, device, dtype, backend, compile, width,
-         height, output, overwrite, skip_existing, as_json, no_server):
+         mask, keep_outside, save_mask, strength, grid, from_image, jobs_file, name_template, format_name, quality,
+         model, device, dtype, backend, compile, width, height, output, overwrite, skip_existing, as_json, no_server):
     """Edit photos (or latent files from `icd invert`) from a source prompt to a target prompt.
 
     INPUTS are image files, folders of images, globs, or .latent.safetensors files.
@@ -103,28 +135,39 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
       icd edit cat.png --src "a cat" --tgt "a tiger" --strength 0.8 --save-mask used.png
       icd edit photos/*.jpg --src "a dog" --tgt "a wolf" --method none -o wolves/
       icd edit photo.jpg --src "a pug" --tgt "a bear" --tgt "a lion" -n 3 -o variants/
+      icd edit photo.jpg --src "a pug" --tgt "a bear" --strength 0.25,0.5,0.75 --grid sheet.png -o sweep/
+      icd edit photos/ --src "a dog" --tgt "a wolf" --name "{stem}-wolf-{seed}" --format webp -o out/ --dry-run
       icd edit --jobs edits.jsonl -o out/
+      icd edit --jobs - -o out/ < edits.csv                            # job rows from stdin
       icd edit --from photo-edit.png --guidance 12 -o stronger.png
     """
     ctx = click.get_current_context()
     given = {"source": source, "method": method, "guidance": guidance, "tau": tau, "cross_replace": cross_replace,
              "self_replace": self_replace, "amplify": amplify or None, "blend": blend, "mask": mask,
              "keep_outside": keep_outside, "strength": strength}
+    names = naming_options(name_template, format_name, quality, EDIT_FIELDS)
+    jobs_file = jobs_path(jobs_file)
     if jobs_file:
+        if grid:
+            raise UsageError("--grid lays out the inputs, targets, seeds and settings of a command line: not with "
+                             "--jobs")
         manifest, items, paths = _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model, output,
-                                            device, dtype, backend, compile, no_server)
-        masks = {}
+                                            names, device, dtype, backend, compile, no_server)
+        masks, sheet = {}, None
     else:
-        model, manifest, items, paths, masks = _command_items(ctx, given, inputs, targets, seeds, count, save_mask,
-                                                              model, output, device, dtype, backend, compile,
-                                                              no_server)
-    _run(items, paths + ([Path(jobs_file)] if jobs_file else []), manifest, model or DEFAULT_MODEL, masks, device,
-         dtype, backend, compile, width, height, overwrite, skip_existing, as_json, no_server)
+        model, manifest, items, paths, masks, varying = _command_items(ctx, given, inputs, targets, seeds, count,
+                                                                       save_mask, model, output, names, device, dtype,
+                                                                       backend, compile, no_server)
+        sheet = None if grid is None else layout(grid, items, varying)
+    for item in items:
+        item.settings = edit_settings(item.job, item.source)
+    _run(items, paths + ([Path(jobs_file)] if jobs_file else []), manifest, model or DEFAULT_MODEL, masks, sheet,
+         device, dtype, backend, compile, width, height, overwrite, skip_existing, as_json, no_server, quality)
 
 
-def _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model, output, device, dtype, backend,
-               compile, no_server):
-    """The items of `--jobs FILE`: its rows hold the inputs, prompts, seeds and settings."""
+def _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model, output, names, device, dtype,
+               backend, compile, no_server):
+    """The items of `--jobs FILE` (`-`: standard input): its rows hold the inputs, prompts, seeds and settings."""
     from ..planning import edit_job_items
 
     named = {"INPUTS": inputs, "--src": given["source"], "--tgt": targets, "--seed": seeds, "-n": count,
@@ -137,22 +180,22 @@ def _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model
     check_engine(device, dtype, backend, compile, not no_server)
     manifest = resolve(model)
     check_size(manifest, click.get_current_context().params["width"], click.get_current_context().params["height"])
-    items = edit_job_items(jobs_file, manifest, output)
+    items = edit_job_items(jobs_file, manifest, output, names)
     return manifest, items, [item.source for item in items]
 
 
-def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, output, device, dtype, backend,
-                   compile, no_server):
-    """The model and the items of an edit named on the command line: one plan per target (the --from record
-    first, then the options given here), one item per input, target and seed."""
-    from icd.editing import Given, parse_amplify, parse_blend, resolve_edit
+def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, output, names, device, dtype,
+                   backend, compile, no_server):
+    """The model and the items of an edit named on the command line: one plan per target and swept setting (the
+    --from record first, then the options given here), one item per input, plan and seed; and the dimensions
+    that vary between an input's results (for --grid)."""
+    from icd.editing import parse_amplify, parse_blend
     from icd.latents import LATENT_SUFFIX
 
     from .. import planning
     from ..jobs import IMAGE_SUFFIXES, expand_inputs, needs_inversion
 
     rerun = ctx.meta.get("icd.rerun")
-    sources = [rerun] if rerun is not None else []
     anywhere = {name: given.get(name) if given.get(name) is not None else rerun.values.get(name) if rerun else None
                 for name in ("source", "target", "seed", "mask", "blend")}
     inputs = inputs or ((ctx.meta["icd.rerun_input"],) if ctx.meta.get("icd.rerun_input") else ())
@@ -171,7 +214,9 @@ def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, 
         raise UsageError(f"--{'' if given['keep_outside'] else 'no-'}keep-outside applies with --mask")
     if save_mask and anywhere["mask"] is None and anywhere["blend"] is None:
         raise UsageError("--save-mask needs --mask or --mask-words: nothing else confines an edit")
-    check_output(output, len(targets) * (len(images) * len(seeds) + len(paths) - len(images)))
+    sweeps = planning.sweep_values(given, SWEPT)
+    check_output(output, len(targets) * len(sweeps) * (len(images) * len(seeds) + len(paths) - len(images)),
+                 naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
     given = {**given, "amplify": _parsed(parse_amplify, given["amplify"], "--amplify"),
              "blend": _parsed(parse_blend, given["blend"], "--mask-words")}
@@ -180,12 +225,14 @@ def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, 
     model = model or _recorded_model([path for path in paths if path not in images], bool(images))
     manifest = resolve(model)
     check_size(manifest, ctx.params["width"], ctx.params["height"])
-    plans = [resolve_edit(manifest, *sources, Given({**given, "target": target}, FLAGS)) for target in targets]
-    items = planning.with_mask_outputs(planning.edit_items(paths, output, plans, seeds), save_mask)
+    plans = planning.sweep_plans(manifest, [rerun] if rerun is not None else [], given, targets, sweeps, FLAGS)
+    swept = tuple(name for name in SWEPT if given[name] and len(given[name]) > 1)
+    items = planning.with_mask_outputs(planning.edit_items(paths, output, plans, seeds, names, swept), save_mask)
     for item in items:
         if item.source in captions:
             item.job = replace(item.job, source=captions[item.source])
-    return model, manifest, items, paths, masks
+    varying = (*(("target",) if len(targets) > 1 else ()), *(("seed",) if len(seeds) > 1 else ()), *swept)
+    return model, manifest, items, paths, masks, varying
 
 
 def _recorded_model(latents: list[Path], with_images: bool) -> str | None:
@@ -215,11 +262,11 @@ def _parsed(parse, value, flag: str):
         raise click.BadParameter(str(err), param_hint=flag) from None
 
 
-def _run(items, reads, manifest, model_ref, masks, device, dtype, backend, compile, width, height, overwrite,
-         skip_existing, as_json, no_server) -> None:
-    """Check every item's files (headers, masks, outputs; `reads`: the inputs and job file), then open the
-    runner and edit the runnable ones."""
-    from .. import jobs, planning
+def _run(items, reads, manifest, model_ref, masks, sheet, device, dtype, backend, compile, width, height, overwrite,
+         skip_existing, as_json, no_server, quality) -> None:
+    """Check every item's files (headers, masks, outputs, the --grid sheet; `reads`: the inputs and job file),
+    then open the runner and edit the runnable ones."""
+    from .. import grid, jobs, planning
     from ..batch import plan
 
     def check(item):
@@ -228,11 +275,13 @@ def _run(items, reads, manifest, model_ref, masks, device, dtype, backend, compi
 
     masks_read = {item.job.mask for item in items if item.job.mask is not None}
     items = plan(items, [*reads, *masks_read], overwrite=overwrite, skip_existing=skip_existing, check=check)
-    if not any(item.runnable for item in items):
-        finish(items, None, as_json)
+    if sheet is not None:
+        grid.check_place(sheet, items, [*reads, *masks_read], overwrite)
+    before_loading(items, as_json, None if sheet is None else lambda as_json: grid.describe(sheet, as_json))
     directions = ("forward", "reverse") if jobs.needs_inversion([item.source for item in items]) else ("reverse",)
     runner = open_runner(manifest, device, dtype, directions, backend, compile, bool(width and height), no_server)
-    settings = job_settings(runner, model_ref, width, height, overwrite)
+    settings = job_settings(runner, model_ref, width, height, overwrite, quality)
     settings.masks.update(masks)
     finish(planning.by_inversion(items),
-           lambda item: jobs.edit_file(settings, item.source, item.job, item.output, item.mask_output), as_json)
+           lambda item: jobs.edit_file(settings, item.source, item.job, item.output, item.mask_output), as_json,
+           settings.clock, None if sheet is None else lambda report: write_grid(sheet, report, overwrite, as_json))

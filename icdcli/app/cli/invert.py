@@ -9,8 +9,14 @@ import click
 from icd.errors import UsageError
 from icd.limits import MAX_SEED
 
-from .common import check_engine, check_output, check_size, finish, job_settings, open_runner, resolve
-from .options import DEFAULT_MODEL, MODEL_RUN, uses
+from ..naming import naming
+from .common import (before_loading, check_engine, check_output, check_size, finish, job_settings, jobs_path,
+                     naming_options, open_runner, resolve)
+from .options import DEFAULT_MODEL, IMAGE_NAMING, MODEL_RUN, uses
+
+INVERT_FIELDS = ("stem", "seed", "n")
+RECONSTRUCT_FIELDS = ("stem", "seed", "n")
+LATENT_FORMAT = {"latent.safetensors": ".latent.safetensors"}  # a template may end with it
 
 
 @click.command()
@@ -21,10 +27,11 @@ from .options import DEFAULT_MODEL, MODEL_RUN, uses
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the noise added before encoding.")
 @click.option("--jobs", "jobs_file", type=click.Path(dir_okay=False), help="A job file: JSON lines or CSV with "
-              "one inversion per row (image, source, seed, output; paths relative to the file).")
-@uses(*MODEL_RUN)
-def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compile, width, height, output,
-           overwrite, skip_existing, as_json, no_server):
+              "one inversion per row (image, source, seed, output; paths relative to the file); - reads it from "
+              "standard input (paths relative to the current folder).")
+@uses("name", *MODEL_RUN)
+def invert(images, prompt, seed, jobs_file, name_template, model, device, dtype, backend, compile, width, height,
+           output, overwrite, skip_existing, as_json, no_server):
     """Encode photos into latent files (x_T plus metadata) for fast repeated edits.
 
     \b
@@ -38,8 +45,11 @@ def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compi
     from ..batch import plan
     from ..jobs import invert_file
 
-    items = _job_items(jobs_file, images, prompt, output) if jobs_file else _image_items(images, prompt, seed, output)
-    check_output(output, max(len(items), 2 if jobs_file else 1), latent=True)
+    names = naming(name_template, None, INVERT_FIELDS, LATENT_FORMAT)
+    jobs_file = jobs_path(jobs_file)
+    items = _job_items(jobs_file, images, prompt, output, names) if jobs_file else \
+        _image_items(images, prompt, seed, output, names)
+    check_output(output, max(len(items), 2 if jobs_file else 1), latent=True, naming=names)
     _captions(items)
     check_engine(device, dtype, backend, compile, not no_server)
     manifest = resolve(model)
@@ -48,8 +58,9 @@ def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compi
     reads = [item.source for item in items] + ([Path(jobs_file)] if jobs_file else [])
     items = plan(items, reads, overwrite=overwrite, skip_existing=skip_existing,
                  check=lambda item: probe_image(item.source))
-    if not any(item.runnable for item in items):
-        finish(items, None, as_json)
+    for item in items:
+        item.settings = {"prompt": item.job[1], "seed": item.job[0]}
+    before_loading(items, as_json)
     settings = job_settings(open_runner(manifest, device, dtype, ("forward",), backend, compile,
                                         bool(width and height), no_server), model, width, height, overwrite)
 
@@ -57,15 +68,15 @@ def invert(images, prompt, seed, jobs_file, model, device, dtype, backend, compi
         item_seed, item_prompt = item.job
         return invert_file(settings, item.source, item_prompt, item_seed, item.output), []
 
-    finish(items, work, as_json)
+    finish(items, work, as_json, settings.clock)
 
 
-def _job_items(jobs_file: str, images, prompt, output) -> list:
+def _job_items(jobs_file: str, images, prompt, output, names) -> list:
     from icd.latents import LATENT_NAME
 
     from ..batch import Item
     from ..jobfile import InvertJob, read_jobs
-    from ..jobs import output_path, output_stem
+    from ..naming import output_path, output_stem
     from ..planning import row_output
 
     if images or prompt:
@@ -75,13 +86,14 @@ def _job_items(jobs_file: str, images, prompt, output) -> list:
     items = []
     for number, job in read_jobs(jobs_file, InvertJob):
         where = f"{jobs_file} row {number}"
+        values = {"stem": output_stem(folder / job.image), "seed": job.seed, "n": number}
         written = row_output(jobs_file, job.output, where, "output", LATENT_NAME) if job.output else \
-            output_path(output, output_stem(folder / job.image) + LATENT_NAME, True)
-        items.append(Item(where, folder / job.image, written, job=(job.seed, job.source)))
+            output_path(output, names.fill("{stem}", values) + LATENT_NAME, True)
+        items.append(Item(where, folder / job.image, written, job=(job.seed, job.source), values=values))
     return items
 
 
-def _image_items(images, prompt, seed, output) -> list:
+def _image_items(images, prompt, seed, output, names) -> list:
     from icd.latents import LATENT_NAME
 
     from ..batch import file_items
@@ -89,7 +101,8 @@ def _image_items(images, prompt, seed, output) -> list:
 
     if not images:
         raise UsageError("no IMAGES: name image files, folders or globs (or give --jobs FILE)")
-    items = file_items(expand_inputs(list(images), IMAGE_SUFFIXES), output, lambda path: path.stem + LATENT_NAME)
+    items = file_items(expand_inputs(list(images), IMAGE_SUFFIXES), output, names, "{stem}", lambda _: LATENT_NAME,
+                       INVERT_FIELDS, lambda path: {"seed": seed})
     for item in items:
         item.job = (seed, prompt)
     return items
@@ -107,18 +120,26 @@ def _captions(items) -> None:
 
 @click.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json", "json_log",
-      "quiet", "verbose", "no_server")
-def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json,
-                no_server):
-    """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""
+@uses(*IMAGE_NAMING, "model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json",
+      "json_log", "quiet", "verbose", "no_server", "dry_run")
+def reconstruct(latents, name_template, format_name, quality, model, device, dtype, backend, compile, output,
+                overwrite, skip_existing, as_json, no_server):
+    """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion).
+
+    \b
+    Example:
+      icd reconstruct latents/ --name "{stem}-back" --format jpg --quality 90 -o back/
+    """
     from icd.latents import LATENT_SUFFIX, read_latent_info
 
     from ..batch import file_items, plan
-    from ..jobs import check_latent, expand_inputs, output_stem, reconstruct_file
+    from ..jobs import StageClock, check_latent, expand_inputs, reconstruct_file
+    from ..naming import kept_suffix
+    from ..planning import recorded_seed
 
+    names = naming_options(name_template, format_name, quality, RECONSTRUCT_FIELDS)
     paths = expand_inputs(list(latents), {LATENT_SUFFIX})
-    check_output(output, len(paths))
+    check_output(output, len(paths), naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
     refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
     runners: dict[str, object] = {}  # one per model, found or opened at its first item
@@ -127,15 +148,19 @@ def reconstruct(latents, model, device, dtype, backend, compile, output, overwri
         refs[item.source] = model or read_latent_info(item.source).model
         check_latent(item.source, resolve(refs[item.source]), refs[item.source])
 
-    items = plan(file_items(paths, output, lambda path: f"{output_stem(path)}-recon.png"), paths,
-                 overwrite=overwrite, skip_existing=skip_existing, check=check)
+    named = file_items(paths, output, names, "{stem}-recon", lambda path: names.suffix or kept_suffix(path),
+                       RECONSTRUCT_FIELDS, lambda path: {"seed": recorded_seed(path)})
+    items = plan(named, paths, overwrite=overwrite, skip_existing=skip_existing, check=check)
+    before_loading(items, as_json)
 
     def work(item):
         model_ref = refs[item.source]
         if model_ref not in runners:
             runners[model_ref] = open_runner(resolve(model_ref), device, dtype, ("reverse",), backend, compile,
                                              no_server=no_server)
-        return reconstruct_file(job_settings(runners[model_ref], model_ref, overwrite=overwrite), item.source,
-                                item.output), []
+        settings = job_settings(runners[model_ref], model_ref, overwrite=overwrite, quality=quality)
+        settings.clock = clock
+        return reconstruct_file(settings, item.source, item.output), []
 
-    finish(items, work, as_json)
+    clock = StageClock()
+    finish(items, work, as_json, clock)

@@ -12,7 +12,7 @@ import click
 
 from icd.editing import (DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE, EDIT_DEFAULTS, GENERATE_GUIDANCE,
                          GENERATE_TAU)
-from icd.limits import MAX_SIDE
+from icd.limits import DEFAULT_QUALITY, MAX_SIDE
 from icd_export.registry import BACKENDS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -22,6 +22,10 @@ GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG sca
                  "prompt alone, without extra guidance.")
 TAU_HELP = ("Dynamic guidance: w is used on steps with t/1000 <= tau and 0 on the noisier ones above. "
             "1.0 = guidance on every step.")
+STRENGTH_HELP = ("One knob from 0 (keep the photo) to 1 (follow the target): moves --guidance (0 up to the model's "
+                 "default at 0.5), --tau (0 -> the model's -> 1) and the p2p windows --cross-replace/--self-replace "
+                 f"(1 -> {DEFAULT_CROSS_REPLACE:g}/{DEFAULT_SELF_REPLACE:g} -> 0) together; 0.5 is the model's "
+                 "defaults. Those options, given too, win.")
 
 
 def model_default_help(setting: str) -> str:
@@ -52,6 +56,23 @@ class Finite(click.ParamType):
         return number
 
 
+class Several(click.ParamType):
+    """A comma list of values of `kind` (one value is a list of one), each value once in the order given: a
+    sweep, run from one inversion."""
+
+    def __init__(self, kind: click.ParamType):
+        self.kind = kind
+        self.name = f"{kind.name}[,...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = [part.strip() for part in str(value).split(",")]
+        if not all(parts):
+            self.fail(f"{value!r} has an empty value: give numbers separated by commas, e.g. 5,10,19", param, ctx)
+        return tuple(dict.fromkeys(self.kind.convert(part, param, ctx) for part in parts))
+
+
 def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     """-q: errors only; -v: also debug lines, the libraries' warnings and bars, and tracebacks."""
     if not value:
@@ -65,6 +86,16 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 def _remember_json_log(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
         ctx.meta["icd.json_log"] = value
+
+
+def _remember_dry_run(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["icd.dry_run"] = True
+
+
+SWEEP_HELP = " A comma list runs each value from the one inversion (a sweep), e.g. {example}."
+NAME_FIELDS_HELP = ("{stem}, {target}, {seed}, {method}, {strength}, {guidance}, {tau} and {n} (the result's "
+                    "number), as far as the command knows them; a Python format spec may follow, e.g. {n:03d}")
 
 
 OPTIONS = {
@@ -115,19 +146,37 @@ OPTIONS = {
                                  f"target's self-attention comes from the source. Default {DEFAULT_SELF_REPLACE:g}."),
     "amplify": click.option("--amplify", multiple=True, metavar="WORD=F", help="p2p: scale a target word's "
                             "attention by F (repeatable). Default: each new target word x4."),
-    "strength": click.option("--strength", type=Finite(0, 1), help="One knob from 0 (keep the photo) to 1 (follow "
-                             "the target): moves --guidance (0 up to the model's default at 0.5), --tau (0 -> the "
-                             "model's -> 1) and the p2p windows --cross-replace/--self-replace (1 -> "
-                             f"{DEFAULT_CROSS_REPLACE:g}/{DEFAULT_SELF_REPLACE:g} -> 0) together; 0.5 is the model's "
-                             "defaults. Those options, given too, win. E.g. --strength 0.7."),
+    "strength": click.option("--strength", type=Finite(0, 1), help=STRENGTH_HELP + " E.g. --strength 0.7."),
+    # the settings `icd edit` sweeps: one value, or several separated by commas
+    "guidances": click.option("--guidance", type=Several(Finite(0)), help=GUIDANCE_HELP + " " +
+                              model_default_help("guidance") + SWEEP_HELP.format(example="--guidance 5,10,19")),
+    "taus": click.option("--tau", type=Several(Finite(0, 1)), help=TAU_HELP + " " + model_default_help("tau") +
+                         SWEEP_HELP.format(example="--tau 0.5,0.8")),
+    "strengths": click.option("--strength", type=Several(Finite(0, 1)), help=STRENGTH_HELP +
+                              SWEEP_HELP.format(example="--strength 0.25,0.5,0.75")),
     # generation's own defaults
-    "generate_guidance": click.option("--guidance", type=Finite(0), default=GENERATE_GUIDANCE, show_default=True,
-                                      help=GUIDANCE_HELP),
-    "generate_tau": click.option("--tau", type=Finite(0, 1), default=GENERATE_TAU, show_default=True,
-                                 help=TAU_HELP),
+    "generate_guidance": click.option("--guidance", type=Several(Finite(0)), default=str(GENERATE_GUIDANCE),
+                                      show_default=True, help=GUIDANCE_HELP +
+                                      " A comma list generates each seed with each value."),
+    "generate_tau": click.option("--tau", type=Several(Finite(0, 1)), default=str(GENERATE_TAU), show_default=True,
+                                 help=TAU_HELP + " A comma list generates each seed with each value."),
+    # naming and writing the results, planning only
+    "name": click.option("--name", "name_template", metavar="TEMPLATE", help="How to name the results: a "
+                         "template of " + NAME_FIELDS_HELP + ", e.g. --name '{stem}-{target}-s{seed}'. Ending "
+                         "in .png, .jpg or .webp it also chooses the format. Default: the command's usual names, "
+                         "with each value that differs between the results added."),
+    "format": click.option("--format", "format_name", type=click.Choice(["png", "jpg", "jpeg", "webp"],
+                           case_sensitive=False), help="The results' image format. Default: each input's own "
+                           "(PNG for a format icd does not write; a latent file's: its photo's)."),
+    "quality": click.option("--quality", type=click.IntRange(1, 100), help="JPEG and WebP results: their quality, "
+                            f"1-100. Default {DEFAULT_QUALITY}."),
+    "dry_run": click.option("--dry-run", is_flag=True, expose_value=False, callback=_remember_dry_run,
+                            help="Print the plan (each item, its output and settings) and stop: no model loads, "
+                                 "nothing is written."),
 }
 MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite",
-             "skip_existing", "json", "json_log", "quiet", "verbose", "no_server")
+             "skip_existing", "json", "json_log", "quiet", "verbose", "no_server", "dry_run")
+IMAGE_NAMING = ("name", "format", "quality")
 
 
 def uses(*names: str):

@@ -31,7 +31,7 @@ def serve_folder() -> Path:
 
 
 def socket_path(model_name: str, devices: Sequence[str], dtype: str) -> Path:
-    from ..jobs import slug
+    from ..naming import slug
 
     served = "+".join(str(device).replace(":", "-") for device in devices)
     path = serve_folder() / f"{slug(model_name)}-{served}-{dtype}{SOCKET_SUFFIX}"

@@ -1,0 +1,191 @@
+"""How every command names its results: one template (`--name`, or the command's default) filled with what
+varies between them ({stem}, {target}, {seed}, {method}, {strength}, {guidance}, {tau}, {n}), and one format
+rule (the input's own format, PNG where icd cannot write it, or `--format`).
+
+The defaults are the names icd always gave (`NAME-edit.png`, `NAME-edit-<target>-s<seed>.png`,
+`NAME-recon.png`, `<prompt>-<seed>.png`), each part present only when that value differs between the results,
+so a sweep's names carry the swept values. A template of the user's own is checked before anything runs: a
+field the command does not know, and two results it would give one name, are usage errors that say which
+field to add.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from icd.errors import ICDError, UsageError
+from icd.files import real_path
+
+# Each field a template may hold, as the help explains it.
+FIELDS = {"stem": "the input's name without its suffix (generate: the prompt's)",
+          "target": "the target prompt, shortened to whole words (generate: the prompt)",
+          "seed": "the seed", "method": "the edit method", "strength": "--strength (default: 'default')",
+          "guidance": "the guidance w", "tau": "tau", "n": "the result's number in the command, from 1"}
+# --format's choices and the suffix each writes; "jpeg" is the same as "jpg".
+FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
+SLUG_LIMIT = 40
+# How many parent folders may be put in front of a name to tell apart two inputs of the same name.
+MAX_NAME_DEPTH = 4
+# The parts of a default edit name, in order, each added when its value differs between the results.
+EDIT_PARTS = (("target", "-{target}"), ("seed", "-s{seed}"), ("guidance", "-g{guidance}"), ("tau", "-tau{tau}"),
+              ("strength", "-strength{strength}"))
+
+
+def slug(text: str, limit: int = SLUG_LIMIT) -> str:
+    """A file-name-safe short form of a prompt: lower-case words joined by '-', cut after the last whole word
+    that fits `limit` (a single longer word is cut)."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if len(words) > limit:
+        cut = words[: limit + 1].rfind("-")
+        words = words[:cut] if cut > 0 else words[:limit]
+    return words or "image"
+
+
+def output_stem(path: Path) -> str:
+    """An input's name without its suffix (`x.latent.safetensors` -> `x`)."""
+    from icd.latents import LATENT_NAME
+
+    name = path.name
+    return name[: -len(LATENT_NAME)] if name.endswith(LATENT_NAME) else path.stem
+
+
+class _Filler(string.Formatter):
+    """str.format over plain values, numbers shown as a person writes them (19, 0.25) unless a spec says."""
+
+    def format_field(self, value, format_spec):
+        return format(value, format_spec or ("g" if isinstance(value, float) else ""))
+
+
+SAMPLE = {"stem": "x", "target": "a-dog", "seed": 0, "method": "p2p", "strength": 0.5, "guidance": 19.0,
+          "tau": 0.8, "n": 1}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """A command's naming: --name's template (None: the command's default) and --format's suffix (None: each
+    input's own)."""
+
+    template: str | None = None
+    suffix: str | None = None
+
+    def fill(self, default: str, values: dict) -> str:
+        """The name (without suffix) for one result."""
+        return fill(self.template or default, values)
+
+
+def fill(template: str, values: dict) -> str:
+    return _Filler().vformat(template, (), values)
+
+
+def naming(template: str | None, format_name: str | None, fields: tuple[str, ...], suffixes=FORMATS) -> Naming:
+    """--name and --format checked for a command that knows `fields` and writes `suffixes` ({format: suffix}).
+    A template may end with a suffix of those: it chooses the format as --format would."""
+    suffix = None if format_name is None else suffixes[format_name.lower()]
+    if template is None:
+        return Naming(None, suffix)
+    for ending, named in sorted(suffixes.items(), key=lambda pair: len(pair[0]), reverse=True):
+        if template.lower().endswith("." + ending) and len(template) > len(ending) + 1:
+            if suffix is not None and suffix != named:
+                raise UsageError(f"--name {template} ends with .{ending}, but --format asks for {suffix}: give one")
+            template, suffix = template[: -len(ending) - 1], named
+            break
+    if any(char in template for char in "/\\\0") or template.strip(". ") == "":
+        raise UsageError(f"--name {template}: a file name without folders (-o chooses the folder)")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise UsageError(f"--name {template}: {err} (write {{{{ and }}}} for a brace)") from None
+    known = ", ".join(f"{{{field}}}" for field in fields)
+    for _, field, _, conversion in parsed:
+        if field is not None and field not in fields:
+            raise UsageError(f"--name {template}: unknown field {{{field}}}: this command knows {known}")
+        if conversion:
+            raise UsageError(f"--name {template}: no conversions (!{conversion}) in a field")
+    try:
+        fill(template, SAMPLE)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--name {template}: {err}") from None
+    return Naming(template, suffix)
+
+
+def kept_suffix(path: Path) -> str:
+    """The format a result of `path` is written in by default: the input's own (.png, .jpg, .jpeg, .webp), a
+    latent file's that of the photo it was inverted from, and PNG for any other."""
+    from icd.images import OUTPUT_SUFFIXES
+    from icd.latents import is_latent_file, read_latent_info
+
+    if is_latent_file(path):
+        try:
+            path = Path(read_latent_info(path).source or "")
+        except ICDError:  # a broken latent file fails as its own item
+            return ".png"
+    return path.suffix.lower() if path.suffix.lower() in OUTPUT_SUFFIXES else ".png"
+
+
+def edit_template(varying: set[str]) -> str:
+    """The default name of an edit's results: NAME-edit, then each EDIT_PARTS part whose value varies."""
+    return "{stem}-edit" + "".join(part for field, part in EDIT_PARTS if field in varying)
+
+
+def refuse_clashes(items: list, template: str, fields: tuple[str, ...]) -> None:
+    """A template of the user's own must give each result its own file; else a usage error names the two
+    results and the fields that tell them apart."""
+    seen: dict[str, object] = {}
+    for item in items:
+        key = str(real_path(item.output)).casefold()
+        if key in seen:
+            other = seen[key]
+            differing = [field for field in fields if field in item.values and field in other.values
+                         and item.values[field] != other.values[field] and field != "n"]
+            hint = f"add {', '.join('{' + field + '}' for field in differing)}" if differing else "add {n}"
+            raise UsageError(f"--name {template}: {other.label} and {item.label} would both be written to "
+                             f"{item.output}: {hint}")
+        seen[key] = item
+
+
+def output_path(output: str | None, default_name: str, many: bool) -> Path:
+    """`-o` is the file for a single result, or the folder for several; default: the current folder."""
+    from icd.images import OUTPUT_SUFFIXES
+    from icd.latents import LATENT_SUFFIX
+
+    if output is None:
+        return Path(default_name)
+    target = Path(output)
+    if not many and (target.suffix.lower() in OUTPUT_SUFFIXES or target.name.endswith(LATENT_SUFFIX)):
+        return target
+    return target / default_name
+
+
+def distinct_stems(paths: list[Path], suffixes: dict[Path, str]) -> dict[Path, str]:
+    """Each input's {stem}, told apart from the others' when their results would share a name and format."""
+    names = distinct_names(paths, lambda path: output_stem(path) + suffixes[path])
+    return {path: names[path][: len(names[path]) - len(suffixes[path])] for path in paths}
+
+
+def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[Path, str]:
+    """Each input's output name; inputs whose names clash get their parent folders' names in front
+    (a/x.png and b/x.png -> a-x, b-x). Inputs that cannot be told apart are a UsageError."""
+    names = {path: name_for(path) for path in inputs}
+    for depth in range(1, MAX_NAME_DEPTH + 1):
+        clashes = _clashes(names)
+        if not clashes:
+            return names
+        for path in (p for group in clashes for p in group):
+            parents = real_path(path).parent.parts[1:][-depth:]
+            names[path] = "-".join([*parents, name_for(path)])
+    if clashes := _clashes(names):
+        first, second = clashes[0][:2]
+        raise UsageError(f"{first} and {second} would both be written to {names[first]}: run them separately")
+    return names
+
+
+def _clashes(names: dict[Path, str]) -> list[list[Path]]:
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path, name in names.items():
+        groups[name.lower()].append(path)  # case-insensitive file systems clash on case alone
+    return [group for group in groups.values() if len(group) > 1]
