@@ -108,6 +108,20 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid, size).clamp(0.0, 1.0)
 
 
+def step_share(mix: float, steps: int) -> float:
+    """The share of its own latent the target keeps after each of `steps` steps so that about `mix` of the edit
+    is left at the end: what the target row has drawn by a step is scaled again at every later one."""
+    return mix ** (1.0 / steps)
+
+
+def mixed_region(where: torch.Tensor | None, share: float, x_T: torch.Tensor) -> torch.Tensor | None:
+    """The share of the target's latent each cell keeps after every step: the mask's (`where`) times `share`;
+    None when the target keeps all of its own everywhere (no mask, share 1: swap and none decode one row)."""
+    if share == 1.0:
+        return where
+    return share * (torch.ones_like(x_T[:1, :1]) if where is None else where)
+
+
 def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Two rows (source, target): the target keeps its own latent where `region` is 1, the source's where it
     is 0, a mix in between."""
@@ -131,6 +145,9 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     mask: (1, 1, H, W) in [0, 1] at any resolution, 1 where the edit may act. After every step the target's
     latent outside it is the source's at that step (`latent_mask` puts it on the latent grid): p2p has the
     source row; swap and none then decode the source row beside theirs, in the same UNet calls.
+    plan.mix < 1 (what --strength below 1 sets) does the same over the whole latent: after each of K steps the
+    target keeps mix^(1/K) of its own latent (times the mask's value) and takes the rest from the source's, so
+    that about `mix` of the edit is left and at 0 the edit is the source row, the reconstruction.
     """
     model = runtime.model
     method, tau = plan.method, plan.tau
@@ -138,7 +155,8 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     cond_both = model.encode_text([plan.source, plan.target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, plan.guidance, tau)
-    region = None if mask is None else latent_mask(mask.to(model.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
+    where = None if mask is None else latent_mask(mask.to(model.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
+    region = mixed_region(where, step_share(plan.mix, len(schedule)), x_T)
     both_rows = x_T.expand(2, -1, -1, -1).contiguous()  # in memory, not a stride-0 view: one compiled graph
     if method == "p2p":
         host = runtime.attention_host()
@@ -155,7 +173,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
         latents, outcome = runtime.run_loop(("p2p", tuple(schedule), controller.graph_key), steered, both_rows,
                                             cond_both, controller.device_tensors(model.device), region)
         notes = [*controller.warnings, *controller.blend_notes(outcome)]
-        used = region if outcome is None else outcome[0] if region is None else outcome[0] * region
+        used = where if outcome is None else outcome[0] if where is None else outcome[0] * where
         return _decoded(model, latents, with_reconstruction, notes, used)
 
     def unsteered(x, source, target, region):  # swap and none
@@ -173,7 +191,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     if region is None:
         return EditResult(model.decode_latents(runtime.run_loop(key, unsteered, x_T, cond_src, cond_tgt, None)), None)
     latents = runtime.run_loop(key, unsteered, both_rows, cond_src, cond_tgt, region)
-    return _decoded(model, latents, with_reconstruction, [], region)
+    return _decoded(model, latents, with_reconstruction, [], where)
 
 
 def _decoded(model: Model, latents: torch.Tensor, with_reconstruction: bool, notes: list[str],

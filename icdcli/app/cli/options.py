@@ -116,11 +116,14 @@ OPTIONS = {
                                  f"target's self-attention comes from the source. Default {DEFAULT_SELF_REPLACE:g}."),
     "amplify": click.option("--amplify", multiple=True, metavar="WORD=F", help="p2p: scale a target word's "
                             "attention by F (repeatable). Default: each new target word x4."),
-    "strength": click.option("--strength", type=Finite(0, 1), help="One knob from 0 (keep the photo) to 1 (follow "
-                             "the target): moves --guidance (0 up to the model's default at 0.5), --tau (0 -> the "
-                             "model's -> 1) and the p2p windows --cross-replace/--self-replace (1 -> "
-                             f"{DEFAULT_CROSS_REPLACE:g}/{DEFAULT_SELF_REPLACE:g} -> 0) together; 0.5 is the model's "
-                             "defaults. Those options, given too, win. E.g. --strength 0.7."),
+    "strength": click.option("--strength", type=Finite(0, 1), help="One knob from 0 (the reconstruction of the "
+                             "photo's inversion, as `icd reconstruct` decodes it, on every method) to 1 (the "
+                             "strongest edit of the model's defaults: its --guidance on every step, no attention "
+                             "map from the source). Each knob moves linearly: --guidance 0 -> the model's, --tau "
+                             "the model's -> 1, the p2p windows --cross-replace/--self-replace 1 -> 0, and the "
+                             "share of the edit kept 0 -> 1 (the edit leans to the reconstruction after every "
+                             "step). Those options, given too, win. Unset: the model's defaults. E.g. "
+                             "--strength 0.7."),
     # generation's own defaults
     "generate_guidance": click.option("--guidance", type=Finite(0), default=GENERATE_GUIDANCE, show_default=True,
                                       help=GUIDANCE_HELP),
