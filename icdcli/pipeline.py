@@ -108,18 +108,17 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid, size).clamp(0.0, 1.0)
 
 
-def step_share(mix: float, steps: int) -> float:
-    """The share of its own latent the target keeps after each of `steps` steps so that about `mix` of the edit
-    is left at the end: what the target row has drawn by a step is scaled again at every later one."""
-    return mix ** (1.0 / steps)
-
-
-def mixed_region(where: torch.Tensor | None, share: float, x_T: torch.Tensor) -> torch.Tensor | None:
-    """The share of the target's latent each cell keeps after every step: the mask's (`where`) times `share`;
-    None when the target keeps all of its own everywhere (no mask, share 1: swap and none decode one row)."""
+def edit_regions(mask: torch.Tensor | None, mix: float, x_T: torch.Tensor,
+                 steps: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where the edit may act on x_T's latent grid (`latent_mask`; None without a mask), and the share of its own
+    latent the target keeps in each cell after each of `steps` steps: that times mix^(1/steps), so that about
+    `mix` of the edit is left at the end (what the target draws by a step is scaled again at every later one);
+    None where it keeps all of it everywhere (then swap and none decode one row)."""
+    where = None if mask is None else latent_mask(mask.to(x_T.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
+    share = mix ** (1.0 / steps)
     if share == 1.0:
-        return where
-    return share * (torch.ones_like(x_T[:1, :1]) if where is None else where)
+        return where, where
+    return where, share * (torch.ones_like(x_T[:1, :1]) if where is None else where)
 
 
 def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -142,12 +141,9 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
          (and the size ids) stay the target's.
     none: one row; the target prompt on every step.
 
-    mask: (1, 1, H, W) in [0, 1] at any resolution, 1 where the edit may act. After every step the target's
-    latent outside it is the source's at that step (`latent_mask` puts it on the latent grid): p2p has the
-    source row; swap and none then decode the source row beside theirs, in the same UNet calls.
-    plan.mix < 1 (what --strength below 1 sets) does the same over the whole latent: after each of K steps the
-    target keeps mix^(1/K) of its own latent (times the mask's value) and takes the rest from the source's, so
-    that about `mix` of the edit is left and at 0 the edit is the source row, the reconstruction.
+    mask: (1, 1, H, W) in [0, 1], any resolution, 1 where the edit may act; plan.mix < 1 acts as a grey one over
+    the whole latent (`edit_regions`). After every step the target's latent outside them is the source's: p2p has
+    the source row; swap and none decode it beside theirs in the same UNet calls. At mix 0: the reconstruction.
     """
     model = runtime.model
     method, tau = plan.method, plan.tau
@@ -155,8 +151,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     cond_both = model.encode_text([plan.source, plan.target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, plan.guidance, tau)
-    where = None if mask is None else latent_mask(mask.to(model.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
-    region = mixed_region(where, step_share(plan.mix, len(schedule)), x_T)
+    where, region = edit_regions(mask, plan.mix, x_T, len(schedule))
     both_rows = x_T.expand(2, -1, -1, -1).contiguous()  # in memory, not a stride-0 view: one compiled graph
     if method == "p2p":
         host = runtime.attention_host()
