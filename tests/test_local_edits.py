@@ -478,8 +478,9 @@ def test_sdxl_swap_keeps_the_target_pooled_embedding(icd_home, monkeypatch):
 # --- icd serve --------------------------------------------------------------------------------------
 
 def test_masks_go_through_icd_serve(icd_home, tmp_path):
-    """The client sends the mask's array and gets the map back: a served masked edit equals the in-process one
-    bit for bit (the server's answer runs on the far end of a socket pair, as in `icd serve`)."""
+    """The client sends the mask's array and gets the map and the reconstruction back: a served masked edit
+    equals the in-process one bit for bit (the server's answer runs on the far end of a socket pair, as in
+    `icd serve`)."""
     runner = LocalRunner(open_session("tiny", device="cpu", dtype="fp32", backend="torch"))
     near, far = socket.socketpair()
 
@@ -494,11 +495,13 @@ def test_masks_go_through_icd_serve(icd_home, tmp_path):
     mask = np.zeros((1, 1, 64, 64), np.float32)
     mask[..., 8:40, 8:40] = 1.0
     plan = edit_plan(runner.manifest, "a red cat", "a blue cat", method="none", guidance=3.0, tau=0.8)
-    served = remote.run(Edit(x_T, plan, mask))
+    served = remote.run(Edit(x_T, plan, mask, with_reconstruction=True))
     worker.join(60)
-    here = runner.run(Edit(x_T, plan, mask))
+    here = runner.run(Edit(x_T, plan, mask, with_reconstruction=True))
     assert np.array_equal(served.pixels, as_array(here.pixels)) and served.notes == here.notes == []
     assert np.array_equal(served.mask, as_array(here.mask)) and served.mask.shape == (1, 1, 8, 8)
+    assert np.array_equal(served.reconstruction, as_array(here.reconstruction))
+    assert served.reconstruction.shape == (1, 3, 64, 64)
     assert not np.array_equal(served.pixels, as_array(runner.run(Edit(x_T, plan)).pixels))  # the mask acted
     near.close()
     far.close()

@@ -249,9 +249,11 @@ def strength_table(summary: dict) -> str:
 
 
 def seam_table(dataset: Path, evaluation: Path) -> str:
-    """The seam of every masked setting of an `icd eval` run on the ovals set: texture energy relative to the
-    photo's in bands across the mask's edge (pooled over the scenes), the step between the bands either side
-    (`seam.seam_step`), and how far the pixels outside the mask moved from the photo's (mean |difference|)."""
+    """The seam of every masked setting of an `icd eval` run on a set with masks and a `psnr_outside` check
+    (ovals, two-objects, one-object): texture energy relative to the photo's in bands across the mask's edge
+    (pooled over the scenes; the objects, outside that check's region, left out), the step between the bands
+    either side (`seam.seam_step`), and how far the pixels outside the mask moved from the photo's (mean
+    |difference|)."""
     rows = {row["id"]: row for row in map(json.loads, (dataset / "metadata.jsonl").read_text().splitlines())}
     pooled: dict[str, dict] = {}
     for record in map(json.loads, (evaluation / "results.jsonl").read_text().splitlines()):
@@ -292,8 +294,8 @@ def main() -> None:
     picture.add_argument("--output", type=Path, required=True)
     sweep = commands.add_parser("strengths", help="the compact --strength table of a two-objects evaluation")
     sweep.add_argument("summary", type=Path, help="its summary.json")
-    seams = commands.add_parser("seam", help="texture across the mask's edge in an evaluation of the ovals set")
-    seams.add_argument("dataset", type=Path, help="the ovals set's folder")
+    seams = commands.add_parser("seam", help="texture across the mask's edge in a masked evaluation of a set")
+    seams.add_argument("dataset", type=Path, help="the set's folder (ovals, two-objects or one-object)")
     seams.add_argument("evaluation", type=Path, help="the icd eval output folder")
     args = parser.parse_args()
     if args.command == "write":

@@ -4,7 +4,7 @@ An edit inside a mask is the model's decoding; outside it, with `--keep-outside`
 decoder draws smoother textures than a photo has, so where the two meet a seam can show: a step in texture
 energy (the squared high-pass of the luma, which the eye reads as grain) from one side of the edge to the other.
 `seam_step` measures it against the photo's own energy on the same pixels, so that a photo whose texture
-changes across the edge by itself shows no seam; `band_profile` gives the whole profile. Pixels near an object
+changes across the edge by itself shows no seam; `profile` gives the whole profile. Pixels near an object
 (of the photo or of the intended result) are left out: an object's outline is an edge of its own, not a seam.
 """
 
@@ -109,4 +109,5 @@ def oval(box: tuple[int, int, int, int], margin: float, size: int) -> np.ndarray
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:
+    """A bool mask as the black-and-white picture `icd edit --mask` reads."""
     return Image.fromarray(np.asarray(mask, np.uint8) * 255)
