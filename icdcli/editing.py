@@ -92,13 +92,16 @@ def parse_blend(value: str | None) -> tuple[tuple[str, ...], tuple[str, ...]] | 
     return tuple(src.lower().split()), tuple(tgt.lower().split())
 
 
-# --strength: 0 keeps the photo (no guidance, tau 0 so `swap` decodes under the source prompt on every step,
-# every attention map from the source), DEFAULT_STRENGTH is the model's own edit settings, 1 follows the
-# target (the model's guidance on every step, no attention map from the source). Between those three
-# points each knob moves linearly. Guidance stays at the model's default above DEFAULT_STRENGTH: that
-# default is the top of the range the released models were trained on.
-DEFAULT_STRENGTH = 0.5
-STRENGTH_KNOBS = ("guidance", "tau", "cross_replace", "self_replace")
+# --strength: one knob from the reconstruction (0) to the strongest edit the model's defaults allow (1), each
+# knob moving linearly between its two ends: guidance w from 0 to the model's default; tau from the model's
+# default to 1 (guidance on every step, and `swap` then takes the source prompt on no step); Prompt-to-Prompt's
+# windows from 1 (every attention map from the source) to 0; and `mix`, the share of the edit kept, from 0 to
+# 1. The mix is what makes 0 the reconstruction for every method and every pair of prompts: at 0 the target
+# row is the source row after every step. w alone could not: with w = 0 the target prompt still decodes
+# something else (on mini a dark green or purple blob where the photo was), and the other knobs alone leave
+# half of the range flat on mini (tau 0.8 -> 1 and the windows barely act there). The model's defaults (no
+# --strength) are not a point of this line: strength 1 is them with guidance on every step and no window.
+STRENGTH_KNOBS = ("guidance", "tau", "cross_replace", "self_replace", "mix")
 
 
 def strength_knobs(manifest: Manifest, strength: float) -> dict[str, float]:
@@ -106,19 +109,16 @@ def strength_knobs(manifest: Manifest, strength: float) -> dict[str, float]:
     if not 0.0 <= strength <= 1.0:
         raise ICDError(f"strength must be between 0 and 1, got {strength}")
     defaults = model_defaults(manifest)
-    keep = (0.0, 0.0, 1.0, 1.0)
-    middle = (defaults.guidance, defaults.tau, DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE)
-    follow = (defaults.guidance, 1.0, 0.0, 0.0)
-    low, high, share = (keep, middle, strength / DEFAULT_STRENGTH) if strength <= DEFAULT_STRENGTH else \
-        (middle, follow, (strength - DEFAULT_STRENGTH) / (1.0 - DEFAULT_STRENGTH))
-    return {name: round(a + (b - a) * share, 6) for name, a, b in zip(STRENGTH_KNOBS, low, high)}
+    keep = {"guidance": 0.0, "tau": defaults.tau, "cross_replace": 1.0, "self_replace": 1.0, "mix": 0.0}
+    follow = {"guidance": defaults.guidance, "tau": 1.0, "cross_replace": 0.0, "self_replace": 0.0, "mix": 1.0}
+    return {name: round(keep[name] + (follow[name] - keep[name]) * strength, 6) for name in STRENGTH_KNOBS}
 
 
 @dataclass(frozen=True)
 class EditPlan:
     """Every setting of one edit, resolved (`resolve_edit`): what the CLI, job files, `--from`, `icd serve` and
     `icd.pipeline.edit` all take as it is. `source` is None for a latent file until its recorded prompt is read;
-    `strength` is only recorded (the knobs it set are in guidance, tau and p2p already)."""
+    `strength` is only recorded (the knobs it set are in guidance, tau, p2p and mix already)."""
 
     source: str | None
     target: str
@@ -130,11 +130,12 @@ class EditPlan:
     mask: Path | None = None  # where the edit may act (white) and where the photo is kept (black)
     keep_outside: bool = True  # with a mask: the input photo's own pixels outside it
     strength: float | None = None
+    mix: float = 1.0  # the share of the edit kept: below 1 the target row leans to the source row on every step
 
     def record(self) -> dict:
         """The settings as a result's metadata records them (and `--from` reads them back: `recorded`)."""
         fields = {"prompt": self.target, "source_prompt": self.source, "method": self.method,
-                  "guidance_w": self.guidance, "tau": self.tau, "strength": self.strength}
+                  "guidance_w": self.guidance, "tau": self.tau, "strength": self.strength, "mix": self.mix}
         if self.method == "p2p":
             fields |= {"cross_replace": self.p2p.cross_replace, "self_replace": self.p2p.self_replace}
             if self.p2p.amplify is not None:
@@ -158,7 +159,7 @@ class EditPlan:
 
 # The settings one source of them may give, by the names EditPlan resolves them under.
 SETTINGS = ("source", "target", "seed", "method", "guidance", "tau", "cross_replace", "self_replace", "amplify",
-            "blend", "mask", "keep_outside", "strength")
+            "blend", "mask", "keep_outside", "strength", "mix")
 P2P_ONLY = ("cross_replace", "self_replace", "amplify", "blend")
 
 
@@ -186,7 +187,7 @@ class Given:
 def resolve_edit(manifest: Manifest, *sources: Given) -> EditPlan:
     """The one place an edit's settings are decided: the model's defaults, then each source in order (a
     `--from` record, then the command line or a job row), a later one winning; then `strength`, which sets
-    the knobs (guidance, tau and the p2p windows) that no source at or above its own gave. Prompt-to-Prompt's
+    the knobs (STRENGTH_KNOBS) that no source at or above its own gave. Prompt-to-Prompt's
     settings with another method are an error where that method was chosen or later, and are dropped from
     sources before it (a rerun of a p2p edit with `--method swap`)."""
     def latest(name: str, default=None, within=sources):
@@ -203,7 +204,7 @@ def resolve_edit(manifest: Manifest, *sources: Given) -> EditPlan:
                 raise UsageError(f"{source.where}{', '.join(given)} apply to {source.name('method')} p2p, "
                                  f"not {method}")
     knobs = {"guidance": defaults.guidance, "tau": defaults.tau, "cross_replace": DEFAULT_CROSS_REPLACE,
-             "self_replace": DEFAULT_SELF_REPLACE}
+             "self_replace": DEFAULT_SELF_REPLACE, "mix": 1.0}
     strength_at = next((i for i in reversed(range(len(sources))) if sources[i].has("strength")), None)
     if strength_at is not None:
         knobs |= strength_knobs(manifest, sources[strength_at].values["strength"])
@@ -215,7 +216,7 @@ def resolve_edit(manifest: Manifest, *sources: Given) -> EditPlan:
     mask = latest("mask")
     return EditPlan(latest("source"), latest("target"), method, knobs["guidance"], knobs["tau"], p2p,
                     latest("seed", 0), None if mask is None else Path(mask), latest("keep_outside", True),
-                    latest("strength"))
+                    latest("strength"), knobs["mix"])
 
 
 # How a result's metadata records each setting (`EditPlan.record`), with the type and range it must have.
@@ -224,6 +225,7 @@ RECORDED = {"source": ("source_prompt", str, None), "target": ("prompt", str, No
             "tau": ("tau", float, (0.0, 1.0)), "cross_replace": ("cross_replace", float, (0.0, 1.0)),
             "self_replace": ("self_replace", float, (0.0, 1.0)), "mask": ("mask", str, None),
             "keep_outside": ("keep_outside", bool, None), "strength": ("strength", float, (0.0, 1.0)),
+            "mix": ("mix", float, (0.0, 1.0)),
             "amplify": ("amplify", list, None), "blend": ("blend", str, None)}
 
 
@@ -244,6 +246,7 @@ def recorded(fields: Mapping, folder: Path) -> Given:
         if bounds is not None and not (bounds[0] <= value <= bounds[1] and math.isfinite(value)):
             raise ValueError(f"its recorded {key} {value!r} is outside {bounds[0]:g}..{bounds[1]:g}")
         values[setting] = value
+    values.setdefault("mix", 1.0)  # a record from before the mix existed was made with the whole edit
     values["amplify"] = parse_amplify(values.get("amplify"))
     values["blend"] = parse_blend(values.get("blend"))
     if "mask" in values:

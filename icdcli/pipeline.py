@@ -108,6 +108,19 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid, size).clamp(0.0, 1.0)
 
 
+def edit_regions(mask: torch.Tensor | None, mix: float, x_T: torch.Tensor,
+                 steps: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where the edit may act on x_T's latent grid (`latent_mask`; None without a mask), and the share of its own
+    latent the target keeps in each cell after each of `steps` steps: that times mix^(1/steps), so that about
+    `mix` of the edit is left at the end (what the target draws by a step is scaled again at every later one);
+    None where it keeps all of it everywhere (then swap and none decode one row)."""
+    where = None if mask is None else latent_mask(mask.to(x_T.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
+    share = mix ** (1.0 / steps)
+    if share == 1.0:
+        return where, where
+    return where, share * (torch.ones_like(x_T[:1, :1]) if where is None else where)
+
+
 def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Two rows (source, target): the target keeps its own latent where `region` is 1, the source's where it
     is 0, a mix in between."""
@@ -128,9 +141,9 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
          (and the size ids) stay the target's.
     none: one row; the target prompt on every step.
 
-    mask: (1, 1, H, W) in [0, 1] at any resolution, 1 where the edit may act. After every step the target's
-    latent outside it is the source's at that step (`latent_mask` puts it on the latent grid): p2p has the
-    source row; swap and none then decode the source row beside theirs, in the same UNet calls.
+    mask: (1, 1, H, W) in [0, 1], any resolution, 1 where the edit may act; plan.mix < 1 acts as a grey one over
+    the whole latent (`edit_regions`). After every step the target's latent outside them is the source's: p2p has
+    the source row; swap and none decode it beside theirs in the same UNet calls. At mix 0: the reconstruction.
     """
     model = runtime.model
     method, tau = plan.method, plan.tau
@@ -138,7 +151,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     cond_both = model.encode_text([plan.source, plan.target], model.image_size(x_T))
     cond_src, cond_tgt = cond_both.rows(slice(0, 1)), cond_both.rows(slice(1, 2))
     schedule = guidance_schedule(model.manifest.reverse_timesteps, plan.guidance, tau)
-    region = None if mask is None else latent_mask(mask.to(model.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
+    where, region = edit_regions(mask, plan.mix, x_T, len(schedule))
     both_rows = x_T.expand(2, -1, -1, -1).contiguous()  # in memory, not a stride-0 view: one compiled graph
     if method == "p2p":
         host = runtime.attention_host()
@@ -155,7 +168,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
         latents, outcome = runtime.run_loop(("p2p", tuple(schedule), controller.graph_key), steered, both_rows,
                                             cond_both, controller.device_tensors(model.device), region)
         notes = [*controller.warnings, *controller.blend_notes(outcome)]
-        used = region if outcome is None else outcome[0] if region is None else outcome[0] * region
+        used = where if outcome is None else outcome[0] if where is None else outcome[0] * where
         return _decoded(model, latents, with_reconstruction, notes, used)
 
     def unsteered(x, source, target, region):  # swap and none
@@ -173,7 +186,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     if region is None:
         return EditResult(model.decode_latents(runtime.run_loop(key, unsteered, x_T, cond_src, cond_tgt, None)), None)
     latents = runtime.run_loop(key, unsteered, both_rows, cond_src, cond_tgt, region)
-    return _decoded(model, latents, with_reconstruction, [], region)
+    return _decoded(model, latents, with_reconstruction, [], where)
 
 
 def _decoded(model: Model, latents: torch.Tensor, with_reconstruction: bool, notes: list[str],

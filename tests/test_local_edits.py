@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.miniature.world import Placed, Spec, colour_under, render
+from bench.miniature.seam import SEAM_EDGES, mask_image, oval, seam_bands, seam_step
+from bench.miniature.world import Placed, Spec, colour_under, random_spec, render
 from icd import pipeline
 from icd.app.requests import Edit, decode_request
 from icd.app.serve.scheduler import answer
@@ -23,7 +24,8 @@ from icd.app.serve.client import RemoteRunner
 from icd.app.runner import LocalRunner
 from icd.app.session import open_session
 from icd.app.serve.wire import receive, send
-from icd.editing import DEFAULT_STRENGTH, Given, P2PConfig, edit_plan, model_defaults, resolve_edit, strength_knobs
+from icd.editing import (STRENGTH_KNOBS, EditPlan, Given, P2PConfig, edit_plan, model_defaults, recorded, resolve_edit,
+                         strength_knobs)
 from icd.errors import ICDError
 from icd.images import as_array, image_to_array, read_metadata
 from icd.masks import model_mask, read_mask, selects_everything
@@ -172,6 +174,24 @@ def test_save_mask_goes_into_an_existing_folder(icd_home, scene_files, tmp_path)
     assert again.exit_code == 1 and "exists (use --overwrite" in again.stderr
 
 
+def test_a_masked_edit_leaves_no_seam(icd_home, tmp_path):
+    """An oval mask around an object on sand (background inside it, as a person paints one): the photo's grain
+    runs on across the mask's edge. `bench.miniature.seam`: the texture energy just inside the edge over that
+    just outside, each relative to the photo's, |log2| under 0.5; the decoder's smooth texture meeting the
+    photo's grain gave 2.9 on this scene (an eighth of the grain inside)."""
+    spec = random_spec(1000001)  # a held-out scene of the ovals set: a green square on sand
+    scene = render(spec)
+    mask = oval(scene.objects[0].box, 4, 64)
+    scene.image.save(tmp_path / "scene.png")
+    mask_image(mask).save(tmp_path / "oval.png")
+    result = icd("edit", "scene.png", "--src", spec.caption, "--tgt", spec.edited(colour="yellow").caption,
+                 "--mask", "oval.png", *MINI, "-o", "edit.png", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    edited = Image.open(tmp_path / "edit.png")
+    assert seam_step(seam_bands(edited, scene.image, mask, scene.objects[0].mask, SEAM_EDGES)) < 0.5
+    assert np.array_equal(np.asarray(edited)[~mask], np.asarray(scene.image)[~mask])  # outside: the photo's
+
+
 def test_no_keep_outside_leaves_the_decoded_pixels(icd_home, scene_files, tmp_path):
     folder, scene, circle = scene_files
     result = icd(*edit_args(folder / "scene.png", "--mask", folder / "circle.png", "--no-keep-outside",
@@ -221,8 +241,8 @@ def test_job_file_rows_take_masks_and_strengths(icd_home, scene_files, tmp_path)
     assert f"icd: error: {jobs} row 2: black.png: the mask selects nothing (it is all black)" in result.stderr
     assert not (tmp_path / "bad.png").exists()
     meta = read_metadata(tmp_path / "good.png")
-    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["keep_outside"]) == (
-        0.75, 2.0, 0.9, 0.15, True)
+    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["mix"],
+            meta["keep_outside"]) == (0.75, 1.5, 0.95, 0.25, 0.75, True)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "good.png"))[~circle], np.asarray(scene.image)[~circle])
     used = np.asarray(Image.open(tmp_path / "used.png"))  # the row's save_mask: the map its edit used
     assert used.shape == (64, 64) and used[0, 63] == 0 and used[20, 19] == 255
@@ -341,33 +361,73 @@ def test_blend_maps_are_recorded_after_the_edit_as_officially():
 # --- strength ---------------------------------------------------------------------------------------
 
 def test_strength_mapping():
+    """Every knob moves linearly from the reconstruction's end (w 0, every attention map from the source, none
+    of the edit kept) to the strongest edit of the model's defaults (its w on every step, no map from the
+    source); a knob given as well keeps its own value."""
     manifest = resolve_model("mini")  # its own edit defaults: w 2, tau 0.8
     defaults = model_defaults(manifest)
 
     def knobs(strength, **given):
         plan = resolve_edit(manifest, Given({"target": "x", "strength": strength, **given}))
-        return plan.guidance, plan.tau, plan.p2p.cross_replace, plan.p2p.self_replace
+        return plan.guidance, plan.tau, plan.p2p.cross_replace, plan.p2p.self_replace, plan.mix
 
-    assert knobs(0.0) == (0.0, 0.0, 1.0, 1.0)
-    assert knobs(DEFAULT_STRENGTH) == (defaults.guidance, defaults.tau, 0.3, 0.6)
-    assert knobs(1.0) == (defaults.guidance, 1.0, 0.0, 0.0)
-    assert knobs(0.25) == (1.0, 0.4, 0.65, 0.8)
-    assert knobs(0.75) == (2.0, 0.9, 0.15, 0.3)
-    assert knobs(1.0, guidance=7.0, self_replace=0.5, tau=None) == (7.0, 1.0, 0.0, 0.5)
+    assert knobs(0.0) == (0.0, defaults.tau, 1.0, 1.0, 0.0)
+    assert knobs(1.0) == (defaults.guidance, 1.0, 0.0, 0.0, 1.0)
+    assert knobs(0.25) == (0.5, 0.85, 0.75, 0.75, 0.25)
+    assert knobs(0.75) == (1.5, 0.95, 0.25, 0.25, 0.75)
+    assert knobs(1.0, guidance=7.0, self_replace=0.5, tau=None) == (7.0, 1.0, 0.0, 0.5, 1.0)
     with pytest.raises(ICDError, match="strength must be between 0 and 1, got 1.2"):
         strength_knobs(manifest, 1.2)
-    low, high = knobs(0.1), knobs(0.9)
-    assert low[0] < high[0] and low[2] > high[2]
+    # monotone: each knob only ever moves towards the target (guidance, tau, mix up; the windows down)
+    steps = [strength_knobs(manifest, i / 20) for i in range(21)]
+    for name, sign in zip(STRENGTH_KNOBS, (1, 1, -1, -1, 1)):
+        moves = [sign * (later[name] - earlier[name]) for earlier, later in zip(steps, steps[1:])]
+        assert all(move > 0 for move in moves), name
+    unset = resolve_edit(manifest, Given({"target": "x"}))  # no strength: the defaults, the whole edit
+    assert (unset.guidance, unset.tau, unset.mix, unset.strength) == (defaults.guidance, defaults.tau, 1.0, None)
 
 
 def test_strength_overrides_the_knobs_of_earlier_sources_only():
     """A --from record's knobs give way to a --strength given later; knobs given with or after it win."""
     manifest = resolve_model("mini")
-    record = Given({"target": "x", "guidance": 1.5, "tau": 0.5, "cross_replace": 0.2, "strength": 0.3})
+    record = Given({"target": "x", "guidance": 1.5, "tau": 0.5, "cross_replace": 0.2, "mix": 0.4, "strength": 0.3})
     plan = resolve_edit(manifest, record)  # the record's own knobs win over its own strength
-    assert (plan.guidance, plan.tau, plan.p2p.cross_replace, plan.strength) == (1.5, 0.5, 0.2, 0.3)
+    assert (plan.guidance, plan.tau, plan.p2p.cross_replace, plan.mix, plan.strength) == (1.5, 0.5, 0.2, 0.4, 0.3)
     plan = resolve_edit(manifest, record, Given({"strength": 1.0, "tau": 0.9}))
-    assert (plan.guidance, plan.tau, plan.p2p.cross_replace, plan.strength) == (2.0, 0.9, 0.0, 1.0)
+    assert (plan.guidance, plan.tau, plan.p2p.cross_replace, plan.mix, plan.strength) == (2.0, 0.9, 0.0, 1.0, 1.0)
+
+
+def test_the_mix_travels_in_records_and_plans():
+    """A result records the mix; --from reads it back (a record from before the mix existed was made with the
+    whole edit), refusing one out of range; `icd serve` carries it in the plan."""
+    manifest = resolve_model("mini")
+    plan = edit_plan(manifest, "a", "b", strength=0.3)
+    assert plan.record()["mix"] == plan.mix == 0.3
+    assert resolve_edit(manifest, recorded(plan.record(), Path("."))) == plan
+    assert EditPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    older = {key: value for key, value in plan.record().items() if key != "mix"}
+    assert resolve_edit(manifest, recorded(older, Path("."))).mix == 1.0
+    with pytest.raises(ValueError, match="its recorded mix 1.5 is outside 0..1"):
+        recorded({**plan.record(), "mix": 1.5}, Path("."))
+
+
+def test_strength_zero_is_the_reconstruction_on_every_method(icd_home, scene_files, tmp_path):
+    """--strength 0 decodes what `icd reconstruct` decodes from the same inversion (within one level of 255:
+    the edit decodes two rows at once), whatever the method; a little strength already moves it."""
+    folder, _, _ = scene_files
+    latent = "scene.latent.safetensors"
+    assert icd("invert", folder / "scene.png", "--prompt", SCENE.caption, *MINI, "-o", latent,
+               cwd=tmp_path).exit_code == 0
+    assert icd("reconstruct", latent, *MINI, "-o", "recon.png", cwd=tmp_path).exit_code == 0
+    recon = np.asarray(Image.open(tmp_path / "recon.png")).astype(int)
+    for method in ("p2p", "swap", "none"):
+        for strength in ("0", "0.25"):
+            output = f"{method}-{strength}.png"
+            result = icd("edit", latent, "--tgt", TARGET.caption, "--method", method, "--strength", strength, *MINI,
+                         "-o", output, cwd=tmp_path)
+            assert result.exit_code == 0, result.output
+            levels = np.abs(np.asarray(Image.open(tmp_path / output)).astype(int) - recon)
+            assert levels.max() <= 1 if strength == "0" else levels.mean() > 3, (method, strength, levels.mean())
 
 
 def test_strength_on_the_command_line_and_explicit_options_win(icd_home, scene_files, tmp_path):
@@ -376,15 +436,19 @@ def test_strength_on_the_command_line_and_explicit_options_win(icd_home, scene_f
                 cwd=tmp_path)
     assert first.exit_code == 0, first.output
     meta = read_metadata(tmp_path / "strong.png")
-    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["self_replace"]) == (
-        1.0, 3.0, 1.0, 0.0, 0.0)
+    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["self_replace"],
+            meta["mix"]) == (1.0, 3.0, 1.0, 0.0, 0.0, 1.0)
     # a rerun with another strength: the recorded knobs give way to it, an option given here still wins
-    rerun = icd("edit", "--from", tmp_path / "strong.png", "--strength", "0", "--self-replace", "0.5", *MINI,
+    rerun = icd("edit", "--from", tmp_path / "strong.png", "--strength", "0.3", "--self-replace", "0.5", *MINI,
                 "-o", "weak.png", cwd=tmp_path)
     assert rerun.exit_code == 0, rerun.output
     meta = read_metadata(tmp_path / "weak.png")
-    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["self_replace"]) == (
-        0.0, 0.0, 0.0, 1.0, 0.5)
+    assert (meta["strength"], meta["guidance_w"], meta["tau"], meta["cross_replace"], meta["self_replace"],
+            meta["mix"]) == (0.3, 0.6, 0.86, 0.7, 0.5, 0.3)
+    again = icd("edit", "--from", tmp_path / "weak.png", *MINI, "-o", "again.png", cwd=tmp_path)  # the mix read back
+    assert again.exit_code == 0, again.output
+    assert read_metadata(tmp_path / "again.png")["mix"] == 0.3
+    assert Image.open(tmp_path / "again.png").tobytes() == Image.open(tmp_path / "weak.png").tobytes()
 
 
 # --- SDXL prompt swap -------------------------------------------------------------------------------
@@ -414,8 +478,9 @@ def test_sdxl_swap_keeps_the_target_pooled_embedding(icd_home, monkeypatch):
 # --- icd serve --------------------------------------------------------------------------------------
 
 def test_masks_go_through_icd_serve(icd_home, tmp_path):
-    """The client sends the mask's array and gets the map back: a served masked edit equals the in-process one
-    bit for bit (the server's answer runs on the far end of a socket pair, as in `icd serve`)."""
+    """The client sends the mask's array and gets the map and the reconstruction back: a served masked edit
+    equals the in-process one bit for bit (the server's answer runs on the far end of a socket pair, as in
+    `icd serve`)."""
     runner = LocalRunner(open_session("tiny", device="cpu", dtype="fp32", backend="torch"))
     near, far = socket.socketpair()
 
@@ -430,11 +495,13 @@ def test_masks_go_through_icd_serve(icd_home, tmp_path):
     mask = np.zeros((1, 1, 64, 64), np.float32)
     mask[..., 8:40, 8:40] = 1.0
     plan = edit_plan(runner.manifest, "a red cat", "a blue cat", method="none", guidance=3.0, tau=0.8)
-    served = remote.run(Edit(x_T, plan, mask))
+    served = remote.run(Edit(x_T, plan, mask, with_reconstruction=True))
     worker.join(60)
-    here = runner.run(Edit(x_T, plan, mask))
+    here = runner.run(Edit(x_T, plan, mask, with_reconstruction=True))
     assert np.array_equal(served.pixels, as_array(here.pixels)) and served.notes == here.notes == []
     assert np.array_equal(served.mask, as_array(here.mask)) and served.mask.shape == (1, 1, 8, 8)
+    assert np.array_equal(served.reconstruction, as_array(here.reconstruction))
+    assert served.reconstruction.shape == (1, 3, 64, 64)
     assert not np.array_equal(served.pixels, as_array(runner.run(Edit(x_T, plan)).pixels))  # the mask acted
     near.close()
     far.close()

@@ -146,7 +146,7 @@ def test_formats_kept_chosen_and_stage_timings_shown(icd_home, tmp_path):
     assert formats == {"a-edit.jpg": "JPEG", "b-edit.webp": "WEBP", "c-edit.png": "PNG"}
     assert read_metadata(tmp_path / "out" / "a-edit.jpg")["prompt"] == "a dog"
     timing = re.compile(r'icd: debug: .*a\.jpg: source "a red cat", target "a dog", seed 0, method none, guidance '
-                        r'[\d.]+, tau [\d.]+; invert \d+\.\d{3} s, edit \d+\.\d{3} s, write \d+\.\d{3} s, rest '
+                        r'[\d.]+, tau [\d.]+, mix 1; invert \d+\.\d{3} s, edit \d+\.\d{3} s, write \d+\.\d{3} s, rest '
                         r'\d+\.\d{3} s \(of \d+\.\d{3} s\)')
     assert timing.search(result.stderr), result.stderr
     result = icd("edit", tmp_path / "in" / "c.bmp", *EDIT, "--format", "webp", "-o", "out", cwd=tmp_path)
@@ -206,9 +206,9 @@ def test_dry_run_prints_the_plan_and_loads_nothing(icd_home, tmp_path, no_model_
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         f'{source} (\'a dog\', seed 0, strength 0) -> a-edit-strength0.png: source "a red cat", target "a dog", '
-        'seed 0, method none, guidance 0, tau 0, strength 0, mask m.png, keep_outside True',
+        'seed 0, method none, guidance 0, tau 0.8, strength 0, mix 0, mask m.png, keep_outside True',
         f'{source} (\'a dog\', seed 0, strength 1) -> a-edit-strength1.png: source "a red cat", target "a dog", '
-        'seed 0, method none, guidance 19, tau 1, strength 1, mask m.png, keep_outside True',
+        'seed 0, method none, guidance 19, tau 1, strength 1, mix 1, mask m.png, keep_outside True',
         "grid -> g.png: 1 row(s) x 2 result(s)"]
     assert "icd: info: dry run: 2 to run, 0 skipped, 0 refused; nothing was loaded or written" in result.stderr
     assert files(tmp_path) == before

@@ -18,10 +18,13 @@ attribute in both captions), the re-rendered true result (`targets/`) and the re
 - `reconstruction`: the 48 two-object and 48 one-object scenes with the source caption as the target, for an
   unguided decoding (`--method none --guidance 0 --tau 1`). Checks: `objects_kept` (every object keeps its
   colour), `psnr_objects` (mean PSNR inside the objects).
+- `ovals`: 48 one-object scenes recoloured inside an oval mask around the object, background inside it as a person
+  paints one. Checks: `success`, `psnr_outside`; `seam` measures the texture across the mask's edge (seam.py).
 
 Usage:
   python bench/miniature/edit_sets.py write OUTDIR [--scenes 48]
   python bench/miniature/edit_sets.py strengths EVAL/summary.json    # a --strength sweep's table, compact
+  python bench/miniature/edit_sets.py seam OUTDIR/ovals EVAL          # the seam of a masked evaluation of a set
   python bench/miniature/edit_sets.py example --output bench/results/mask_example.png
 The `icd eval` commands and their tables: BENCHMARKS.md ("The miniature world").
 """
@@ -42,10 +45,13 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from evaluate import EDIT_KINDS, edit_task, held_out_specs  # noqa: E402
+from seam import SEAM_EDGES, oval, profile, seam_bands, seam_step  # noqa: E402
 from world import BACKGROUNDS, COLOURS, Scene, Spec, grown, random_spec, recoloured, render  # noqa: E402
 from icd.app.demo import labelled_row  # noqa: E402
 
 MASK_GROWTH = 2  # pixels; the latent grid is 8x8 for 64x64 scenes, so one latent cell is 8 pixels
+OVAL_MARGIN = 4  # pixels of background inside the ovals set's masks, around the ellipse through the object's box
+PROFILE_EDGES = [-8, -6, -4, -2, 0, 2, 4, 6, 8]  # the bands of `seam`'s profile (signed distance, inside > 0)
 PALETTES = {"colours": {name: list(rgb) for name, rgb in COLOURS.items()},
             "backgrounds": {name: list(texture[0]) for name, texture in BACKGROUNDS.items()}}
 
@@ -175,8 +181,22 @@ def write_reconstruction(folder: Path, scenes: int) -> None:
     writer.close()
 
 
+def write_ovals(folder: Path, scenes: int) -> None:
+    """One-object scenes recoloured inside an oval mask around the object (OVAL_MARGIN pixels of background
+    inside it): where `seam` looks for a step in texture at the mask's edge."""
+    writer = SetWriter(folder)
+    for spec in held_out_specs(scenes, objects=1):
+        _, target_spec = edit_task(spec, EDIT_KINDS.index("colour"))
+        source, target, item = render(spec), render(target_spec), str(spec.seed)
+        mask = oval(source.objects[0].box, OVAL_MARGIN, source.image.width)
+        checks = [success_check(writer, item, "colour", target),
+                  psnr_check("psnr_outside", writer.region(item, "outside", _outside_objects(source, target)))]
+        writer.row(item, source, target, "colour", mask, _words(spec, target_spec, "colour"), checks)
+    writer.close()
+
+
 SETS = {"editing": write_editing, "two-objects": write_two_objects, "one-object": write_one_object,
-        "reconstruction": write_reconstruction}
+        "reconstruction": write_reconstruction, "ovals": write_ovals}
 
 
 def write_sets(folder: Path, scenes: int, names=tuple(SETS)) -> None:
@@ -228,6 +248,39 @@ def strength_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def seam_table(dataset: Path, evaluation: Path) -> str:
+    """The seam of every masked setting of an `icd eval` run on a set with masks and a `psnr_outside` check
+    (ovals, two-objects, one-object): texture energy relative to the photo's in bands across the mask's edge
+    (pooled over the scenes; the objects, outside that check's region, left out), the step between the bands
+    either side (`seam.seam_step`), and how far the pixels outside the mask moved from the photo's (mean
+    |difference|)."""
+    rows = {row["id"]: row for row in map(json.loads, (dataset / "metadata.jsonl").read_text().splitlines())}
+    pooled: dict[str, dict] = {}
+    for record in map(json.loads, (evaluation / "results.jsonl").read_text().splitlines()):
+        if record["settings"]["mask_use"] != "mask":
+            continue
+        row = rows[record["id"]]
+        photo = Image.open(dataset / row["file_name"]).convert("RGB")
+        edited = Image.open(evaluation / record["edit"]).convert("RGB")
+        mask = np.asarray(Image.open(dataset / row["mask"])) > 127
+        outside = next(check["region"] for check in row["checks"] if check["name"] == "psnr_outside")
+        objects = np.asarray(Image.open(dataset / outside)) <= 127
+        setting = pooled.setdefault(record["setting"], {"profile": 0.0, "step": 0.0, "moved": [], "n": 0})
+        setting["profile"] = setting["profile"] + seam_bands(edited, photo, mask, objects, PROFILE_EDGES)
+        setting["step"] = setting["step"] + seam_bands(edited, photo, mask, objects, SEAM_EDGES)
+        difference = np.abs(np.asarray(edited, np.float64) - np.asarray(photo, np.float64))
+        setting["moved"].append(difference[~mask].mean())
+        setting["n"] += 1
+    bands = [f"{low:g}..{high:g}" for low, high in zip(PROFILE_EDGES, PROFILE_EDGES[1:])]
+    lines = ["| setting | n | seam step | " + " | ".join(bands) + " | outside the mask: mean abs. change |",
+             "| --- | ---: | ---: |" + " ---: |" * len(bands) + " ---: |"]
+    for label, setting in sorted(pooled.items()):
+        cells = " | ".join(f"{value:.2f}" for value in profile(setting["profile"]))
+        lines.append(f"| {label} | {setting['n']} | {seam_step(setting['step']):.2f} | {cells} | "
+                     f"{np.mean(setting['moved']):.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -241,12 +294,17 @@ def main() -> None:
     picture.add_argument("--output", type=Path, required=True)
     sweep = commands.add_parser("strengths", help="the compact --strength table of a two-objects evaluation")
     sweep.add_argument("summary", type=Path, help="its summary.json")
+    seams = commands.add_parser("seam", help="texture across the mask's edge in a masked evaluation of a set")
+    seams.add_argument("dataset", type=Path, help="the set's folder (ovals, two-objects or one-object)")
+    seams.add_argument("evaluation", type=Path, help="the icd eval output folder")
     args = parser.parse_args()
     if args.command == "write":
         write_sets(args.output, args.scenes, args.sets)
         print("\n".join(str(args.output / name) for name in args.sets))
     elif args.command == "strengths":
         print(strength_table(json.loads(args.summary.read_text())))
+    elif args.command == "seam":
+        print(seam_table(args.dataset, args.evaluation))
     else:
         example(args.output, args.seed, args.object)
 

@@ -255,13 +255,13 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
         found = inverted(settings, path, plan.source, plan.seed)
         latent, info, original = found.latent, found.info, found.original
     mask = None if plan.mask is None else settings.mask(plan.mask)
+    kept = mask is not None and plan.keep_outside and original is not None
     edited = settings.run(Edit(latent, plan, None if mask is None else model_mask(mask, (info.width,
-                                                                                               info.height))))
+                                                                                               info.height)), kept))
     notes = [f"{path.name}: {note}" if note.startswith(MASK_WORDS_NOTE) else note for note in edited.notes]
     image = from_model_output(edited.pixels[0], original) if original else _resized(edited.pixels, info)
-    kept = mask is not None and plan.keep_outside and original is not None
     if kept:
-        image = keep_outside(image, original, mask, info.width)
+        image = keep_outside(image, from_model_output(edited.reconstruction[0], original), original, mask, info.width)
     elif mask is not None and plan.keep_outside:
         notes.append(f"{path.name}: a latent file holds no photo to keep outside the mask: the pixels there are "
                      "the decoded ones")

@@ -52,14 +52,16 @@ class Invert(Request):
 
 @dataclass
 class Edit(Request):
-    """x_T -> `Edited` under `plan`; `mask` (1, 1, H, W) in [0, 1] is where the edit may act. Edits run one at
-    a time: their Prompt-to-Prompt control is per pair of prompts."""
+    """x_T -> `Edited` under `plan`; `mask` (1, 1, H, W) in [0, 1] is where the edit may act;
+    `with_reconstruction`: the source row's pixels too (what keeps the photo's detail inside a mask). Edits run
+    one at a time: their Prompt-to-Prompt control is per pair of prompts."""
 
     op = "edit"
     arrays = ("x_T", "mask")
     x_T: Array
     plan: EditPlan
     mask: Array | None = None
+    with_reconstruction: bool = False
 
     def encode(self):
         header, arrays = super().encode()
@@ -95,12 +97,14 @@ class Generate(Request):
 
 @dataclass
 class Edited:
-    """An edit's result: the edited pixels (1, 3, H, W), notes (e.g. empty Prompt-to-Prompt windows) and the
-    map the edit was confined to on the latent grid (1, 1, h, w), None when no mask or blend confined it."""
+    """An edit's result: the edited pixels (1, 3, H, W), notes (e.g. empty Prompt-to-Prompt windows), the
+    map the edit was confined to on the latent grid (1, 1, h, w), None when no mask or blend confined it, and
+    the reconstruction decoded beside the edit (1, 3, H, W) when the request asked for it."""
 
     pixels: Array
     notes: list[str] = field(default_factory=list)
     mask: Array | None = None
+    reconstruction: Array | None = None
 
 
 REQUESTS: dict[str, type[Request]] = {kind.op: kind for kind in (Invert, Edit, Reconstruct, Generate)}
@@ -119,13 +123,14 @@ def decode_request(header: dict, arrays: dict) -> Request:
 def encode_result(op: str, result) -> tuple[dict, dict[str, np.ndarray]]:
     if op == "edit":
         arrays = {"pixels": as_array(result.pixels)}
-        if result.mask is not None:
-            arrays["mask"] = as_array(result.mask)
+        for name in ("mask", "reconstruction"):
+            if getattr(result, name) is not None:
+                arrays[name] = as_array(getattr(result, name))
         return {"notes": list(result.notes)}, arrays
     return {}, {RESULT_NAMES[op]: as_array(result)}
 
 
 def decode_result(op: str, header: dict, arrays: dict):
     if op == "edit":
-        return Edited(arrays["pixels"], list(header["notes"]), arrays.get("mask"))
+        return Edited(arrays["pixels"], list(header["notes"]), arrays.get("mask"), arrays.get("reconstruction"))
     return arrays[RESULT_NAMES[op]]

@@ -92,8 +92,8 @@ def edit_rows(session: Session, requests: list[Edit]) -> list[Edited]:
     results = []
     for r in requests:
         result = edit(session, _tensor(r.x_T), r.plan, mask=None if r.mask is None else _tensor(r.mask),
-                      with_reconstruction=False)
-        results.append(Edited(result.edited, list(result.notes), result.mask))
+                      with_reconstruction=r.with_reconstruction)
+        results.append(Edited(result.edited, list(result.notes), result.mask, result.reconstruction))
     return results
 
 

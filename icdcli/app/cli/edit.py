@@ -97,7 +97,9 @@ def _warn_if_mask_changed(result: str, mask: Path | None, recorded_hash) -> None
               "edit may act: white changes, grey partly, black keeps (resized to the image). After every step the "
               "latent outside it is the source's at that step.")
 @click.option("--keep-outside/--no-keep-outside", default=None, help="With --mask: the pixels outside the mask "
-              "are the input photo's own (the mask feathered inwards by 2 working pixels). Default: on.")
+              "are the input photo's own (the mask feathered inwards by 2 working pixels), and inside it the "
+              "photo's grain and detail come back wherever the edit changed nothing, so no seam shows. "
+              "Default: on.")
 @click.option("--save-mask", type=click.Path(), metavar="PATH", help="Write the map the edit was "
               "confined to (--mask or --mask-words, on the latent grid) as a PNG of the image's size: a .png file "
               "for one result, else a folder (NAME-edit...-mask.png in it).")

@@ -22,10 +22,12 @@ GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG sca
                  "prompt alone, without extra guidance.")
 TAU_HELP = ("Dynamic guidance: w is used on steps with t/1000 <= tau and 0 on the noisier ones above. "
             "1.0 = guidance on every step.")
-STRENGTH_HELP = ("One knob from 0 (keep the photo) to 1 (follow the target): moves --guidance (0 up to the model's "
-                 "default at 0.5), --tau (0 -> the model's -> 1) and the p2p windows --cross-replace/--self-replace "
-                 f"(1 -> {DEFAULT_CROSS_REPLACE:g}/{DEFAULT_SELF_REPLACE:g} -> 0) together; 0.5 is the model's "
-                 "defaults. Those options, given too, win.")
+STRENGTH_HELP = ("One knob from 0 (the reconstruction of the photo's inversion, as `icd reconstruct` decodes it, on "
+                 "every method) to 1 (the strongest edit of the model's defaults: its --guidance on every step, no "
+                 "attention map from the source). Each knob moves linearly: --guidance 0 -> the model's, --tau the "
+                 "model's -> 1, the p2p windows --cross-replace/--self-replace 1 -> 0, and the share of the edit "
+                 "kept 0 -> 1 (the edit leans to the reconstruction after every step). Those options, given too, "
+                 "win. Unset: the model's defaults.")
 
 
 def model_default_help(setting: str) -> str:
