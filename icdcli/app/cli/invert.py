@@ -106,8 +106,8 @@ def _captions(items) -> None:
 
 @click.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses("model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json", "json_log",
-      "quiet", "verbose", "no_server")
+@uses("model", "device", "dtype", "backend", "compile", "threads", "output", "overwrite", "skip_existing", "json",
+      "json_log", "quiet", "verbose", "no_server")
 def reconstruct(latents, model, device, dtype, backend, compile, output, overwrite, skip_existing, as_json,
                 no_server):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion)."""

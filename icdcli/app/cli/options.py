@@ -68,6 +68,17 @@ def _remember_json_log(ctx: click.Context, param: click.Parameter, value: str | 
         ctx.meta["icd.json_log"] = value
 
 
+def _remember_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value:
+        ctx.meta["icd.threads"] = value
+
+
+def threads_given() -> int | None:
+    """The command's --threads, or None (then the model's opening chooses)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("icd.threads") if ctx is not None else None
+
+
 OPTIONS = {
     "model": click.option("-m", "--model", envvar="ICD_MODEL", show_envvar=True,
                           help=f"A preset name (see `icd pull --list`), `mini`, a model in the cache, or a folder/"
@@ -92,6 +103,10 @@ OPTIONS = {
     "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
     "skip_existing": click.option("--skip-existing", is_flag=True, help="Leave items whose output exists, "
                                   "e.g. to finish an interrupted batch."),
+    "threads": click.option("--threads", type=click.IntRange(min=1), expose_value=False, callback=_remember_threads,
+                            help="CPU threads of torch and ONNX Runtime (one count for both). Default: "
+                                 "OMP_NUM_THREADS if set, else the CPUs this process may use (its CPU affinity and "
+                                 "cgroup quota). A command run by `icd serve` uses the server's."),
     "no_server": click.option("--no-server", is_flag=True, help="Load the model in this process even when "
                               "`icd serve` serves it."),
     "json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (one line per item)."),
@@ -127,7 +142,7 @@ OPTIONS = {
     "generate_tau": click.option("--tau", type=Finite(0, 1), default=GENERATE_TAU, show_default=True,
                                  help=TAU_HELP),
 }
-MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite",
+MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "threads", "width", "height", "output", "overwrite",
              "skip_existing", "json", "json_log", "quiet", "verbose", "no_server")
 
 
