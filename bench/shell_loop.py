@@ -73,9 +73,10 @@ def timed(commands: list[list[str]], cwd: Path, env: dict, server_pid: int | Non
     return {"wall_s": sum(walls), "client_cpu_s": _children_cpu() - cpu, "server_cpu_s": server, "calls_s": walls}
 
 
-def start_server(cwd: Path, env: dict) -> subprocess.Popen:
-    server = subprocess.Popen([*ICD, "serve", *MODEL], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
+def start_server(cwd: Path, env: dict, command: list[str] | None = None) -> subprocess.Popen:
+    """`icd serve -m mini` (or `command`), once it says it is serving."""
+    server = subprocess.Popen(command or [*ICD, "serve", *MODEL], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(server.stdout.readline()), daemon=True)
     reader.start()

@@ -282,7 +282,7 @@ def onnx_session(path: Path, device: torch.device, optimized: Path | None = None
         stream = ort_stream(device).cuda_stream
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0, "user_compute_stream": str(stream)})]
         return ort.InferenceSession(str(path), options, providers=providers)
-    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch's
+    options.intra_op_num_threads = torch.get_num_threads()  # torch's, set as the session opened (models/threads.py)
     # ONNX Runtime's threads otherwise spin after each run, taking the cores from torch's work between UNet
     # calls (text encoder, VAE, the sampler's arithmetic).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -6,15 +6,14 @@ import shutil
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny test models gain nothing from a thread pool, which stalls badly when the machine is busy: one thread
+# for torch here (read when it loads) and in every session (icd.models.threads) and `icd` process the tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402  (after the environment above)
 
 from fixtures.downloads import Server  # noqa: E402
 from fixtures.tiny import TINY_KINDS, build_tiny_model  # noqa: E402
-
-# The tiny test models gain nothing from a thread pool, which stalls badly when the machine is busy.
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

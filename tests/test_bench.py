@@ -103,9 +103,10 @@ def test_time_ms_is_a_median(monkeypatch):
 
 def test_random_weights_with_cold_start(icd_home, monkeypatch):
     monkeypatch.setitem(offline.CONFIGS, "sd15", TINY_SD15)
-    report = bench("--random-weights", "sd15", "--size", "64", "--batch", "1")
+    report = bench("--random-weights", "sd15", "--batch", "1")  # at the model's own resolution
     folder = icd_home / "models" / "random-sd15"
     assert report["model"] == "random-sd15" and (folder / "icd.json").is_file()
+    assert report["size"] == [TINY_SD15["resolution"]] * 2
     assert 0 < report["load_s"] < report["cold_start_s"] < 60
     assert report["backend"] == "torch"  # auto: fused weights exported for the cold start, no graphs
     model = open_session(resolve_model(str(folder)), "cpu", "fp32", "torch").model

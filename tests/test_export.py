@@ -192,3 +192,36 @@ def test_cpu_sessions_open_the_exports_fully_optimised_graphs(icd_home):
     assert find_cpu_optimized(index, graph.name).is_file() and not outdated.exists()
     assert not outdated.with_name(outdated.name + ".data").exists()
     assert not [p for p in index.folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+def test_threads_given_reach_torch_and_onnx_runtime(icd_home, tmp_path, monkeypatch):
+    """An in-process command's --threads is torch's thread count before any ONNX Runtime session opens, and
+    each session takes the same count (not torch's default, not OMP_NUM_THREADS=1 of the tests)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    import icd_export.onnx as onnx_module
+    from icd.app import session as session_module
+    from icd.app.cli import main
+    from icd.models import threads
+
+    export_model(resolve_model("tiny"), ("fp32",))  # the graphs (kept from the tests above when they ran)
+    opened = []
+
+    def spying(path, device, optimized=None):
+        session = onnx_session(path, device, optimized)
+        opened.append((session.get_session_options().intra_op_num_threads, torch.get_num_threads()))
+        return session
+
+    monkeypatch.setattr(onnx_module, "onnx_session", spying)
+    monkeypatch.setattr(session_module, "_OPEN", {})  # the model opened afresh
+    monkeypatch.setattr(threads, "_chosen", None)
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "photo.png")
+    try:
+        result = CliRunner().invoke(main, ["invert", str(tmp_path / "photo.png"), "--prompt", "a red square", "-m",
+                                           "tiny", "--backend", "onnx", "--threads", "3", "--no-server", "-q", "-o",
+                                           str(tmp_path / "x.latent.safetensors")])
+        assert result.exit_code == 0, result.output
+        assert opened == [(3, 3)]  # the forward graph: invert's one UNet
+    finally:
+        torch.set_num_threads(1)

@@ -96,6 +96,7 @@ def test_serve_status_a_job_bit_identical_and_stop(serving, icd_home, tmp_path):
     status = icd("serve", "--status", cwd=tmp_path)
     assert status.exit_code == 0
     assert status.stdout.startswith(f"{serving.path}: serving tiny (") and f"pid {serving.process.pid}" in status.stdout
+    assert status.stdout.endswith(", 0 jobs in 0 batches, idle; 1 CPU thread\n")  # the tests' OMP_NUM_THREADS=1
 
     source = photo(tmp_path / "a.png")
     served = icd("edit", source, *EDIT, "-o", "served.png", cwd=tmp_path)

@@ -110,10 +110,10 @@ def cold_start_s(manifest_path: Path, device: str, dtype: str, width: int, heigh
         Image.effect_noise((width, height), 64).convert("RGB").save(photo)
         command = [sys.executable, "-c", "from icd.app.cli import main; main()", "edit", str(photo), "--src", SOURCE,
                    "--tgt", TARGET, "-m", str(manifest_path), "--device", device, "--dtype", dtype, "--width",
-                   str(width), "--height", str(height), "--no-server", "-o", str(output), "-q", *options]
-        environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this run's thread count
+                   str(width), "--height", str(height), "--threads", str(torch.get_num_threads()),  # this run's
+                   "--no-server", "-o", str(output), "-q", *options]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         seconds = time.perf_counter() - start
         if done.returncode != 0 or not output.is_file():
             lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
@@ -121,38 +121,65 @@ def cold_start_s(manifest_path: Path, device: str, dtype: str, width: int, heigh
     return seconds
 
 
-def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dtype: str = "auto", size: int = 512,
-              warmup: int = 3, repeats: int = 20, batches: tuple[int, ...] = (1, 2, 4), compile: bool = False,
-              cold_start: bool = True, stages_only: bool = False) -> dict:
-    """Measure one model at `size` x `size` pixels; returns the report (see BENCHMARKS.md for its fields).
-    `stages_only` skips the whole edits, the batches and the cold start (for slow devices)."""
+def progress_bar(total: int, shown: bool):
+    """A bar over the measurements on stderr, each labelled as it starts (`set_description`); shown only on a
+    terminal, as a batch's is, and inert otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False,
+                disable=not (shown and sys.stderr.isatty()))
+
+
+def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dtype: str = "auto",
+              size: int | None = None, warmup: int = 3, repeats: int = 20, batches: tuple[int, ...] = (1, 2, 4),
+              compile: bool = False, cold_start: bool = True, stages_only: bool = False, threads: int | None = None,
+              progress: bool = False) -> dict:
+    """Measure one model at `size` x `size` pixels (default: its own resolution) on `threads` CPU threads
+    (default: as sessions choose them); returns the report (see BENCHMARKS.md for its fields). `stages_only`
+    skips the whole edits, the batches and the cold start (for slow devices); `progress` shows a bar."""
     manifest = resolve_model(model_ref)
+    size = size or manifest.resolution
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     precision = PRECISIONS[torch_dtype]
     cold_start = cold_start and not stages_only
     engine_files = export_options(backend)
-    if any(engine_files.values()) or cold_start:  # what the engine or a fast start needs, built before any timing
-        export_model(manifest, (precision,), **engine_files, sizes=((size, size), (manifest.resolution,) * 2),
-                     max_batch=max(batches), device=torch_device)
-    started = time.perf_counter()
-    session = open_session(manifest, device, dtype, backend, compile, static_shapes=True, directions=DIRECTIONS)
-    load_s = time.perf_counter() - started
-    report = {"model": manifest.name, "kind": manifest.kind, "fingerprint": manifest.fingerprint,
-              "device": device_name(torch_device), "backend": session.engine.name, "dtype": precision, "compile": compile,
-              "size": [size, size], "warmup": warmup, "repeats": repeats, "versions": tool_versions(),
-              "matmul_tflops": matmul_tflops(torch_device, torch_dtype), "load_s": load_s}
-    with torch.inference_mode():
-        report |= _measure(session, torch_device, size, warmup, repeats, () if stages_only else batches,
-                           report["matmul_tflops"], stages_only)
-    if cold_start:
-        report["cold_start_s"] = cold_start_s(manifest.path, device, precision, size, size, "--backend",
-                                             session.engine.name)
+    with progress_bar(int(cold_start), progress) as bar:  # _measure adds its own rows
+        if any(engine_files.values()) or cold_start:  # what the engine or a fast start needs, before any timing
+            bar.set_description("building the engine's files")
+            export_model(manifest, (precision,), **engine_files, sizes=((size, size), (manifest.resolution,) * 2),
+                         max_batch=max(batches), device=torch_device)
+        bar.set_description("loading the model")
+        started = time.perf_counter()
+        session = open_session(manifest, device, dtype, backend, compile, static_shapes=True, directions=DIRECTIONS,
+                               threads=threads)
+        load_s = time.perf_counter() - started
+        report = {"model": manifest.name, "kind": manifest.kind, "fingerprint": manifest.fingerprint,
+                  "device": device_name(torch_device), "backend": session.engine.name, "dtype": precision,
+                  "compile": compile, "size": [size, size], "warmup": warmup, "repeats": repeats,
+                  "threads": torch.get_num_threads(), "versions": tool_versions(),
+                  "matmul_tflops": matmul_tflops(torch_device, torch_dtype), "load_s": load_s}
+        with torch.inference_mode():
+            report |= _measure(session, torch_device, size, warmup, repeats, () if stages_only else batches,
+                               report["matmul_tflops"], stages_only, bar)
+        if cold_start:
+            bar.set_description("cold start of a new `icd edit`")
+            report["cold_start_s"] = cold_start_s(manifest.path, device, precision, size, size, "--backend",
+                                                 session.engine.name)
+            bar.update()
     return report
 
 
+def _shown(bar, label: str, fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """`time_ms` of one row, named on the bar while it runs."""
+    bar.set_description(label)
+    ms = time_ms(fn, device, warmup, repeats)
+    bar.update()
+    return ms
+
+
 def _measure(session: Session, device: torch.device, size: int, warmup: int, repeats: int, batches,
-             tflops: float, stages_only: bool) -> dict:
+             tflops: float, stages_only: bool, bar) -> dict:
     model = session.model
     flops = stage_flops(model, size, size)
     steps = len(model.manifest.reverse_timesteps)
@@ -193,16 +220,19 @@ def _measure(session: Session, device: torch.device, size: int, warmup: int, rep
         "photo_edit_swap": ("photo edit, swap: invert + edit", lambda: edit("swap"), invert_flops + swap_flops),
     }
 
+    bar.total += len(stages) + (0 if stages_only else len(end_to_end)) + len(batches)
+
     def timed(table):
-        return {name: {"label": label, "ms": time_ms(fn, device, warmup, repeats), "gflop": count / 1e9,
+        return {name: {"label": label, "ms": _shown(bar, label, fn, device, warmup, repeats), "gflop": count / 1e9,
                        "floor_ms": count / tflops / 1e9} for name, (label, fn, count) in table.items()}
 
-    throughput = {}
+    rows = {"stages": timed(stages), "end_to_end": {} if stages_only else timed(end_to_end), "throughput": {}}
     for batch in batches:
-        ms = time_ms(lambda b=batch: pipeline.reconstruct(session, x_T.repeat(b, 1, 1, 1), SOURCE), device, warmup, repeats)
+        ms = _shown(bar, f"reconstruct, batch {batch}", lambda b=batch: pipeline.reconstruct(
+            session, x_T.repeat(b, 1, 1, 1), SOURCE), device, warmup, repeats)
         count = batch * (text1 + steps * flops["unet"] + flops["vae_decode"])
-        throughput[str(batch)] = {"ms": ms, "images_per_s": batch / ms * 1000, "floor_ms": count / tflops / 1e9}
-    return {"stages": timed(stages), "end_to_end": {} if stages_only else timed(end_to_end), "throughput": throughput}
+        rows["throughput"][str(batch)] = {"ms": ms, "images_per_s": batch / ms * 1000, "floor_ms": count / tflops / 1e9}
+    return rows
 
 
 def format_report(report: dict) -> str:

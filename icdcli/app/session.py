@@ -18,6 +18,7 @@ from icd.models.hub import resolve_model
 from icd.models.loading import (PRECISIONS, Model, claim_device, load_teacher, ready_unet, resolve_device,
                                 resolve_dtype)
 from icd.models.manifest import Manifest
+from icd.models.threads import use_cpu_threads
 from icd.p2p import AttentionHost
 from icd_export.compiled import choose_compile_mode
 from icd_export.graphs import LoopGraphs
@@ -114,11 +115,14 @@ _OPEN: dict = {}
 
 
 def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "auto", backend: str = "auto",
-                 compile: bool = False, static_shapes: bool = False, directions: tuple[str, ...] = ()) -> Session:
+                 compile: bool = False, static_shapes: bool = False, directions: tuple[str, ...] = (),
+                 threads: int | None = None) -> Session:
     """Open a model once per process and settings, with the denoiser of each of `directions` ready, so that a
     broken model fails before any item. Where the engine captures loops (PyTorch on CUDA), each loop is
     replayed as one captured graph from its second run (icd_export.graphs). `compile` applies torch.compile
-    to the UNets, autotuned when `static_shapes` (every item has the same size)."""
+    to the UNets, autotuned when `static_shapes` (every item has the same size). The process's CPU threads
+    are set first (`threads`, else as icd.models.threads chooses), so that ONNX Runtime's sessions agree."""
+    use_cpu_threads(threads)
     manifest = model_ref if isinstance(model_ref, Manifest) else resolve_model(model_ref)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

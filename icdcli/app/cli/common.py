@@ -13,7 +13,7 @@ import click
 
 from icd.errors import ModelError, UsageError
 
-from .options import DEFAULT_MODEL
+from .options import DEFAULT_MODEL, threads_given
 
 if TYPE_CHECKING:
     from icd.models.manifest import Manifest
@@ -100,15 +100,16 @@ def check_engine(device: str, dtype: str, backend: str, compile: bool, server_ma
 
 
 def open_model(model_ref: str | Manifest, device: str, dtype: str, directions: tuple[str, ...] = (),
-               backend: str = "auto", compile: bool = False, static_shapes: bool = False):
-    """The session for a model; a failure here ends the command with one line (via `Main`). Under
-    `accelerate launch` or `torchrun`, `auto` means this process's own GPU."""
+               backend: str = "auto", compile: bool = False, static_shapes: bool = False, threads: int | None = None):
+    """The session for a model, on the command's --threads; a failure here ends the command with one line (via
+    `Main`). Under `accelerate launch` or `torchrun`, `auto` means this process's own GPU."""
     from ..session import quiet_libraries
     from ..distributed import local_device
     from ..session import open_session
 
     quiet_libraries()
-    return open_session(model_ref, local_device(device), dtype, backend, compile, static_shapes, directions)
+    return open_session(model_ref, local_device(device), dtype, backend, compile, static_shapes, directions,
+                        threads or threads_given())
 
 
 def open_runner(manifest: Manifest, device: str, dtype: str, directions: tuple[str, ...], backend: str,

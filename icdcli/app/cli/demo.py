@@ -13,7 +13,7 @@ from .options import uses
 @click.command()
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="icd-demo", show_default=True,
               help="Folder for the demo's files.")
-@uses("model", "device", "dtype", "overwrite", "quiet", "verbose")
+@uses("model", "device", "dtype", "threads", "overwrite", "quiet", "verbose")
 def demo(output, model, device, dtype, overwrite):
     """Invert, edit and reconstruct a sample, offline, and write a before/after picture.
 

@@ -12,7 +12,7 @@ from icd.errors import UsageError
 from icd.limits import MAX_SEED
 
 from .common import check_size, quiet, resolve
-from .options import DEFAULT_MODEL, uses
+from .options import DEFAULT_MODEL, threads_given, uses
 
 log = logging.getLogger("icd")
 
@@ -49,7 +49,8 @@ log = logging.getLogger("icd")
               "CLIP Whole against DINOv2, CLIP-I or PSNR, whichever were measured).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the noise added before encoding.")
-@uses("width", "height", "device", "dtype", "backend", "compile", "no_server", "quiet", "verbose")
+@uses("width", "height", "device", "dtype", "backend", "compile", "threads", "no_server", "quiet",
+      "verbose")
 def evaluate(dataset, model, output, images, types, limit, method, guidance, tau, strength, cross_replace,
              self_replace, amplify, mask_use, keep_outside, sweeps, baseline, steps, metrics, clip_model, dino_model,
              dinov2_model, image_reward_model, plot, seed, width, height, device, dtype, backend, compile, no_server):
@@ -67,11 +68,13 @@ def evaluate(dataset, model, output, images, types, limit, method, guidance, tau
       icd eval mini-sets/two-objects/ -m mini -o eval-mini/ --metrics checks --sweep mask_use=none,mask
     """
     from icd.editing import parse_amplify
+    from icd.models.threads import use_cpu_threads
 
     from ..session import quiet_libraries
     from ..evaluate import EvalRun, parse_sweeps, resolve_settings, run_evaluation, solver_runners
 
     quiet_libraries()
+    use_cpu_threads(threads_given())  # also the metrics' models, which run here when the edits are served
     if steps is not None and baseline is None:
         raise UsageError("--steps applies to --baseline ddim")
     swept = parse_sweeps(sweeps)

@@ -120,8 +120,8 @@ def _captions(items) -> None:
 
 @click.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses(*IMAGE_NAMING, "model", "device", "dtype", "backend", "compile", "output", "overwrite", "skip_existing", "json",
-      "json_log", "quiet", "verbose", "no_server", "dry_run")
+@uses(*IMAGE_NAMING, "model", "device", "dtype", "backend", "compile", "threads", "output", "overwrite",
+      "skip_existing", "json", "json_log", "quiet", "verbose", "no_server", "dry_run")
 def reconstruct(latents, name_template, format_name, quality, model, device, dtype, backend, compile, output,
                 overwrite, skip_existing, as_json, no_server):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion).

@@ -9,7 +9,7 @@ import click
 
 from icd import __version__
 
-from .options import DEFAULT_MODEL, uses
+from .options import DEFAULT_MODEL, threads_given, uses
 
 
 def _sizes(values) -> tuple[tuple[int, int], ...]:
@@ -24,7 +24,7 @@ def _sizes(values) -> tuple[tuple[int, int], ...]:
 
 
 @click.command("export")
-@uses("model", "device")
+@uses("model", "device", "threads")
 @click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
               help="Precisions to build (repeatable). Default: fp16 with a CUDA GPU, else fp32.")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="ONNX graphs (fp32/fp16), checked in "
@@ -55,10 +55,12 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
     from icd.models.hub import resolve_model
     from icd.models.loading import resolve_device
     from icd_export.artifacts import artifacts_dir
+    from icd.models.threads import use_cpu_threads
     from icd_export.build import export_model
     from ..session import quiet_libraries
 
     quiet_libraries()
+    use_cpu_threads(threads_given())
     manifest = resolve_model(model or DEFAULT_MODEL)
     torch_device = resolve_device(device)
     chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))

@@ -95,6 +95,17 @@ def _remember_dry_run(ctx: click.Context, param: click.Parameter, value: bool) -
         ctx.meta["icd.dry_run"] = True
 
 
+def _remember_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value:
+        ctx.meta["icd.threads"] = value
+
+
+def threads_given() -> int | None:
+    """The command's --threads, or None (then the model's opening chooses)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("icd.threads") if ctx is not None else None
+
+
 SWEEP_HELP = " A comma list runs each value from the one inversion (a sweep), e.g. {example}."
 NAME_FIELDS_HELP = ("{stem}, {target}, {seed}, {method}, {strength}, {guidance}, {tau} and {n} (the result's "
                     "number), as far as the command knows them; a Python format spec may follow, e.g. {n:03d}")
@@ -124,6 +135,10 @@ OPTIONS = {
     "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
     "skip_existing": click.option("--skip-existing", is_flag=True, help="Leave items whose output exists, "
                                   "e.g. to finish an interrupted batch."),
+    "threads": click.option("--threads", type=click.IntRange(min=1), expose_value=False, callback=_remember_threads,
+                            help="CPU threads of torch and ONNX Runtime (one count for both). Default: "
+                                 "OMP_NUM_THREADS if set, else the CPUs this process may use (its CPU affinity and "
+                                 "cgroup quota). A command run by `icd serve` uses the server's."),
     "no_server": click.option("--no-server", is_flag=True, help="Load the model in this process even when "
                               "`icd serve` serves it."),
     "json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (one line per item)."),
@@ -176,8 +191,8 @@ OPTIONS = {
                             help="Print the plan (each item, its output and settings) and stop: no model loads, "
                                  "nothing is written."),
 }
-MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "width", "height", "output", "overwrite",
-             "skip_existing", "json", "json_log", "quiet", "verbose", "no_server", "dry_run")
+MODEL_RUN = ("model", "device", "dtype", "backend", "compile", "threads", "width", "height", "output",
+             "overwrite", "skip_existing", "json", "json_log", "quiet", "verbose", "no_server", "dry_run")
 IMAGE_NAMING = ("name", "format", "quality")
 
 

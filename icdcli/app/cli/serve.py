@@ -11,7 +11,7 @@ from icd.errors import ICDError, UsageError
 
 from .common import check_engine, open_model, quiet, resolve
 from .main import setup_logging
-from .options import DEFAULT_MODEL, uses
+from .options import DEFAULT_MODEL, threads_given, uses
 
 
 @click.command()
@@ -20,7 +20,7 @@ from .options import DEFAULT_MODEL, uses
               show_envvar=True, help="auto, cpu, cuda or cuda:N; repeat it (e.g. --device cuda:0 --device cuda:1) "
                                      "for one worker with its own copy of the model per device, behind the one "
                                      "socket.")
-@uses("dtype", "backend", "compile")
+@uses("dtype", "backend", "compile", "threads")
 @click.option("--status", is_flag=True, help="Describe the running servers and their workers (exit 1 when there "
               "is none).")
 @click.option("--stop", is_flag=True, help="Stop the running server (of -m, when several run).")
@@ -66,7 +66,7 @@ def serve(model, devices, dtype, backend, compile, status, stop):
     path = socket_path(manifest.name, [str(device) for device in torch_devices], precisions[0])
     clear_stale(path)
     open_runner = functools.partial(serve_runner, manifest, dtype, backend, compile,
-                                    logging.getLogger("icd").getEffectiveLevel())
+                                    logging.getLogger("icd").getEffectiveLevel(), threads=threads_given())
     others = [ProcessWorker(device, open_runner) for device in devices[1:]]  # loading while this process does
     try:
         Server(open_runner(devices[0]), model, compile, path, others).serve(ready=lambda line: click.echo(line))
@@ -102,14 +102,16 @@ def _status_or_stop(model: str | None, status: bool, stop: bool) -> None:
             click.echo(f"stopped the server at {path}")
 
 
-def serve_runner(manifest, dtype: str, backend: str, compile: bool, level: int, device: str):
+def serve_runner(manifest, dtype: str, backend: str, compile: bool, level: int, device: str,
+                 threads: int | None = None):
     """One worker's model for `icd serve`, in the server's process or in a worker process of its own (spawned:
-    it sets up the server's logging again)."""
+    it sets up the server's logging again, and chooses its threads as the server did)."""
     from ..runner import LocalRunner
 
     setup_logging()
     logging.getLogger("icd").setLevel(level)
-    return LocalRunner(open_model(manifest, device, dtype, ("forward", "reverse"), backend, compile))
+    return LocalRunner(open_model(manifest, device, dtype, ("forward", "reverse"), backend, compile,
+                                  threads=threads))
 
 
 def _served(facts: dict) -> str:

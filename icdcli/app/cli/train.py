@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import click
 
-from .options import CONTEXT
-
+from .options import CONTEXT, threads_given, uses
 
 
 def _stage_options(command):
+    command = uses("threads")(command)
     command = click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")(command)
     command = click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
                            help="Folder for the trained model, logs/, checkpoints/ and config.json.")(command)
@@ -22,10 +22,12 @@ def _stage_options(command):
 
 
 def _run(stage: str, config_file: str | None, settings: tuple[str, ...], output: str, resume: bool) -> None:
+    from icd.models.threads import use_cpu_threads
     from icd_train.config import ConfigError, GuidanceConfig, ICDConfig, load_config
 
     from ..distributed import current_launch
 
+    use_cpu_threads(threads_given())
     try:
         config = load_config(GuidanceConfig if stage == "guidance" else ICDConfig, config_file, settings)
     except ConfigError as err:

@@ -59,9 +59,13 @@ def answer_batch(runner: LocalRunner, requests: list[Request]) -> list[Reply]:
 
 
 def runner_facts(runner: LocalRunner) -> dict:
-    """What a worker's model is, for the server's checks and `--status`."""
+    """What a worker's model is, for the server's checks and `--status` (with the CPU threads its clients' jobs
+    run on)."""
+    import torch
+
     return {"device": str(runner.session.model.device), "dtype": runner.dtype, "backend": runner.backend,
-            "fingerprint": runner.manifest.fingerprint, "size_multiple": runner.size_multiple, "pid": os.getpid()}
+            "fingerprint": runner.manifest.fingerprint, "size_multiple": runner.size_multiple, "pid": os.getpid(),
+            "threads": torch.get_num_threads()}
 
 
 @dataclass(eq=False)
@@ -92,7 +96,7 @@ class Worker(ABC):
 
     def status(self) -> dict:
         return {"device": self.device, "pid": self.facts["pid"], "jobs": self.jobs, "batches": self.batches,
-                "busy": self.busy, "alive": self.alive}
+                "busy": self.busy, "alive": self.alive, "threads": self.facts.get("threads")}  # none while loading
 
     @abstractmethod
     def run(self, requests: list[Request]) -> list[Reply]:

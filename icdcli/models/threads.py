@@ -1,0 +1,104 @@
+"""How many CPU threads torch and ONNX Runtime use: the CPUs this process may run on, chosen once per process.
+
+torch's own default counts the CPUs of the affinity mask but not a cgroup's CPU quota (a container given 2
+CPUs on a 64-core host would run 64 threads and be throttled mid-step). The threads' waiting between calls is
+set apart, in `icd/__init__.py`: OpenMP reads it once, when torch loads. Torch-free until `use_cpu_threads`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("icd")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_chosen: int | None = None  # the count applied, for later sessions of this process that ask for none
+
+
+def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
+    """The CPU controller's folders of this process's cgroup and of each of its ancestors (v2: the unified
+    hierarchy; v1: the `cpu` one). A quota anywhere on the path applies."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    folders = []
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2, mounted at the root or, next to v1 ("hybrid"), at unified/
+            mount = root if (root / "cgroup.controllers").is_file() else root / "unified"
+        elif "cpu" in controllers.split(","):
+            mount = next((root / name for name in (controllers, "cpu", "cpu,cpuacct") if (root / name).is_dir()), None)
+        else:
+            continue
+        if mount is None:
+            continue
+        parts = Path(path).relative_to("/").parts
+        folders += [mount.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+    return folders
+
+
+def _quota(folder: Path) -> float | None:
+    """The CPUs' worth of time a cgroup folder allows per period, or None where it sets no quota."""
+    try:
+        if (folder / "cpu.max").is_file():  # v2: "QUOTA PERIOD" or "max PERIOD"
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if (folder / "cpu.cfs_quota_us").is_file():  # v1: -1 means none
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The tightest CPU quota on this process's cgroup path, in CPUs (1.5 = one and a half); None if none."""
+    quotas = [quota for folder in _cgroup_folders(root, proc_cgroup) if (quota := _quota(folder)) is not None]
+    return min(quotas, default=None)
+
+
+def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """The CPUs this process may use: its affinity mask, capped by the cgroup quota rounded down (a thread
+    more than the quota pays would be stopped mid-step, with the others waiting for it), at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root, proc_cgroup)
+    return max(1, min(cpus, math.floor(quota) if quota is not None else cpus))
+
+
+def _omp_num_threads() -> int | None:
+    """OMP_NUM_THREADS when it names a positive count (its first, for a nested list such as "4,2")."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """The thread count to run with: `requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()`."""
+    return requested or _omp_num_threads() or available_cpus()
+
+
+def use_cpu_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads (which ONNX Runtime's sessions then take, export/onnx.py) to
+    `cpu_threads(requested)` and its inter-op pool to one thread (icd runs no inter-op work: a second pool
+    would only add threads); returns the count. Without `requested`, a count chosen before in this process
+    stays, so that a second session does not undo --threads."""
+    global _chosen
+    import torch
+
+    if requested is None and _chosen is not None:
+        return _chosen
+    threads = cpu_threads(requested)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only possible before any inter-op work: then it was set already, or never used
+        pass
+    _chosen = threads
+    log.debug("CPU threads: %d", threads)
+    return threads

@@ -1,0 +1,88 @@
+"""The CPU threads a process runs with: chosen from its affinity and cgroup quota (the files faked here),
+given by OMP_NUM_THREADS or --threads, and OpenMP's threads told to sleep rather than spin between calls."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from icd.models import threads
+
+PROC_V2 = "0::/user.slice/job\n"
+PROC_V1 = "12:memory:/job\n4:cpu,cpuacct:/job\n3:cpuset:/\n"
+
+
+def fake_cgroups(root, proc, files: dict[str, str]):
+    """A cgroup mount under `root` with these files (path -> text), and /proc/self/cgroup saying `proc`."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "proc-cgroup").write_text(proc)
+    return root, root / "proc-cgroup"
+
+
+@pytest.mark.parametrize("proc, files, quota, cpus", [
+    # v2: the process's own folder has no quota, its parent 3 CPUs; the root's "max" is none
+    (PROC_V2, {"cgroup.controllers": "cpu", "cpu.max": "max 100000\n", "user.slice/cpu.max": "300000 100000\n",
+               "user.slice/job/cpu.max": "max 100000\n"}, 3.0, 3),
+    # v2: 1.5 CPUs' worth rounds down
+    (PROC_V2, {"cgroup.controllers": "cpu", "user.slice/job/cpu.max": "150000 100000\n"}, 1.5, 1),
+    # v2 next to v1 (hybrid): the unified hierarchy is mounted at unified/
+    (PROC_V2, {"unified/user.slice/job/cpu.max": "200000 100000\n"}, 2.0, 2),
+    # a quota above the affinity mask: the mask wins
+    (PROC_V2, {"cgroup.controllers": "cpu", "user.slice/cpu.max": "1600000 100000\n"}, 16.0, 8),
+    # v1: the cpu controller's folder; -1 is no quota, so the process's own 2.5 CPUs count
+    (PROC_V1, {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+               "cpu,cpuacct/job/cpu.cfs_quota_us": "250000\n", "cpu,cpuacct/job/cpu.cfs_period_us": "100000\n",
+               "memory/job/cpu.cfs_quota_us": "100000\n"}, 2.5, 2),
+    # no quota anywhere, or an unreadable file: the affinity mask alone
+    (PROC_V1, {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, 8),
+    (PROC_V2, {"cgroup.controllers": "cpu", "cpu.max": "garbage\n"}, None, 8),
+])
+def test_available_cpus_from_affinity_and_cgroup_quota(tmp_path, monkeypatch, proc, files, quota, cpus):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    root, proc_cgroup = fake_cgroups(tmp_path, proc, files)
+    assert threads.cgroup_cpu_quota(root, proc_cgroup) == quota
+    assert threads.available_cpus(root, proc_cgroup) == cpus
+
+
+def test_no_cgroup_file_and_a_one_cpu_mask(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert threads.cgroup_cpu_quota(tmp_path, tmp_path / "missing") is None
+    assert threads.available_cpus(tmp_path, tmp_path / "missing") == 1
+
+
+@pytest.mark.parametrize("omp, requested, expected", [
+    (None, None, 6), ("3", None, 3), ("4,2", None, 4), ("3", 5, 5), ("0", None, 6), ("many", None, 6)])
+def test_the_count_given_wins(monkeypatch, omp, requested, expected):
+    """--threads, then OMP_NUM_THREADS (its first level, a count above 0), then the CPUs available."""
+    monkeypatch.setattr(threads, "available_cpus", lambda: 6)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert threads.cpu_threads(requested) == expected
+
+
+def test_a_later_session_keeps_the_count_given(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(threads, "_chosen", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        assert threads.use_cpu_threads(3) == 3 == torch.get_num_threads()
+        assert threads.use_cpu_threads() == 3 == torch.get_num_threads()  # none asked: --threads stays
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_told_otherwise(given, expected):
+    """icd sets the wait policy when it is imported, before torch (which reads it once) loads."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, icd.app.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == expected
