@@ -215,7 +215,7 @@ def test_threads_given_reach_torch_and_onnx_runtime(icd_home, tmp_path, monkeypa
 
     monkeypatch.setattr(onnx_module, "onnx_session", spying)
     monkeypatch.setattr(session_module, "_OPEN", {})  # the model opened afresh
-    monkeypatch.setattr(threads, "_chosen", None)
+    monkeypatch.setattr(threads, "_given", None)
     Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "photo.png")
     try:
         result = CliRunner().invoke(main, ["invert", str(tmp_path / "photo.png"), "--prompt", "a red square", "-m",

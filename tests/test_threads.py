@@ -53,26 +53,59 @@ def test_no_cgroup_file_and_a_one_cpu_mask(tmp_path, monkeypatch):
     assert threads.available_cpus(tmp_path, tmp_path / "missing") == 1
 
 
-@pytest.mark.parametrize("omp, requested, expected", [
-    (None, None, 6), ("3", None, 3), ("4,2", None, 4), ("3", 5, 5), ("0", None, 6), ("many", None, 6)])
-def test_the_count_given_wins(monkeypatch, omp, requested, expected):
-    """--threads, then OMP_NUM_THREADS (its first level, a count above 0), then the CPUs available."""
+@pytest.mark.parametrize("omp, requested, useful, expected", [
+    (None, None, None, 6), ("3", None, None, 3), ("4,2", None, None, 4), ("3", 5, None, 5), ("0", None, None, 6),
+    ("many", None, None, 6), (None, None, 1, 1), (None, None, 4, 4), (None, None, 200, 6), ("3", None, 1, 3),
+    (None, 5, 1, 5)])
+def test_the_count_given_wins(monkeypatch, omp, requested, useful, expected):
+    """--threads, then OMP_NUM_THREADS (its first level, a count above 0), then the CPUs available as far as
+    the model's work keeps them busy."""
     monkeypatch.setattr(threads, "available_cpus", lambda: 6)
     if omp is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
-    assert threads.cpu_threads(requested) == expected
+    assert threads.cpu_threads(requested, useful) == expected
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"sample_size": 8, "block_out_channels": [32, 64]}, 1),  # mini at 64 px
+    ({"sample_size": 64, "block_out_channels": [32, 64]}, 2),  # the same UNet at 512 px
+    ({"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280]}, 200),  # SD1.5
+    ({"sample_size": [128, 96], "block_out_channels": [320, 640, 1280]}, 600)])  # a non-square SDXL
+def test_threads_only_as_many_as_the_work_keeps_busy(config, expected):
+    assert threads.useful_threads(config) == expected
 
 
 def test_a_later_session_keeps_the_count_given(monkeypatch):
     import torch
 
-    monkeypatch.setattr(threads, "_chosen", None)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(threads, "_given", None)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 6)
+    monkeypatch.delenv("OMP_NUM_THREADS")
     try:
+        assert threads.use_cpu_threads(useful=1) == 1 == torch.get_num_threads()
+        assert threads.use_cpu_threads(useful=4) == 4 == torch.get_num_threads()  # each model its own
         assert threads.use_cpu_threads(3) == 3 == torch.get_num_threads()
-        assert threads.use_cpu_threads() == 3 == torch.get_num_threads()  # none asked: --threads stays
+        assert threads.use_cpu_threads(useful=1) == 3 == torch.get_num_threads()  # none asked: --threads stays
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_session_on_a_small_model_runs_one_thread(monkeypatch, icd_home):
+    """Opened without --threads or OMP_NUM_THREADS on a machine of 6 CPUs, a tiny model's session runs one."""
+    import torch
+
+    from icd.app import session as session_module
+
+    monkeypatch.setattr(threads, "_given", None)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 6)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(session_module, "_OPEN", {})
+    torch.set_num_threads(2)
+    try:
+        session_module.open_session("tiny", "cpu", "fp32", "torch")
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
 

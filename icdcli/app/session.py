@@ -18,7 +18,7 @@ from icd.models.hub import resolve_model
 from icd.models.loading import (PRECISIONS, Model, claim_device, load_teacher, ready_unet, resolve_device,
                                 resolve_dtype)
 from icd.models.manifest import Manifest
-from icd.models.threads import use_cpu_threads
+from icd.models.threads import use_cpu_threads, useful_threads
 from icd.p2p import AttentionHost
 from icd_export.compiled import choose_compile_mode
 from icd_export.graphs import LoopGraphs
@@ -121,8 +121,7 @@ def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "
     broken model fails before any item. Where the engine captures loops (PyTorch on CUDA), each loop is
     replayed as one captured graph from its second run (icd_export.graphs). `compile` applies torch.compile
     to the UNets, autotuned when `static_shapes` (every item has the same size). The process's CPU threads
-    are set first (`threads`, else as icd.models.threads chooses), so that ONNX Runtime's sessions agree."""
-    use_cpu_threads(threads)
+    (`threads`, else as many as the model's work keeps busy) are set before ONNX Runtime's sessions copy them."""
     manifest = model_ref if isinstance(model_ref, Manifest) else resolve_model(model_ref)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -131,6 +130,7 @@ def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "
     claim_device(torch_device)
     if key not in _OPEN:
         model = Model.load(manifest, torch_device, torch_dtype)
+        use_cpu_threads(threads, useful_threads(model.unet_config))
         engine = _settle_engine(backend, model, compile, static_shapes)
         _OPEN[key] = Session(model, engine, LoopGraphs(torch_device) if engine.captures_loops(torch_device) else None)
     session = _OPEN[key]

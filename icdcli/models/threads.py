@@ -1,8 +1,11 @@
-"""How many CPU threads torch and ONNX Runtime use: the CPUs this process may run on, chosen once per process.
+"""How many CPU threads torch and ONNX Runtime use: the CPUs this process may run on, as many as the model's
+work can keep busy.
 
 torch's own default counts the CPUs of the affinity mask but not a cgroup's CPU quota (a container given 2
-CPUs on a 64-core host would run 64 threads and be throttled mid-step). The threads' waiting between calls is
-set apart, in `icd/__init__.py`: OpenMP reads it once, when torch loads. Torch-free until `use_cpu_threads`.
+CPUs on a 64-core host would run 64 threads and be throttled mid-step), nor how small a model's operations
+are: `mini`'s take microseconds, and a second thread only adds the wake-up at every operation (BENCHMARKS.md,
+"CPU threads under load"). The threads' waiting between calls is set apart, in `icd/__init__.py`: OpenMP reads
+it once, when torch loads. Torch-free until `use_cpu_threads`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ log = logging.getLogger("icd")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
-_chosen: int | None = None  # the count applied, for later sessions of this process that ask for none
+# One thread per this much UNet work (latent positions x first-level channels squared, at the model's own
+# resolution): measured on mini, a second thread paid off at 4.2M (512 px, 1.25x) and not at 1M (256 px).
+WORK_PER_THREAD = 2**21
+_given: int | None = None  # --threads, for later sessions of this process that ask for none
 
 
 def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
@@ -78,27 +84,34 @@ def _omp_num_threads() -> int | None:
     return int(first) if first.isdigit() and int(first) > 0 else None
 
 
-def cpu_threads(requested: int | None = None) -> int:
-    """The thread count to run with: `requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()`."""
-    return requested or _omp_num_threads() or available_cpus()
+def useful_threads(unet_config: dict) -> int:
+    """The threads a UNet's work can keep busy at its own resolution: `mini` (8x8 latents, 32 channels) one,
+    SD1.5 or SDXL far more than any CPU has."""
+    side = unet_config["sample_size"]
+    height, width = (side, side) if isinstance(side, int) else side
+    return max(1, height * width * unet_config["block_out_channels"][0] ** 2 // WORK_PER_THREAD)
 
 
-def use_cpu_threads(requested: int | None = None) -> int:
+def cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
+    """The thread count to run with: `requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()`
+    capped at the `useful` count of the model's work."""
+    return requested or _omp_num_threads() or min(available_cpus(), useful or math.inf)
+
+
+def use_cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
     """Set torch's intra-op threads (which ONNX Runtime's sessions then take, export/onnx.py) to
-    `cpu_threads(requested)` and its inter-op pool to one thread (icd runs no inter-op work: a second pool
-    would only add threads); returns the count. Without `requested`, a count chosen before in this process
-    stays, so that a second session does not undo --threads."""
-    global _chosen
+    `cpu_threads(requested, useful)` and its inter-op pool to one thread (icd runs no inter-op work: a second
+    pool would only add threads); returns the count. A count requested once stays for this process's later
+    sessions that request none, so that a second session does not undo --threads."""
+    global _given
     import torch
 
-    if requested is None and _chosen is not None:
-        return _chosen
-    threads = cpu_threads(requested)
+    _given = requested or _given
+    threads = cpu_threads(_given, useful)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only possible before any inter-op work: then it was set already, or never used
         pass
-    _chosen = threads
     log.debug("CPU threads: %d", threads)
     return threads
