@@ -20,7 +20,8 @@ log = logging.getLogger("icd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 # One thread per this much UNet work (latent positions x first-level channels squared, at the model's own
-# resolution): measured on mini, a second thread paid off at 4.2M (512 px, 1.25x) and not at 1M (256 px).
+# resolution): on mini, a second sleeping thread gave 1.09x at 4.2M (512 px) and 0.77x at 1M (256 px)
+# (bench/threads_by_size.py).
 WORK_PER_THREAD = 2**21
 _given: int | None = None  # --threads, for later sessions of this process that ask for none
 
