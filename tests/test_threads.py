@@ -92,6 +92,24 @@ def test_a_later_session_keeps_the_count_given(monkeypatch):
         torch.set_num_threads(1)
 
 
+def test_every_cpu_thread_for_a_block_then_the_models_count(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(threads, "_given", None)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    try:
+        threads.use_cpu_threads(useful=1)
+        with threads.every_cpu_thread():
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+        threads.use_cpu_threads(2)  # --threads 2
+        with threads.every_cpu_thread():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_a_session_on_a_small_model_runs_one_thread(monkeypatch, icd_home):
     """Opened without --threads or OMP_NUM_THREADS on a machine of 6 CPUs, a tiny model's session runs one."""
     import torch

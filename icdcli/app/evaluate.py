@@ -36,6 +36,7 @@ from icd.evaluation.summary import published_rows, summarise, summary_markdown, 
 from icd.files import atomic_write
 from icd.images import LoadedImage, load_image
 from icd.models.manifest import Manifest
+from icd.models.threads import every_cpu_thread
 
 from .batch import error_line, failure_line
 from .distributed import current_launch, gather_records, process_share
@@ -293,7 +294,8 @@ def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray |
     else:
         timing = _edit(run, item, setting, output)
     edit = np.asarray(load_image(output).rgb)
-    metrics = run.evaluator.measure(Sample(np.asarray(photo.rgb), edit, mask, item))
+    with every_cpu_thread():  # the metric networks are far bigger than a small model's UNet
+        metrics = run.evaluator.measure(Sample(np.asarray(photo.rgb), edit, mask, item))
     size = run.jobs(setting.solver).size_for(photo.original_size) if earlier is None else \
         (earlier["settings"]["width"], earlier["settings"]["height"])
     blend = setting.for_item(item, run.seed, None).p2p.blend if setting.plan.method == "p2p" else None

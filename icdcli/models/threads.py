@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("icd")
@@ -116,3 +117,17 @@ def use_cpu_threads(requested: int | None = None, useful: int | None = None) -> 
         pass
     log.debug("CPU threads: %d", threads)
     return threads
+
+
+@contextmanager
+def every_cpu_thread():
+    """torch on all the threads the process may use (or those requested) for the block, then back: for work
+    far bigger than the model's, such as `icd eval`'s metric networks beside `mini`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(_given))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
