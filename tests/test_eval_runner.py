@@ -213,3 +213,31 @@ def test_two_torchrun_processes_share_the_items_and_write_one_result(mini_set, t
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [  # no results.rank-N.jsonl left
         "contact_sheet.png", "edits", "results.jsonl", "run.json", "summary.json", "summary.md"]
     assert result.stdout.count("# icd eval:") == 1  # the first process prints the table
+
+
+def test_a_later_process_writes_nothing_until_the_first_has_claimed_the_folder(tmp_path, monkeypatch):
+    """Under torchrun, rank 1 waits for rank 0's run.json (not there: the folder is not even made), then takes
+    the run as its own; a claim that never comes ends it with one line."""
+    import threading
+    from datetime import timedelta
+
+    from icd.app import evaluate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out, about = tmp_path / "out", {"dataset": "set", "model": "mini"}
+    seen = []
+
+    def first_process():
+        seen.append(out.exists())  # what rank 1 had made before the claim
+        out.mkdir()
+        (out / evaluate.RUN_FILE).write_text(json.dumps(about))
+
+    timer = threading.Timer(0.3, first_process)
+    timer.start()
+    evaluate.claim_output(out, about)
+    assert (out / evaluate.RUN_FILE).is_file()  # returned only once claimed
+    timer.join()
+    assert seen == [False] and sorted(p.name for p in out.iterdir()) == [evaluate.RUN_FILE]
+    with pytest.raises(evaluate.ICDError, match=r"the first process did not claim .*other within 0:00:00.2"):
+        evaluate._await_claim(tmp_path / "other" / evaluate.RUN_FILE, timedelta(seconds=0.2))

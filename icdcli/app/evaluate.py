@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from PIL import Image
 
 from icd import __version__
 from icd.editing import MASK_WORDS_NOTE, EditPlan, Given, resolve_edit
-from icd.errors import OutputExistsError, UsageError
+from icd.errors import ICDError, OutputExistsError, UsageError
 from icd.evaluation.datasets import Dataset, EvalItem, decode_rle
 from icd.evaluation.metrics import METRICS, Evaluator, MetricInfo, Sample, check_infos
 from icd.evaluation.pictures import Series, contact_sheet, tradeoff_plot
@@ -39,7 +40,7 @@ from icd.models.manifest import Manifest
 from icd.models.threads import every_cpu_thread
 
 from .batch import error_line, failure_line
-from .distributed import current_launch, gather_records, process_share
+from .distributed import MERGE_TIMEOUT, current_launch, gather_records, process_share
 from .jobs import Settings, edit_file, inverted
 from .runner import Runner
 from .session import Session, quiet_libraries
@@ -233,10 +234,13 @@ class EvalRun:
 
 def claim_output(out: Path, about: dict) -> None:
     """OUT must be new, empty, or hold an evaluation of the same data set, model, seed and size (which the run
-    continues): anything else is refused before a file is written."""
+    continues): anything else is refused before a file is written. The first process of a launch claims it;
+    the others wait for its claim, so that none writes into a folder that is then refused, or not yet made."""
+    marker = out / RUN_FILE
+    if current_launch().rank != 0:
+        _await_claim(marker)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file: give a folder for the evaluation")
-    marker = out / RUN_FILE
     if marker.is_file():
         try:
             earlier = json.loads(marker.read_text(encoding="utf-8"))
@@ -247,11 +251,18 @@ def claim_output(out: Path, about: dict) -> None:
                 raise UsageError(f"-o {out} holds an evaluation with another {name.replace('_', ' ')} "
                                  f"({earlier.get(name)}, not {about.get(name)}): choose another -o")
         return
-    if current_launch().rank != 0:
-        return  # the first process claims the folder
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"-o {out} is not empty and holds no `icd eval` run ({RUN_FILE}): choose a new folder")
     atomic_write(marker, lambda temporary: Path(temporary).write_text(json.dumps(about, indent=1) + "\n"))
+
+
+def _await_claim(marker: Path, timeout: timedelta = MERGE_TIMEOUT) -> None:
+    """Until the first process has written `marker` (a refusal there ends the whole launch)."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not marker.is_file():
+        if time.monotonic() > deadline:
+            raise ICDError(f"the first process did not claim {marker.parent} within {timeout}")
+        time.sleep(0.05)
 
 
 def _mask_file(run: EvalRun, item: EvalItem) -> Path | None:

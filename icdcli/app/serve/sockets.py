@@ -89,6 +89,7 @@ def describe_worker(number: int, worker: dict) -> str:
     """One worker of a server and what it has done, in one line."""
     jobs, batches = worker["jobs"], worker["batches"]
     state = "ended" if not worker["alive"] else "busy" if worker["busy"] else "idle"
-    threads = worker.get("threads")
+    threads = worker.get("threads") if worker["alive"] else None  # none while loading; an ended one has none
     return (f"worker {number}: {worker['device']}, pid {worker['pid']}, {jobs} job{'s' * (jobs != 1)} in {batches} "
-            f"batch{'es' * (batches != 1)}, {state}" + (f"; {threads} CPU thread{'s' * (threads != 1)}" if threads else ""))
+            f"batch{'es' * (batches != 1)}, {state}" + (f"; {threads} CPU thread{'s' * (threads != 1)}" if threads
+                                                       else ""))
