@@ -39,7 +39,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 
 from icd import __version__
 from icd.errors import ICDError, first_line
-from icd.files import atomic_write, open_regular, temporary_path
+from icd.files import atomic_write, open_regular, temporary_path, update_with_ends
 from icd.models.cache import cache_error, exclusive_lock, icd_home, writing_cache
 from icd.models.loading import DTYPES, PRECISIONS, fuse_unets, unet_from_state
 from icd.models.manifest import Manifest
@@ -129,24 +129,18 @@ def _read_index(path: Path, fingerprint: str) -> dict[str, dict]:
     return data["artifacts"]
 
 
-def _hash_stream(file: BinaryIO, digest=None):
-    digest = digest or hashlib.sha256()
-    while chunk := file.read(1 << 24):
-        digest.update(chunk)
-    return digest
+def _whole_sha256(file: BinaryIO) -> str:
+    return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a regular file (symbolic links are not followed); ICDError for anything else."""
     with open_regular(path, follow_symlinks=False) as file:
-        return _hash_stream(file).hexdigest()
+        return _whole_sha256(file)
 
 
 def _ends_sha256(file: BinaryIO, size: int) -> str:
-    digest = hashlib.sha256(file.read(END_BYTES))
-    file.seek(max(0, size - END_BYTES))
-    digest.update(file.read(END_BYTES))
-    return digest.hexdigest()
+    return update_with_ends(hashlib.sha256(), file, size, END_BYTES).hexdigest()
 
 
 def _file_record(path: Path) -> dict:
@@ -154,7 +148,7 @@ def _file_record(path: Path) -> dict:
         status = os.fstat(file.fileno())
         ends = _ends_sha256(file, status.st_size)
         file.seek(0)
-        whole = _hash_stream(file).hexdigest()
+        whole = _whole_sha256(file)
     return {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "ends_sha256": ends, "sha256": whole}
 
 
@@ -171,7 +165,7 @@ def _stamp_problem(path: Path, record: dict) -> tuple[str | None, int | None]:
             if status.st_mtime_ns == record["mtime_ns"]:
                 return None, None
             file.seek(0)
-            if _hash_stream(file).hexdigest() != record["sha256"]:
+            if _whole_sha256(file) != record["sha256"]:
                 return f"{path.name} is not the file built", None
             return None, status.st_mtime_ns
     except ICDError as err:

@@ -12,7 +12,7 @@ from icd.models.cache import writing_cache
 from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
 from icd.models.manifest import Manifest
 
-from .artifacts import Built, Index, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
+from .artifacts import Built, Index, artifacts_dir, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
 from .onnx import ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent
 
 log = logging.getLogger("icd")
@@ -32,8 +32,8 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
         if why := tensorrt_problem(torch.device("cuda"), torch.float16):
             raise ICDError(f"--tensorrt: {why}")
     config = unet_config(manifest)
-    with writing_cache(), Index.open(manifest).lock():
-        index = Index.open(manifest)  # read again under the lock: another export may just have finished
+    with writing_cache(), Index(artifacts_dir(manifest), manifest.fingerprint).lock():
+        index = Index.open(manifest)  # read under the lock: another export may just have finished
         sweep_temporaries(index.folder)  # what a killed export was building
         if verify:
             for name in list(index.entries):

@@ -18,6 +18,8 @@ from icd.models.cache import icd_home
 from icd.models.loading import unet_eps
 from icd.p2p import steered_eps
 
+from .graphs import cloned
+
 # Where inductor keeps what it compiled: the user's own TORCHINDUCTOR_CACHE_DIR, read before anything (model
 # loading imports parts of inductor that set it to a temporary folder), else $ICD_HOME/compiled.
 _USER_CACHE_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -49,12 +51,7 @@ def _cloned(run, mode: str):
     """`run` whose outputs survive the next CUDA-graph replay (a no-op without CUDA graphs)."""
     if mode not in CUDA_GRAPH_MODES:
         return run
-
-    def owned(*args):
-        out = run(*args)
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
-
-    return owned
+    return lambda *args: cloned(run(*args))
 
 
 def compiled_eps(unet, dtype: torch.dtype, mode: str, compiler=INDUCTOR) -> EpsFn:

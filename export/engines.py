@@ -198,11 +198,11 @@ class TensorRTEngine(Engine):
 
         index = Index.open(model.manifest)
         name = find_engine(index, direction, model.device, steered)
+        if name is None:
+            raise ICDError(f"no TensorRT engine of the {direction} UNet for this GPU: run `icd export --tensorrt`")
         try:
-            return TensorRTEps(index, direction, model.device, steered=steered)
+            return TensorRTEps(index, name, model.device, steered=steered)
         except Exception as err:  # noqa: BLE001 - TensorRT and CUDA raise many types on a bad engine file
-            if name is None:  # no engine at all: TensorRTEps said what to run
-                raise
             return _torch_instead(index, name, err, model, direction, steered)
 
 

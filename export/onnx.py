@@ -6,7 +6,7 @@ e(w) stay inputs: all they feed (the time-embedding MLP and each block's project
 SD1.5 UNet call's FLOPs at 512x512 (counted), so baking them per boundary timestep would multiply the
 graphs for nothing. Batch and latent size are dynamic.
 
-The reverse UNet has a second graph for Prompt-to-Prompt (`steered_graph_name`): the same UNet with its
+The reverse UNet has a second graph for Prompt-to-Prompt (`artifacts.steered_onnx_name`): the same UNet with its
 attention processors steered by the control tensors of `icd.p2p` as further inputs (`CONTROL_NAMES`), and
 the blend-word attention LocalBlend needs as a second output. It is exported once per model, not per prompt
 pair: the prompts, windows and steps are all inputs.

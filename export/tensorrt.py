@@ -181,12 +181,10 @@ class TensorRTEps:
     Loading, capture, copies and replay run under a guard of the engine's device: TensorRT allocates and
     CUDA graphs record and replay on the current device, which need not be this one."""
 
-    def __init__(self, index: Index, direction: str, device: torch.device, steered: bool = False):
+    def __init__(self, index: Index, name: str, device: torch.device, steered: bool = False):
+        """`name`: the engine's file in `index` (`find_engine`)."""
         self.device = device
         trt = _tensorrt()
-        name = find_engine(index, direction, device, steered)
-        if name is None:
-            raise ICDError(f"no TensorRT engine of the {direction} UNet for this GPU: run `icd export --tensorrt`")
         self.entry = index.entries[name]
         logger = trt.Logger(trt.Logger.WARNING)
         with device_guard(device), open_regular(index.folder / name, follow_symlinks=False) as plan:

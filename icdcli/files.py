@@ -105,6 +105,15 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwr
                 shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
 
 
+def update_with_ends(digest, file: BinaryIO, size: int, span: int = 1 << 20):
+    """`digest` fed the first and last `span` bytes of `file` (`size` bytes, read from its start): what tells
+    two big weight files apart without reading them whole."""
+    digest.update(file.read(span))
+    file.seek(max(0, size - span))
+    digest.update(file.read(span))
+    return digest
+
+
 def temporary_path(path: Path) -> Path:
     """A fresh temporary name beside `path`, `.NAME.<pid>-<hex>.tmp` (what `sweep_temporaries` recognises),
     with NAME shortened when needed so that the whole fits the folder's limit on a name's bytes: a legal

@@ -91,7 +91,7 @@ def reconstruct(runtime: Runtime, x_T: torch.Tensor, prompt: str | list[str], gu
 @dataclass
 class EditResult:
     edited: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    reconstruction: torch.Tensor | None  # the source row, decoded alongside with p2p or a mask
+    reconstruction: torch.Tensor | None  # the source row, decoded beside the edit unless with_reconstruction=False
     notes: list[str] = field(default_factory=list)  # e.g. attention windows that map to no step
     mask: torch.Tensor | None = None  # (1, 1, h, w) on the latent grid: where the edit could act (mask, blend)
 

@@ -739,8 +739,8 @@ def test_a_copied_cache_is_hashed_once_and_kept(exported, monkeypatch):
     path = folder / "unet-forward-fp32.safetensors"
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     hashed = []
-    whole = artifacts._hash_stream
-    monkeypatch.setattr(artifacts, "_hash_stream", lambda file, *a: hashed.append(file.name) or whole(file, *a))
+    whole = artifacts._whole_sha256
+    monkeypatch.setattr(artifacts, "_whole_sha256", lambda file: hashed.append(file.name) or whole(file))
     assert Index.open(manifest).find(kind="unet", direction="forward") == path.name
     assert Index.open(manifest).find(kind="unet", direction="forward") == path.name
     assert len(hashed) == 1

@@ -130,3 +130,38 @@ def test_an_edit_and_its_saved_map_are_written_together_or_not_at_all(icd_home, 
     assert "edit.png: cannot write" in result.stderr
     assert not (tmp_path / "used.png").exists()  # the map was written first, and taken back
     os.remove(tmp_path / "blocker")
+
+
+@pytest.mark.parametrize("command", [("generate", "a red cat"), ("edit", "a.png", *EDIT)])
+def test_an_existing_json_log_is_refused_before_the_model_loads(icd_home, tmp_path, no_model_load, command):
+    photo(tmp_path / "a.png")
+    (tmp_path / "log.jsonl").write_text("earlier\n")
+    before = files(tmp_path)
+    result = icd(*command, *TINY, "-o", "out/", "--json-log", "log.jsonl", cwd=tmp_path)
+    assert result.exit_code == 2
+    assert one_error_line(result) == "icd: error: --json-log log.jsonl exists (use --overwrite to replace it)"
+    assert files(tmp_path) == before
+
+
+def test_from_with_a_job_file_is_refused(icd_home, tmp_path):
+    """--from's record would set the model but not the rows' settings: the two are refused together."""
+    photo(tmp_path / "a.png")
+    assert icd("edit", "a.png", *EDIT, "-o", "done.png", cwd=tmp_path).exit_code == 0
+    jobs(tmp_path / "jobs.jsonl", [{"image": "a.png", "source": "a cat", "target": "a dog"}])
+    before = files(tmp_path)
+    result = icd("edit", "--jobs", "jobs.jsonl", "--from", "done.png", "-o", "out/", cwd=tmp_path)
+    assert result.exit_code == 2
+    assert one_error_line(result) == ("icd: error: --from reruns one recorded edit: not with --jobs, whose rows "
+                                      "hold the edits")
+    assert files(tmp_path) == before
+
+
+def test_a_symlink_loop_among_the_results_does_not_break_the_grid_check(icd_home, tmp_path, no_model_load):
+    """--grid compares real paths as the planning does: a looping link is a path like any other there."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x1.png").symlink_to("x1.png")
+    result = icd("generate", "a red cat", *TINY, "--name", "x{n}", "-o", "out/", "--grid", "g.png", "--dry-run",
+                 cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "grid -> g.png: 1 row(s) x 1 result(s)"
+    assert not (tmp_path / "g.png").exists()

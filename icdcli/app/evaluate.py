@@ -36,7 +36,9 @@ from icd.evaluation.results import RESULTS, key, read_records, record_line, writ
 from icd.evaluation.summary import published_rows, summarise, summary_markdown, write_summary
 from icd.files import atomic_write
 from icd.images import LoadedImage, load_image
+from icd.masks import resize
 from icd.models.manifest import Manifest
+from icd.models.official import EDIT_METHODS
 from icd.models.threads import every_cpu_thread
 
 from .batch import error_line, failure_line
@@ -46,7 +48,6 @@ from .runner import Runner
 from .session import Session, quiet_libraries
 
 log = logging.getLogger("icd")
-METHODS = ("p2p", "swap", "none")
 MASK_USES = ("none", "mask", "words")
 SWEEPABLE = ("method", "guidance", "tau", "strength", "cross_replace", "self_replace", "mask_use", "keep_outside")
 RUN_FILE = "run.json"
@@ -80,7 +81,7 @@ def _flag(text: str) -> bool:
     return text.lower() in ("true", "on", "yes", "1")
 
 
-PARSERS = {"method": _choice(METHODS), "guidance": _number(0), "tau": _number(0, 1), "strength": _number(0, 1),
+PARSERS = {"method": _choice(EDIT_METHODS), "guidance": _number(0), "tau": _number(0, 1), "strength": _number(0, 1),
            "cross_replace": _number(0, 1), "self_replace": _number(0, 1), "mask_use": _choice(MASK_USES),
            "keep_outside": _flag}
 
@@ -322,9 +323,7 @@ def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray |
 def _item_mask(item: EvalItem, size: tuple[int, int]) -> np.ndarray | None:
     """The item's region at the photo's size (w, h), for the metrics."""
     mask = item.mask()
-    if mask is None or mask.shape == (size[1], size[0]):
-        return mask
-    return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.BILINEAR), np.float32)
+    return None if mask is None else resize(mask, size)
 
 
 def _walled(label: str, work: Callable[[], object]) -> bool:
@@ -355,6 +354,7 @@ def _run_item(run: EvalRun, item: EvalItem, plan: list, write: Callable[[dict], 
         bar.update(1)
     for settings in run._jobs.values():
         settings.masks.clear()  # the masks of one item are not needed again
+        settings.mask_hashes.clear()
     return failed
 
 

@@ -10,13 +10,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from icd import __version__
 from icd.errors import ICDError, UsageError
+from icd.files import real_path
+
+from .planning import SWEPT
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_ROWS = 64  # one sheet; more rows than this want separate runs
-SETTINGS = ("guidance", "tau", "strength")
 PLACEHOLDER = (200, 200, 200)
 
 
@@ -43,7 +48,7 @@ def layout(path: str, items: list, dimensions: tuple[str, ...], with_inputs: boo
 
     if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--grid {path}: name a .png, .jpg or .webp file")
-    columns = tuple(name for name in dimensions if name in SETTINGS) or dimensions[-1:]
+    columns = tuple(name for name in dimensions if name in SWEPT) or dimensions[-1:]
     across = tuple(name for name in dimensions if name not in columns)
     rows: dict[tuple, list] = {}
     for item in items:
@@ -65,8 +70,8 @@ def check_place(sheet: Sheet, items: list, reads: list[Path], overwrite: bool) -
 
     if current_launch().several:
         raise UsageError("--grid needs the whole batch in one process: run it without torchrun/accelerate")
-    taken = {path.resolve() for path in reads} | {path.resolve() for item in items for path in item.outputs}
-    if sheet.path.resolve() in taken:
+    taken = {real_path(path) for path in reads} | {real_path(path) for item in items for path in item.outputs}
+    if real_path(sheet.path) in taken:
         raise UsageError(f"--grid {sheet.path} is also an input or a result of this command: choose another file")
     if sheet.path.exists() and not overwrite:
         raise UsageError(f"--grid {sheet.path} exists (use --overwrite to replace it)")
@@ -83,6 +88,8 @@ def describe(sheet: Sheet, as_json: bool) -> None:
 
 def _panel(path: Path | None) -> Image.Image | None:
     """A picture at most a panel high (a large photo is shrunk, a small one left for labelled_row to enlarge)."""
+    from PIL import Image
+
     from icd.images import load_image
 
     from .demo import PANEL_HEIGHT
@@ -102,6 +109,8 @@ def _panel(path: Path | None) -> Image.Image | None:
 def write(sheet: Sheet, overwrite: bool, as_json: bool, quiet: bool) -> bool:
     """Draw and write the sheet from the results on disk (a failed one shows as a grey panel); False when
     there is no result to show."""
+    from PIL import Image
+
     from icd.images import save_image
     from icd.latents import is_latent_file
 

@@ -19,6 +19,7 @@ from icd.editing import Given, parse_amplify, parse_blend
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
 from icd.limits import MAX_SEED
+from icd.models.official import EDIT_METHODS
 
 MAX_ROWS = 100_000
 # `--jobs -`: the rows come from standard input (JSON lines when the first character is `{`, else CSV), their
@@ -53,14 +54,14 @@ class EditJob(_Row):
     """One row of `icd edit --jobs`: the columns are the options of `icd edit` of the same names."""
 
     target: str = Field(min_length=1)
-    method: Literal["p2p", "swap", "none"] | None = None
+    method: Literal[EDIT_METHODS] | None = None
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False)
     tau: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     blend: str | None = None  # the older name of mask_words
     mask_words: str | None = None
     amplify: str | None = None  # WORD=F, several separated by spaces
     mask: PathText | None = None  # a mask picture, relative to the job file
-    keep_outside: bool = True
+    keep_outside: bool | None = None  # not given: resolve_edit decides
     strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     save_mask: PathText | None = None  # where the map the edit used goes, relative to the file
 

@@ -144,6 +144,7 @@ class Settings:
     quality: int = DEFAULT_QUALITY  # JPEG and WebP results
     inversions: InversionCache = field(default_factory=InversionCache)
     masks: dict[Path, np.ndarray] = field(default_factory=dict)  # each mask file, read once per run
+    mask_hashes: dict[Path, str] = field(default_factory=dict)  # and hashed once, for the results' records
     clock: StageClock = field(default_factory=StageClock)
 
     def run(self, request):
@@ -152,9 +153,12 @@ class Settings:
             return self.runner.run(request)
 
     def mask(self, path: Path) -> np.ndarray:
-        if path not in self.masks:
-            self.masks[path] = read_mask(path)
-        return self.masks[path]
+        return read_mask_once(path, self.masks)
+
+    def mask_hash(self, path: Path) -> str:
+        if path not in self.mask_hashes:
+            self.mask_hashes[path] = file_hash(path)
+        return self.mask_hashes[path]
 
     def save(self, image, output: Path, metadata: dict) -> None:
         """A result written in its format (at --quality), its time counted to the `write` stage."""
@@ -235,10 +239,17 @@ def reconstruct_file(settings: Settings, path: Path, output: Path) -> Path:
     return output
 
 
+def read_mask_once(path: Path, masks: dict[Path, np.ndarray]) -> np.ndarray:
+    """The mask file `path`, read the first time it is asked for and then kept in `masks`."""
+    if path not in masks:
+        masks[path] = read_mask(path)
+    return masks[path]
+
+
 def check_edit(plan: EditPlan, masks: dict[Path, np.ndarray]) -> None:
     """The header pass of an edit's mask: read (once per file, into `masks`, which the run then uses)."""
-    if plan.mask is not None and plan.mask not in masks:
-        masks[plan.mask] = read_mask(plan.mask)
+    if plan.mask is not None:
+        read_mask_once(plan.mask, masks)
 
 
 def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
@@ -266,7 +277,7 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
         notes.append(f"{path.name}: a latent file holds no photo to keep outside the mask: the pixels there are "
                      "the decoded ones")
     local = {} if mask is None else {"mask": relative_to(plan.mask, output.parent),
-                                     "mask_hash": file_hash(plan.mask), "keep_outside": kept}
+                                     "mask_hash": settings.mask_hash(plan.mask), "keep_outside": kept}
     metadata = settings.metadata(command="edit", **plan.record(), seed=info.seed,
                                  source=relative_to(path, output.parent), width=info.width, height=info.height, **local,
                                  guidance_steps=guidance_on_steps(settings.manifest, plan.guidance, plan.tau))

@@ -21,11 +21,8 @@ from pathlib import Path
 from icd.errors import ICDError, UsageError
 from icd.files import real_path
 
-# Each field a template may hold, as the help explains it.
-FIELDS = {"stem": "the input's name without its suffix (generate: the prompt's)",
-          "target": "the target prompt, shortened to whole words (generate: the prompt)",
-          "seed": "the seed", "method": "the edit method", "strength": "--strength (default: 'default')",
-          "guidance": "the guidance w", "tau": "tau", "n": "the result's number in the command, from 1"}
+# The fields a --name template may hold ({n}, the result's number in the command, last).
+FIELDS = ("stem", "target", "seed", "method", "strength", "guidance", "tau", "n")
 # --format's choices and the suffix each writes; "jpeg" is the same as "jpg".
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 SLUG_LIMIT = 40

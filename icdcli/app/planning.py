@@ -131,7 +131,7 @@ def _sweep_label(values: dict, varying: set[str], with_seed: bool) -> str:
     if not varying:
         return ""
     parts = [repr(values["target"]), *([f"seed {values['seed']}"] if with_seed else []),
-             *(f"{name} {values[name]:g}" for name in ("guidance", "tau", "strength") if name in varying)]
+             *(f"{name} {values[name]:g}" for name in SWEPT if name in varying)]
     return f" ({', '.join(parts)})"
 
 
@@ -146,11 +146,14 @@ def recorded_seed(path: Path) -> int | None:
         return None
 
 
-def sweep_values(given: dict, swept: tuple[str, ...]) -> list[dict]:
+SWEPT = ("guidance", "tau", "strength")  # the settings a comma list sweeps over one inversion
+
+
+def sweep_values(given: dict) -> list[dict]:
     """Every combination of the swept settings' values, in the order given (a setting not given: None, so that
     the model's default or --strength decides it)."""
-    lists = [given[name] or (None,) for name in swept]
-    return [dict(zip(swept, values)) for values in itertools.product(*lists)]
+    lists = [given[name] or (None,) for name in SWEPT]
+    return [dict(zip(SWEPT, values)) for values in itertools.product(*lists)]
 
 
 def sweep_plans(manifest, sources: list, given: dict, targets: tuple[str, ...], sweeps: list[dict],

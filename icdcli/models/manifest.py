@@ -14,7 +14,6 @@ import json
 import os
 import re
 import reprlib
-import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ICDError, ModelError
-from ..files import atomic_write
+from ..files import atomic_write, temporary_path, update_with_ends
 from ..limits import MAX_SIDE
 from .cache import cached_download, cached_download_path
 from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, LORA_ALPHA
@@ -73,9 +72,7 @@ class Manifest:
             size = weights.stat().st_size
             digest.update(str(size).encode())
             with open(weights, "rb") as f:
-                digest.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                digest.update(f.read(1 << 20))
+                update_with_ends(digest, f, size)
         return digest.hexdigest()[:16]
 
 
@@ -313,7 +310,7 @@ def link_or_copy(source: Path, target: Path) -> None:
     if target.exists() and os.path.samefile(source, target):
         return  # already this file (a resumed run saving again); renaming a link onto itself does nothing
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    temporary = temporary_path(target)
     try:
         os.link(source, temporary)
     except OSError:  # another filesystem (EXDEV), one without hard links, or not permitted

@@ -145,8 +145,13 @@ def dry_run() -> bool:
 
 
 def before_loading(items, as_json: bool, extra: Callable[[bool], None] | None = None) -> None:
-    """Where a command stops before it opens a model: --dry-run prints the plan (and `extra`, e.g. the grid's
-    line) and exits; a batch with nothing to run reports its items and exits."""
+    """Where a command stops before it opens a model: a --json-log that would replace a file unasked is
+    refused, --dry-run prints the plan (and `extra`, e.g. the grid's line) and exits; a batch with nothing to
+    run reports its items and exits."""
+    ctx = click.get_current_context()
+    log_path = ctx.meta.get("icd.json_log")
+    if log_path and Path(log_path).exists() and not ctx.params.get("overwrite"):
+        raise UsageError(f"--json-log {log_path} exists (use --overwrite to replace it)")
     if dry_run():
         from ..batch import show_plan
 
@@ -166,10 +171,7 @@ def finish(items, work, as_json: bool, clock=None, after: Callable[[object], Non
     from ..batch import run
     from ..distributed import merge_json_log, process_share
 
-    ctx = click.get_current_context()
-    log_path = ctx.meta.get("icd.json_log")
-    if log_path and Path(log_path).exists() and not ctx.params.get("overwrite"):
-        raise UsageError(f"--json-log {log_path} exists (use --overwrite to replace it)")
+    log_path = click.get_current_context().meta.get("icd.json_log")  # checked in before_loading
     report = run(process_share(items), work, as_json=as_json, quiet=quiet(),
                  stages=None if clock is None else clock.take)
     if log_path:

@@ -22,9 +22,6 @@ from .options import DEFAULT_MODEL, IMAGE_NAMING, MODEL_RUN, uses
 log = logging.getLogger("icd")
 # The options a --from record gives defaults to besides the edit settings (those are its first `Given`).
 RERUN_OPTIONS = ("model", "dtype", "backend", "width", "height")
-# The settings a comma list sweeps, and the fields an edit's --name may hold (all of them).
-SWEPT = ("guidance", "tau", "strength")
-EDIT_FIELDS = tuple(FIELDS)
 # How the command line names the settings, for the errors of `resolve_edit`.
 FLAGS = {"method": "--method", "cross_replace": "--cross-replace", "self_replace": "--self-replace",
          "amplify": "--amplify", "blend": "--mask-words/--blend"}
@@ -147,12 +144,14 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
     given = {"source": source, "method": method, "guidance": guidance, "tau": tau, "cross_replace": cross_replace,
              "self_replace": self_replace, "amplify": amplify or None, "blend": blend, "mask": mask,
              "keep_outside": keep_outside, "strength": strength}
-    names = naming_options(name_template, format_name, quality, EDIT_FIELDS)
+    names = naming_options(name_template, format_name, quality, FIELDS)
     jobs_file = jobs_path(jobs_file)
     if jobs_file:
         if grid:
             raise UsageError("--grid lays out the inputs, targets, seeds and settings of a command line: not with "
                              "--jobs")
+        if from_image:
+            raise UsageError("--from reruns one recorded edit: not with --jobs, whose rows hold the edits")
         manifest, items, paths = _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model, output,
                                             names, device, dtype, backend, compile, no_server)
         masks, sheet = {}, None
@@ -216,7 +215,7 @@ def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, 
         raise UsageError(f"--{'' if given['keep_outside'] else 'no-'}keep-outside applies with --mask")
     if save_mask and anywhere["mask"] is None and anywhere["blend"] is None:
         raise UsageError("--save-mask needs --mask or --mask-words: nothing else confines an edit")
-    sweeps = planning.sweep_values(given, SWEPT)
+    sweeps = planning.sweep_values(given)
     check_output(output, len(targets) * len(sweeps) * (len(images) * len(seeds) + len(paths) - len(images)),
                  naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
@@ -228,7 +227,7 @@ def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, 
     manifest = resolve(model)
     check_size(manifest, ctx.params["width"], ctx.params["height"])
     plans = planning.sweep_plans(manifest, [rerun] if rerun is not None else [], given, targets, sweeps, FLAGS)
-    swept = tuple(name for name in SWEPT if given[name] and len(given[name]) > 1)
+    swept = tuple(name for name in planning.SWEPT if given[name] and len(given[name]) > 1)
     items = planning.with_mask_outputs(planning.edit_items(paths, output, plans, seeds, names, swept), save_mask)
     for item in items:
         if item.source in captions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -142,11 +143,12 @@ def reconstruct(latents, name_template, format_name, quality, model, device, dty
     check_output(output, len(paths), naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
     refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
-    runners: dict[str, object] = {}  # one per model, found or opened at its first item
+    manifest_of = functools.cache(resolve)  # each model's manifest read (and fingerprinted) once
+    settings_of: dict[str, object] = {}  # one per model, its runner found or opened at its first item
 
     def check(item):
         refs[item.source] = model or read_latent_info(item.source).model
-        check_latent(item.source, resolve(refs[item.source]), refs[item.source])
+        check_latent(item.source, manifest_of(refs[item.source]), refs[item.source])
 
     named = file_items(paths, output, names, "{stem}-recon", lambda path: names.suffix or kept_suffix(path),
                        RECONSTRUCT_FIELDS, lambda path: {"seed": recorded_seed(path)})
@@ -155,12 +157,12 @@ def reconstruct(latents, name_template, format_name, quality, model, device, dty
 
     def work(item):
         model_ref = refs[item.source]
-        if model_ref not in runners:
-            runners[model_ref] = open_runner(resolve(model_ref), device, dtype, ("reverse",), backend, compile,
-                                             no_server=no_server)
-        settings = job_settings(runners[model_ref], model_ref, overwrite=overwrite, quality=quality)
-        settings.clock = clock
-        return reconstruct_file(settings, item.source, item.output), []
+        if model_ref not in settings_of:
+            runner = open_runner(manifest_of(model_ref), device, dtype, ("reverse",), backend, compile,
+                                 no_server=no_server)
+            settings_of[model_ref] = job_settings(runner, model_ref, overwrite=overwrite, quality=quality)
+            settings_of[model_ref].clock = clock
+        return reconstruct_file(settings_of[model_ref], item.source, item.output), []
 
     clock = StageClock()
     finish(items, work, as_json, clock)

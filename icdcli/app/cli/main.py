@@ -98,7 +98,7 @@ class Main(click.Group):
         except BrokenPipeError:  # the reader of stdout has gone (`icd info | head -1`): as git or cat would
             discard_stdout()
             ctx.exit(141)  # 128 + SIGPIPE
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # the last wall: one line, the traceback only when asked for
             error_line(failure_line(err))

@@ -9,7 +9,8 @@ import click
 
 from icd import __version__
 
-from .options import DEFAULT_MODEL, threads_given, uses
+from .common import resolve
+from .options import threads_given, uses
 
 
 def _sizes(values) -> tuple[tuple[int, int], ...]:
@@ -52,7 +53,6 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
       icd export -m mini                          # fp32 on a CPU (graphs are traced on --device)
       icd export -m sd15 --verify                 # after a disk problem: rehash, rebuild what differs
     """
-    from icd.models.hub import resolve_model
     from icd.models.loading import resolve_device
     from icd_export.artifacts import artifacts_dir
     from icd.models.threads import use_cpu_threads
@@ -61,7 +61,7 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
 
     quiet_libraries()
     use_cpu_threads(threads_given())
-    manifest = resolve_model(model or DEFAULT_MODEL)
+    manifest = resolve(model)
     torch_device = resolve_device(device)
     chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))
     built = export_model(manifest, chosen, onnx=onnx, tensorrt=tensorrt, sizes=_sizes(sizes),

@@ -15,6 +15,8 @@ from icd.editing import (DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE, EDIT_DEFAU
 from icd.limits import DEFAULT_QUALITY, MAX_SIDE
 from icd_export.registry import BACKENDS
 
+from ..naming import FIELDS
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MODEL = "sd15"
 
@@ -107,8 +109,8 @@ def threads_given() -> int | None:
 
 
 SWEEP_HELP = " A comma list runs each value from the one inversion (a sweep), e.g. {example}."
-NAME_FIELDS_HELP = ("{stem}, {target}, {seed}, {method}, {strength}, {guidance}, {tau} and {n} (the result's "
-                    "number), as far as the command knows them; a Python format spec may follow, e.g. {n:03d}")
+NAME_FIELDS_HELP = (", ".join(f"{{{name}}}" for name in FIELDS[:-1]) + " and {n} (the result's number), as far "
+                    "as the command knows them; a Python format spec may follow, e.g. {n:03d}")
 
 
 OPTIONS = {

@@ -9,7 +9,7 @@ import click
 
 from icd.errors import ICDError, UsageError
 
-from .common import check_engine, open_model, quiet, resolve
+from .common import open_model, quiet, resolve
 from .main import setup_logging
 from .options import DEFAULT_MODEL, threads_given, uses
 
@@ -49,17 +49,17 @@ def serve(model, devices, dtype, backend, compile, status, stop):
         _status_or_stop(model, status, stop)
         return
     from icd.models.loading import PRECISIONS, resolve_device, resolve_dtype
+    from icd_export.registry import check_options
 
     from ..serve.front import Server
     from ..serve.scheduler import ProcessWorker
     from ..serve.sockets import clear_stale, socket_path
 
-    for device in devices:
-        check_engine(device, dtype, backend, compile)
-    manifest = resolve(model)
-    model = model or DEFAULT_MODEL
+    check_options(backend, compile)
     torch_devices = [resolve_device(device) for device in devices]
     precisions = [PRECISIONS[resolve_dtype(dtype, device)] for device in torch_devices]
+    manifest = resolve(model)
+    model = model or DEFAULT_MODEL
     if len(set(precisions)) > 1:
         raise UsageError(f"--dtype {dtype} means {', '.join(precisions)} on {', '.join(devices)}: one server runs "
                          "one precision, name it with --dtype")
