@@ -9,8 +9,9 @@ import torch
 from icd.errors import ICDError
 from icd.files import sweep_temporaries
 from icd.models.cache import writing_cache
-from icd.models.loading import DIRECTIONS, fuse_unets, unet_config
+from icd.models.loading import fuse_unets, unet_config
 from icd.models.manifest import Manifest
+from icd.models.official import DIRECTIONS
 
 from .artifacts import Built, Index, artifacts_dir, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
 from .onnx import ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent

@@ -18,8 +18,9 @@ import torch
 
 from icd.core.denoiser import EpsFn
 from icd.errors import ICDError, first_line
-from icd.models.loading import DIRECTIONS, PRECISIONS, Model, ready_unet, unet_eps
+from icd.models.loading import PRECISIONS, Model, ready_unet, unet_eps
 from icd.models.manifest import Manifest
+from icd.models.official import DIRECTIONS
 from icd.p2p import SteeredUNet, steered_eps
 
 from .artifacts import Index, fused_unets

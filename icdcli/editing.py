@@ -36,6 +36,10 @@ GENERATE_GUIDANCE, GENERATE_TAU = 7.0, 1.0
 # Prompt-to-Prompt's windows: the fractions of the decoding steps whose cross- and self-attention come from
 # the source, the official launch settings.
 DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE = 0.3, 0.6
+DEFAULT_AMPLIFY = 4.0  # p2p: each new target word's attention, times this
+# Each number an edit takes, its range (inclusive): what options, job files, records and sweeps accept.
+BOUNDS = {"guidance": (0.0, math.inf), "tau": (0.0, 1.0), "strength": (0.0, 1.0), "cross_replace": (0.0, 1.0),
+          "self_replace": (0.0, 1.0), "mix": (0.0, 1.0)}
 
 
 def model_defaults(manifest: Manifest) -> EditDefaults:
@@ -221,12 +225,12 @@ def resolve_edit(manifest: Manifest, *sources: Given) -> EditPlan:
 
 # How a result's metadata records each setting (`EditPlan.record`), with the type and range it must have.
 RECORDED = {"source": ("source_prompt", str, None), "target": ("prompt", str, None),
-            "seed": ("seed", int, (0, MAX_SEED)), "method": ("method", str, None), "guidance": ("guidance_w", float, (0.0, math.inf)),
-            "tau": ("tau", float, (0.0, 1.0)), "cross_replace": ("cross_replace", float, (0.0, 1.0)),
-            "self_replace": ("self_replace", float, (0.0, 1.0)), "mask": ("mask", str, None),
-            "keep_outside": ("keep_outside", bool, None), "strength": ("strength", float, (0.0, 1.0)),
-            "mix": ("mix", float, (0.0, 1.0)),
-            "amplify": ("amplify", list, None), "blend": ("blend", str, None)}
+            "seed": ("seed", int, (0, MAX_SEED)), "method": ("method", str, None),
+            "guidance": ("guidance_w", float, BOUNDS["guidance"]), "tau": ("tau", float, BOUNDS["tau"]),
+            "cross_replace": ("cross_replace", float, BOUNDS["cross_replace"]),
+            "self_replace": ("self_replace", float, BOUNDS["self_replace"]), "mask": ("mask", str, None),
+            "keep_outside": ("keep_outside", bool, None), "strength": ("strength", float, BOUNDS["strength"]),
+            "mix": ("mix", float, BOUNDS["mix"]), "amplify": ("amplify", list, None), "blend": ("blend", str, None)}
 
 
 def recorded(fields: Mapping, folder: Path) -> Given:

@@ -26,7 +26,8 @@ from icd_export.engines import TorchEngine
 from icd.app.cli.train import train
 from icd.images import read_metadata
 from icd.models.hub import resolve_model
-from icd.models.loading import DIRECTIONS, Model, load_teacher, unet_config
+from icd.models.loading import Model, load_teacher, unet_config
+from icd.models.official import DIRECTIONS
 from icd.models.manifest import load_manifest
 
 RESOLUTION = 64

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from icd.errors import ModelError
-from icd.models.loading import DIRECTIONS, Model, load_teacher
+from icd.models.loading import Model, load_teacher
 from icd.models.manifest import Manifest, carry_inside, load_manifest, write_model
+from icd.models.official import DIRECTIONS
 from icd.editing import EDIT_DEFAULTS
 
 from .config import ICDConfig

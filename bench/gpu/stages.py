@@ -29,7 +29,8 @@ from icd.app.session import Session, open_session
 from icd.editing import edit_plan
 from icd.models.cache import icd_home
 from icd.models.hub import resolve_model
-from icd.models.loading import DIRECTIONS, DTYPES, PRECISIONS
+from icd.models.loading import DTYPES, PRECISIONS
+from icd.models.official import DIRECTIONS
 from icd.pipeline import EditResult
 from icd_export.compiled import INDUCTOR
 from icd_export.engines import TorchEngine

@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from icd import pipeline
 from icd.editing import edit_plan
 from icd.models.hub import resolve_model
-from icd.models.loading import DIRECTIONS, PRECISIONS, Model, resolve_device, resolve_dtype
+from icd.models.loading import PRECISIONS, Model, resolve_device, resolve_dtype
+from icd.models.official import DIRECTIONS
 from icd_export.artifacts import tool_versions
 from icd_export.build import export_model
 from icd_export.registry import export_options

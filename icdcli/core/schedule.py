@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NUM_TRAIN_TIMESTEPS = 1000
+DDIM_STEPS = 50  # the teacher's multi-step baseline, as the paper compares with
 
 
 def dynamic_guidance(w: float, t: int, tau: float) -> float:
@@ -38,7 +39,7 @@ def forward_jumps(forward_timesteps: list[int]) -> list[Jump]:
     return [Jump(t, s) for t, s in zip(starts, starts[1:] + [NUM_TRAIN_TIMESTEPS - 1])]
 
 
-def ddim_grid(steps: int = 50) -> list[int]:
+def ddim_grid(steps: int = DDIM_STEPS) -> list[int]:
     """The teacher's DDIM timesteps: 19, 39, ..., 999 for 50 steps (encoding starts at the first)."""
     stride = NUM_TRAIN_TIMESTEPS // steps
     return [stride * (i + 1) - 1 for i in range(steps)]

@@ -25,12 +25,12 @@ from .lora import first_non_finite, fuse_lora
 from .geometry import multiple_of
 from .hub import SDXL_FP16_VAE
 from .manifest import Manifest
+from .official import PRECISION_NAMES
 
 log = logging.getLogger("icd")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(PRECISION_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
-DIRECTIONS = ("forward", "reverse")
 
 
 def _device_choices() -> str:

@@ -12,3 +12,5 @@ FORWARD_TIMESTEPS = (19, 259, 519, 779)
 REVERSE_TIMESTEPS = (259, 519, 779, 999)
 GUIDANCE_SCALES = (0.0, 7.0, 11.0, 15.0, 19.0)  # w values of guidance distillation and reverse CD
 EDIT_METHODS = ("p2p", "swap", "none")  # what icd.pipeline.edit can do
+DIRECTIONS = ("forward", "reverse")  # the two consistency models: image -> noise, noise -> image
+PRECISION_NAMES = ("fp32", "fp16", "bf16")  # the dtypes a model runs and is exported in

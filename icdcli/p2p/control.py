@@ -38,12 +38,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..editing import MASK_WORDS_NOTE, P2PConfig
+from ..editing import DEFAULT_AMPLIFY, MASK_WORDS_NOTE, P2PConfig
 from ..errors import ICDError
 from .geometry import LEVELS, level_grid
 from .tokens import STOPWORDS, prompt_words, refinement_mapper, replacement_mapper, word_token_indices
 
-DEFAULT_AMPLIFY = 4.0
 CONTROL_NAMES = ("p2p_cross", "p2p_self", "p2p_weights", "p2p_keep", "p2p_equalizer", "p2p_blend")
 DILATED_GRID = 8  # LocalBlend widens its map by one cell (3x3 max-pool) only on grids at least this fine
 
