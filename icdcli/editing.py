@@ -40,6 +40,9 @@ DEFAULT_AMPLIFY = 4.0  # p2p: each new target word's attention, times this
 # Each number an edit takes, its range (inclusive): what options, job files, records and sweeps accept.
 BOUNDS = {"guidance": (0.0, math.inf), "tau": (0.0, 1.0), "strength": (0.0, 1.0), "cross_replace": (0.0, 1.0),
           "self_replace": (0.0, 1.0), "mix": (0.0, 1.0)}
+# A folder's Hugging Face style metadata: each image's caption, the source prompt of its edits (`icd edit`,
+# `icd invert`, training), or the rows of an `icd eval` data set.
+CAPTIONS_NAME = "metadata.jsonl"
 
 
 def model_defaults(manifest: Manifest) -> EditDefaults:
@@ -258,9 +261,7 @@ def recorded(fields: Mapping, folder: Path) -> Given:
     return Given(values, {name: f"recorded {key}" for name, (key, _, _) in RECORDED.items()})
 
 
-def edit_plan(manifest: Manifest, source: str | None, target: str, p2p: P2PConfig | None = None,
-              **settings) -> EditPlan:
+def edit_plan(manifest: Manifest, source: str | None, target: str, **settings) -> EditPlan:
     """An edit of `source` into `target` with `settings` (keyword names of SETTINGS) over the model's
-    defaults: the short way to a plan from Python; `p2p`, a whole Prompt-to-Prompt configuration."""
-    plan = resolve_edit(manifest, Given({"source": source, "target": target, **settings}))
-    return plan if p2p is None else replace(plan, p2p=p2p)
+    defaults: the short way to a plan from Python."""
+    return resolve_edit(manifest, Given({"source": source, "target": target, **settings}))

@@ -117,6 +117,16 @@ def test_another_run_into_the_same_folder_is_refused(mini_set, mini_runner, tmp_
         run_evaluation(evaluation(mini_set, tmp_path / "mine", mini_runner, {}))
 
 
+def test_p2p_options_without_p2p_are_refused():
+    manifest = resolve_model("mini")
+    with pytest.raises(UsageError, match="^--amplify apply to --method p2p, not swap$"):
+        resolve_settings(manifest, {"method": "swap"}, {}, ["icd"], {"bear": 4.0})
+    with pytest.raises(UsageError, match="^--cross-replace apply to --method p2p, not none$"):
+        resolve_settings(manifest, {"cross_replace": 0.5}, {"method": ["p2p", "none"]}, ["icd"], None)
+    amplified = resolve_settings(manifest, {}, {}, ["icd"], {"bear": 4.0, "ant": 2.0})
+    assert amplified[0].label == "icd-p2p-w2-tau0.8-cross0.3-self0.6-ampant2+bear4"
+
+
 def test_a_bad_item_fails_alone(mini_set, mini_runner, tmp_path, capsys):
     folder = tmp_path / "set"
     folder.mkdir()

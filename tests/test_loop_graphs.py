@@ -17,7 +17,7 @@ import torch
 from icd import pipeline
 from icd.app.session import Session, open_session
 from icd.core.denoiser import Conditioning
-from icd.editing import P2PConfig, edit_plan
+from icd.editing import edit_plan
 from icd.models.loading import claim_device
 from icd_export.engines import OnnxEngine, TensorRTEngine, TorchEngine
 from icd_export.graphs import CAPACITY, LoopGraphs, signature
@@ -28,7 +28,7 @@ from fixtures.recorders import FakeCuda, Rerun
 SCENES = [("a red circle on a sandy background", "a blue circle on a sandy background"),
           ("a green square on a grassy background", "a green square on a snowy background"),
           ("a white triangle on a snowy background", "a black triangle on a snowy background")]
-BLEND = P2PConfig(blend=(("red",), ("blue",)))
+BLEND = {"blend": (("red",), ("blue",))}
 
 
 def pixels(seed: int) -> torch.Tensor:
@@ -84,8 +84,8 @@ def test_blend_words_and_windows_replay_with_their_own_maps_and_notes(sessions):
     x_T = pipeline.invert(eager, pixels(7), source, seed=0)
     for words, windows in [((("red",), ("blue",)), (0.3, 0.6)), ((("red",), ("blue",)), (0.3, 0.6)),
                            ((("circle",), ("circle",)), (0.9, 0.3))]:  # the third replays with other windows
-        config = P2PConfig(cross_replace=windows[0], self_replace=windows[1], blend=words)
-        plan = edit_plan(eager.manifest, source, target, method="p2p", p2p=config)
+        plan = edit_plan(eager.manifest, source, target, method="p2p", cross_replace=windows[0],
+                         self_replace=windows[1], blend=words)
         got, expected = (pipeline.edit(s, x_T, plan) for s in (captured, eager))
         same(got.edited, expected.edited)
         same(got.mask, expected.mask)
@@ -164,9 +164,9 @@ def test_a_serve_session_fits_the_graph_capacity(sessions):
                                   list(range(rows)))
             pipeline.reconstruct(session, x_T, [source] * rows)
             pipeline.generate(session, [target] * rows, list(range(rows)), 64, 64)
-        for method, config in (("p2p", None), ("p2p", BLEND), ("swap", None), ("none", None)):
+        for method, config in (("p2p", {}), ("p2p", BLEND), ("swap", {}), ("none", {})):
             for region in (None, mask):
-                plan = edit_plan(eager.manifest, source, target, method=method, p2p=config)
+                plan = edit_plan(eager.manifest, source, target, method=method, **config)
                 pipeline.edit(session, x_T[:1], plan, mask=region)
     assert session.graphs.recorded == len(session.graphs._graphs) == 14
     assert 2 * 14 <= CAPACITY
@@ -276,7 +276,7 @@ def test_on_cuda_captured_loops_equal_eager(icd_home, dtype, index):
         torch.testing.assert_close(pipeline.invert(captured, pixels(i).to(device), source, seed=0), x_T,
                                    rtol=0, atol=2e-2)
         for method in ("p2p", "swap"):
-            plan = edit_plan(eager.manifest, source, target, method=method, p2p=BLEND if method == "p2p" else None)
+            plan = edit_plan(eager.manifest, source, target, method=method, **(BLEND if method == "p2p" else {}))
             got, expected = (pipeline.edit(s, x_T, plan) for s in (captured, eager))
             torch.testing.assert_close(got.edited, expected.edited, rtol=0, atol=2 / 255)
     assert captured.graphs.recorded == 3

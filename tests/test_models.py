@@ -21,7 +21,7 @@ from icd.models.hub import resolve_model
 from icd.models.loading import Model, load_teacher, unet_config
 from icd.models.manifest import load_manifest, parse_manifest
 from icd.models.official import LORA_TARGETS
-from icd.editing import P2PConfig, edit_plan
+from icd.editing import edit_plan
 
 SIZE = 64  # a multiple of the tiny models' 32: latents 8x8 -> 4x4 -> 2x2 in the UNet
 
@@ -375,7 +375,7 @@ def test_edit_swap(sd15, x_T):
 
 
 def test_edit_p2p(sd15, x_T):
-    result = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="p2p", p2p=P2PConfig(cross_replace=0.5, self_replace=0.5)))
+    result = pipeline.edit(sd15, x_T, edit_plan(sd15.manifest, "a cat", "a dog", method="p2p", cross_replace=0.5, self_replace=0.5))
     assert result.edited.shape == (1, 3, SIZE, SIZE) and result.reconstruction.shape == (1, 3, SIZE, SIZE)
     # the source row is the unguided reconstruction (through P2P's own attention path: equal to rounding)
     reconstruction = pipeline.reconstruct(sd15, x_T, "a cat", guidance=0.0)

@@ -21,12 +21,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from icd.editing import CAPTIONS_NAME
 from icd.errors import ICDError, InputError, first_line
 from icd.files import atomic_write
 from icd.images import load_image, to_model_input
 
 log = logging.getLogger("icd")
-CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_FILES = (CAPTIONS_NAME, "metadata.csv")
+ENCODE_BATCH = 8  # images through the VAE at once when the latents are cached
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class LatentDataset(Dataset):
         return {"latents": self.latents[index], "caption": self.captions[index]}
 
 
-def encode_examples(examples: list[Example], resolution: int, encode, batch_size: int = 8) -> LatentDataset:
+def encode_examples(examples: list[Example], resolution: int, encode) -> LatentDataset:
     """VAE latents of every readable example; bad files are reported and left out."""
     latents, captions, pixels = [], [], []
     for i, example in enumerate(examples):
@@ -136,7 +138,7 @@ def encode_examples(examples: list[Example], resolution: int, encode, batch_size
             captions.append(example.caption)
         except InputError as err:
             log.warning("skipping %s", err)
-        if pixels and (len(pixels) == batch_size or i == len(examples) - 1):
+        if pixels and (len(pixels) == ENCODE_BATCH or i == len(examples) - 1):
             latents.append(encode(torch.stack(pixels)).cpu())
             pixels = []
     if not captions:

@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image
 
 from icd import __version__
-from icd.editing import MASK_WORDS_NOTE, EditPlan, Given, resolve_edit
+from icd.editing import BOUNDS, MASK_WORDS_NOTE, EditPlan, Given, resolve_edit
 from icd.errors import ICDError, OutputExistsError, UsageError
+from icd.evaluation import MASK_USES, SWEEPABLE
 from icd.evaluation.datasets import Dataset, EvalItem, decode_rle
 from icd.evaluation.metrics import METRICS, Evaluator, MetricInfo, Sample, check_infos
 from icd.evaluation.pictures import Series, contact_sheet, tradeoff_plot
@@ -38,7 +39,7 @@ from icd.files import atomic_write
 from icd.images import LoadedImage, load_image
 from icd.masks import resize
 from icd.models.manifest import Manifest
-from icd.models.official import EDIT_METHODS
+from icd.models.official import DIRECTIONS, EDIT_METHODS
 from icd.models.threads import every_cpu_thread
 
 from .batch import error_line, failure_line
@@ -48,20 +49,23 @@ from .runner import Runner
 from .session import Session, quiet_libraries
 
 log = logging.getLogger("icd")
-MASK_USES = ("none", "mask", "words")
-SWEEPABLE = ("method", "guidance", "tau", "strength", "cross_replace", "self_replace", "mask_use", "keep_outside")
 RUN_FILE = "run.json"
 IDENTITY = ("dataset", "model_fingerprint", "seed", "width", "height")  # what another run into OUT must share
 SHEET_ROWS = 6  # best and worst items on the contact sheet
 EDITING_METRICS = ("clip_t", "clip_whole", "success", "clip_edited", "image_reward")
 KEEPING_METRICS = ("dinov2", "clip_i", "psnr", "ssim", "structure", "lpips", "mse")
+# The numbers a sweep moves, with their labels (in setting names and along a line of the plot); strength first:
+# it sets the others.
+SWEPT_NUMBERS = {"strength": "s", "guidance": "w", "tau": "tau", "cross_replace": "cross", "self_replace": "self"}
 
 
-def _number(low: float, high: float | None = None):
+def _number(name: str):
+    low, high = BOUNDS[name]
+
     def parse(text: str) -> float:
         value = float(text)
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            raise ValueError(f"'{text}' is not a number in {low:g}..{high:g}" if high is not None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"'{text}' is not a number in {low:g}..{high:g}" if math.isfinite(high)
                              else f"'{text}' is not a number >= {low:g}")
         return value
     return parse
@@ -81,9 +85,8 @@ def _flag(text: str) -> bool:
     return text.lower() in ("true", "on", "yes", "1")
 
 
-PARSERS = {"method": _choice(EDIT_METHODS), "guidance": _number(0), "tau": _number(0, 1), "strength": _number(0, 1),
-           "cross_replace": _number(0, 1), "self_replace": _number(0, 1), "mask_use": _choice(MASK_USES),
-           "keep_outside": _flag}
+PARSERS = {"method": _choice(EDIT_METHODS), **{name: _number(name) for name in SWEPT_NUMBERS},
+           "mask_use": _choice(MASK_USES), "keep_outside": _flag}
 
 
 def parse_sweeps(texts: tuple[str, ...]) -> dict[str, list]:
@@ -118,11 +121,10 @@ class EvalSetting:
     @property
     def label(self) -> str:
         """The setting's name: its edits' folder, its rows."""
-        plan, p2p = self.plan, self.plan.method == "p2p"
-        parts = [self.solver, plan.method, f"w{plan.guidance:g}", f"tau{plan.tau:g}"]
-        parts += [] if plan.strength is None else [f"s{plan.strength:g}"]
-        parts += [f"cross{plan.p2p.cross_replace:g}", f"self{plan.p2p.self_replace:g}"] if p2p else []
-        if p2p and plan.p2p.amplify:
+        plan, fields = self.plan, self.fields()
+        parts = [self.solver, plan.method] + [f"{SWEPT_NUMBERS[name]}{value:g}" for name, value in fields.items()
+                                              if name in SWEPT_NUMBERS and value is not None]
+        if fields["amplify"]:
             parts.append("amp" + "+".join(f"{word}{factor:g}" for word, factor in plan.p2p.amplify.items()))
         parts += [] if self.mask_use == "none" else [self.mask_use + ("-keep" if plan.keep_outside else "")]
         return re.sub(r"[^A-Za-z0-9.+=-]+", "_", "-".join(parts))
@@ -149,13 +151,11 @@ class EvalSetting:
 def _resolved(manifest: Manifest, solver: str, choice: dict, amplify: dict | None) -> EvalSetting | None:
     """One combination of options as a setting, or None when it makes no sense (blend words without p2p)."""
     mask_use = choice.get("mask_use") or "none"
-    given = {name: choice.get(name) for name in ("method", "guidance", "tau", "strength", "cross_replace",
-                                                 "self_replace")}
-    plan = resolve_edit(manifest, Given({**given, "keep_outside": choice.get("keep_outside")}))
+    values = {name: choice.get(name) for name in SWEEPABLE if name != "mask_use"}
+    values["amplify"] = amplify and dict(sorted(amplify.items()))
+    plan = resolve_edit(manifest, Given(values, {name: f"--{name.replace('_', '-')}" for name in values}))
     if mask_use == "words" and plan.method != "p2p":
         return None
-    if plan.method == "p2p" and amplify:
-        plan = replace(plan, p2p=replace(plan.p2p, amplify=dict(sorted(amplify.items()))))
     return EvalSetting(solver, plan, mask_use)
 
 
@@ -175,10 +175,6 @@ def resolve_settings(manifest: Manifest, given: dict, sweeps: dict[str, list], s
                 settings.append(setting)
     if not settings:
         raise UsageError("--mask-use words applies to --method p2p: no setting is left to run")
-    p2p_given = [name for name in ("cross_replace", "self_replace") if given.get(name) is not None] + \
-        (["amplify"] if amplify else [])
-    if p2p_given and not any(setting.plan.method == "p2p" for setting in settings):
-        raise UsageError(f"--{', --'.join(name.replace('_', '-') for name in p2p_given)} apply to --method p2p")
     if skipped:
         log.info("%d combination(s) of the sweep skipped: --mask-use words applies to p2p only", skipped)
     return settings
@@ -460,10 +456,6 @@ def _tradeoff_axes(metrics: list[str], chosen: tuple[str, str] | None) -> tuple[
     return (editing, keeping) if editing and keeping else None
 
 
-# The numbers a sweep moves along a line of the plot, with their labels; strength first: it sets the others.
-SWEPT_NUMBERS = {"strength": "s", "guidance": "w", "tau": "tau", "cross_replace": "cross", "self_replace": "self"}
-
-
 def _plot(run: EvalRun, summary: dict, infos: dict[str, MetricInfo], axes: tuple[str, str]) -> None:
     """One line per solver, method and region use, through the sweep's points in their order: a colour per method
     and region use, a marker per solver."""
@@ -520,18 +512,20 @@ def solver_runners(manifest: Manifest, device: str, dtype: str, backend: str, co
     """solver -> its runner: iCD through a running `icd serve` of the model, device and dtype when there is one
     (falling back to this process if it goes away), else in this process; the baseline (the teacher's DDIM on
     `steps` steps, on PyTorch) always in this process."""
+    from icd_export.engines import TorchEngine
+
     from .distributed import local_device
     from .runner import LocalRunner
     from .serve.client import served_or_here
     from .session import open_session, teacher_session
 
-    def open_here(backend: str = backend, directions: tuple[str, ...] = ("forward", "reverse")) -> Session:
+    def open_here(backend: str = backend, directions: tuple[str, ...] = DIRECTIONS) -> Session:
         quiet_libraries()
         return open_session(manifest, local_device(device), dtype, backend, compile, directions=directions)
 
     def open_runner(solver: str) -> Runner:
         if solver != "icd":
-            return LocalRunner(teacher_session(open_here("torch", ()), steps))
+            return LocalRunner(teacher_session(open_here(TorchEngine.name, ()), steps))
         return served_or_here(manifest, device, dtype, backend, compile, no_server, lambda: LocalRunner(open_here()))
 
     return open_runner

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from icd.editing import Given, parse_amplify, parse_blend
+from icd.editing import BOUNDS, CAPTIONS_NAME, Given, parse_amplify, parse_blend
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
 from icd.limits import MAX_SEED
@@ -55,14 +55,14 @@ class EditJob(_Row):
 
     target: str = Field(min_length=1)
     method: Literal[EDIT_METHODS] | None = None
-    guidance: float | None = Field(None, ge=0, allow_inf_nan=False)
-    tau: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    guidance: float | None = Field(None, ge=BOUNDS["guidance"][0], le=BOUNDS["guidance"][1], allow_inf_nan=False)
+    tau: float | None = Field(None, ge=BOUNDS["tau"][0], le=BOUNDS["tau"][1], allow_inf_nan=False)
     blend: str | None = None  # the older name of mask_words
     mask_words: str | None = None
     amplify: str | None = None  # WORD=F, several separated by spaces
     mask: PathText | None = None  # a mask picture, relative to the job file
     keep_outside: bool | None = None  # not given: resolve_edit decides
-    strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    strength: float | None = Field(None, ge=BOUNDS["strength"][0], le=BOUNDS["strength"][1], allow_inf_nan=False)
     save_mask: PathText | None = None  # where the map the edit used goes, relative to the file
 
     @field_validator("amplify")
@@ -219,9 +219,6 @@ class _Caption(BaseModel):
 
     file_name: str = Field(min_length=1)
     text: str = Field(min_length=1)
-
-
-CAPTIONS_NAME = "metadata.jsonl"
 
 
 def captions(folder: Path) -> dict[str, str]:

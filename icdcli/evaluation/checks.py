@@ -87,11 +87,11 @@ def shape_of(mask: np.ndarray) -> str | None:
     return "triangle" if fill < 0.68 else "circle" if fill < 0.88 else "square"
 
 
-def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None, peak: float = 255.0) -> float:
-    """PSNR of two images over the pixels of a boolean region (all of them without one), capped at PSNR_CAP."""
+def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> float:
+    """PSNR of two 8-bit images over the pixels of a boolean region (all of them without one), capped at PSNR_CAP."""
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     mse = float(np.mean((diff if region is None else diff[region]) ** 2))
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * np.log10(peak**2 / mse))
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * np.log10(255.0**2 / mse))
 
 
 def run_checks(checks: list[Check], edit: np.ndarray, source: np.ndarray, palettes: dict[str, dict[str, RGB]],

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from icd.editing import CAPTIONS_NAME, parse_blend
 from icd.errors import InputError, UsageError
 from icd.files import open_regular
 from icd.masks import read_mask
@@ -33,7 +34,6 @@ from .checks import Check
 
 PIE_MAPPING = "mapping_file.json"
 PIE_IMAGES = "annotation_images"
-FOLDER_METADATA = "metadata.jsonl"
 PIE_MASK_SHAPE = (512, 512)
 PIE_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
              "4": "change attribute content", "5": "change attribute pose", "6": "change attribute color",
@@ -195,7 +195,7 @@ class _FolderRow(BaseModel):
     id: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     type: str | None = Field(None, min_length=1)
     mask: str | None = Field(None, min_length=1)
-    mask_words: str | None = Field(None, pattern=r"^[^:]*\S[^:]*:[^:]*\S[^:]*$")
+    mask_words: str | None = None
     target_image: str | None = Field(None, min_length=1)
     palettes: dict[str, dict[str, tuple[int, int, int]]] = {}
     checks: list[Check] = []
@@ -212,10 +212,7 @@ def _folder_item(folder: Path, row: _FolderRow, item_id: str) -> EvalItem:
             _inside(check.region, f"check {check.name}'s region")
     if len({(check.name, check.kind == "psnr") for check in row.checks}) != len({c.name for c in row.checks}):
         raise ValueError("checks of one name must all be PSNRs or all be judges")
-    blend = None
-    if row.mask_words:
-        src, tgt = row.mask_words.split(":")
-        blend = tuple(src.lower().split()), tuple(tgt.lower().split())
+    blend = parse_blend(row.mask_words)
     relative = _inside(row.file_name, "file_name")
     optional = {name: None if value is None else folder / _inside(value, name)
                 for name, value in (("mask", row.mask), ("target_image", row.target_image))}
@@ -226,7 +223,7 @@ def _folder_item(folder: Path, row: _FolderRow, item_id: str) -> EvalItem:
 
 def read_folder(folder: Path) -> Dataset:
     dataset, rows, problems = Dataset("folder", folder, []), [], []
-    for number, line in enumerate(_text(folder / FOLDER_METADATA).splitlines(), start=1):
+    for number, line in enumerate(_text(folder / CAPTIONS_NAME).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -242,10 +239,10 @@ def read_folder(folder: Path) -> Dataset:
             dataset.items.append(_folder_item(folder, row, item_id))
         except ValueError as err:
             problems.append((number, str(err)))
-    dataset.problems = [f"{FOLDER_METADATA} line {number}: {text}" for number, text in sorted(problems)]
+    dataset.problems = [f"{CAPTIONS_NAME} line {number}: {text}" for number, text in sorted(problems)]
     ids = [item.id for item in dataset.items]
     if len(set(ids)) != len(ids):
-        raise InputError(f"{folder / FOLDER_METADATA}: the id {next(i for i in ids if ids.count(i) > 1)!r} is "
+        raise InputError(f"{folder / CAPTIONS_NAME}: the id {next(i for i in ids if ids.count(i) > 1)!r} is "
                          "given to several rows")
     return dataset
 
@@ -257,7 +254,7 @@ def open_dataset(path: str | Path, images: str | Path | None = None) -> Dataset:
         raise UsageError("--images applies to the authors' CSV files; a folder holds its own images")
     if path.is_dir() and (path / PIE_MAPPING).exists():
         return read_pie_bench(path)
-    if path.is_dir() and (path / FOLDER_METADATA).exists():
+    if path.is_dir() and (path / CAPTIONS_NAME).exists():
         return read_folder(path)
     if path.suffix.lower() == ".csv" and path.is_file():
         if images is None:
@@ -267,7 +264,7 @@ def open_dataset(path: str | Path, images: str | Path | None = None) -> Dataset:
             raise UsageError(f"--images {images}: no such folder")
         return read_authors_csv(path, Path(images))
     raise UsageError(f"{path}: not a data set: expected a PIE-Bench folder ({PIE_MAPPING} and {PIE_IMAGES}/), "
-                     f"one of the authors' CSV files (with --images), or a folder with {FOLDER_METADATA}")
+                     f"one of the authors' CSV files (with --images), or a folder with {CAPTIONS_NAME}")
 
 
 def select(dataset: Dataset, types: list[str] | None, limit: int | None) -> list[EvalItem]:

@@ -32,8 +32,9 @@ from PIL import Image
 
 from icd.errors import UsageError, first_line
 from icd.images import load_image
-from icd.masks import read_mask
+from icd.masks import read_mask, resize
 
+from . import DEFAULT_MODELS
 from .checks import PSNR_CAP, psnr, run_checks
 from .datasets import EvalItem
 
@@ -65,8 +66,6 @@ METRICS = {
 UNEDITED = ("psnr", "lpips", "mse", "ssim")
 SETS = {"pie": ("structure", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited"),
         "authors": ("clip_t", "clip_i", "dinov2"), "checks": ("checks", "psnr_target")}
-DEFAULT_MODELS = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dino-vitb8",
-                  "dinov2": "facebook/dinov2-base", "image_reward": "ImageReward-v1.0"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DINO_SHORT_SIDE, DINO_LONG_SIDE = 224, 480
 
@@ -321,11 +320,7 @@ def _picture(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def _region(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A region picture as a boolean mask of the images' size (white = inside)."""
-    mask = read_mask(path)
-    if mask.shape != shape[:2]:
-        resized = Image.fromarray(mask).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-        mask = np.asarray(resized, np.float32)
-    return mask >= 0.5
+    return resize(read_mask(path), (shape[1], shape[0])) >= 0.5
 
 
 def _checks(sample: Sample) -> dict[str, float | None]:

@@ -16,6 +16,7 @@ COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf")
 PLOT_SIZE, MARGINS = (900, 620), (80, 60, 260, 70)  # left, top, right, bottom
 THUMB_HEIGHT, CAPTION_WIDTH = 160, 520
+TICKS = 6  # on each axis of a plot
 
 
 @dataclass
@@ -30,11 +31,11 @@ def _font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def nice_ticks(low: float, high: float, count: int = 6) -> list[float]:
-    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+def nice_ticks(low: float, high: float) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart, about TICKS of them) covering [low, high]."""
     if high <= low:
         low, high = low - 0.5, high + 0.5
-    rough = (high - low) / count
+    rough = (high - low) / TICKS
     magnitude = 10 ** math.floor(math.log10(rough))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= rough)
     first = math.floor(low / step) * step

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from icd.core.schedule import DDIM_STEPS
 from icd.errors import UsageError
+from icd.evaluation import DEFAULT_MODELS, MASK_USES, SWEEPABLE
 from icd.limits import MAX_SEED
 
 from .common import check_size, quiet, resolve
@@ -27,24 +29,24 @@ log = logging.getLogger("icd")
               "change_object; a folder data set: its `type` values).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N items (after --types).")
 @uses("method", "guidance", "tau", "strength", "cross_replace", "self_replace", "amplify")
-@click.option("--mask-use", type=click.Choice(["none", "mask", "words"]), help="Where the edit may act: none "
+@click.option("--mask-use", type=click.Choice(MASK_USES), help="Where the edit may act: none "
               "(the default: the benchmarks' protocol), mask (the data set's region, as --mask) or words (its "
               "blend words, as --mask-words; p2p). Items without one are edited without.")
 @click.option("--keep-outside/--no-keep-outside", default=None, help="With --mask-use mask: the photo's pixels "
               "outside the region (default on, as `icd edit --mask`).")
 @click.option("--sweep", "sweeps", multiple=True, metavar="NAME=V1,V2,...", help="Every value of a setting "
-              "(method, guidance, tau, strength, cross_replace, self_replace, mask_use, keep_outside); repeat it "
-              "for every combination. Each photo is inverted once and every setting decoded from it.")
+              f"({', '.join(SWEEPABLE)}); repeat it for every combination. Each photo is inverted once and every "
+              "setting decoded from it.")
 @click.option("--baseline", type=click.Choice(["ddim"]), help="Also edit with the model's teacher on a --steps "
               "DDIM grid (inversion and edit), with the same settings and Prompt-to-Prompt control.")
-@click.option("--steps", type=click.IntRange(2, 1000), help="--baseline's DDIM steps (default 50).")
+@click.option("--steps", type=click.IntRange(2, 1000), help=f"--baseline's DDIM steps (default {DDIM_STEPS}).")
 @click.option("--metrics", default="auto", show_default=True, help="Sets (pie, authors, checks) and metric "
               "names, comma-separated. auto: PIE-Bench's on PIE-Bench, the authors' on their CSVs, both (and the "
               "data set's checks) on a folder.")
-@click.option("--clip-model", help="CLIP for the CLIP metrics: hub id or folder [openai/clip-vit-large-patch14].")
-@click.option("--dino-model", help="DINO ViT-B/8 for the structure distance [facebook/dino-vitb8].")
-@click.option("--dinov2-model", help="DINOv2 for the authors' DINOv2 metric [facebook/dinov2-base].")
-@click.option("--image-reward-model", help="ImageReward's checkpoint [ImageReward-v1.0].")
+@click.option("--clip-model", help=f"CLIP for the CLIP metrics: hub id or folder [{DEFAULT_MODELS['clip']}].")
+@click.option("--dino-model", help=f"DINO ViT-B/8 for the structure distance [{DEFAULT_MODELS['dino']}].")
+@click.option("--dinov2-model", help=f"DINOv2 for the authors' DINOv2 metric [{DEFAULT_MODELS['dinov2']}].")
+@click.option("--image-reward-model", help=f"ImageReward's checkpoint [{DEFAULT_MODELS['image_reward']}].")
 @click.option("--plot", metavar="EDITING:PRESERVATION", help="The trade-off plot's metrics (default: CLIP-T or "
               "CLIP Whole against DINOv2, CLIP-I or PSNR, whichever were measured).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
@@ -89,13 +91,13 @@ def evaluate(dataset, model, output, images, types, limit, method, guidance, tau
     model = model or DEFAULT_MODEL
     given = {"method": method, "guidance": guidance, "tau": tau, "strength": strength, "cross_replace": cross_replace,
              "self_replace": self_replace, "mask_use": mask_use, "keep_outside": keep_outside}
-    solvers = ["icd"] + ([f"ddim{steps or 50}"] if baseline else [])
+    solvers = ["icd"] + ([f"ddim{steps or DDIM_STEPS}"] if baseline else [])
     settings = resolve_settings(manifest, given, swept, solvers, amplified)
     evaluator = _evaluator(metrics, data, items, device, {"clip": clip_model, "dino": dino_model,
                                                            "dinov2": dinov2_model, "image_reward": image_reward_model})
     run = EvalRun(data, items, settings, Path(output), model, manifest, evaluator,
-                  solver_runners(manifest, device, dtype, backend, compile, no_server, steps or 50), seed, width,
-                  height, chosen_plot, quiet())
+                  solver_runners(manifest, device, dtype, backend, compile, no_server, steps or DDIM_STEPS), seed,
+                  width, height, chosen_plot, quiet())
     sys.exit(run_evaluation(run))
 
 
