@@ -9,12 +9,13 @@ import torch
 from icd.errors import ICDError
 from icd.files import sweep_temporaries
 from icd.models.cache import writing_cache
-from icd.models.loading import fuse_unets, unet_config
+from icd.models.loading import DTYPES, fuse_unets, unet_config
 from icd.models.manifest import Manifest
 from icd.models.official import DIRECTIONS
 
 from .artifacts import Built, Index, artifacts_dir, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
-from .onnx import ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent
+from .onnx import TOLERANCE, ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent
+from .tensorrt import PRECISION, ensure_engine, tensorrt_problem
 
 log = logging.getLogger("icd")
 
@@ -28,9 +29,7 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
     `verify` first hashes every file of the model's artifacts and rebuilds those that differ from the index.
     One export of a model runs at a time (a lock file); a second waits, then reuses what the first built."""
     if tensorrt:  # before any work
-        from .tensorrt import tensorrt_problem
-
-        if why := tensorrt_problem(torch.device("cuda"), torch.float16):
+        if why := tensorrt_problem(torch.device("cuda"), DTYPES[PRECISION]):
             raise ICDError(f"--tensorrt: {why}")
     config = unet_config(manifest)
     with writing_cache(), Index(artifacts_dir(manifest), manifest.fingerprint).lock():
@@ -48,7 +47,8 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
 def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[str, ...], *, onnx: bool,
             tensorrt: bool, sizes: tuple[tuple[int, int], ...], max_batch: int, force: bool,
             device: torch.device) -> list[Built]:
-    graph_precisions = ({p for p in precisions if p != "bf16"} if onnx else set()) | ({"fp16"} if tensorrt else set())
+    # ONNX graphs exist in the precisions they are checked in; TensorRT builds from its precision's graphs.
+    graph_precisions = (set(precisions) & set(TOLERANCE) if onnx else set()) | ({PRECISION} if tensorrt else set())
     done: list[Built] = []
     for direction in DIRECTIONS:
         def stale(kind: str, wanted) -> list[str]:
@@ -80,8 +80,6 @@ def _export(index: Index, manifest: Manifest, config: dict, precisions: tuple[st
             for name in (onnx_name(direction, "fp32"), *([steered_onnx_name("fp32")] if steered else [])):
                 ensure_cpu_optimized(index, name, force)
         if tensorrt:
-            from .tensorrt import ensure_engine
-
             sizes = sizes or ((manifest.resolution,) * 2,)
             done.append(ensure_engine(index, direction, config, sizes, max_batch, force))
             if steered:

@@ -32,7 +32,10 @@ import torch
 
 from icd.core.consistency import Timesteps
 from icd.core.denoiser import Conditioning
+from icd.core.schedule import NUM_TRAIN_TIMESTEPS
 from icd.errors import ICDError, first_line
+from icd.latents import VAE_FACTOR
+from icd.models.loading import DTYPES
 from icd.p2p import CONTROL_NAMES, LEVELS, SteeredUNet, blend_level, level_grid
 
 from .artifacts import Index
@@ -41,7 +44,6 @@ log = logging.getLogger("icd")
 
 OPSET = 17
 TEXT_TOKENS = 77
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Largest |onnx - torch| allowed, relative to the reference's largest |eps|.
 TOLERANCE = {"fp32": 2e-3, "fp16": 5e-2}
 
@@ -157,10 +159,10 @@ def random_inputs(config, batch: int, latent: tuple[int, int], dtype: torch.dtyp
     generator = torch.Generator().manual_seed(seed)
     feeds = {name: torch.randn(shape, generator=generator).to(dtype)
              for name, shape in input_shapes(config, batch, latent).items()}
-    feeds["timestep"] = torch.randint(1, 1000, (batch,), generator=generator).float()
+    feeds["timestep"] = torch.randint(1, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator).float()
     if "time_ids" in feeds:
-        feeds["time_ids"] = torch.tensor([[latent[0] * 8, latent[1] * 8, 0, 0, latent[0] * 8, latent[1] * 8]],
-                                         dtype=dtype).repeat(batch, 1)
+        height, width = latent[0] * VAE_FACTOR, latent[1] * VAE_FACTOR
+        feeds["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).repeat(batch, 1)
     return feeds
 
 

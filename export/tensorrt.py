@@ -24,7 +24,9 @@ from icd.core.consistency import Timesteps
 from icd.core.denoiser import Conditioning
 from icd.errors import ICDError
 from icd.files import open_regular
+from icd.latents import VAE_FACTOR
 from icd.models.cache import icd_home
+from icd.models.loading import DTYPES
 
 from icd.p2p import CONTROL_NAMES
 
@@ -45,13 +47,13 @@ def tensorrt_problem(device: torch.device, dtype: torch.dtype) -> str | None:
         return "TensorRT is not installed (pip install 'icd[tensorrt]' on a machine with an NVIDIA GPU)"
     if device.type != "cuda" or not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU, and this run is on the CPU (use --device cuda on a GPU machine)"
-    if dtype != torch.float16:
-        return "TensorRT engines are built in fp16: use --dtype fp16 (the default on a GPU)"
+    if dtype != DTYPES[PRECISION]:
+        return f"TensorRT engines are built in {PRECISION}: use --dtype {PRECISION} (the default on a GPU)"
     return None
 
 
 def _tensorrt():
-    problem = tensorrt_problem(torch.device("cuda"), torch.float16)
+    problem = tensorrt_problem(torch.device("cuda"), DTYPES[PRECISION])
     if problem:
         raise ICDError(problem)
     import tensorrt
@@ -74,7 +76,7 @@ def profile_shapes(config, sizes: tuple[tuple[int, int], ...], max_batch: int,
     """(min, opt, max) shape of each input: batches 1..max_batch (opt 1), latents spanning `sizes` (opt the
     first); the Prompt-to-Prompt graph runs pairs of rows (2, and 4 for two-pass guidance) and has the
     control inputs, of fixed shapes."""
-    latents = [(height // 8, width // 8) for width, height in sizes]
+    latents = [(height // VAE_FACTOR, width // VAE_FACTOR) for width, height in sizes]
     low = (min(h for h, _ in latents), min(w for _, w in latents))
     high = (max(h for h, _ in latents), max(w for _, w in latents))
     batches = (2, 2, max(4, max_batch)) if steered else (1, 1, max_batch)
@@ -96,7 +98,7 @@ def engine_key(index: Index, direction: str, config, sizes, max_batch: int, iden
                steered: bool = False) -> dict:
     graph = index.find(kind=_graph_kind(steered), direction=direction, precision=PRECISION)
     if graph is None:
-        raise ICDError(f"no fp16 ONNX graph of the {direction} UNet to build an engine from: run `icd export`")
+        raise ICDError(f"no {PRECISION} ONNX graph of the {direction} UNet to build an engine from: run `icd export`")
     return {**identity, "graph_sha256": index.entries[graph]["sha256"], "precision": PRECISION,
             "profile": profile_shapes(config, sizes, max_batch, steered), "optimization_level": OPTIMIZATION_LEVEL}
 
@@ -216,10 +218,10 @@ class TensorRTEps:
         buffers = {name: tensor.clone() for name, tensor in feeds.items()}
         for name, tensor in buffers.items():
             context.set_input_shape(name, tuple(tensor.shape))
-        # eps is fp16 like the graph; the blend maps are computed in fp32 (icd.p2p)
+        # eps is in the graph's precision; the blend maps are computed in fp32 (icd.p2p)
         device = next(iter(buffers.values())).device
         outs = {name: torch.empty(tuple(context.get_tensor_shape(name)), device=device,
-                                  dtype=torch.float16 if name == "eps" else torch.float32) for name in self.outputs}
+                                  dtype=DTYPES[PRECISION] if name == "eps" else torch.float32) for name in self.outputs}
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self._enqueue(context, buffers, outs)  # the first run allocates what it needs, outside the capture
@@ -241,7 +243,7 @@ class TensorRTEps:
             return [out.clone() for out in outs.values()]  # the next replay overwrites the buffers
 
     def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, control=()):
-        feeds = graph_inputs(x, t, cond, timestep_cond, torch.float16)
+        feeds = graph_inputs(x, t, cond, timestep_cond, DTYPES[PRECISION])
         if control:
             feeds |= dict(zip(CONTROL_NAMES, control, strict=True))
         outs = self._replay(feeds)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .core.denoiser import Conditioning, Denoiser
 from .core.sampling import Step, decode, encode, guidance_schedule, run_steps
+from .core.schedule import guided
 from .editing import GENERATE_GUIDANCE, GENERATE_TAU, EditPlan
 from .models.loading import Model
 from .p2p import AttentionHost
@@ -174,7 +175,7 @@ def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Ten
     def unsteered(x, source, target, region):  # swap and none
         if method == "swap":  # source tokens with the target's pooled embedding (SDXL) on the unguided steps
             swapped = replace(source, pooled=target.pooled, time_ids=target.time_ids)
-            steps = [Step(jump, swapped if jump.t / 1000 > tau else target, (w,)) for jump, w in schedule]
+            steps = [Step(jump, target if guided(jump.t, tau) else swapped, (w,)) for jump, w in schedule]
         else:
             steps = [Step(jump, target, (w,)) for jump, w in schedule]
         if region is None:

@@ -19,16 +19,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from icd.core.schedule import DDIM_STEPS, NUM_TRAIN_TIMESTEPS
 from icd.errors import ICDError, first_line
 from icd.limits import MAX_SEED, MAX_SIDE
 from icd.models.official import (FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, GUIDANCE_SCALES, LORA_ALPHA, LORA_RANK,
-                                 LORA_TARGETS, REVERSE_TIMESTEPS)
+                                 LORA_TARGETS, PRECISION_NAMES, REVERSE_TIMESTEPS)
 
 SCHEDULES = ("official", "summed")
 TEACHER_FINAL_STEPS = ("schedule", "boundary")
 REVERSE_PRESERVATION_TARGETS = ("start", "clean")
 PRESETS = Path(__file__).resolve().parent / "presets"  # shipped settings files, named by `--config NAME`
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", *PRECISION_NAMES[1:])  # accelerate's names: "no" is fp32
 
 
 class ConfigError(ICDError):
@@ -91,7 +92,7 @@ class ICDSection:
 
     forward_timesteps: list[int] = field(default_factory=lambda: list(FORWARD_TIMESTEPS))
     reverse_timesteps: list[int] = field(default_factory=lambda: list(REVERSE_TIMESTEPS))
-    ddim_steps: int = 50
+    ddim_steps: int = DDIM_STEPS
     guidance_scales: list[float] = field(default_factory=lambda: list(GUIDANCE_SCALES))
     loss: str = "huber"  # or "l2"
     huber_c: float = 0.001
@@ -271,11 +272,12 @@ def validate(config: Config) -> None:
     icd, lora = config.icd, config.lora
     for key in ("forward_timesteps", "reverse_timesteps"):
         steps = getattr(icd, key)
-        _check(bool(steps) and steps == sorted(set(steps)) and 0 < steps[0] and steps[-1] < 1000,
-               f"icd.{key}: increasing timesteps in 1..999")
-    _check(icd.reverse_timesteps[-1] == 999, "icd.reverse_timesteps: decoding starts from pure noise at 999")
-    _check(icd.ddim_steps >= 1 and 1000 % icd.ddim_steps == 0,
-           "icd.ddim_steps: must divide 1000 (50 gives the grid 19, 39, ..., 999)")
+        _check(bool(steps) and steps == sorted(set(steps)) and 0 < steps[0] and steps[-1] < NUM_TRAIN_TIMESTEPS,
+               f"icd.{key}: increasing timesteps in 1..{NUM_TRAIN_TIMESTEPS - 1}")
+    _check(icd.reverse_timesteps[-1] == NUM_TRAIN_TIMESTEPS - 1,
+           f"icd.reverse_timesteps: decoding starts from pure noise at {NUM_TRAIN_TIMESTEPS - 1}")
+    _check(icd.ddim_steps >= 1 and NUM_TRAIN_TIMESTEPS % icd.ddim_steps == 0,
+           f"icd.ddim_steps: must divide {NUM_TRAIN_TIMESTEPS} (50 gives the grid 19, 39, ..., 999)")
     _check(icd.eval_guidance >= 0, "icd.eval_guidance: not negative")
     _check(icd.loss in ("huber", "l2"), "icd.loss: huber or l2")
     _check(icd.huber_c > 0, "icd.huber_c: must be positive")

@@ -15,6 +15,7 @@ scales the reverse student was trained on: outside them it was never taught, and
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -38,10 +39,9 @@ def edit_defaults(kind: str, guidance_scales: list[float]) -> dict:
     """The "edit" entry of a trained model's icd.json: its kind's official method and tau, and the official
     guidance when it lies within the trained scales, else the largest trained scale."""
     official = EDIT_DEFAULTS[kind]
-    guidance = official.guidance
-    if not min(guidance_scales) <= guidance <= max(guidance_scales):
-        guidance = max(guidance_scales)
-    return {"method": official.method, "guidance": float(guidance), "tau": official.tau}
+    if not min(guidance_scales) <= official.guidance <= max(guidance_scales):
+        official = replace(official, guidance=float(max(guidance_scales)))
+    return asdict(official)
 
 
 def write_icd_model(output: Path, teacher: Manifest, config: ICDConfig,

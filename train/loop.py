@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from icd.errors import ICDError
 from icd.files import atomic_write
+from icd.models.loading import DTYPES, PRECISIONS, resolve_dtype
 from icd.models.manifest import MANIFEST_NAME
 
 from .config import ConfigError, TrainSection, flat_scalars, to_json
@@ -37,14 +38,15 @@ from .losses import RowRandom
 
 log = logging.getLogger("icd")
 CHECKPOINTS = "checkpoints"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = DTYPES | {"no": torch.float32}  # by accelerate's mixed_precision
 
 
 def mixed_precision(train: TrainSection) -> str:
-    """auto = fp16 on a GPU (the paper's setting), full precision on the CPU."""
+    """auto = the app's --dtype auto (fp16 on a GPU, the paper's setting; full precision on the CPU)."""
     cuda = torch.cuda.is_available()
     if train.mixed_precision == "auto":
-        return "fp16" if cuda else "no"
+        dtype = resolve_dtype("auto", torch.device("cuda" if cuda else "cpu"))
+        return "no" if dtype == torch.float32 else PRECISIONS[dtype]
     if train.mixed_precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision = fp16 needs a GPU: use bf16 or no on the CPU")
     return train.mixed_precision

@@ -14,9 +14,14 @@ NUM_TRAIN_TIMESTEPS = 1000
 DDIM_STEPS = 50  # the teacher's multi-step baseline, as the paper compares with
 
 
+def guided(t: int, tau: float) -> bool:
+    """Whether time t is guided: at low noise (t/1000 <= tau), not above."""
+    return t / NUM_TRAIN_TIMESTEPS <= tau
+
+
 def dynamic_guidance(w: float, t: int, tau: float) -> float:
-    """The guidance actually used at time t: w at low noise (t/1000 <= tau), 0 above."""
-    return w if t / NUM_TRAIN_TIMESTEPS <= tau else 0.0
+    """The guidance actually used at time t: w where guided, 0 above."""
+    return w if guided(t, tau) else 0.0
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
+from ..core.schedule import NUM_TRAIN_TIMESTEPS
 from ..errors import ModelError, UsageError, first_line
 from .cache import _offline_var, cache_error, download, icd_home, is_disk_error, writing_cache
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, model_files, write_model
-from .official import GUIDANCE_EMBED_DIM, LORA_ALPHA
+from .official import FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, LORA_ALPHA, RESOLUTION
 
 log = logging.getLogger("icd")
 
@@ -65,21 +66,21 @@ class Preset:
     description: str
 
 
-def _presets(kind: str, base: str, resolution: int, label: str) -> list[Preset]:
+def _presets(kind: str, base: str, label: str) -> list[Preset]:
     """The three step schedules released for one base model."""
-    schedules = [("4step-259", "4steps_1", (19, 259, 519, 779)),
+    schedules = [("4step-259", "4steps_1", FORWARD_TIMESTEPS),
                  ("4step-249", "4steps_2", (19, 249, 499, 699)),
                  ("3step", "3steps", (19, 339, 699))]
     teacher = f"{kind}_cfg_distill.pt.tar.gz"
     return [Preset(name=f"{kind}-{suffix}", kind=kind, base=base, teacher_archive=teacher,
                    lora_archive=f"iCD-{label}_{archive}.tar.gz", forward_timesteps=forward,
-                   reverse_timesteps=forward[1:] + (999,), resolution=resolution,
+                   reverse_timesteps=forward[1:] + (NUM_TRAIN_TIMESTEPS - 1,), resolution=RESOLUTION[kind],
                    description=f"iCD-{label}, {len(forward)} steps, forward " + "/".join(map(str, forward)))
             for suffix, archive, forward in schedules]
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in _presets("sd15", SD15_BASE, 512, "SD15")
-                              + _presets("sdxl", SDXL_BASE, 1024, "SDXL")}
+PRESETS: dict[str, Preset] = {p.name: p for p in _presets("sd15", SD15_BASE, "SD15")
+                              + _presets("sdxl", SDXL_BASE, "SDXL")}
 ALIASES = {"sd15": "sd15-4step-259", "sdxl": "sdxl-4step-249"}
 
 

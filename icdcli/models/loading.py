@@ -79,7 +79,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"--dtype {name}: unknown precision; choose one of: auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and name == "fp16":
-        raise UsageError("--dtype fp16: not supported on the CPU; choose one of: auto, fp32, bf16")
+        raise UsageError(f"--dtype {name}: not supported on the CPU; choose one of: auto, "
+                         f"{', '.join(other for other in DTYPES if other != name)}")
     return DTYPES[name]
 
 

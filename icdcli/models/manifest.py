@@ -23,11 +23,12 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from ..core.schedule import NUM_TRAIN_TIMESTEPS
 from ..errors import ICDError, ModelError
 from ..files import atomic_write, temporary_path, update_with_ends
 from ..limits import MAX_SIDE
 from .cache import cached_download, cached_download_path
-from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, LORA_ALPHA
+from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, LORA_ALPHA, RESOLUTION
 
 MANIFEST_NAME = "icd.json"
 KINDS = ("sd15", "sdxl")
@@ -83,7 +84,7 @@ class _Strict(BaseModel):
 
 
 PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Timestep = Annotated[int, Field(ge=1, le=999)]
+Timestep = Annotated[int, Field(ge=1, le=NUM_TRAIN_TIMESTEPS - 1)]
 
 
 def _few_distinct_steps(steps: list[int]) -> list[int]:
@@ -214,7 +215,7 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
         lora_alpha=fields.lora_alpha,
         forward_timesteps=tuple(fields.forward_timesteps),
         reverse_timesteps=tuple(fields.reverse_timesteps),
-        resolution=fields.resolution or (512 if fields.kind == "sd15" else 1024),
+        resolution=fields.resolution or RESOLUTION[fields.kind],
         path=path,
         edit_defaults=tuple(sorted(fields.edit.model_dump(exclude_none=True).items())),
         demo=demo,
@@ -267,8 +268,8 @@ def model_files(path: str | Path) -> tuple[list[Path], list[str]]:
     return local, remote
 
 
-def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callable[[Path], object]] | None = None,
-                *, overwrite: bool = True) -> Path:
+def write_model(folder: str | Path, fields: Mapping,
+                files: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
     """The one writer of model folders: each of `files` (name -> writer of a path) atomically, then icd.json.
 
     icd.json comes last, so a folder holding one is complete. Paths in `fields` (teacher, LoRAs, a local base or VAE)
@@ -278,7 +279,7 @@ def write_model(folder: str | Path, fields: Mapping, files: Mapping[str, Callabl
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, write in (files or {}).items():
-        atomic_write(folder / name, write, overwrite=overwrite)
+        atomic_write(folder / name, write, overwrite=True)
     data = dict(fields)
     for key in (*WEIGHT_KEYS, "base", "vae"):
         value = data.get(key)

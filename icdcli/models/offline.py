@@ -16,7 +16,8 @@ import torch
 
 from .cache import exclusive_lock, icd_home, writing_cache
 from .manifest import MANIFEST_NAME, write_model
-from .official import FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, LORA_ALPHA, LORA_RANK, REVERSE_TIMESTEPS
+from .official import (DIRECTIONS, FORWARD_TIMESTEPS, GUIDANCE_EMBED_DIM, LORA_ALPHA, LORA_RANK, RESOLUTION,
+                       REVERSE_TIMESTEPS)
 
 # Characters the character-level tokenizer knows; every other character is dropped by CLIP's BPE as unknown.
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -46,7 +47,6 @@ _VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2
 
 CONFIGS = {
     "sd15": {
-        "resolution": 512,
         "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
                      cross_attention_dim=768, sample_size=64, norm_num_groups=32,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -55,7 +55,6 @@ CONFIGS = {
         "text_encoders": [_CLIP_L],
     },
     "sdxl": {
-        "resolution": 1024,
         "unet": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
                      transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, sample_size=128,
                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
@@ -86,7 +85,7 @@ def _lora(unet, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def build_random_model(kind: str, seed: int = 0) -> Path:
+def build_random_model(kind: str) -> Path:
     """The random-weights model folder of `kind` (sd15 or sdxl), built on first use; returns its icd.json."""
     folder = random_model_dir(kind)
     if (folder / MANIFEST_NAME).is_file():
@@ -95,17 +94,17 @@ def build_random_model(kind: str, seed: int = 0) -> Path:
     with exclusive_lock(folder.with_name(f".{folder.name}.lock")), writing_cache():
         if (folder / MANIFEST_NAME).is_file():
             return folder / MANIFEST_NAME
-        return _build(kind, folder, seed)
+        return _build(kind, folder)
 
 
-def _build(kind: str, folder: Path, seed: int) -> Path:
+def _build(kind: str, folder: Path) -> Path:
     """Write the model folder (under build_random_model's lock; icd.json last, so a folder with one is whole)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CONFIGS[kind]
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
 
     def base(path: Path) -> None:
         for i, encoder in enumerate(config["text_encoders"]):
@@ -118,14 +117,14 @@ def _build(kind: str, folder: Path, seed: int) -> Path:
         teacher.save_config(path / "unet")
 
     teacher = UNet2DConditionModel(**config["unet"], time_cond_proj_dim=GUIDANCE_EMBED_DIM)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)
     files = {"base": base,
              "teacher.safetensors": lambda path: save_file(
                  {k: v.half().contiguous() for k, v in teacher.state_dict().items()}, str(path))}
-    for direction in ("forward", "reverse"):
+    for direction in DIRECTIONS:
         files[f"{direction}.safetensors"] = lambda path, lora=_lora(teacher, generator): save_file(lora, str(path))
     return write_model(folder, {
         "name": f"random-{kind}", "kind": kind, "base": "base", "teacher": "teacher.safetensors",
         "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": "forward.safetensors",
         "reverse_lora": "reverse.safetensors", "lora_alpha": LORA_ALPHA, "forward_timesteps": list(FORWARD_TIMESTEPS),
-        "reverse_timesteps": list(REVERSE_TIMESTEPS), "resolution": config["resolution"]}, files)
+        "reverse_timesteps": list(REVERSE_TIMESTEPS), "resolution": RESOLUTION[kind]}, files)
