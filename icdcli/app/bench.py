@@ -131,9 +131,9 @@ def progress_bar(total: int, shown: bool):
                 disable=not (shown and sys.stderr.isatty()))
 
 
-def run_bench(model_ref: str, *, backend: str = "auto", device: str = "auto", dtype: str = "auto",
-              size: int | None = None, warmup: int = 3, repeats: int = 20, batches: tuple[int, ...] = (1, 2, 4),
-              compile: bool = False, cold_start: bool = True, stages_only: bool = False, threads: int | None = None,
+def run_bench(model_ref: str, *, warmup: int, repeats: int, batches: tuple[int, ...], backend: str = "auto",
+              device: str = "auto", dtype: str = "auto", size: int | None = None, compile: bool = False,
+              cold_start: bool = True, stages_only: bool = False, threads: int | None = None,
               progress: bool = False) -> dict:
     """Measure one model at `size` x `size` pixels (default: its own resolution) on `threads` CPU threads
     (default: as sessions choose them); returns the report (see BENCHMARKS.md for its fields). `stages_only`

@@ -84,28 +84,29 @@ def local_device(requested: str) -> str:
     return f"cuda:{launch.local_rank % torch.cuda.device_count()}"
 
 
-def merge_json_log(path: str | Path, records: list[dict], timeout: timedelta = MERGE_TIMEOUT) -> None:
+def merge_json_log(path: str | Path, records: list[dict]) -> None:
     """Write every process's `records` (this process's JSON-log records, in its order) to `path` as JSON lines,
     rank 0's first, then rank 1's, and so on. Every process of the launch must call it, after its share: rank 0
-    waits up to `timeout` for the others and writes the file, replacing an older one; the others write nothing.
-    A lone process writes its own records."""
-    merged = gather_records(records, timeout)
+    waits up to MERGE_TIMEOUT for the others and writes the file, replacing an older one; the others write
+    nothing. A lone process writes its own records."""
+    merged = gather_records(records)
     if merged is not None:
         text = "".join(json.dumps(record) + "\n" for record in merged)
         atomic_write(path, lambda temporary: Path(temporary).write_text(text), overwrite=True)
 
 
-def gather_records(records: list, timeout: timedelta = MERGE_TIMEOUT) -> list | None:
+def gather_records(records: list) -> list | None:
     """Every process's `records` on rank 0, rank 0's first, then rank 1's, ... (None on the other ranks; a lone
-    process gets its own). Every process of the launch must call it: rank 0 waits up to `timeout` for the others."""
+    process gets its own). Every process of the launch must call it: rank 0 waits up to MERGE_TIMEOUT for the
+    others."""
     launch = current_launch()
     if not launch.several:
         return records
-    parts = _gather(records, launch, timeout)
+    parts = _gather(records, launch)
     return [record for part in parts for record in part] if launch.rank == 0 else None
 
 
-def _gather(records: list[dict], launch: Launch, timeout: timedelta) -> list[list[dict]]:
+def _gather(records: list[dict], launch: Launch) -> list[list[dict]]:
     """Each process's records on rank 0 (empty lists elsewhere), over a gloo group made for this one exchange,
     so it works on CPU and GPU launches alike and leaves no process group behind."""
     import torch.distributed as dist
@@ -116,8 +117,8 @@ def _gather(records: list[dict], launch: Launch, timeout: timedelta) -> list[lis
         if missing:
             raise UsageError(f"environment variable {missing[0]} is not set: several processes (WORLD_SIZE="
                              f"{launch.world}) merge their JSON log only when started by torchrun or accelerate launch")
-        dist.init_process_group("gloo", rank=launch.rank, world_size=launch.world, timeout=timeout)
-    group = dist.new_group(backend="gloo", timeout=timeout)
+        dist.init_process_group("gloo", rank=launch.rank, world_size=launch.world, timeout=MERGE_TIMEOUT)
+    group = dist.new_group(backend="gloo", timeout=MERGE_TIMEOUT)
     try:
         parts = [None] * launch.world if launch.rank == 0 else None
         dist.gather_object(records, parts, dst=0, group=group)

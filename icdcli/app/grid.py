@@ -16,6 +16,7 @@ from icd import __version__
 from icd.errors import ICDError, UsageError
 from icd.files import real_path
 
+from .naming import WRITTEN_SUFFIXES
 from .planning import SWEPT
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def layout(path: str, items: list, dimensions: tuple[str, ...], with_inputs: boo
     from icd.images import OUTPUT_SUFFIXES
 
     if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
-        raise UsageError(f"--grid {path}: name a .png, .jpg or .webp file")
+        raise UsageError(f"--grid {path}: name a {WRITTEN_SUFFIXES} file")
     columns = tuple(name for name in dimensions if name in SWEPT) or dimensions[-1:]
     across = tuple(name for name in dimensions if name not in columns)
     rows: dict[tuple, list] = {}

@@ -31,7 +31,7 @@ from icd.models.manifest import Manifest
 from .requests import Edit, Generate, Invert, Reconstruct
 from .runner import Runner
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = OUTPUT_SUFFIXES | {".bmp", ".tif", ".tiff", ".gif"}
 log = logging.getLogger("icd")
 
 
@@ -322,8 +322,7 @@ def inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted
 
 
 def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, tau: float, output: Path) -> Path:
-    width, height = working_size((settings.manifest.resolution,) * 2, resolution=settings.manifest.resolution,
-                                 multiple=settings.runner.size_multiple, width=settings.width, height=settings.height)
+    width, height = settings.size_for((settings.manifest.resolution,) * 2)
     pixels = settings.run(Generate(prompt, seed, width, height, guidance, tau))
     metadata = settings.metadata(command="generate", prompt=prompt, seed=seed, guidance_w=guidance, tau=tau,
                                  width=width, height=height,

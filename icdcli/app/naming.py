@@ -15,9 +15,10 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from icd.editing import EDIT_DEFAULTS
 from icd.errors import ICDError, UsageError
 from icd.files import real_path
 
@@ -25,6 +26,16 @@ from icd.files import real_path
 FIELDS = ("stem", "target", "seed", "method", "strength", "guidance", "tau", "n")
 # --format's choices and the suffix each writes; "jpeg" is the same as "jpg".
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
+
+
+def listed(words) -> str:
+    """Words as a sentence lists them: `a, b or c`."""
+    *first, last = words
+    return f"{', '.join(first)} or {last}"
+
+
+# How help texts and errors name the formats: the suffixes results get, and every suffix --format knows.
+WRITTEN_SUFFIXES, KNOWN_SUFFIXES = listed(dict.fromkeys(FORMATS.values())), listed("." + name for name in FORMATS)
 SLUG_LIMIT = 40
 # How many parent folders may be put in front of a name to tell apart two inputs of the same name.
 MAX_NAME_DEPTH = 4
@@ -33,13 +44,13 @@ EDIT_PARTS = (("target", "-{target}"), ("seed", "-s{seed}"), ("guidance", "-g{gu
               ("strength", "-strength{strength}"))
 
 
-def slug(text: str, limit: int = SLUG_LIMIT) -> str:
+def slug(text: str) -> str:
     """A file-name-safe short form of a prompt: lower-case words joined by '-', cut after the last whole word
-    that fits `limit` (a single longer word is cut)."""
+    that fits SLUG_LIMIT (a single longer word is cut)."""
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    if len(words) > limit:
-        cut = words[: limit + 1].rfind("-")
-        words = words[:cut] if cut > 0 else words[:limit]
+    if len(words) > SLUG_LIMIT:
+        cut = words[: SLUG_LIMIT + 1].rfind("-")
+        words = words[:cut] if cut > 0 else words[:SLUG_LIMIT]
     return words or "image"
 
 
@@ -58,8 +69,7 @@ class _Filler(string.Formatter):
         return format(value, format_spec or ("g" if isinstance(value, float) else ""))
 
 
-SAMPLE = {"stem": "x", "target": "a-dog", "seed": 0, "method": "p2p", "strength": 0.5, "guidance": 19.0,
-          "tau": 0.8, "n": 1}
+SAMPLE = {"stem": "x", "target": "a-dog", "seed": 0, "strength": 0.5, "n": 1, **asdict(EDIT_DEFAULTS["sd15"])}
 
 
 @dataclass(frozen=True)

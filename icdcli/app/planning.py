@@ -21,15 +21,16 @@ def checked_mask(mask: str | None, masks: dict) -> Path | None:
     act stops the command before the model loads; one that selects everything is said once."""
     if mask is None:
         return None
-    from icd.masks import read_mask, selects_everything
+    from icd.masks import selects_everything
+
+    from .jobs import read_mask_once
 
     try:
-        values = read_mask(mask)
+        values = read_mask_once(Path(mask), masks)
     except ICDError as err:
         raise UsageError(f"--mask: {err}") from None
     if selects_everything(values):
         log.warning("--mask %s selects the whole image (it is all white): the edit is not confined", mask)
-    masks[Path(mask)] = values
     return Path(mask)
 
 
@@ -227,7 +228,7 @@ def edit_job_items(jobs_file: str, manifest, output: str | None, names) -> list:
 
     from .batch import Item
     from .jobfile import EditJob, read_jobs
-    from .naming import kept_suffix, output_path, output_stem, slug
+    from .naming import edit_template, kept_suffix, output_path, output_stem, slug
 
     folder = Path(jobs_file).parent
     items = []
@@ -238,7 +239,7 @@ def edit_job_items(jobs_file: str, manifest, output: str | None, names) -> list:
         if not job.source and not is_latent_file(path):
             raise UsageError(f"{where}: source: needed to edit an image (a latent file carries its own prompt)")
         values = plan_values(plan, output_stem(path), job.seed, number)
-        name = names.fill("{stem}-edit-{target}-s{seed}", {**values, "target": slug(job.target)}) + \
+        name = names.fill(edit_template({"target", "seed"}), {**values, "target": slug(job.target)}) + \
             (names.suffix or kept_suffix(path))
         target = row_output(jobs_file, job.output, where, "output", tuple(sorted(OUTPUT_SUFFIXES))) if job.output else \
             output_path(output, name, True)

@@ -6,20 +6,22 @@ import json
 
 import click
 
+from icd.editing import EDIT_DEFAULTS
+
 from .common import quiet
 from .options import DEFAULT_MODEL, threads_given, uses
 
 
 @click.command()
 @uses("model", "device", "dtype", "backend", "compile", "threads")
-@click.option("--random-weights", type=click.Choice(["sd15", "sdxl"]), help="Measure the real SD1.5/SDXL "
+@click.option("--random-weights", type=click.Choice(list(EDIT_DEFAULTS)), help="Measure the real SD1.5/SDXL "
               "architecture with random weights instead of --model (built once into the cache, no download).")
 @click.option("--size", type=click.IntRange(min=64), help="Square image side in pixels. Default: the model's own "
               "resolution (512 for SD1.5, 1024 for SDXL, 64 for mini); on a CPU, 128 measures SD1.5 in minutes.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per stage.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
-@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, help="Batch sizes for the "
-              "throughput rows (repeatable). Default: 1, 2, 4.")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 2, 4), show_default=True,
+              help="Batch sizes for the throughput rows (repeatable).")
 @click.option("--cold-start/--no-cold-start", default=True, show_default=True,
               help="Also time a new `icd edit` process from start to edited image.")
 @click.option("--stages-only", is_flag=True, help="Only the single stages: no whole edits, batches or cold start "
@@ -45,6 +47,6 @@ def bench(model, device, dtype, backend, compile, random_weights, size, repeats,
     quiet_libraries()
     model = str(build_random_model(random_weights)) if random_weights else model or DEFAULT_MODEL
     report = run_bench(model, backend=backend, device=device, dtype=dtype, size=size, warmup=warmup,
-                       repeats=repeats, batches=batches or (1, 2, 4), compile=compile, cold_start=cold_start,
+                       repeats=repeats, batches=batches, compile=compile, cold_start=cold_start,
                        stages_only=stages_only, threads=threads_given(), progress=not (quiet() or as_json))
     click.echo(json.dumps(report) if as_json else format_report(report))

@@ -13,7 +13,7 @@ import click
 
 from icd.errors import ModelError, UsageError
 
-from .options import DEFAULT_MODEL, threads_given
+from .options import DEFAULT_MODEL, DEMO_MODEL, threads_given
 
 if TYPE_CHECKING:
     from icd.models.manifest import Manifest
@@ -25,19 +25,19 @@ def quiet() -> bool:
     return not logging.getLogger("icd").isEnabledFor(logging.WARNING)
 
 
-def resolve(model_ref: str | None) -> Manifest:
-    """The manifest of the model named, or of the default one: cheap (no weights), so every later check can use
-    it before anything loads. A default model that is not there says how to get it, and how to try icd
+def resolve(model_ref: str | None, default: str = DEFAULT_MODEL) -> tuple[str, Manifest]:
+    """The model named, or `default`, and its manifest: cheap (no weights), so every later check can use it
+    before anything loads. A default model that is not there says how to get it, and how to try icd
     without it."""
     from icd.models.hub import resolve_model
 
     try:
-        return resolve_model(model_ref or DEFAULT_MODEL)
+        return model_ref or default, resolve_model(model_ref or default)
     except ModelError as err:
         if model_ref:
             raise
-        raise ModelError(f"{err}; or try icd offline with the shipped demonstration model: -m mini (or set "
-                         f"ICD_MODEL=mini)") from None
+        raise ModelError(f"{err}; or try icd offline with the shipped demonstration model: -m {DEMO_MODEL} (or "
+                         f"set ICD_MODEL={DEMO_MODEL})") from None
 
 
 def check_size(manifest: Manifest, width: int | None, height: int | None) -> None:
@@ -59,21 +59,23 @@ def check_output(output: str | None, count: int, *, latent: bool = False, naming
     from icd.images import OUTPUT_SUFFIXES
     from icd.latents import LATENT_NAME, LATENT_SUFFIX
 
+    from ..naming import FORMATS, KNOWN_SUFFIXES, WRITTEN_SUFFIXES
+
     path = Path(output)
     names_file = path.suffix.lower() in OUTPUT_SUFFIXES or output.endswith(LATENT_SUFFIX)
     if latent and names_file and not output.endswith(LATENT_NAME):
         raise UsageError(f"-o {output}: invert writes latent files: name one NAME{LATENT_NAME}, or a folder")
     if not latent and output.endswith(LATENT_SUFFIX):
-        raise UsageError(f"-o {output}: this command writes images: name a .png, .jpg or .webp file, or a folder")
+        raise UsageError(f"-o {output}: this command writes images: name a {WRITTEN_SUFFIXES} file, or a folder")
     if not names_file and path.suffix and not path.is_dir() and path.suffix.lower()[1:].isalpha() \
             and len(path.suffix) <= 5:
-        raise UsageError(f"-o {output}: unknown image format {path.suffix!r} (use .png, .jpg, .jpeg or .webp, "
-                         "or name a folder)")
+        raise UsageError(f"-o {output}: unknown image format {path.suffix!r} (use {KNOWN_SUFFIXES}, or name a "
+                         "folder)")
     if names_file and count > 1:
         raise UsageError(f"-o {output} names one file, but there are {count} results: give a folder")
     if names_file and naming is not None and naming.template is not None:
         raise UsageError(f"-o {output} names the result's file: --name names results in a folder")
-    if names_file and naming is not None and naming.suffix not in (None, path.suffix.lower().replace(".jpeg", ".jpg")):
+    if names_file and naming is not None and naming.suffix not in (None, FORMATS.get(path.suffix.lower()[1:])):
         raise UsageError(f"-o {output} is not a {naming.suffix} file, which --format asks for")
     if path.is_file() and not names_file:
         raise UsageError(f"-o {output} is a file: give a folder for the results")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import job_settings, open_model, quiet
-from .options import uses
+from .common import job_settings, open_model, quiet, resolve
+from .options import DEMO_MODEL, uses
 
 
 @click.command()
@@ -21,12 +21,13 @@ def demo(output, model, device, dtype, overwrite):
     world of coloured shapes, and turns a red circle into a blue one. It knows only that world, not
     photos (for those, `icd pull sd15`). Other models edit the bundled photo.
     """
+    from icd.models.official import DIRECTIONS
+
     from ..demo import run_demo
     from ..runner import LocalRunner
 
-    model = model or "mini"
-    settings = job_settings(LocalRunner(open_model(model, device, dtype, ("forward", "reverse"))), model,
-                            overwrite=overwrite)
+    model, manifest = resolve(model, DEMO_MODEL)
+    settings = job_settings(LocalRunner(open_model(manifest, device, dtype, DIRECTIONS)), model, overwrite=overwrite)
     for path in run_demo(settings, Path(output)):
         if not quiet():
             click.echo(path)

@@ -11,6 +11,7 @@ import click
 
 from icd.errors import ICDError, UsageError
 from icd.limits import MAX_SEED
+from icd.models.official import DIRECTIONS
 
 from ..grid import layout
 from ..naming import FIELDS
@@ -152,8 +153,8 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
                              "--jobs")
         if from_image:
             raise UsageError("--from reruns one recorded edit: not with --jobs, whose rows hold the edits")
-        manifest, items, paths = _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model, output,
-                                            names, device, dtype, backend, compile, no_server)
+        model, manifest, items, paths = _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model,
+                                                   output, names, device, dtype, backend, compile, no_server)
         masks, sheet = {}, None
     else:
         model, manifest, items, paths, masks, varying = _command_items(ctx, given, inputs, targets, seeds, count,
@@ -162,8 +163,8 @@ def edit(inputs, source, targets, method, guidance, tau, seeds, count, cross_rep
         sheet = None if grid is None else layout(grid, items, varying)
     for item in items:
         item.settings = edit_settings(item.job, item.source)
-    _run(items, paths + ([Path(jobs_file)] if jobs_file else []), manifest, model or DEFAULT_MODEL, masks, sheet,
-         device, dtype, backend, compile, width, height, overwrite, skip_existing, as_json, no_server, quality)
+    _run(items, paths + ([Path(jobs_file)] if jobs_file else []), manifest, model, masks, sheet, device, dtype,
+         backend, compile, width, height, overwrite, skip_existing, as_json, no_server, quality)
 
 
 def _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model, output, names, device, dtype,
@@ -179,10 +180,10 @@ def _job_items(jobs_file, given, inputs, targets, seeds, count, save_mask, model
         raise UsageError(f"--jobs {jobs_file} holds the inputs, prompts and seeds: drop {', '.join(dropped)}")
     check_output(output, 2)
     check_engine(device, dtype, backend, compile, not no_server)
-    manifest = resolve(model)
+    model, manifest = resolve(model)
     check_size(manifest, click.get_current_context().params["width"], click.get_current_context().params["height"])
     items = edit_job_items(jobs_file, manifest, output, names)
-    return manifest, items, [item.source for item in items]
+    return model, manifest, items, [item.source for item in items]
 
 
 def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, output, names, device, dtype,
@@ -223,8 +224,7 @@ def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, 
              "blend": _parsed(parse_blend, given["blend"], "--mask-words")}
     masks = {}  # each mask file's values, read once in the checks and used by the run
     planning.checked_mask(anywhere["mask"], masks)
-    model = model or _recorded_model([path for path in paths if path not in images], bool(images))
-    manifest = resolve(model)
+    model, manifest = resolve(model or _recorded_model([path for path in paths if path not in images], bool(images)))
     check_size(manifest, ctx.params["width"], ctx.params["height"])
     plans = planning.sweep_plans(manifest, [rerun] if rerun is not None else [], given, targets, sweeps, FLAGS)
     swept = tuple(name for name in planning.SWEPT if given[name] and len(given[name]) > 1)
@@ -279,7 +279,7 @@ def _run(items, reads, manifest, model_ref, masks, sheet, device, dtype, backend
     if sheet is not None:
         grid.check_place(sheet, items, [*reads, *masks_read], overwrite)
     before_loading(items, as_json, None if sheet is None else lambda as_json: grid.describe(sheet, as_json))
-    directions = ("forward", "reverse") if jobs.needs_inversion([item.source for item in items]) else ("reverse",)
+    directions = DIRECTIONS if jobs.needs_inversion([item.source for item in items]) else ("reverse",)
     runner = open_runner(manifest, device, dtype, directions, backend, compile, bool(width and height), no_server)
     settings = job_settings(runner, model_ref, width, height, overwrite, quality)
     settings.masks.update(masks)

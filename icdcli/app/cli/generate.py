@@ -11,7 +11,7 @@ from icd.limits import MAX_SEED
 
 from .common import (before_loading, check_engine, check_output, check_size, finish, job_settings, naming_options,
                      open_runner, resolve, write_grid)
-from .options import DEFAULT_MODEL, IMAGE_NAMING, MODEL_RUN, uses
+from .options import IMAGE_NAMING, MODEL_RUN, uses
 
 GENERATE_FIELDS = ("stem", "target", "seed", "guidance", "tau", "n")
 
@@ -38,18 +38,17 @@ def generate(prompt, count, seed, guidance, tau, grid, name_template, format_nam
     from .. import grid as sheets
     from ..batch import Item, plan
     from ..jobs import generate_file
-    from ..naming import output_path, refuse_clashes, slug
+    from ..naming import EDIT_PARTS, output_path, refuse_clashes, slug
     from ..planning import seeds_to_run
 
     names = naming_options(name_template, format_name, quality, GENERATE_FIELDS)
     check_output(output, count * len(guidance) * len(tau), naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
     seeds = seeds_to_run((secrets.randbelow(2**31) if seed is None else seed,), count)
-    manifest = resolve(model)
-    model = model or DEFAULT_MODEL
+    model, manifest = resolve(model)
     check_size(manifest, width, height)
     swept = tuple(name for name, values in (("guidance", guidance), ("tau", tau)) if len(values) > 1)
-    default = "{stem}-{seed}" + "".join(f"-{'g' if name == 'guidance' else name}{{{name}}}" for name in swept)
+    default = "{stem}-{seed}" + "".join(part for name, part in EDIT_PARTS if name in swept)
     items, many = [], count * len(guidance) * len(tau) > 1
     for number, (s, w, t) in enumerate(itertools.product(seeds, guidance, tau), start=1):
         values = {"stem": slug(prompt), "target": slug(prompt), "seed": s, "guidance": w, "tau": t, "n": number}

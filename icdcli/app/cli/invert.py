@@ -13,11 +13,10 @@ from icd.limits import MAX_SEED
 from ..naming import naming
 from .common import (before_loading, check_engine, check_output, check_size, finish, job_settings, jobs_path,
                      naming_options, open_runner, resolve)
-from .options import DEFAULT_MODEL, IMAGE_NAMING, MODEL_RUN, uses
+from .options import IMAGE_NAMING, MODEL_RUN, uses
 
 INVERT_FIELDS = ("stem", "seed", "n")
 RECONSTRUCT_FIELDS = ("stem", "seed", "n")
-LATENT_FORMAT = {"latent.safetensors": ".latent.safetensors"}  # a template may end with it
 
 
 @click.command()
@@ -42,19 +41,19 @@ def invert(images, prompt, seed, jobs_file, name_template, model, device, dtype,
       icd invert photos/ -o latents/                  # captions from photos/metadata.jsonl
     """
     from icd.images import probe_image
+    from icd.latents import LATENT_NAME
 
     from ..batch import plan
     from ..jobs import invert_file
 
-    names = naming(name_template, None, INVERT_FIELDS, LATENT_FORMAT)
+    names = naming(name_template, None, INVERT_FIELDS, {LATENT_NAME[1:]: LATENT_NAME})  # a template may end with it
     jobs_file = jobs_path(jobs_file)
     items = _job_items(jobs_file, images, prompt, output, names) if jobs_file else \
         _image_items(images, prompt, seed, output, names)
     check_output(output, max(len(items), 2 if jobs_file else 1), latent=True, naming=names)
     _captions(items)
     check_engine(device, dtype, backend, compile, not no_server)
-    manifest = resolve(model)
-    model = model or DEFAULT_MODEL
+    model, manifest = resolve(model)
     check_size(manifest, width, height)
     reads = [item.source for item in items] + ([Path(jobs_file)] if jobs_file else [])
     items = plan(items, reads, overwrite=overwrite, skip_existing=skip_existing,
@@ -143,7 +142,7 @@ def reconstruct(latents, name_template, format_name, quality, model, device, dty
     check_output(output, len(paths), naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
     refs: dict[Path, str] = {}  # each latent's model: -m, else the one it records
-    manifest_of = functools.cache(resolve)  # each model's manifest read (and fingerprinted) once
+    manifest_of = functools.cache(lambda ref: resolve(ref)[1])  # each model's manifest read (and fingerprinted) once
     settings_of: dict[str, object] = {}  # one per model, its runner found or opened at its first item
 
     def check(item):

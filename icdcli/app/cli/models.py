@@ -8,17 +8,21 @@ import sys
 import click
 
 from icd import __version__
+from icd.models.official import PRECISION_NAMES
 
 from .common import resolve
 from .options import threads_given, uses
 
 
 def _sizes(values) -> tuple[tuple[int, int], ...]:
+    from icd.latents import VAE_FACTOR
+
     sizes = []
     for value in values:
         width, sep, height = value.lower().partition("x")
-        if not (sep and width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
-            raise click.BadParameter(f"'{value}' is not WIDTHxHEIGHT in multiples of 8, e.g. 512x512",
+        if not (sep and width.isdigit() and height.isdigit() and int(width) % VAE_FACTOR == 0
+                and int(height) % VAE_FACTOR == 0):
+            raise click.BadParameter(f"'{value}' is not WIDTHxHEIGHT in multiples of {VAE_FACTOR}, e.g. 512x512",
                                      param_hint="--size")
         sizes.append((int(width), int(height)))
     return tuple(sizes)
@@ -26,7 +30,7 @@ def _sizes(values) -> tuple[tuple[int, int], ...]:
 
 @click.command("export")
 @uses("model", "device", "threads")
-@click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "bf16"]), multiple=True,
+@click.option("--precision", "precisions", type=click.Choice(PRECISION_NAMES), multiple=True,
               help="Precisions to build (repeatable). Default: fp16 with a CUDA GPU, else fp32.")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="ONNX graphs (fp32/fp16), checked in "
               "ONNX Runtime against PyTorch.")
@@ -53,7 +57,7 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
       icd export -m mini                          # fp32 on a CPU (graphs are traced on --device)
       icd export -m sd15 --verify                 # after a disk problem: rehash, rebuild what differs
     """
-    from icd.models.loading import resolve_device
+    from icd.models.loading import PRECISIONS, resolve_device, resolve_dtype
     from icd_export.artifacts import artifacts_dir
     from icd.models.threads import use_cpu_threads
     from icd_export.build import export_model
@@ -61,9 +65,9 @@ def export(model, device, precisions, onnx, tensorrt, sizes, max_batch, force, v
 
     quiet_libraries()
     use_cpu_threads(threads_given())
-    manifest = resolve(model)
+    manifest = resolve(model)[1]
     torch_device = resolve_device(device)
-    chosen = precisions or (("fp16",) if torch_device.type == "cuda" else ("fp32",))
+    chosen = precisions or (PRECISIONS[resolve_dtype("auto", torch_device)],)
     built = export_model(manifest, chosen, onnx=onnx, tensorrt=tensorrt, sizes=_sizes(sizes),
                          max_batch=max_batch, force=force, device=torch_device, verify=verify)
     folder = artifacts_dir(manifest)

@@ -10,15 +10,17 @@ import math
 
 import click
 
-from icd.editing import (DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE, EDIT_DEFAULTS, GENERATE_GUIDANCE,
-                         GENERATE_TAU)
+from icd.editing import (BOUNDS, DEFAULT_AMPLIFY, DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE, EDIT_DEFAULTS,
+                         GENERATE_GUIDANCE, GENERATE_TAU)
 from icd.limits import DEFAULT_QUALITY, MAX_SIDE
-from icd_export.registry import BACKENDS
+from icd.models.official import EDIT_METHODS, PRECISION_NAMES
+from icd_export.registry import BACKENDS, FASTEST_FIRST
 
-from ..naming import FIELDS
+from ..naming import FIELDS, FORMATS, WRITTEN_SUFFIXES, fill
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MODEL = "sd15"
+DEMO_MODEL = "mini"  # `icd demo`'s default, the model that ships with icd
 
 GUIDANCE_HELP = ("Guidance strength w as in the iCD paper: the classical CFG scale minus one, so 0 means the "
                  "prompt alone, without extra guidance.")
@@ -33,19 +35,18 @@ STRENGTH_HELP = ("One knob from 0 (the reconstruction of the photo's inversion, 
 
 
 def model_default_help(setting: str) -> str:
-    """The help's note on a setting whose default is the model's own (EDIT_DEFAULTS)."""
-    sd15, sdxl = (getattr(EDIT_DEFAULTS[kind], setting) for kind in ("sd15", "sdxl"))
-    return f"Default: the model's own (its icd.json; else SD1.5 {sd15:g}, SDXL {sdxl:g})." \
-        if not isinstance(sd15, str) else f"Default: the model's own (its icd.json; else SD1.5 {sd15}, SDXL {sdxl})."
+    """The help's note on a setting whose default is the model's own (EDIT_DEFAULTS, for SD1.5 and SDXL)."""
+    sd15, sdxl = (fill("{v}", {"v": getattr(defaults, setting)}) for defaults in EDIT_DEFAULTS.values())
+    return f"Default: the model's own (its icd.json; else SD1.5 {sd15}, SDXL {sdxl})."
 
 
 class Finite(click.ParamType):
-    """A float that is a real number (click's FloatRange lets nan through), within optional bounds."""
+    """A float that is a real number (click's FloatRange lets nan through), within the BOUNDS of `setting`."""
 
     name = "number"
 
-    def __init__(self, low: float | None = None, high: float | None = None):
-        self.low, self.high = low, high
+    def __init__(self, setting: str):
+        self.low, self.high = BOUNDS[setting]
 
     def convert(self, value, param, ctx):
         try:
@@ -54,8 +55,8 @@ class Finite(click.ParamType):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number", param, ctx)
-        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
-            self.fail(f"{value} is not in the range {self.low:g}..{self.high:g}" if self.high is not None
+        if not self.low <= number <= self.high:
+            self.fail(f"{value} is not in the range {self.low:g}..{self.high:g}" if self.high < math.inf
                       else f"{value} is below {self.low:g}", param, ctx)
         return number
 
@@ -115,18 +116,19 @@ NAME_FIELDS_HELP = (", ".join(f"{{{name}}}" for name in FIELDS[:-1]) + " and {n}
 
 OPTIONS = {
     "model": click.option("-m", "--model", envvar="ICD_MODEL", show_envvar=True,
-                          help=f"A preset name (see `icd pull --list`), `mini`, a model in the cache, or a folder/"
-                               f"icd.json path (write ./NAME for a folder that shares a preset's name). Default: "
-                               f"{DEFAULT_MODEL} (reconstruct: the one recorded in each latent file; demo: mini)."),
+                          help=f"A preset name (see `icd pull --list`), `{DEMO_MODEL}`, a model in the cache, or a "
+                               "folder/icd.json path (write ./NAME for a folder that shares a preset's name). Default: "
+                               f"{DEFAULT_MODEL} (reconstruct: the one recorded in each latent file; demo: "
+                               f"{DEMO_MODEL})."),
     "device": click.option("--device", default="auto", show_default=True, envvar="ICD_DEVICE", show_envvar=True,
                            help="auto, cpu, cuda or cuda:N."),
-    "dtype": click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
+    "dtype": click.option("--dtype", type=click.Choice(("auto", *PRECISION_NAMES)), default="auto",
                           show_default=True, envvar="ICD_DTYPE", show_envvar=True,
                           help="auto = fp16 on a GPU, fp32 on a CPU."),
     "backend": click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                             show_default=True, envvar="ICD_BACKEND", show_envvar=True,
-                            help="What runs the UNets, for every edit method. auto: TensorRT, else ONNX Runtime, when "
-                                 "`icd export` has built their files for this model, else torch."),
+                            help="What runs the UNets, for every edit method. auto: " + ", else ".join(FASTEST_FIRST) +
+                                 ", when `icd export` has built their files for this model, else torch."),
     "compile": click.option("--compile", is_flag=True, help="torch backend: torch.compile the UNets (slow first "
                             "item; with CUDA graphs when --width and --height fix the size)."),
     "width": click.option("--width", type=click.IntRange(8, MAX_SIDE), help="Working width in pixels (a multiple "
@@ -153,38 +155,40 @@ OPTIONS = {
                             help="Also print details, the libraries' warnings and the traceback of an unexpected "
                                  "error (so does ICD_DEBUG=1)."),
     # the edit settings that `icd edit` and `icd eval` share
-    "method": click.option("--method", type=click.Choice(["p2p", "swap", "none"]), help="p2p: Prompt-to-Prompt "
+    "method": click.option("--method", type=click.Choice(EDIT_METHODS), help="p2p: Prompt-to-Prompt "
                            "attention control; swap: source prompt on the unguided steps, target on the guided "
                            "ones; none: target prompt only. " + model_default_help("method")),
-    "guidance": click.option("--guidance", type=Finite(0), help=GUIDANCE_HELP + " " + model_default_help("guidance")),
-    "tau": click.option("--tau", type=Finite(0, 1), help=TAU_HELP + " " + model_default_help("tau")),
-    "cross_replace": click.option("--cross-replace", type=Finite(0, 1), help="p2p: fraction of steps on which "
-                                  "the target's cross-attention comes from the source. Default "
+    "guidance": click.option("--guidance", type=Finite("guidance"), help=GUIDANCE_HELP + " " +
+                             model_default_help("guidance")),
+    "tau": click.option("--tau", type=Finite("tau"), help=TAU_HELP + " " + model_default_help("tau")),
+    "cross_replace": click.option("--cross-replace", type=Finite("cross_replace"), help="p2p: fraction of steps on "
+                                  "which the target's cross-attention comes from the source. Default "
                                   f"{DEFAULT_CROSS_REPLACE:g}."),
-    "self_replace": click.option("--self-replace", type=Finite(0, 1), help="p2p: fraction of steps on which the "
-                                 f"target's self-attention comes from the source. Default {DEFAULT_SELF_REPLACE:g}."),
+    "self_replace": click.option("--self-replace", type=Finite("self_replace"), help="p2p: fraction of steps on "
+                                 "which the target's self-attention comes from the source. Default "
+                                 f"{DEFAULT_SELF_REPLACE:g}."),
     "amplify": click.option("--amplify", multiple=True, metavar="WORD=F", help="p2p: scale a target word's "
-                            "attention by F (repeatable). Default: each new target word x4."),
-    "strength": click.option("--strength", type=Finite(0, 1), help=STRENGTH_HELP + " E.g. --strength 0.7."),
+                            f"attention by F (repeatable). Default: each new target word x{DEFAULT_AMPLIFY:g}."),
+    "strength": click.option("--strength", type=Finite("strength"), help=STRENGTH_HELP + " E.g. --strength 0.7."),
     # the settings `icd edit` sweeps: one value, or several separated by commas
-    "guidances": click.option("--guidance", type=Several(Finite(0)), help=GUIDANCE_HELP + " " +
+    "guidances": click.option("--guidance", type=Several(Finite("guidance")), help=GUIDANCE_HELP + " " +
                               model_default_help("guidance") + SWEEP_HELP.format(example="--guidance 5,10,19")),
-    "taus": click.option("--tau", type=Several(Finite(0, 1)), help=TAU_HELP + " " + model_default_help("tau") +
+    "taus": click.option("--tau", type=Several(Finite("tau")), help=TAU_HELP + " " + model_default_help("tau") +
                          SWEEP_HELP.format(example="--tau 0.5,0.8")),
-    "strengths": click.option("--strength", type=Several(Finite(0, 1)), help=STRENGTH_HELP +
+    "strengths": click.option("--strength", type=Several(Finite("strength")), help=STRENGTH_HELP +
                               SWEEP_HELP.format(example="--strength 0.25,0.5,0.75")),
     # generation's own defaults
-    "generate_guidance": click.option("--guidance", type=Several(Finite(0)), default=str(GENERATE_GUIDANCE),
+    "generate_guidance": click.option("--guidance", type=Several(Finite("guidance")), default=str(GENERATE_GUIDANCE),
                                       show_default=True, help=GUIDANCE_HELP +
                                       " A comma list generates each seed with each value."),
-    "generate_tau": click.option("--tau", type=Several(Finite(0, 1)), default=str(GENERATE_TAU), show_default=True,
+    "generate_tau": click.option("--tau", type=Several(Finite("tau")), default=str(GENERATE_TAU), show_default=True,
                                  help=TAU_HELP + " A comma list generates each seed with each value."),
     # naming and writing the results, planning only
     "name": click.option("--name", "name_template", metavar="TEMPLATE", help="How to name the results: a "
                          "template of " + NAME_FIELDS_HELP + ", e.g. --name '{stem}-{target}-s{seed}'. Ending "
-                         "in .png, .jpg or .webp it also chooses the format. Default: the command's usual names, "
+                         f"in {WRITTEN_SUFFIXES} it also chooses the format. Default: the command's usual names, "
                          "with each value that differs between the results added."),
-    "format": click.option("--format", "format_name", type=click.Choice(["png", "jpg", "jpeg", "webp"],
+    "format": click.option("--format", "format_name", type=click.Choice(list(FORMATS),
                            case_sensitive=False), help="The results' image format. Default: each input's own "
                            "(PNG for a format icd does not write; a latent file's: its photo's)."),
     "quality": click.option("--quality", type=click.IntRange(1, 100), help="JPEG and WebP results: their quality, "

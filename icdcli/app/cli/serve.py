@@ -11,7 +11,7 @@ from icd.errors import ICDError, UsageError
 
 from .common import open_model, quiet, resolve
 from .main import setup_logging
-from .options import DEFAULT_MODEL, threads_given, uses
+from .options import threads_given, uses
 
 
 @click.command()
@@ -58,8 +58,7 @@ def serve(model, devices, dtype, backend, compile, status, stop):
     check_options(backend, compile)
     torch_devices = [resolve_device(device) for device in devices]
     precisions = [PRECISIONS[resolve_dtype(dtype, device)] for device in torch_devices]
-    manifest = resolve(model)
-    model = model or DEFAULT_MODEL
+    model, manifest = resolve(model)
     if len(set(precisions)) > 1:
         raise UsageError(f"--dtype {dtype} means {', '.join(precisions)} on {', '.join(devices)}: one server runs "
                          "one precision, name it with --dtype")
@@ -89,7 +88,7 @@ def _status_or_stop(model: str | None, status: bool, stop: bool) -> None:
         raise ICDError(f"no server is running (in {serve_folder()})")
     if stop:
         if model:
-            fingerprint = resolve(model).fingerprint
+            fingerprint = resolve(model)[1].fingerprint
             live = [(path, facts) for path, facts in live if facts["fingerprint"] == fingerprint]
             if not live:
                 raise ICDError(f"no server of model '{model}' is running")
@@ -106,11 +105,13 @@ def serve_runner(manifest, dtype: str, backend: str, compile: bool, level: int, 
                  threads: int | None = None):
     """One worker's model for `icd serve`, in the server's process or in a worker process of its own (spawned:
     it sets up the server's logging again, and chooses its threads as the server did)."""
+    from icd.models.official import DIRECTIONS
+
     from ..runner import LocalRunner
 
     setup_logging()
     logging.getLogger("icd").setLevel(level)
-    return LocalRunner(open_model(manifest, device, dtype, ("forward", "reverse"), backend, compile,
+    return LocalRunner(open_model(manifest, device, dtype, DIRECTIONS, backend, compile,
                                   threads=threads))
 
 

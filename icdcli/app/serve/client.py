@@ -28,6 +28,7 @@ log = logging.getLogger("icd")
 
 CONNECT_TIMEOUT_S = 5.0
 SILENCE_S = 30.0  # a server that says nothing for this long (it sends a heartbeat every 2 s) is given up on
+STOP_WAIT_S = 60.0  # how long `icd serve --stop` waits for the server's socket to go
 
 
 class ServerGone(Exception):
@@ -104,17 +105,17 @@ def served_or_here(manifest: Manifest, device: str, dtype: str, backend: str, co
     return FallbackRunner(remote, open_here)
 
 
-def stop_server(path: Path, facts: dict, wait_s: float = 60.0) -> None:
+def stop_server(path: Path, facts: dict) -> None:
     """SIGTERM a server (it finishes its job in flight) and wait until its socket is gone."""
     try:
         os.kill(int(facts["pid"]), signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + STOP_WAIT_S
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     if path.exists():
-        raise ICDError(f"the server at {path} (pid {facts['pid']}) did not stop within {wait_s:.0f} s")
+        raise ICDError(f"the server at {path} (pid {facts['pid']}) did not stop within {STOP_WAIT_S:.0f} s")
 
 
 class RemoteRunner:

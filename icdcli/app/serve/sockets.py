@@ -22,11 +22,12 @@ MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108, with the terminating zero
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def serve_folder() -> Path:
-    """Where servers put their sockets: $ICD_HOME/serve, readable by its owner only."""
+def serve_folder(make: bool = True) -> Path:
+    """Where servers put their sockets: $ICD_HOME/serve, readable by its owner only (made so, unless not `make`)."""
     folder = icd_home() / "serve"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)
+    if make:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
     return folder
 
 
@@ -49,7 +50,7 @@ def peer_uid(conn: socket.socket) -> int:
 
 def sockets() -> list[Path]:
     """The socket files in the serve folder (none when it does not exist yet)."""
-    folder = icd_home() / "serve"
+    folder = serve_folder(make=False)
     return sorted(folder.glob(f"*{SOCKET_SUFFIX}")) if folder.is_dir() else []
 
 
