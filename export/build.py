@@ -15,13 +15,14 @@ from icd.models.official import DIRECTIONS
 
 from .artifacts import Built, Index, artifacts_dir, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
 from .onnx import TOLERANCE, ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent
+from .registry import MAX_BATCH
 from .tensorrt import PRECISION, ensure_engine, tensorrt_problem
 
 log = logging.getLogger("icd")
 
 
 def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool = True, tensorrt: bool = False,
-                 sizes: tuple[tuple[int, int], ...] = (), max_batch: int = 2, force: bool = False,
+                 sizes: tuple[tuple[int, int], ...] = (), max_batch: int = MAX_BATCH, force: bool = False,
                  verify: bool = False, device: torch.device = torch.device("cpu")) -> list[Built]:
     """Make every requested artifact of both UNets valid, building only what is missing or stale (everything
     with `force`). TensorRT engines are built from fp16 graphs, with profiles for `sizes` (width, height in

@@ -39,6 +39,7 @@ ENGINES = {entry.name: entry for entry in (Registered("torch", "TorchEngine", co
                                             Registered("tensorrt", "TensorRTEngine", "tensorrt"))}
 BACKENDS = ("auto", *ENGINES)  # what --backend takes
 FASTEST_FIRST = ("tensorrt", "onnx")
+MAX_BATCH = 2  # the largest batch an exported graph or engine takes unless `icd export --max-batch` says
 
 
 def engine_class(name: str) -> type[Engine]:

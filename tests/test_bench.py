@@ -21,8 +21,8 @@ STAGES = {"text_encode", "vae_encode", "unet_forward_b1", "unet_reverse_b1", "un
 END_TO_END = {"invert", "edit_p2p", "edit_swap", "photo_edit_p2p", "photo_edit_swap"}
 TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                  hidden_act="quick_gelu", projection_dim=32, vocab_size=100, max_position_embeddings=77)
+TINY_RESOLUTION = 64
 TINY_SD15 = {
-    "resolution": 64,
     "unet": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
                  sample_size=8, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
@@ -103,10 +103,11 @@ def test_time_ms_is_a_median(monkeypatch):
 
 def test_random_weights_with_cold_start(icd_home, monkeypatch):
     monkeypatch.setitem(offline.CONFIGS, "sd15", TINY_SD15)
+    monkeypatch.setitem(offline.RESOLUTION, "sd15", TINY_RESOLUTION)  # the model's own, written in its icd.json
     report = bench("--random-weights", "sd15", "--batch", "1")  # at the model's own resolution
     folder = icd_home / "models" / "random-sd15"
     assert report["model"] == "random-sd15" and (folder / "icd.json").is_file()
-    assert report["size"] == [TINY_SD15["resolution"]] * 2
+    assert report["size"] == [TINY_RESOLUTION] * 2
     assert 0 < report["load_s"] < report["cold_start_s"] < 60
     assert report["backend"] == "torch"  # auto: fused weights exported for the cold start, no graphs
     model = open_session(resolve_model(str(folder)), "cpu", "fp32", "torch").model

@@ -14,7 +14,7 @@ from icd.evaluation import DEFAULT_MODELS, MASK_USES, SWEEPABLE
 from icd.limits import MAX_SEED
 
 from .common import check_size, quiet, resolve
-from .options import DEFAULT_MODEL, threads_given, uses
+from .options import threads_given, uses
 
 log = logging.getLogger("icd")
 
@@ -87,8 +87,7 @@ def evaluate(dataset, model, output, images, types, limit, method, guidance, tau
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--amplify") from None
     chosen_plot = _plot_axes(plot)
-    data, items, manifest = _inputs(dataset, images, types, limit, model, width, height)
-    model = model or DEFAULT_MODEL
+    data, items, model, manifest = _inputs(dataset, images, types, limit, model, width, height)
     given = {"method": method, "guidance": guidance, "tau": tau, "strength": strength, "cross_replace": cross_replace,
              "self_replace": self_replace, "mask_use": mask_use, "keep_outside": keep_outside}
     solvers = ["icd"] + ([f"ddim{steps or DDIM_STEPS}"] if baseline else [])
@@ -112,7 +111,7 @@ def _plot_axes(plot: str | None) -> tuple[str, str] | None:
 
 def _inputs(dataset: str, images: str | None, types: str | None, limit: int | None, model: str | None, width,
             height):
-    """The data set and its selected items, and the model's manifest (no weights loaded), checked."""
+    """The data set and its selected items, and the model with its manifest (no weights loaded), checked."""
     from icd.evaluation.datasets import open_dataset, select
 
     from ..batch import error_line
@@ -123,9 +122,9 @@ def _inputs(dataset: str, images: str | None, types: str | None, limit: int | No
     items = select(data, [kind.strip() for kind in types.split(",") if kind.strip()] if types else None, limit)
     if not items:
         raise UsageError(f"{dataset}: no items to evaluate")
-    manifest = resolve(model)
+    model, manifest = resolve(model)
     check_size(manifest, width, height)
-    return data, items, manifest
+    return data, items, model, manifest
 
 
 def _evaluator(spec: str, data, items, device: str, models: dict):

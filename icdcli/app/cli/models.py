@@ -9,6 +9,7 @@ import click
 
 from icd import __version__
 from icd.models.official import PRECISION_NAMES
+from icd_export.registry import MAX_BATCH
 
 from .common import resolve
 from .options import threads_given, uses
@@ -37,7 +38,7 @@ def _sizes(values) -> tuple[tuple[int, int], ...]:
 @click.option("--tensorrt", is_flag=True, help="TensorRT engines for this GPU (from fp16 graphs).")
 @click.option("--size", "sizes", multiple=True, metavar="WxH", help="TensorRT: image sizes the engines must take "
               "(repeatable). Default: the model's resolution.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--max-batch", type=click.IntRange(min=1), default=MAX_BATCH, show_default=True,
               help="TensorRT: the largest batch the engines take.")
 @click.option("--force", is_flag=True, help="Rebuild everything, even what is still valid.")
 @click.option("--verify", is_flag=True, help="Check every existing file against the hash recorded when it was "
