@@ -9,14 +9,15 @@ import torch
 from icd.errors import ICDError
 from icd.files import sweep_temporaries
 from icd.models.cache import writing_cache
-from icd.models.loading import DTYPES, fuse_unets, unet_config
+from icd.models.loading import fuse_unets, unet_config
 from icd.models.manifest import Manifest
 from icd.models.official import DIRECTIONS
 
-from .artifacts import Built, Index, artifacts_dir, fused_name, fused_unets, onnx_name, save_fused_unet, steered_onnx_name
+from .artifacts import (Built, Index, artifacts_dir, fused_name, fused_unets, onnx_name, save_fused_unet,
+                        steered_onnx_name)
 from .onnx import TOLERANCE, ensure_cpu_optimized, example_latent, export_unet, verify_graph, verify_latent
 from .registry import MAX_BATCH
-from .tensorrt import PRECISION, ensure_engine, tensorrt_problem
+from .tensorrt import DTYPE, PRECISION, ensure_engine, tensorrt_problem
 
 log = logging.getLogger("icd")
 
@@ -30,7 +31,7 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
     `verify` first hashes every file of the model's artifacts and rebuilds those that differ from the index.
     One export of a model runs at a time (a lock file); a second waits, then reuses what the first built."""
     if tensorrt:  # before any work
-        if why := tensorrt_problem(torch.device("cuda"), DTYPES[PRECISION]):
+        if why := tensorrt_problem(torch.device("cuda"), DTYPE):
             raise ICDError(f"--tensorrt: {why}")
     config = unet_config(manifest)
     with writing_cache(), Index(artifacts_dir(manifest), manifest.fingerprint).lock():

@@ -37,6 +37,7 @@ from .onnx import control_shapes, graph_inputs, input_shapes
 log = logging.getLogger("icd")
 
 PRECISION = "fp16"
+DTYPE = DTYPES[PRECISION]
 OPTIMIZATION_LEVEL = 3
 WORKSPACE_BYTES = 8 << 30
 
@@ -47,13 +48,13 @@ def tensorrt_problem(device: torch.device, dtype: torch.dtype) -> str | None:
         return "TensorRT is not installed (pip install 'icd[tensorrt]' on a machine with an NVIDIA GPU)"
     if device.type != "cuda" or not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU, and this run is on the CPU (use --device cuda on a GPU machine)"
-    if dtype != DTYPES[PRECISION]:
+    if dtype != DTYPE:
         return f"TensorRT engines are built in {PRECISION}: use --dtype {PRECISION} (the default on a GPU)"
     return None
 
 
 def _tensorrt():
-    problem = tensorrt_problem(torch.device("cuda"), DTYPES[PRECISION])
+    problem = tensorrt_problem(torch.device("cuda"), DTYPE)
     if problem:
         raise ICDError(problem)
     import tensorrt
@@ -221,7 +222,7 @@ class TensorRTEps:
         # eps is in the graph's precision; the blend maps are computed in fp32 (icd.p2p)
         device = next(iter(buffers.values())).device
         outs = {name: torch.empty(tuple(context.get_tensor_shape(name)), device=device,
-                                  dtype=DTYPES[PRECISION] if name == "eps" else torch.float32) for name in self.outputs}
+                                  dtype=DTYPE if name == "eps" else torch.float32) for name in self.outputs}
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self._enqueue(context, buffers, outs)  # the first run allocates what it needs, outside the capture
@@ -243,7 +244,7 @@ class TensorRTEps:
             return [out.clone() for out in outs.values()]  # the next replay overwrites the buffers
 
     def __call__(self, x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, control=()):
-        feeds = graph_inputs(x, t, cond, timestep_cond, DTYPES[PRECISION])
+        feeds = graph_inputs(x, t, cond, timestep_cond, DTYPE)
         if control:
             feeds |= dict(zip(CONTROL_NAMES, control, strict=True))
         outs = self._replay(feeds)

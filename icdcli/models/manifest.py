@@ -28,10 +28,9 @@ from ..errors import ICDError, ModelError
 from ..files import atomic_write, temporary_path, update_with_ends
 from ..limits import MAX_SIDE
 from .cache import cached_download, cached_download_path
-from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, LORA_ALPHA, RESOLUTION
+from .official import EDIT_METHODS, GUIDANCE_EMBED_DIM, KINDS, LORA_ALPHA, RESOLUTION
 
 MANIFEST_NAME = "icd.json"
-KINDS = ("sd15", "sdxl")
 WEIGHT_KEYS = ("teacher", "forward_lora", "reverse_lora")
 MAX_STEPS = 16  # a consistency model's few steps; a schedule of hundreds would run for minutes per picture
 MAX_MANIFEST_BYTES = 1 << 20

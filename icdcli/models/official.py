@@ -14,4 +14,5 @@ GUIDANCE_SCALES = (0.0, 7.0, 11.0, 15.0, 19.0)  # w values of guidance distillat
 EDIT_METHODS = ("p2p", "swap", "none")  # what icd.pipeline.edit can do
 DIRECTIONS = ("forward", "reverse")  # the two consistency models: image -> noise, noise -> image
 PRECISION_NAMES = ("fp32", "fp16", "bf16")  # the dtypes a model runs and is exported in
-RESOLUTION = {"sd15": 512, "sdxl": 1024}  # each kind's default side in pixels
+KINDS = ("sd15", "sdxl")  # the base architectures a model is built on
+RESOLUTION = dict(zip(KINDS, (512, 1024)))  # each kind's default side in pixels

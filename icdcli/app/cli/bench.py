@@ -6,7 +6,7 @@ import json
 
 import click
 
-from icd.editing import EDIT_DEFAULTS
+from icd.models.official import KINDS
 
 from .common import quiet
 from .options import DEFAULT_MODEL, threads_given, uses
@@ -14,7 +14,7 @@ from .options import DEFAULT_MODEL, threads_given, uses
 
 @click.command()
 @uses("model", "device", "dtype", "backend", "compile", "threads")
-@click.option("--random-weights", type=click.Choice(list(EDIT_DEFAULTS)), help="Measure the real SD1.5/SDXL "
+@click.option("--random-weights", type=click.Choice(KINDS), help="Measure the real SD1.5/SDXL "
               "architecture with random weights instead of --model (built once into the cache, no download).")
 @click.option("--size", type=click.IntRange(min=64), help="Square image side in pixels. Default: the model's own "
               "resolution (512 for SD1.5, 1024 for SDXL, 64 for mini); on a CPU, 128 measures SD1.5 in minutes.")
