@@ -1,10 +1,6 @@
-"""Batches: every item planned and checked before any model loads, then each run behind its own wall.
-
-Planning names every output (unambiguously when two inputs share a name), refuses an output that would
-replace an input or an existing file (unless --overwrite; --skip-existing resumes a batch), and reads each
-input's header, so a batch that would fail at item 100 says so at once. Running turns any exception of an
-item into that item's one line; the batch goes on, and the exit code says whether everything worked.
-"""
+"""Batches: every item planned and checked before any model loads (so a batch that would fail at item 100
+says so at once), then each run behind its own wall: an item's exception becomes its one line, the batch goes
+on, and the exit code says whether everything worked."""
 
 from __future__ import annotations
 
@@ -62,6 +58,13 @@ class Report:
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
+    def add(self, record: dict) -> None:
+        """Keep an item's record, counted by its status."""
+        self.records.append(record)
+        self.failed += record["status"] == "error"
+        self.skipped += record["status"] == "skipped"
+        self.done += record["status"] not in ("error", "skipped")
+
 
 def debugging() -> bool:
     """Tracebacks of unexpected errors are shown with -v or ICD_DEBUG=1."""
@@ -109,16 +112,15 @@ def _identity(path: Path) -> tuple[int, int]:
 
 def plan(items: list[Item], inputs: Iterable[Path], *, overwrite: bool, skip_existing: bool,
          check: Callable[[Item], None] | None = None) -> list[Item]:
-    """Mark the items that must not run, before any model loads: an output that is a file the command reads
-    (`inputs`: its inputs, masks, job file), an existing output (an error without --overwrite; with
-    --skip-existing an item whose outputs all exist is skipped), and an input whose header `check` refuses.
-    Two items that would write one file are a usage error: one result would be lost."""
+    """Mark the items that must not run: an output that is one of `inputs` (the files the command reads) or
+    exists (unless --overwrite; skipped with --skip-existing), or an input whose header `check` refuses."""
     if overwrite and skip_existing:
         raise UsageError("--overwrite and --skip-existing contradict each other: give one")
     _refuse_shared_outputs(items)
     inputs = _Inputs(inputs)
     for item in items:
-        item.error = _output_problem(item, inputs)
+        item.error = next((f"{item.label}: the output {path} is one of the inputs: choose another -o"
+                           for path in item.outputs if path in inputs), None)
         existing = [path for path in item.outputs if path.exists()]
         if item.error is None and existing and not overwrite:
             if skip_existing and len(existing) == len(item.outputs):
@@ -146,14 +148,6 @@ def _refuse_shared_outputs(items: list[Item]) -> None:
             writers[key] = item.label
 
 
-def _output_problem(item: Item, inputs: _Inputs) -> str | None:
-    """Why one of the item's outputs may not be written: it is a file the command reads."""
-    for path in item.outputs:
-        if path in inputs:
-            return f"{item.label}: the output {path} is one of the inputs: choose another -o"
-    return None
-
-
 def _named(label: str, message: str) -> str:
     """Every item's line starts with the item, once."""
     return message if message.startswith((label, Path(label).name)) else f"{label}: {message}"
@@ -162,7 +156,7 @@ def _named(label: str, message: str) -> str:
 def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as_json: bool, quiet: bool,
         stages: Callable[[], dict[str, float]] | None = None) -> Report:
     """Report the planned failures at once, then run `work` on the others, each behind a wall; `stages` gives
-    the seconds of each stage of the item just run (with -v, a line per item with its settings)."""
+    the seconds of each stage of the item just run."""
     report = Report()
     runnable = []
     for item in items:
@@ -201,10 +195,10 @@ def described(settings: dict, record: dict | None = None) -> str:
     text = ", ".join(f"{key} {_shown(value)}" for key, value in settings.items() if value is not None)
     if record is None or "stages" not in record:
         return text
-    stages = record["stages"]
-    rest = max(0.0, record["seconds"] - sum(stages.values()))
-    timed = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in {**stages, "rest": rest}.items())
-    return f"{text}; {timed} (of {record['seconds']:.3f} s)" if text else f"{timed} (of {record['seconds']:.3f} s)"
+    stages = {**record["stages"], "rest": max(0.0, record["seconds"] - sum(record["stages"].values()))}
+    timed = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in stages.items()) + \
+        f" (of {record['seconds']:.3f} s)"
+    return f"{text}; {timed}" if text else timed
 
 
 def _shown(value) -> str:
@@ -220,9 +214,8 @@ def on_terminal() -> bool:
 
 
 def _progress(items: list[Item], quiet: bool) -> Iterable[Item]:
-    """The items, behind a progress bar with the time left when there are several and stderr is a terminal
-    (not with -q or --json, not into a file or pipe: there tqdm's import alone would be a tenth of a served
-    edit); the bar names the item it is on."""
+    """A bar naming the current item, for several items on a terminal only (tqdm's import alone is a tenth of
+    a served edit)."""
     if quiet or len(items) < 2 or not on_terminal():
         return items
     from tqdm import tqdm
@@ -240,16 +233,13 @@ def _progress(items: list[Item], quiet: bool) -> Iterable[Item]:
 
 def show_plan(items: list[Item], as_json: bool) -> Report:
     """--dry-run: each item's input, outputs and settings (or why it would not run), one line each on stdout
-    (JSON lines with --json); nothing is run. Failed counts the items that would fail."""
+    (JSON lines with --json)."""
     report = Report()
     for item in items:
         status = "error" if item.error else "skipped" if item.skipped else "planned"
         record = {"input": item.label, "status": status, "outputs": [str(path) for path in item.outputs],
                   "settings": item.settings, **({"error": item.error} if item.error else {})}
-        report.records.append(record)
-        report.failed += status == "error"
-        report.skipped += status == "skipped"
-        report.done += status == "planned"
+        report.add(record)
         if as_json:
             stdout_line(json.dumps(record, default=str))
             continue
@@ -288,8 +278,7 @@ def failure_line(err: Exception) -> str:
 
 
 def out_of_memory(err: Exception) -> str | None:
-    """The line for an allocation that failed (a GPU's, or the CPU's: Python's MemoryError, or torch's
-    allocator refusing), else None."""
+    """The line for an allocation that failed (a GPU's or the CPU's), else None."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.OutOfMemoryError):
         torch.cuda.empty_cache()
@@ -302,20 +291,14 @@ def out_of_memory(err: Exception) -> str | None:
 def _finish(report: Report, item: Item, record: dict, as_json: bool, quiet: bool) -> None:
     from .distributed import current_launch
 
-    status = record["status"]
-    if status == "error":
-        report.failed += 1
+    if record["status"] == "error":
         error_line(record["error"])
-    elif status == "skipped":
-        report.skipped += 1
-    else:
-        report.done += 1
     launch = current_launch()
     record = {"input": item.label, **record, **({"rank": launch.rank} if launch.several else {})}
-    report.records.append(record)
+    report.add(record)
     if as_json:
         stdout_line(json.dumps(record))
-    elif status == "ok" and not quiet:
+    elif record["status"] == "ok" and not quiet:
         stdout_line(record["output"])
 
 
@@ -330,8 +313,8 @@ def stdout_line(text: str) -> None:
 
 
 def discard_stdout() -> None:
-    """Send what is still to be written on stdout, the buffered part included, to the null device: its reader
-    has closed the pipe, and every later write (Python's own at exit too) would fail again."""
+    """Send the rest of stdout, buffered part included, to the null device: its reader has gone, and every
+    later write (Python's own at exit too) would fail again."""
     null = os.open(os.devnull, os.O_WRONLY)
     try:
         with suppress(OSError, ValueError):  # a stdout without a descriptor (a caller's own stream) keeps its own
@@ -342,9 +325,8 @@ def discard_stdout() -> None:
 
 def file_items(paths: list[Path], output: str | None, naming, default: str, suffix_of: Callable[[Path], str],
                fields: tuple[str, ...], values_of: Callable[[Path], dict] | None = None) -> list[Item]:
-    """One item per input file, named by `naming` (else the template `default`) with `values_of`'s values
-    besides {stem} and {n}, in the format `suffix_of` gives; its output is -o for a single result, else that
-    name in -o's folder."""
+    """One item per input file, named by `naming` (else `default`) from {stem}, {n} and `values_of`'s values,
+    in the format `suffix_of` gives."""
     from .naming import distinct_stems, output_path, refuse_clashes
 
     suffixes = {path: suffix_of(path) for path in paths}

@@ -1,12 +1,7 @@
 """`icd bench`: the time of each stage of an edit, end to end, in batches and from a cold start, each next
-to its floor.
-
-Timing: warm-up runs first, then the median of many repeats; on a GPU the device is synchronized before
-each repeat and CUDA events bracket it, so queued work is neither missed nor counted twice. A stage's
-floor is its FLOPs (counted with FlopCounterMode on meta-device copies of the real modules, so nothing
-runs) over the best matmul rate measured on the same device and dtype. The count is of direct
-convolutions and dense matmuls: a CPU's Winograd convolutions can do fewer operations and beat it.
-"""
+to its floor: its FLOPs (counted on meta-device copies of the modules, so nothing runs) over the best matmul
+rate measured on the same device and dtype. The count is of direct convolutions and dense matmuls: a CPU's
+Winograd convolutions can do fewer operations and beat it."""
 
 from __future__ import annotations
 
@@ -38,7 +33,8 @@ SOURCE, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
 
 
 def time_ms(fn, device: torch.device, warmup: int, repeats: int, best: bool = False) -> float:
-    """Median (or best) wall time of `fn()` in milliseconds, after `warmup` untimed runs."""
+    """Median (or best) wall time of `fn()` in milliseconds, after `warmup` untimed runs; on a GPU the device
+    is synchronized first and CUDA events bracket each run, so queued work is neither missed nor counted twice."""
     for _ in range(warmup):
         fn()
     times = []
@@ -97,7 +93,8 @@ def stage_flops(model: Model, width: int, height: int) -> dict[str, int]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def cold_start_s(manifest_path: Path, device: str, dtype: str, width: int, height: int, *options: str,
@@ -122,15 +119,6 @@ def cold_start_s(manifest_path: Path, device: str, dtype: str, width: int, heigh
     return seconds
 
 
-def progress_bar(total: int, shown: bool):
-    """A bar over the measurements on stderr, each labelled as it starts (`set_description`); shown only on a
-    terminal, as a batch's is, and inert otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False,
-                disable=not (shown and sys.stderr.isatty()))
-
-
 def run_bench(model_ref: str, *, warmup: int, repeats: int, batches: tuple[int, ...], backend: str = "auto",
               device: str = "auto", dtype: str = "auto", size: int | None = None, compile: bool = False,
               cold_start: bool = True, stages_only: bool = False, threads: int | None = None,
@@ -138,6 +126,8 @@ def run_bench(model_ref: str, *, warmup: int, repeats: int, batches: tuple[int, 
     """Measure one model at `size` x `size` pixels (default: its own resolution) on `threads` CPU threads
     (default: as sessions choose them); returns the report (see BENCHMARKS.md for its fields). `stages_only`
     skips the whole edits, the batches and the cold start (for slow devices); `progress` shows a bar."""
+    from tqdm import tqdm
+
     manifest = resolve_model(model_ref)
     size = size or manifest.resolution
     torch_device = resolve_device(device)
@@ -145,7 +135,9 @@ def run_bench(model_ref: str, *, warmup: int, repeats: int, batches: tuple[int, 
     precision = PRECISIONS[torch_dtype]
     cold_start = cold_start and not stages_only
     engine_files = export_options(backend)
-    with progress_bar(int(cold_start), progress) as bar:  # _measure adds its own rows
+    # A bar labelled with each measurement, shown on a terminal only, as a batch's is; _measure adds its rows.
+    with tqdm(total=int(cold_start), file=sys.stderr, unit="step", dynamic_ncols=True, leave=False,
+              disable=not (progress and sys.stderr.isatty())) as bar:
         if any(engine_files.values()) or cold_start:  # what the engine or a fast start needs, before any timing
             bar.set_description("building the engine's files")
             export_model(manifest, (precision,), **engine_files, sizes=((size, size), (manifest.resolution,) * 2),

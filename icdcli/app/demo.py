@@ -8,10 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from icd.editing import edit_plan
 from icd.files import atomic_write
 from icd.models.manifest import Manifest
-
-from icd.editing import edit_plan
 
 from .jobs import Settings, edit_file, invert_file, reconstruct_file
 
@@ -67,20 +66,14 @@ def labelled_row(panels: list[tuple[Image.Image, str]]) -> Image.Image:
     return canvas
 
 
-def _holds_this_demo(folder: Path, demo: DemoInput) -> bool:
-    """Whether `folder` holds an earlier run of this same demo (its input copy is this demo's picture), whose
-    files a rerun may replace; any other file under a demo file's name is kept and refused as usual."""
-    original = folder / "sample.png"
-    return original.is_file() and not original.is_symlink() and original.read_bytes() == demo.png
-
-
 def run_demo(settings: Settings, folder: Path) -> list[Path]:
     """invert -> edit -> reconstruct; returns the files written, the before/after picture last. Running it
     again into the same folder replaces the earlier run's files."""
     demo = demo_input(settings.manifest)
-    if _holds_this_demo(folder, demo):
-        settings = replace(settings, overwrite=True)
     original = folder / "sample.png"  # a real file for the jobs, inside the demo folder
+    # An earlier run of this demo (its input copy is this picture) is replaced; any other file is refused as usual.
+    if original.is_file() and not original.is_symlink() and original.read_bytes() == demo.png:
+        settings = replace(settings, overwrite=True)
     atomic_write(original, lambda tmp: tmp.write_bytes(demo.png), overwrite=settings.overwrite)
     latent = invert_file(settings, original, demo.source, 0, folder / "sample.latent.safetensors")
     edited, _ = edit_file(settings, latent, edit_plan(settings.manifest, None, demo.target), folder / "sample-edit.png")

@@ -1,14 +1,7 @@
-"""One planned batch split across the processes of `torchrun` or `accelerate launch --multi_gpu` (one per GPU, on
-as many nodes as the launcher is given).
-
-Every process plans the whole batch (existing outputs, name collisions), so every output name is the one a
-single process would give, and then runs only its own share: items rank, rank + N, rank + 2N, ... of the plan
-(round-robin, so neighbouring inputs of similar size spread over the processes). Each process writes its own
-outputs; nothing is exchanged while the batch runs. Only the optional merged JSON log joins the processes, once,
-at the end: rank 0 gathers every process's records over gloo (TCP, so nodes need no shared folder for it) and
-writes the one file. The launch is read from the standard variables RANK, WORLD_SIZE and LOCAL_RANK, so
-accelerate, an optional dependency, is never imported here.
-"""
+"""One planned batch split across the processes of `torchrun` or `accelerate launch --multi_gpu`: every process
+plans the whole batch, so names agree, and runs items rank, rank + N, ... (round-robin, so neighbouring inputs of
+similar size spread). Nothing is exchanged but the merged JSON log, gathered at the end over gloo (TCP: no shared
+folder needed). The launch is read from RANK, WORLD_SIZE and LOCAL_RANK, so accelerate is never imported."""
 
 from __future__ import annotations
 
@@ -85,10 +78,8 @@ def local_device(requested: str) -> str:
 
 
 def merge_json_log(path: str | Path, records: list[dict]) -> None:
-    """Write every process's `records` (this process's JSON-log records, in its order) to `path` as JSON lines,
-    rank 0's first, then rank 1's, and so on. Every process of the launch must call it, after its share: rank 0
-    waits up to MERGE_TIMEOUT for the others and writes the file, replacing an older one; the others write
-    nothing. A lone process writes its own records."""
+    """Write every process's JSON-log `records` to `path` as JSON lines, rank 0's first: every process calls
+    it after its share, and rank 0 (or a lone process) writes the file, replacing an older one."""
     merged = gather_records(records)
     if merged is not None:
         text = "".join(json.dumps(record) + "\n" for record in merged)
@@ -97,18 +88,11 @@ def merge_json_log(path: str | Path, records: list[dict]) -> None:
 
 def gather_records(records: list) -> list | None:
     """Every process's `records` on rank 0, rank 0's first, then rank 1's, ... (None on the other ranks; a lone
-    process gets its own). Every process of the launch must call it: rank 0 waits up to MERGE_TIMEOUT for the
-    others."""
+    process gets its own), over a gloo group made for this one exchange, so it works on CPU and GPU launches
+    alike and leaves no process group behind. Every process must call it: rank 0 waits up to MERGE_TIMEOUT."""
     launch = current_launch()
     if not launch.several:
         return records
-    parts = _gather(records, launch)
-    return [record for part in parts for record in part] if launch.rank == 0 else None
-
-
-def _gather(records: list[dict], launch: Launch) -> list[list[dict]]:
-    """Each process's records on rank 0 (empty lists elsewhere), over a gloo group made for this one exchange,
-    so it works on CPU and GPU launches alike and leaves no process group behind."""
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
@@ -122,8 +106,8 @@ def _gather(records: list[dict], launch: Launch) -> list[list[dict]]:
     try:
         parts = [None] * launch.world if launch.rank == 0 else None
         dist.gather_object(records, parts, dst=0, group=group)
-        return parts or []
     finally:
         dist.destroy_process_group(group)
         if owned:
             dist.destroy_process_group()
+    return None if parts is None else [record for part in parts for record in part]

@@ -1,8 +1,6 @@
-"""`--grid FILE`: one command's results as a labelled contact sheet, to compare targets, seeds and swept
-settings at a glance. Each row is one input (and one value of the dimensions that are not the columns),
-its photo first; the columns are the swept settings, else the seeds, else the targets. The panels are
-drawn by the demo's `labelled_row`, the sheet is written as any result (with icd's record, so that a later
-run over the folder does not take it for a photo)."""
+"""`--grid FILE`: one command's results as a labelled contact sheet: a row per input (and value of the other
+dimensions), its photo first; the columns are the swept settings, else the seeds, else the targets. Written
+with icd's record, so that a later run over the folder does not take it for a photo."""
 
 from __future__ import annotations
 
@@ -42,8 +40,7 @@ def _label(dimension: str, value) -> str:
 
 
 def layout(path: str, items: list, dimensions: tuple[str, ...], with_inputs: bool = True) -> Sheet:
-    """The sheet of `items`, whose `values` hold the `dimensions` that vary (target, seed, swept settings);
-    checked before any model loads: a known image format and at most MAX_ROWS rows."""
+    """The sheet of `items`, whose `values` hold the `dimensions` that vary, checked before any model loads."""
     from icd.images import OUTPUT_SUFFIXES
 
     if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
@@ -107,8 +104,7 @@ def _panel(path: Path | None) -> Image.Image | None:
 
 
 def write(sheet: Sheet, overwrite: bool, as_json: bool, quiet: bool) -> bool:
-    """Draw and write the sheet from the results on disk (a failed one shows as a grey panel); False when
-    there is no result to show."""
+    """Draw and write the sheet from the results on disk (a failed one grey); False when none is there."""
     from PIL import Image
 
     from icd.images import save_image

@@ -1,8 +1,5 @@
-"""Job files (`icd edit --jobs FILE`, `icd invert --jobs FILE`) and per-image captions (`metadata.jsonl`).
-
-A job file holds one job per row, as JSON lines or CSV. Every row is validated before any model loads, and
-every error names the file, the row and the field. Paths in a job file are relative to its own folder.
-"""
+"""Job files (`--jobs FILE`: one job per row, JSON lines or CSV, paths relative to the file's folder) and
+per-image captions (`metadata.jsonl`), every row checked before any model loads."""
 
 from __future__ import annotations
 
@@ -105,25 +102,22 @@ def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
     rows = list(_csv_rows(path, text) if csv_rows else _json_rows(path, text))
     if not rows:
         raise UsageError(f"{path}: no jobs in the file")
-    jobs = []
-    for number, fields in rows:
-        try:
-            jobs.append((number, schema.model_validate(fields, strict=not csv_rows)))
-        except ValidationError as err:
-            raise UsageError(f"{path} row {number}: {_problem(err)}") from None
-    return jobs
+    return [(number, _validated(schema, fields, f"{path} row {number}", strict=not csv_rows))
+            for number, fields in rows]
 
 
-def _problem(err: ValidationError) -> str:
-    """The first problem of a row, as `field: what is wrong`."""
-    problem = err.errors()[0]
+def _validated(schema: type[BaseModel], fields: dict, where: str, strict: bool = True):
+    """A row as `schema` reads it, else a usage error with its first problem, as `field: what is wrong`."""
+    try:
+        return schema.model_validate(fields, strict=strict)
+    except ValidationError as err:
+        problem = err.errors()[0]
     what = problem["msg"].removeprefix("Value error, ")
-    if not problem["loc"]:  # a check across columns: its message names them
-        return what
-    where = ".".join(str(part) for part in problem["loc"])
-    if problem["type"] == "extra_forbidden":
-        return f"{where}: not a column this command takes"
-    return f"{where}: {what}"
+    if problem["loc"]:  # else a check across columns: its message names them
+        column = ".".join(str(part) for part in problem["loc"])
+        what = f"{column}: not a column this command takes" if problem["type"] == "extra_forbidden" else \
+            f"{column}: {what}"
+    raise UsageError(f"{where}: {what}")
 
 
 def _is_csv(path: Path, text: str) -> bool:
@@ -168,16 +162,10 @@ def _csv_rows(path: Path, text: str):
         raise UsageError(f"{path} line {reader.line_num}: not readable CSV ({err})") from None
 
 
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+def _unique_keys(pairs: list[tuple[str, object]], where: str) -> dict:
     """A JSON object whose keys are all different: a repeated one would silently take the last value."""
     if (repeated := _first_repeated(key for key, _ in pairs)) is not None:
-        raise _RepeatedKey(repeated)
+        raise UsageError(f"{where}: the key '{repeated}' appears twice: give each key once")
     return dict(pairs)
 
 
@@ -196,9 +184,7 @@ def _json_rows(path: Path, text: str):
         if not line.strip():
             continue
         try:
-            fields = json.loads(line, object_pairs_hook=_unique_keys)
-        except _RepeatedKey as err:
-            raise UsageError(f"{path} row {number}: the key '{err.key}' appears twice: give each key once") from None
+            fields = json.loads(line, object_pairs_hook=lambda pairs: _unique_keys(pairs, f"{path} row {number}"))
         except ValueError as err:
             raise UsageError(f"{path} row {number}: not JSON ({err.msg})") from None
         except RecursionError:
@@ -226,11 +212,5 @@ def captions(folder: Path) -> dict[str, str]:
     path = folder / CAPTIONS_NAME
     if not path.is_file():
         return {}
-    found = {}
-    for number, fields in _json_rows(path, _text(path)):
-        try:
-            caption = _Caption.model_validate(fields, strict=True)
-        except ValidationError as err:
-            raise UsageError(f"{path} row {number}: {_problem(err)}") from None
-        found[caption.file_name] = caption.text
-    return found
+    rows = (_validated(_Caption, fields, f"{path} row {number}") for number, fields in _json_rows(path, _text(path)))
+    return {caption.file_name: caption.text for caption in rows}

@@ -1,8 +1,5 @@
-"""File-level jobs: one input file (or prompt) in, one output file out, with its parameters recorded.
-
-The CLI loops over these; Python users can call them too. Each raises an `ICDError` subclass with a
-one-line message when its item cannot be done, and never touches the input files.
-"""
+"""File-level jobs: one input file (or prompt) in, one output file out, with its parameters recorded; each
+raises an `ICDError` with a one-line message when its item cannot be done, and never touches its inputs."""
 
 from __future__ import annotations
 
@@ -36,14 +33,9 @@ log = logging.getLogger("icd")
 
 
 def expand_inputs(args: list[str], suffixes: set[str]) -> list[Path]:
-    """Files as given, folders as their files with `suffixes` (sorted, not recursive), globs expanded; of a
-    folder's or a glob's images, those that are icd's own results of an earlier run are left out (so that a
-    rerun into the input folder does not edit its own outputs): named one by one, they are inputs as any.
-
-    A name that matches nothing (or a symlink loop) is kept, so that it fails as its own item with a clear
-    message; a name given twice (a.png, ./a.png and its absolute path) is kept once; nothing at all to work on is
-    a UsageError.
-    """
+    """Files as given, folders as their files with `suffixes` (sorted, not recursive), globs expanded, each
+    once; a folder's or glob's icd results of an earlier run are left out, so a rerun into the input folder
+    does not edit its own outputs. A name that matches nothing is kept, to fail as its own item."""
     found: list[Path] = []
     results = 0
     for arg in args:
@@ -93,8 +85,8 @@ class Inverted:
 
 
 class InversionCache:
-    """The last inversion, so that several targets of one (image, source prompt, seed) invert it once:
-    the CLI orders a batch's items so that those of one inversion follow each other."""
+    """The last inversion, so that several targets of one (image, source prompt, seed) invert it once (the
+    CLI orders a batch's items so that those of one inversion follow each other)."""
 
     def __init__(self):
         self.key: tuple | None = None
@@ -199,15 +191,14 @@ def invert_file(settings: Settings, path: Path, prompt: str, seed: int, output: 
 
 def check_latent(path: Path, manifest: Manifest, model_ref: str) -> LatentInfo:
     """A latent file's header, and that it was inverted with this model (cheap: no tensor is read)."""
-    info = read_latent_info(path)
-    _refuse_other_model(path, info, manifest, model_ref)
-    return info
+    return _this_model(path, read_latent_info(path), manifest, model_ref)
 
 
-def _refuse_other_model(path: Path, info: LatentInfo, manifest: Manifest, model_ref: str) -> None:
+def _this_model(path: Path, info: LatentInfo, manifest: Manifest, model_ref: str) -> LatentInfo:
     if info.model_fingerprint != manifest.fingerprint:
         raise InputError(f"{path.name}: inverted with model '{info.model}' ({info.model_fingerprint}), "
                          f"not '{model_ref}' ({manifest.fingerprint}): use --model {info.model}")
+    return info
 
 
 def check_input(path: Path, manifest: Manifest, model_ref: str) -> None:
@@ -221,8 +212,7 @@ def check_input(path: Path, manifest: Manifest, model_ref: str) -> None:
 def _load_checked_latent(settings: Settings, path: Path):
     """The latent and its record, read once, and refused when another model inverted it."""
     latent, info = load_latent(path)
-    _refuse_other_model(path, info, settings.manifest, settings.model_ref)
-    return latent, info
+    return latent, _this_model(path, info, settings.manifest, settings.model_ref)
 
 
 def _resized(pixels, info: LatentInfo):
@@ -298,21 +288,19 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
 
 
 def file_hash(path: Path) -> str:
-    """The first 10 hex digits of a file's SHA-256, as A1111 records a model's hash: what a result records of
-    the mask it used, to tell whether the file under that name is still the same."""
+    """A file's short hash (SHA-256's first 10 hex digits, as A1111 records a model's): a result's record of
+    its mask."""
     with open_regular(path) as file:
         return hashlib.file_digest(file, "sha256").hexdigest()[:10]
 
 
 def relative_to(path: Path, folder: Path) -> str:
-    """`path` as a result's record names it: relative to the result's folder, so that `--from` finds it from
-    anywhere and the two can move together."""
+    """`path` relative to a result's folder, so that `--from` finds it from anywhere and the two can move."""
     return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
 
 
 def inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted:
-    """The photo inverted under `source` from the noise of `seed`, or the run's last inversion when it is the
-    same one."""
+    """The photo inverted under `source` from the noise of `seed` (the run's last inversion if the same)."""
     def invert_now() -> Inverted:
         original = load_image(path)
         return Inverted(*_invert_image(settings, original, source, seed), original)

@@ -1,20 +1,12 @@
-"""How every command names its results: one template (`--name`, or the command's default) filled with what
-varies between them ({stem}, {target}, {seed}, {method}, {strength}, {guidance}, {tau}, {n}), and one format
-rule (the input's own format, PNG where icd cannot write it, or `--format`).
-
-The defaults are the names icd always gave (`NAME-edit.png`, `NAME-edit-<target>-s<seed>.png`,
-`NAME-recon.png`, `<prompt>-<seed>.png`), each part present only when that value differs between the results,
-so a sweep's names carry the swept values. A template of the user's own is checked before anything runs: a
-field the command does not know, and two results it would give one name, are usage errors that say which
-field to add.
-"""
+"""How every command names its results: one template (`--name`, or a default whose parts appear only where
+their value differs between the results) filled with FIELDS, in the input's format, PNG where icd cannot write
+it, or `--format`'s. A user's template is checked before anything runs."""
 
 from __future__ import annotations
 
 import re
 import string
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,8 +37,8 @@ EDIT_PARTS = (("target", "-{target}"), ("seed", "-s{seed}"), ("guidance", "-g{gu
 
 
 def slug(text: str) -> str:
-    """A file-name-safe short form of a prompt: lower-case words joined by '-', cut after the last whole word
-    that fits SLUG_LIMIT (a single longer word is cut)."""
+    """A file-name-safe short form of a prompt: lower-case words joined by '-', cut at the last whole word
+    within SLUG_LIMIT."""
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     if len(words) > SLUG_LIMIT:
         cut = words[: SLUG_LIMIT + 1].rfind("-")
@@ -58,8 +50,7 @@ def output_stem(path: Path) -> str:
     """An input's name without its suffix (`x.latent.safetensors` -> `x`)."""
     from icd.latents import LATENT_NAME
 
-    name = path.name
-    return name[: -len(LATENT_NAME)] if name.endswith(LATENT_NAME) else path.stem
+    return path.name.removesuffix(LATENT_NAME) if path.name.endswith(LATENT_NAME) else path.stem
 
 
 class _Filler(string.Formatter):
@@ -121,8 +112,7 @@ def naming(template: str | None, format_name: str | None, fields: tuple[str, ...
 
 
 def kept_suffix(path: Path) -> str:
-    """The format a result of `path` is written in by default: the input's own (.png, .jpg, .jpeg, .webp), a
-    latent file's that of the photo it was inverted from, and PNG for any other."""
+    """A result's default format: the input's own (a latent file's: its photo's) where icd writes it, else PNG."""
     from icd.images import OUTPUT_SUFFIXES
     from icd.latents import is_latent_file, read_latent_info
 
@@ -140,8 +130,8 @@ def edit_template(varying: set[str]) -> str:
 
 
 def refuse_clashes(items: list, template: str, fields: tuple[str, ...]) -> None:
-    """A template of the user's own must give each result its own file; else a usage error names the two
-    results and the fields that tell them apart."""
+    """A user's template must give each result its own file; else a usage error names two results and the
+    fields that tell them apart."""
     seen: dict[str, object] = {}
     for item in items:
         key = str(real_path(item.output)).casefold()
@@ -169,26 +159,18 @@ def output_path(output: str | None, default_name: str, many: bool) -> Path:
 
 
 def distinct_stems(paths: list[Path], suffixes: dict[Path, str]) -> dict[Path, str]:
-    """Each input's {stem}, told apart from the others' when their results would share a name and format."""
-    names = distinct_names(paths, lambda path: output_stem(path) + suffixes[path])
-    return {path: names[path][: len(names[path]) - len(suffixes[path])] for path in paths}
-
-
-def distinct_names(inputs: list[Path], name_for: Callable[[Path], str]) -> dict[Path, str]:
-    """Each input's output name; inputs whose names clash get their parent folders' names in front
-    (a/x.png and b/x.png -> a-x, b-x). Inputs that cannot be told apart are a UsageError."""
-    names = {path: name_for(path) for path in inputs}
+    """Each input's {stem}; inputs whose results would share a name and format get their parent folders' names
+    in front (a/x.png and b/x.png -> a-x, b-x). Inputs that cannot be told apart are a UsageError."""
+    names = {path: output_stem(path) + suffixes[path] for path in paths}
     for depth in range(1, MAX_NAME_DEPTH + 1):
-        clashes = _clashes(names)
-        if not clashes:
-            return names
+        if not (clashes := _clashes(names)):
+            break
         for path in (p for group in clashes for p in group):
-            parents = real_path(path).parent.parts[1:][-depth:]
-            names[path] = "-".join([*parents, name_for(path)])
+            names[path] = "-".join([*real_path(path).parent.parts[1:][-depth:], output_stem(path) + suffixes[path]])
     if clashes := _clashes(names):
         first, second = clashes[0][:2]
         raise UsageError(f"{first} and {second} would both be written to {names[first]}: run them separately")
-    return names
+    return {path: names[path][: len(names[path]) - len(suffixes[path])] for path in paths}
 
 
 def _clashes(names: dict[Path, str]) -> list[list[Path]]:

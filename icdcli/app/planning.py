@@ -1,9 +1,9 @@
-"""What a command will do, planned before any model loads: the seeds, and for `icd edit` one item per input, seed and
-target (named so that none collide), the rows of a job file, the mask and where the map it used goes, and the
-order that lets one inversion serve several edits."""
+"""What a command will do, planned before any model loads: its seeds, `icd edit`'s items (from arguments or a job
+file), masks, and the order that lets one inversion serve several edits."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import replace
@@ -17,8 +17,8 @@ log = logging.getLogger("icd")
 
 
 def checked_mask(mask: str | None, masks: dict) -> Path | None:
-    """--mask read whole now (one picture: cheap) into `masks`, which the run then uses, so a mask that cannot
-    act stops the command before the model loads; one that selects everything is said once."""
+    """--mask read now (cheap) into `masks`, which the run then uses, so a mask that cannot act stops the
+    command before the model loads."""
     if mask is None:
         return None
     from icd.masks import selects_everything
@@ -35,8 +35,7 @@ def checked_mask(mask: str | None, masks: dict) -> Path | None:
 
 
 def with_mask_outputs(items: list, save_mask: str | None) -> list:
-    """Each item's --save-mask file: the named file for one result, NAME-edit...-mask.png in that folder for
-    several."""
+    """Each item's --save-mask file: the named file for one result, NAME-edit...-mask.png in it for several."""
     if save_mask is None:
         return items
     from icd.images import OUTPUT_SUFFIXES
@@ -58,12 +57,10 @@ def captions_for(paths: list[Path], flag: str, labels: dict[Path, str] | None = 
     source prompt of an image named without one; an image without one is a usage error naming it."""
     from .jobfile import CAPTIONS_NAME, captions
 
-    folders: dict[Path, dict[str, str]] = {}
+    folder_captions = functools.cache(captions)
     found = {}
     for path in paths:
-        if path.parent not in folders:
-            folders[path.parent] = captions(path.parent)
-        caption = folders[path.parent].get(path.name)
+        caption = folder_captions(path.parent).get(path.name)
         if caption is None:
             where = (labels or {}).get(path, str(path))
             raise UsageError(f"{where}: no {flag}, and no caption for {path.name} in "
@@ -91,7 +88,7 @@ def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[
     (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per plan."""
     from .batch import Item
     from .jobs import needs_inversion
-    from .naming import distinct_stems, edit_template, kept_suffix, output_path
+    from .naming import distinct_stems, edit_template, kept_suffix, output_path, refuse_clashes
 
     images = [path for path in paths if needs_inversion([path])]
     latents = [path for path in paths if path not in images]
@@ -110,12 +107,9 @@ def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[
                 for plan in plans:
                     values = plan_values(plan, stems[path], seed if seed_of is None else seed_of, len(items) + 1)
                     name = naming.fill(default, {**values, "target": names[plan.target]}) + suffix
-                    item = Item(str(path) + _sweep_label(values, varying, group is images), path,
-                                output_path(output, name, many), job=replace(plan, seed=seed), values=values)
-                    items.append(item)
+                    items.append(Item(str(path) + _sweep_label(values, varying, group is images), path,
+                                      output_path(output, name, many), job=replace(plan, seed=seed), values=values))
     if naming.template is not None:
-        from .naming import refuse_clashes
-
         refuse_clashes(items, naming.template, ("target", "seed", *swept, "method"))
     return items
 
@@ -137,8 +131,8 @@ def _sweep_label(values: dict, varying: set[str], with_seed: bool) -> str:
 
 
 def recorded_seed(path: Path) -> int | None:
-    """The seed a latent file records (read from its header: cheap), for its name; None when it cannot be read
-    (the file then fails as its own item)."""
+    """The seed a latent file records (from its header), for its name; None when unreadable (it then fails as
+    its own item)."""
     from icd.latents import read_latent_info
 
     try:
@@ -151,8 +145,7 @@ SWEPT = ("guidance", "tau", "strength")  # the settings a comma list sweeps over
 
 
 def sweep_values(given: dict) -> list[dict]:
-    """Every combination of the swept settings' values, in the order given (a setting not given: None, so that
-    the model's default or --strength decides it)."""
+    """Every combination of the swept settings' values, in the order given (None for a setting not given)."""
     lists = [given[name] or (None,) for name in SWEPT]
     return [dict(zip(SWEPT, values)) for values in itertools.product(*lists)]
 
@@ -196,8 +189,8 @@ def target_names(targets: list[str]) -> dict[str, str]:
 
 
 def by_inversion(items: list) -> list:
-    """The items reordered so that those sharing an inversion (input, source prompt, seed) follow each
-    other, which is what lets the job cache reuse it; otherwise in the order given."""
+    """The items reordered so that those sharing an inversion (input, source prompt, seed) follow each other
+    (for the job cache), otherwise in the order given."""
     first: dict = {}
     for index, item in enumerate(items):
         first.setdefault((item.source, item.job.source, item.job.seed), index)

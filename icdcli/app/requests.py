@@ -1,11 +1,6 @@
-"""The operations that file jobs ask of a model, one request type each, with their wire encoding.
-
-The same request runs in this process (`icd.app.runner.LocalRunner`, where its arrays may be torch tensors
-that stay on the model's device from an inversion to its edits) or on a model held by `icd serve`: there it
-travels as a JSON header of its other fields and its named arrays (`icd.app.serve.wire`). Torch-free: a
-served command never imports torch; an array here is a numpy array or, in-process, a torch tensor, and
-`as_array` turns either into numpy only where bytes cross the socket.
-"""
+"""The operations that file jobs ask of a model, one request type each, with their wire encoding (a JSON
+header of its other fields and its named arrays). Torch-free, so that a served command never imports torch: an
+array is numpy, or in-process a torch tensor, turned into numpy only where it crosses `icd serve`'s socket."""
 
 from __future__ import annotations
 
@@ -97,9 +92,8 @@ class Generate(Request):
 
 @dataclass
 class Edited:
-    """An edit's result: the edited pixels (1, 3, H, W), notes (e.g. empty Prompt-to-Prompt windows), the
-    map the edit was confined to on the latent grid (1, 1, h, w), None when no mask or blend confined it, and
-    the reconstruction decoded beside the edit (1, 3, H, W) when the request asked for it."""
+    """An edit's result: the edited pixels (1, 3, H, W), notes, the map that confined it on the latent grid
+    (1, 1, h, w) if any, and the reconstruction decoded beside it (1, 3, H, W) if asked for."""
 
     pixels: Array
     notes: list[str] = field(default_factory=list)
@@ -122,10 +116,8 @@ def decode_request(header: dict, arrays: dict) -> Request:
 
 def encode_result(op: str, result) -> tuple[dict, dict[str, np.ndarray]]:
     if op == "edit":
-        arrays = {"pixels": as_array(result.pixels)}
-        for name in ("mask", "reconstruction"):
-            if getattr(result, name) is not None:
-                arrays[name] = as_array(getattr(result, name))
+        arrays = {name: as_array(getattr(result, name)) for name in ("pixels", "mask", "reconstruction")
+                  if getattr(result, name) is not None}
         return {"notes": list(result.notes)}, arrays
     return {}, {RESULT_NAMES[op]: as_array(result)}
 

@@ -1,11 +1,7 @@
-"""What runs the jobs' requests (`icd.app.requests`): one interface, so that the same job code runs on a model
-opened in this process (`LocalRunner`) or on one held by `icd serve` (`icd.app.serve.client.RemoteRunner`).
-
-Each operation is written once, as a function of the requests of one batch (a single job is a batch of one,
-bit for bit). In this process the results stay torch tensors (x_T on the model's device, so an inversion's
-edits never copy it to the host and back); `icd serve` encodes them as numpy where they cross its socket.
-The facts a job records (fingerprint, backend, dtype) and the size multiple it needs come with the runner.
-"""
+"""What runs the jobs' requests: one interface over a model in this process (`LocalRunner`) or one held by
+`icd serve` (`icd.app.serve.client.RemoteRunner`). Each operation is written once, over the requests of one
+batch (a single job is a batch of one, bit for bit); in this process results stay torch tensors (x_T on the
+model's device, so an inversion's edits never copy it to the host and back)."""
 
 from __future__ import annotations
 
@@ -35,7 +31,7 @@ class Runner(Protocol):
 
 def _tensor(array):
     """A numpy array as a CPU torch tensor sharing its memory (copied only when read-only or not contiguous);
-    a tensor as it is. The pipeline moves it to the model's device."""
+    a tensor as it is."""
     import torch
 
     if isinstance(array, torch.Tensor):
@@ -55,26 +51,20 @@ def _per_request(values: list, counts: list[int]) -> list:
     return [value for value, count in zip(values, counts) for _ in range(count)]
 
 
-def _split(batch, counts: list[int]) -> list:
-    """A batch's rows back to the requests they came from."""
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [batch[start:start + count] for start, count in zip(starts, counts)]
-
-
 def invert_rows(session: Session, requests: list[Invert]) -> list:
     from icd.pipeline import invert
 
     pixels, counts = _stacked([r.pixels for r in requests])
     x_T = invert(session, pixels, _per_request([r.prompt for r in requests], counts),
                  _per_request([r.seed for r in requests], counts))
-    return _split(x_T, counts)
+    return list(x_T.split(counts))
 
 
 def reconstruct_rows(session: Session, requests: list[Reconstruct]) -> list:
     from icd.pipeline import reconstruct
 
     x_T, counts = _stacked([r.x_T for r in requests])
-    return _split(reconstruct(session, x_T, _per_request([r.prompt for r in requests], counts)), counts)
+    return list(reconstruct(session, x_T, _per_request([r.prompt for r in requests], counts)).split(counts))
 
 
 def generate_rows(session: Session, requests: list[Generate]) -> list:
@@ -83,7 +73,7 @@ def generate_rows(session: Session, requests: list[Generate]) -> list:
     first = requests[0]
     pixels = generate(session, [r.prompt for r in requests], [r.seed for r in requests], first.width, first.height,
                       first.guidance, first.tau)
-    return _split(pixels, [1] * len(requests))
+    return list(pixels.split(1))
 
 
 def edit_rows(session: Session, requests: list[Edit]) -> list[Edited]:

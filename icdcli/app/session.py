@@ -1,10 +1,6 @@
-"""A session: one model opened for running on one engine, the only place where engines meet the pipeline.
-
-It loads the text encoders and VAE, settles the engine (announcing an export when a named engine lacks its
-files), and hands the pipeline a denoiser per direction (the engine's epsilon function behind the one
-guidance wrapper) and, for Prompt-to-Prompt, the engine's steered reverse UNet; where the engine says so,
-each loop is replayed as one captured CUDA graph.
-"""
+"""A session: one model opened on one engine, the only place where engines meet the pipeline: it hands the
+pipeline a denoiser per direction (the engine's epsilon behind the one guidance wrapper), Prompt-to-Prompt's
+steered reverse UNet, and where the engine says so, each loop replayed as one captured CUDA graph."""
 
 from __future__ import annotations
 
@@ -118,10 +114,9 @@ def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "
                  compile: bool = False, static_shapes: bool = False, directions: tuple[str, ...] = (),
                  threads: int | None = None) -> Session:
     """Open a model once per process and settings, with the denoiser of each of `directions` ready, so that a
-    broken model fails before any item. Where the engine captures loops (PyTorch on CUDA), each loop is
-    replayed as one captured graph from its second run (icd_export.graphs). `compile` applies torch.compile
-    to the UNets, autotuned when `static_shapes` (every item has the same size). The process's CPU threads
-    (`threads`, else as many as the model's work keeps busy) are set before ONNX Runtime's sessions copy them."""
+    broken model fails before any item. `compile` applies torch.compile to the UNets, autotuned when
+    `static_shapes`; the CPU threads (`threads`, else as many as the model keeps busy) are set before ONNX
+    Runtime's sessions copy them."""
     manifest = model_ref if isinstance(model_ref, Manifest) else resolve_model(model_ref)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

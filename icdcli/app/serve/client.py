@@ -1,7 +1,6 @@
-"""The client side of `icd serve`: find a server that fits a command's model, device and dtype, run the
-jobs' requests on it, and fall back to this process when it goes away, falls silent (no heartbeat for
-SILENCE_S: suspended or stuck) or returns something that is not the result asked for (checked before anything
-is written), so that a batch always completes with results this process could have made."""
+"""The client side of `icd serve`: run a command's requests on a server that fits its model, device and dtype,
+falling back to this process when it goes away, falls silent (SILENCE_S) or returns something that is not the
+result asked for, so that a batch always completes with results this process could have made."""
 
 from __future__ import annotations
 
@@ -75,8 +74,7 @@ def running_servers() -> list[tuple[Path, dict | None]]:
 
 
 def find_server(manifest: Manifest, device: str, dtype: str, backend: str, compile: bool) -> RemoteRunner | None:
-    """A connection to a running server of this model, device and dtype (as this process would resolve
-    them), or None."""
+    """A connection to a running server of this model, device and dtype, or None."""
     request = {"fingerprint": manifest.fingerprint, "device": device, "dtype": dtype, "backend": backend,
                "compile": compile}
     for path in sockets():
@@ -94,8 +92,8 @@ def find_server(manifest: Manifest, device: str, dtype: str, backend: str, compi
 
 def served_or_here(manifest: Manifest, device: str, dtype: str, backend: str, compile: bool, no_server: bool,
                    open_here: Callable[[], Runner]) -> Runner:
-    """A running `icd serve` of this model, device and dtype (said once), falling back to `open_here()` if it
-    goes away; else, or with `no_server`, `open_here()` at once."""
+    """A running `icd serve` of this model, device and dtype, falling back to `open_here()` if it goes away;
+    else, or with `no_server`, `open_here()` at once."""
     from ..distributed import local_device
 
     remote = None if no_server else find_server(manifest, local_device(device), dtype, backend, compile)
@@ -145,8 +143,7 @@ class RemoteRunner:
 
 
 def check_result(request: Request, result) -> None:
-    """What a server returned has the shape, dtype and values the request asks for (a ValueError otherwise),
-    before anything is written from it."""
+    """What a server returned has the shape, dtype and values the request asks for (else a ValueError)."""
     scale = VAE_FACTOR
     if isinstance(request, Invert):
         rows, _, height, width = request.pixels.shape

@@ -1,13 +1,7 @@
-"""The socket front end of `icd serve`: it listens on the Unix socket (born 0600, peers of another user
-refused), answers each connection in its own thread, checks a client's hello against what the server runs,
-decodes requests and hands them to the scheduler, and sends each reply. The server only computes: clients
-read and write the user's files and send arrays (`icd.app.serve.wire`). A hello is answered at once, so a
-client learns whether this server fits its model, device and dtype while other jobs run.
-
-No client can hold the server: a reply is sent from the client's own connection thread (never a worker's),
-with a send timeout; while a job runs its client gets a heartbeat every HEARTBEAT_S, so that a client tells
-a busy server from a suspended one; connections are capped, and running out of descriptors only delays the
-next `accept`. A message that cannot be read is answered with an error and logged in one line."""
+"""The socket front end of `icd serve`: a thread per connection (peers of another user refused) answers a
+hello at once, even while jobs run, and hands requests to the scheduler. No client can hold the server: a reply
+is sent from the client's own thread with a send timeout, a running job's client hears a heartbeat, and
+connections are capped. The server only computes: clients read and write the user's files."""
 
 from __future__ import annotations
 

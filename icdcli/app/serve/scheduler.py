@@ -1,13 +1,8 @@
 """The scheduler of `icd serve`: one queue of requests, the workers that run them (one copy of the model per
-device), and the batching of queued requests that share an operation and size into one model call.
-
-The server's own process serves the first device; each further device gets a process of its own (spawned),
-because a CUDA device wants its own context and streams, torch.compile and CUDA graphs hold per-process
-state, the Python side of eager PyTorch would contend for one interpreter lock, and the session cache is per
-process, so that `--device cpu --device cpu` holds two real copies of the model. An idle worker takes the
-first job it may run (a client that named a device is served there) and, from jobs queued behind it, those
-with the same batch key. Replies are encoded here (`icd.app.requests`); the front end sends them.
-"""
+device), and the batching of queued requests of one batch key into one model call. The server's own process
+serves the first device, each further device a spawned process of its own: CUDA contexts, torch.compile and
+CUDA graphs are per process, eager PyTorch would contend for one interpreter lock, and two `--device cpu` hold
+two real copies of the model."""
 
 from __future__ import annotations
 
@@ -117,12 +112,6 @@ class LocalWorker(Worker):
         return answer_batch(self.runner, requests)
 
 
-def _numbered(arrays: dict, index: int) -> dict:
-    """Job `index`'s arrays out of a batch message, where each name is prefixed with its job's number."""
-    prefix = f"{index}."
-    return {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
-
-
 def _batch_message(replies: list[Reply]) -> Reply:
     """Several (header, arrays) as one message: the headers in a list, each array named `i.name`."""
     return ({"items": [header for header, _ in replies]},
@@ -130,8 +119,10 @@ def _batch_message(replies: list[Reply]) -> Reply:
 
 
 def _unbatched(message: Reply) -> list[Reply]:
+    """A batch message's (header, arrays), each array's `i.` taken off its name."""
     header, arrays = message
-    return [(item, _numbered(arrays, i)) for i, item in enumerate(header["items"])]
+    return [(item, {name.removeprefix(f"{i}."): array for name, array in arrays.items() if name.startswith(f"{i}.")})
+            for i, item in enumerate(header["items"])]
 
 
 class ProcessWorker(Worker):

@@ -1,8 +1,5 @@
-"""The `icd serve` protocol on a stream socket: each message is a JSON header and a safetensors blob of
-tensors, each prefixed by its length (8 bytes, big-endian). Never pickle: a message is data, not code.
-
-Tensors travel as numpy arrays on both sides, so that a client never imports torch; the runner in the server
-turns them into torch tensors where its model runs."""
+"""The `icd serve` protocol on a stream socket: each message is a JSON header and a safetensors blob of numpy
+arrays, each prefixed by its length (8 bytes, big-endian). Never pickle: a message is data, not code."""
 
 from __future__ import annotations
 
