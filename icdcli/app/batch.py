@@ -86,8 +86,7 @@ def stderr_line(text: str) -> None:
 
 
 class _Inputs:
-    """The batch's input files, to tell whether an output would be one of them (by path or, through a link,
-    by identity), in one lookup per output."""
+    """The input files, to tell whether an output is one of them (by path, or through a link by identity)."""
 
     def __init__(self, paths: Iterable[Path]):
         self.paths, self.identities = set(), set()
@@ -155,8 +154,7 @@ def _named(label: str, message: str) -> str:
 
 def run(items: list[Item], work: Callable[[Item], tuple[Path, list[str]]], *, as_json: bool, quiet: bool,
         stages: Callable[[], dict[str, float]] | None = None) -> Report:
-    """Report the planned failures at once, then run `work` on the others, each behind a wall; `stages` gives
-    the seconds of each stage of the item just run."""
+    """Report the planned failures, then run `work` on the others, each behind a wall; `stages` times each."""
     report = Report()
     runnable = []
     for item in items:
@@ -214,8 +212,7 @@ def on_terminal() -> bool:
 
 
 def _progress(items: list[Item], quiet: bool) -> Iterable[Item]:
-    """A bar naming the current item, for several items on a terminal only (tqdm's import alone is a tenth of
-    a served edit)."""
+    """A bar naming the current item, on a terminal only (tqdm's import alone is a tenth of a served edit)."""
     if quiet or len(items) < 2 or not on_terminal():
         return items
     from tqdm import tqdm
@@ -232,8 +229,7 @@ def _progress(items: list[Item], quiet: bool) -> Iterable[Item]:
 
 
 def show_plan(items: list[Item], as_json: bool) -> Report:
-    """--dry-run: each item's input, outputs and settings (or why it would not run), one line each on stdout
-    (JSON lines with --json)."""
+    """--dry-run: each item's outputs and settings, or why it would not run, a line (JSON with --json) each."""
     report = Report()
     for item in items:
         status = "error" if item.error else "skipped" if item.skipped else "planned"
@@ -325,8 +321,7 @@ def discard_stdout() -> None:
 
 def file_items(paths: list[Path], output: str | None, naming, default: str, suffix_of: Callable[[Path], str],
                fields: tuple[str, ...], values_of: Callable[[Path], dict] | None = None) -> list[Item]:
-    """One item per input file, named by `naming` (else `default`) from {stem}, {n} and `values_of`'s values,
-    in the format `suffix_of` gives."""
+    """One item per input file, named by `naming` (else `default`) in the format `suffix_of` gives."""
     from .naming import distinct_stems, output_path, refuse_clashes
 
     suffixes = {path: suffix_of(path) for path in paths}

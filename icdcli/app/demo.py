@@ -36,8 +36,7 @@ def demo_input(manifest: Manifest) -> DemoInput:
 
 
 def _fitted(text: str, font, width: int) -> str:
-    """`text`, its last words replaced by an ellipsis until it fits `width` pixels (a prompt too long for its
-    panel stays readable as far as it goes)."""
+    """`text`, its last words replaced by an ellipsis until it fits `width` pixels."""
     if font.getlength(text) <= width:
         return text
     words = text.split()
@@ -67,8 +66,7 @@ def labelled_row(panels: list[tuple[Image.Image, str]]) -> Image.Image:
 
 
 def run_demo(settings: Settings, folder: Path) -> list[Path]:
-    """invert -> edit -> reconstruct; returns the files written, the before/after picture last. Running it
-    again into the same folder replaces the earlier run's files."""
+    """invert -> edit -> reconstruct; returns the files written, the before/after picture last."""
     demo = demo_input(settings.manifest)
     original = folder / "sample.png"  # a real file for the jobs, inside the demo folder
     # An earlier run of this demo (its input copy is this picture) is replaced; any other file is refused as usual.

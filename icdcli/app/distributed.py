@@ -64,9 +64,8 @@ def process_share(items: list[Item]) -> list[Item]:
 
 
 def local_device(requested: str) -> str:
-    """`--device` for this process: with several processes and CUDA, `auto` and a bare `cuda` become this
-    process's GPU on its node (cuda:LOCAL_RANK, shared round-robin when processes outnumber the GPUs);
-    anything else, and every device of a lone process, is kept as given."""
+    """`--device` for this process: with several processes and CUDA, `auto` and a bare `cuda` become its GPU on
+    its node (cuda:LOCAL_RANK, round-robin when processes outnumber the GPUs); else as given."""
     launch = current_launch()
     if not launch.several or requested not in ("auto", "cuda"):
         return requested

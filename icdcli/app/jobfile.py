@@ -93,9 +93,8 @@ class EditJob(_Row):
 
 
 def read_jobs(path: str | Path, schema: type[_Row]) -> list[tuple[int, _Row]]:
-    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV (.csv) job file, or of standard
-    input (`-`: JSON lines when it starts with `{`, else CSV). JSON values are taken as their types (true is no
-    seed, a list no prompt); CSV cells are text, read as the column's type."""
+    """(row number, job) for every row of a JSON lines (.jsonl, .json) or CSV job file, or of stdin (`-`). JSON
+    values are taken as their types (true is no seed); CSV cells are text, read as the column's type."""
     path = Path(path)
     text = _text(path)
     csv_rows = _is_csv(path, text)
@@ -144,8 +143,7 @@ def _text(path: Path) -> str:
 
 
 def _csv_rows(path: Path, text: str):
-    """The whole text through the csv module, so a quoted cell keeps its line breaks; the rows are counted
-    after the header."""
+    """The rows through the csv module (so a quoted cell keeps its line breaks), numbered after the header."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = [name.strip() for name in reader.fieldnames or ()]

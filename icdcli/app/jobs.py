@@ -85,8 +85,7 @@ class Inverted:
 
 
 class InversionCache:
-    """The last inversion, so that several targets of one (image, source prompt, seed) invert it once (the
-    CLI orders a batch's items so that those of one inversion follow each other)."""
+    """The last inversion, so that several targets of one (image, source prompt, seed) invert it once."""
 
     def __init__(self):
         self.key: tuple | None = None
@@ -144,9 +143,6 @@ class Settings:
         with self.clock.stage(STAGES[type(request)]):
             return self.runner.run(request)
 
-    def mask(self, path: Path) -> np.ndarray:
-        return read_mask_once(path, self.masks)
-
     def mask_hash(self, path: Path) -> str:
         if path not in self.mask_hashes:
             self.mask_hashes[path] = file_hash(path)
@@ -172,20 +168,20 @@ class Settings:
                             width=self.width, height=self.height)
 
 
-def _invert_image(settings: Settings, image: LoadedImage, prompt: str, seed: int) -> tuple:
+def _invert_image(settings: Settings, image: LoadedImage, prompt: str, seed: int) -> Inverted:
     size = settings.size_for(image.original_size)
     latent = settings.run(Invert(to_model_array(image, size), prompt, seed))
-    info = LatentInfo(model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt,
-                      seed=seed, width=size[0], height=size[1], original_width=image.original_size[0],
-                      original_height=image.original_size[1], source=str(image.path))
-    return latent, info
+    return Inverted(latent, LatentInfo(
+        model=settings.model_ref, model_fingerprint=settings.manifest.fingerprint, prompt=prompt, seed=seed,
+        width=size[0], height=size[1], original_width=image.original_size[0],
+        original_height=image.original_size[1], source=str(image.path)), image)
 
 
 def invert_file(settings: Settings, path: Path, prompt: str, seed: int, output: Path) -> Path:
     """Image -> latent file (x_T and its metadata)."""
-    latent, info = _invert_image(settings, load_image(path), prompt, seed)
+    found = _invert_image(settings, load_image(path), prompt, seed)
     with settings.clock.stage("write"):
-        save_latent(output, latent, info, overwrite=settings.overwrite)
+        save_latent(output, found.latent, found.info, overwrite=settings.overwrite)
     return output
 
 
@@ -244,8 +240,7 @@ def check_edit(plan: EditPlan, masks: dict[Path, np.ndarray]) -> None:
 
 def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
               mask_output: Path | None = None) -> tuple[Path, list[str]]:
-    """Image or latent file -> edited image (and the map the edit used in `mask_output`); returns the output
-    and any notes (e.g. empty P2P windows)."""
+    """Image or latent file -> edited image (and its map in `mask_output`); returns the output and notes."""
     if is_latent_file(path):
         latent, info = _load_checked_latent(settings, path)
         plan = replace(plan, source=plan.source or info.prompt, seed=info.seed)
@@ -255,7 +250,7 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
             raise ICDError("--src is needed to edit an image (a latent file carries its own prompt)")
         found = inverted(settings, path, plan.source, plan.seed)
         latent, info, original = found.latent, found.info, found.original
-    mask = None if plan.mask is None else settings.mask(plan.mask)
+    mask = None if plan.mask is None else read_mask_once(plan.mask, settings.masks)
     kept = mask is not None and plan.keep_outside and original is not None
     edited = settings.run(Edit(latent, plan, None if mask is None else model_mask(mask, (info.width,
                                                                                                info.height)), kept))
@@ -288,8 +283,7 @@ def edit_file(settings: Settings, path: Path, plan: EditPlan, output: Path,
 
 
 def file_hash(path: Path) -> str:
-    """A file's short hash (SHA-256's first 10 hex digits, as A1111 records a model's): a result's record of
-    its mask."""
+    """A file's SHA-256, first 10 hex digits (as A1111 records a model's): a result's record of its mask."""
     with open_regular(path) as file:
         return hashlib.file_digest(file, "sha256").hexdigest()[:10]
 
@@ -301,12 +295,9 @@ def relative_to(path: Path, folder: Path) -> str:
 
 def inverted(settings: Settings, path: Path, source: str, seed: int) -> Inverted:
     """The photo inverted under `source` from the noise of `seed` (the run's last inversion if the same)."""
-    def invert_now() -> Inverted:
-        original = load_image(path)
-        return Inverted(*_invert_image(settings, original, source, seed), original)
-
     return settings.inversions.get((str(path), source, seed, settings.width, settings.height,
-                                    settings.manifest.fingerprint), invert_now)
+                                    settings.manifest.fingerprint),
+                                   lambda: _invert_image(settings, load_image(path), source, seed))
 
 
 def generate_file(settings: Settings, prompt: str, seed: int, guidance: float, tau: float, output: Path) -> Path:

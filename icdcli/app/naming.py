@@ -37,8 +37,7 @@ EDIT_PARTS = (("target", "-{target}"), ("seed", "-s{seed}"), ("guidance", "-g{gu
 
 
 def slug(text: str) -> str:
-    """A file-name-safe short form of a prompt: lower-case words joined by '-', cut at the last whole word
-    within SLUG_LIMIT."""
+    """A file-name-safe short form of a prompt: lower-case words joined by '-', cut at a word within SLUG_LIMIT."""
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     if len(words) > SLUG_LIMIT:
         cut = words[: SLUG_LIMIT + 1].rfind("-")
@@ -65,8 +64,7 @@ SAMPLE = {"stem": "x", "target": "a-dog", "seed": 0, "strength": 0.5, "n": 1, **
 
 @dataclass(frozen=True)
 class Naming:
-    """A command's naming: --name's template (None: the command's default) and --format's suffix (None: each
-    input's own)."""
+    """A command's --name template and --format suffix (None: the command's default, each input's own)."""
 
     template: str | None = None
     suffix: str | None = None
@@ -130,8 +128,7 @@ def edit_template(varying: set[str]) -> str:
 
 
 def refuse_clashes(items: list, template: str, fields: tuple[str, ...]) -> None:
-    """A user's template must give each result its own file; else a usage error names two results and the
-    fields that tell them apart."""
+    """A user's template must give each result its own file; else name two results and the fields to add."""
     seen: dict[str, object] = {}
     for item in items:
         key = str(real_path(item.output)).casefold()

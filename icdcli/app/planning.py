@@ -17,8 +17,7 @@ log = logging.getLogger("icd")
 
 
 def checked_mask(mask: str | None, masks: dict) -> Path | None:
-    """--mask read now (cheap) into `masks`, which the run then uses, so a mask that cannot act stops the
-    command before the model loads."""
+    """--mask read now into `masks` (the run uses it), so a mask that cannot act stops before the model loads."""
     if mask is None:
         return None
     from icd.masks import selects_everything
@@ -83,9 +82,8 @@ def seeds_to_run(seeds: tuple[int, ...], count: int | None) -> tuple[int, ...]:
 
 def edit_items(paths: list[Path], output: str | None, plans: list, seeds: tuple[int, ...], naming,
                swept: tuple[str, ...] = ()) -> list:
-    """One item per input, seed and plan (one plan per target and swept setting), named by `naming` or by
-    default NAME-edit with the target, seed and swept settings (`swept`) added where several are run
-    (NAME-edit-<target>-s<seed>.png). A latent file carries its own seed, so it is edited once per plan."""
+    """One item per input, seed and plan (per target and swept setting), named by `naming` or NAME-edit with
+    each varying target, seed and `swept` setting. A latent file carries its own seed: edited once per plan."""
     from .batch import Item
     from .jobs import needs_inversion
     from .naming import distinct_stems, edit_template, kept_suffix, output_path, refuse_clashes
@@ -131,8 +129,7 @@ def _sweep_label(values: dict, varying: set[str], with_seed: bool) -> str:
 
 
 def recorded_seed(path: Path) -> int | None:
-    """The seed a latent file records (from its header), for its name; None when unreadable (it then fails as
-    its own item)."""
+    """The seed a latent file's header records, for its name; None when unreadable (it fails as its own item)."""
     from icd.latents import read_latent_info
 
     try:
@@ -189,8 +186,7 @@ def target_names(targets: list[str]) -> dict[str, str]:
 
 
 def by_inversion(items: list) -> list:
-    """The items reordered so that those sharing an inversion (input, source prompt, seed) follow each other
-    (for the job cache), otherwise in the order given."""
+    """The items reordered so that those sharing an inversion follow each other (for the job cache)."""
     first: dict = {}
     for index, item in enumerate(items):
         first.setdefault((item.source, item.job.source, item.job.seed), index)
@@ -198,8 +194,7 @@ def by_inversion(items: list) -> list:
 
 
 def row_output(jobs_file: str, value: str, where: str, column: str, suffixes: tuple[str, ...] | str) -> Path:
-    """A file a job row writes: relative to the job file and inside its folder (never outside it), with a
-    suffix of its kind."""
+    """A file a job row writes: inside the job file's folder (never outside it), with a suffix of its kind."""
     folder = Path(jobs_file).parent
     path = folder / value
     inside = not Path(value).is_absolute() and ".." not in Path(value).parts and \
@@ -236,10 +231,8 @@ def edit_job_items(jobs_file: str, manifest, output: str | None, names) -> list:
             (names.suffix or kept_suffix(path))
         target = row_output(jobs_file, job.output, where, "output", tuple(sorted(OUTPUT_SUFFIXES))) if job.output else \
             output_path(output, name, True)
-        written = [target, *([row_output(jobs_file, job.save_mask, where, "save_mask", ".png")] if job.save_mask
-                             else [])]
-        if len(written) == 2 and real_path(written[0]) == real_path(written[1]):
-            raise UsageError(f"{where}: save_mask {written[1]} is the edit's own output: choose another file")
-        items.append(Item(where, path, target, job=plan, mask_output=written[1] if job.save_mask else None,
-                          values=values))
+        mask_output = row_output(jobs_file, job.save_mask, where, "save_mask", ".png") if job.save_mask else None
+        if mask_output is not None and real_path(mask_output) == real_path(target):
+            raise UsageError(f"{where}: save_mask {mask_output} is the edit's own output: choose another file")
+        items.append(Item(where, path, target, job=plan, mask_output=mask_output, values=values))
     return items

@@ -30,8 +30,7 @@ class Runner(Protocol):
 
 
 def _tensor(array):
-    """A numpy array as a CPU torch tensor sharing its memory (copied only when read-only or not contiguous);
-    a tensor as it is."""
+    """A numpy array as a CPU tensor sharing its memory (copied only when read-only or not contiguous)."""
     import torch
 
     if isinstance(array, torch.Tensor):

@@ -74,8 +74,7 @@ def teacher_session(session: Session, steps: int = 50) -> Session:
 
 
 def _settle_engine(requested: str, model: Model, compile: bool, static_shapes: bool) -> Engine:
-    """The engine to run, compiling where asked and possible; a named engine whose files are missing is
-    exported here, and said so."""
+    """The engine to run, compiled where asked and possible; a named engine's missing files are exported here."""
     from icd_export.build import export_model
 
     choice = choose_backend(requested, model.manifest, model.device, model.dtype)
@@ -92,8 +91,7 @@ def _settle_engine(requested: str, model: Model, compile: bool, static_shapes: b
 
 
 def quiet_libraries() -> None:
-    """Keep stderr for our own progress and errors: silence the libraries' bars, notices and warnings
-    (all shown with -v)."""
+    """Keep stderr for icd's own lines: silence the libraries' bars, notices and warnings (shown with -v)."""
     if logging.getLogger("icd").isEnabledFor(logging.DEBUG):
         return
     import diffusers
@@ -114,9 +112,8 @@ def open_session(model_ref: str | Manifest, device: str = "auto", dtype: str = "
                  compile: bool = False, static_shapes: bool = False, directions: tuple[str, ...] = (),
                  threads: int | None = None) -> Session:
     """Open a model once per process and settings, with the denoiser of each of `directions` ready, so that a
-    broken model fails before any item. `compile` applies torch.compile to the UNets, autotuned when
-    `static_shapes`; the CPU threads (`threads`, else as many as the model keeps busy) are set before ONNX
-    Runtime's sessions copy them."""
+    broken model fails before any item; the CPU threads (`threads`, else as many as the model keeps busy) are
+    set before ONNX Runtime's sessions copy them. `static_shapes`: torch.compile autotunes."""
     manifest = model_ref if isinstance(model_ref, Manifest) else resolve_model(model_ref)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -46,8 +46,7 @@ def _connect(path: Path) -> socket.socket | None:
 
 
 def _hello(conn: socket.socket, request: dict) -> dict | None:
-    """The server's facts (with `mismatch` saying why it cannot serve `request`), or None when it does not
-    answer as a server of ours."""
+    """The server's facts (`mismatch`: why it cannot serve `request`), or None when it is not a server of ours."""
     try:
         send(conn, {"op": "hello", **request})
         facts, _ = receive(conn)

@@ -185,8 +185,7 @@ class Server:
 
 
 def _reply(conn: socket.socket, reply: tuple[dict, dict]) -> bool:
-    """Send a reply within the connection's timeout; False when the client left or stopped reading (its
-    result is dropped, the server goes on)."""
+    """Send a reply within the connection's timeout; False when the client left or stopped reading."""
     try:
         send(conn, *reply)
         return True

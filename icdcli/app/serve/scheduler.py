@@ -54,8 +54,7 @@ def answer_batch(runner: LocalRunner, requests: list[Request]) -> list[Reply]:
 
 
 def runner_facts(runner: LocalRunner) -> dict:
-    """What a worker's model is, for the server's checks and `--status` (with the CPU threads its clients' jobs
-    run on)."""
+    """What a worker's model is (and its CPU threads), for the server's checks and `--status`."""
     import torch
 
     return {"device": str(runner.session.model.device), "dtype": runner.dtype, "backend": runner.backend,
@@ -173,8 +172,7 @@ class ProcessWorker(Worker):
 
 
 def _work(conn: socket.socket, open_runner: Callable[[str], LocalRunner], device: str) -> None:
-    """A worker process: open the model on `device`, send its facts, then answer batches until the server
-    closes the connection."""
+    """A worker process: open the model on `device`, send its facts, then answer batches until closed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server decides
     with conn:
         try:
@@ -219,8 +217,7 @@ class Scheduler:
         return True
 
     def stop(self) -> None:
-        """Let the batches in flight finish; drop the queued jobs (their clients, finding the connection closed,
-        go on in their own process)."""
+        """Let the batches in flight finish; drop the queued jobs (their clients go on in their own process)."""
         with self.changed:
             self.stopping = True
             for job in self.queue:

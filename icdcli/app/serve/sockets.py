@@ -56,14 +56,12 @@ def sockets() -> list[Path]:
 
 def is_alive(path: Path) -> bool:
     """Whether a process listens on the socket `path` (a stale file left by a killed server does not)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def clear_stale(path: Path) -> None:

@@ -33,8 +33,7 @@ def send(sock: socket.socket, header: dict, tensors: dict[str, np.ndarray] | Non
 
 
 def receive(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
-    """The next whole message; `Malformed` when it is read but its parts are not a JSON object and
-    safetensors arrays."""
+    """The next whole message; `Malformed` when its parts are not a JSON object and safetensors arrays."""
     body = _exactly(sock, _length(sock, MAX_HEADER))
     size = _length(sock, MAX_TENSORS)
     blob = _exactly(sock, size) if size else b""
