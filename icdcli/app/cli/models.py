@@ -116,7 +116,6 @@ def pull(name, show_list, force, vae):
 
 def _bytes(size: float) -> str:
     """A size for people: 812 B, 4.1 MB, 2.3 GB."""
-    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             break
