@@ -284,9 +284,8 @@ def _edit(run: EvalRun, item: EvalItem, setting: EvalSetting, output: Path) -> d
     _, notes = edit_file(settings, item.image, plan, output)
     seconds = time.perf_counter() - started
     run.note(notes, item)
-    manifest = settings.manifest
     return {"seconds": round(invert_seconds + seconds, 4), "invert_seconds": round(invert_seconds, 4),
-            "unet_calls": len(manifest.forward_timesteps) + len(manifest.reverse_timesteps)}
+            "unet_calls": len(settings.manifest.forward_timesteps) + len(settings.manifest.reverse_timesteps)}
 
 
 def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray | None, setting: EvalSetting,

@@ -119,8 +119,7 @@ def _captions(items) -> None:
 
 @click.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses(*IMAGE_NAMING, "model", "device", "dtype", "backend", "compile", "threads", "output", "overwrite",
-      "skip_existing", "json", "json_log", "quiet", "verbose", "no_server", "dry_run")
+@uses(*IMAGE_NAMING, *(name for name in MODEL_RUN if name not in ("width", "height")))  # a latent keeps its size
 def reconstruct(latents, name_template, format_name, quality, model, device, dtype, backend, compile, output,
                 overwrite, skip_existing, as_json, no_server):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion).
