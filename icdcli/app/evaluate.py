@@ -1,12 +1,9 @@
 """`icd eval`'s runner: every item of a data set edited under every setting and measured, resumably.
 
-Each photo is inverted once per solver (the model's own iCD, or the teacher's multi-step DDIM baseline) and
-every setting is decoded from that inversion; the edits go to OUT/edits/<setting>/<the photo's path in the data
-set>, each measured record to OUT/results.jsonl as soon as it is made, so a rerun of the same command skips
-what is there (and measures again what lacks a metric asked for now). The edits run over the `Runner`
-protocol, so a running `icd serve` of the model does them warm; under torchrun or accelerate each process runs
-every N-th photo and the first one writes the tables. OUT/run.json names the data set, model and seed: another
-run into the same OUT is refused.
+Each photo is inverted once per solver (iCD, or the teacher's DDIM baseline) and every setting decoded from that
+inversion; each record goes to OUT/results.jsonl as soon as it is made, so a rerun skips what is there. The edits
+run over the `Runner` protocol (a running `icd serve` does them warm); under torchrun or accelerate each process
+runs every N-th photo and the first one writes the tables. OUT/run.json refuses another run into OUT.
 """
 
 from __future__ import annotations
@@ -39,14 +36,13 @@ from icd.files import atomic_write
 from icd.images import LoadedImage, load_image
 from icd.masks import resize
 from icd.models.manifest import Manifest
-from icd.models.official import DIRECTIONS, EDIT_METHODS
+from icd.models.official import EDIT_METHODS
 from icd.models.threads import every_cpu_thread
 
 from .batch import error_line, failure_line
 from .distributed import MERGE_TIMEOUT, current_launch, gather_records, process_share
 from .jobs import Settings, edit_file, inverted
 from .runner import Runner
-from .session import Session, quiet_libraries
 
 log = logging.getLogger("icd")
 RUN_FILE = "run.json"
@@ -288,9 +284,8 @@ def _edit(run: EvalRun, item: EvalItem, setting: EvalSetting, output: Path) -> d
     _, notes = edit_file(settings, item.image, plan, output)
     seconds = time.perf_counter() - started
     run.note(notes, item)
-    manifest = settings.manifest
     return {"seconds": round(invert_seconds + seconds, 4), "invert_seconds": round(invert_seconds, 4),
-            "unet_calls": len(manifest.forward_timesteps) + len(manifest.reverse_timesteps)}
+            "unet_calls": len(settings.manifest.forward_timesteps) + len(settings.manifest.reverse_timesteps)}
 
 
 def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray | None, setting: EvalSetting,
@@ -316,12 +311,6 @@ def _record(run: EvalRun, item: EvalItem, photo: LoadedImage, mask: np.ndarray |
             "metrics": {**(earlier or {}).get("metrics", {}), **metrics}, **timing}
 
 
-def _item_mask(item: EvalItem, size: tuple[int, int]) -> np.ndarray | None:
-    """The item's region at the photo's size (w, h), for the metrics."""
-    mask = item.mask()
-    return None if mask is None else resize(mask, size)
-
-
 def _walled(label: str, work: Callable[[], object]) -> bool:
     """Run one unit of work; whatever it raises becomes its one line (interrupts pass). True when it worked."""
     try:
@@ -338,7 +327,8 @@ def _run_item(run: EvalRun, item: EvalItem, plan: list, write: Callable[[dict], 
 
     def load() -> None:
         loaded["photo"] = load_image(item.image)
-        loaded["mask"] = _item_mask(item, loaded["photo"].original_size)
+        mask = item.mask()  # the metrics read it at the photo's size
+        loaded["mask"] = None if mask is None else resize(mask, loaded["photo"].original_size)
 
     if not _walled(item.id, load):
         bar.update(len(plan))
@@ -354,32 +344,19 @@ def _run_item(run: EvalRun, item: EvalItem, plan: list, write: Callable[[dict], 
     return failed
 
 
-class _NoBar:
-    def update(self, count: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, quiet: bool):
     """A progress bar over the edits on a terminal (the first process's only)."""
-    if quiet or not sys.stderr.isatty() or current_launch().rank != 0 or not total:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, file=sys.stderr, unit="edit", dynamic_ncols=True, leave=False)
-
-
-def _results_paths(out: Path) -> list[Path]:
-    return [out / RESULTS, *sorted(out.glob("results.rank-*.jsonl"))]
+    return tqdm(total=total, file=sys.stderr, unit="edit", dynamic_ncols=True, leave=False,
+                disable=quiet or not sys.stderr.isatty() or current_launch().rank != 0 or not total)
 
 
 def run_evaluation(run: EvalRun) -> int:
     """Edit, measure and record every pending item and setting of this process's share, then (first process)
     write the results, the tables and the pictures. Returns the exit code: 1 if anything failed."""
     claim_output(run.out, run.about())
-    done = read_records(_results_paths(run.out))
+    done = read_records([run.out / RESULTS, *sorted(run.out.glob("results.rank-*.jsonl"))])
     plans = []
     for item in process_share(run.items):
         expected = run.evaluator.expected(item)
@@ -506,26 +483,3 @@ def _sheet(run: EvalRun, records: list[dict], metric: str, infos: dict[str, Metr
     contact_sheet([(f"best by {info.heading}", list(entries(scored[:count]))),
                    (f"worst by {info.heading}", list(entries(scored[::-1][:count])))], run.out / "contact_sheet.png")
 
-
-def solver_runners(manifest: Manifest, device: str, dtype: str, backend: str, compile: bool, no_server: bool,
-                   steps: int) -> Callable[[str], Runner]:
-    """solver -> its runner: iCD through a running `icd serve` of the model, device and dtype when there is one
-    (falling back to this process if it goes away), else in this process; the baseline (the teacher's DDIM on
-    `steps` steps, on PyTorch) always in this process."""
-    from icd_export.engines import TorchEngine
-
-    from .distributed import local_device
-    from .runner import LocalRunner
-    from .serve.client import served_or_here
-    from .session import open_session, teacher_session
-
-    def open_here(backend: str = backend, directions: tuple[str, ...] = DIRECTIONS) -> Session:
-        quiet_libraries()
-        return open_session(manifest, local_device(device), dtype, backend, compile, directions=directions)
-
-    def open_runner(solver: str) -> Runner:
-        if solver != "icd":
-            return LocalRunner(teacher_session(open_here(TorchEngine.name, ()), steps))
-        return served_or_here(manifest, device, dtype, backend, compile, no_server, lambda: LocalRunner(open_here()))
-
-    return open_runner

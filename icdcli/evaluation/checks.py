@@ -54,15 +54,12 @@ class Check(BaseModel):
         return self
 
 
-def nearest(rgb, palette: dict[str, RGB]) -> str:
-    """The name of the palette entry nearest to a colour (Euclidean in RGB)."""
-    centres = np.asarray(list(palette.values()), np.float32)
-    return list(palette)[int(np.argmin(np.linalg.norm(centres - np.asarray(rgb, np.float32), axis=1)))]
-
-
 def colour_under(image: np.ndarray, region: np.ndarray, palette: dict[str, RGB]) -> str:
-    """The palette entry nearest to the median pixel of an (H, W, 3) 0..255 image under a boolean region."""
-    return nearest(np.median(np.asarray(image)[region], axis=0), palette)
+    """The palette entry nearest (Euclidean in RGB) to the median pixel of an (H, W, 3) 0..255 image under a
+    boolean region."""
+    median = np.median(np.asarray(image)[region], axis=0).astype(np.float32)
+    centres = np.asarray(list(palette.values()), np.float32)
+    return list(palette)[int(np.argmin(np.linalg.norm(centres - median, axis=1)))]
 
 
 def colour_regions(image: np.ndarray, palette: dict[str, RGB], min_pixels: int) -> dict[str, np.ndarray]:

@@ -1,15 +1,8 @@
-"""Editing data sets, read from the user's own copy: every item is a photo, a source and a target prompt, and
-what the data set knows besides (an editing type, the region the edit should change, blend words, checks).
-
-- PIE-Bench: a folder with `mapping_file.json` and `annotation_images/`; prompts lose the brackets around
-  their edited words; the run-length mask is decoded as the benchmark's evaluator does, border included.
-- The iCD authors' CSVs (`editing_pie_bench_140.csv`, `editing_pie_bench_all.csv`, `editing_coco.csv`) with the
-  folder of their images; their protocol edits every image at the model's resolution, square.
-- A folder with `metadata.jsonl`: one JSON object per line, `file_name`, `source`, `target` and optionally
-  `id`, `type`, `mask` (a picture, white = the region to edit), `mask_words` ("SRC:TGT"), `target_image` (the
-  true result, for `psnr_target`), `palettes` and `checks` (icd.evaluation.checks).
-
-A row that cannot be read is one line in `Dataset.problems`; the other rows are items.
+"""Editing data sets, read from the user's own copy (their formats: README, `icd eval`): every item is a photo,
+a source and a target prompt, and what the data set knows besides (an editing type, the region the edit should
+change, blend words, checks): a PIE-Bench folder, one of the iCD authors' CSVs with the folder of its images, or
+a folder with `metadata.jsonl` (`_FolderRow`). A row that cannot be read is one line in `Dataset.problems`; the
+other rows are items.
 """
 
 from __future__ import annotations

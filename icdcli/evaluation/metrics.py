@@ -1,21 +1,16 @@
 """The editing metrics, named and selectable, in the units the benchmarks report them in.
 
-PIE-Bench's (Ju et al., ICLR 2024):
-- `structure`: DINO ViT-B/8's keys of the last block (every token, heads side by side), their cosine
-  self-similarity matrix for the source and for the edit, the MSE between the two; x10^3.
-- `psnr`, `lpips` (x10^3), `mse` (x10^4), `ssim` (x10^2) on the unedited part: both images multiplied by
-  (1 - mask), means over the whole image; undefined (None) when the mask covers everything. Without a mask the
-  whole image counts.
-- `clip_whole`, `clip_edited`: CLIP score (100 x cosine, 0 at least) of the edit, and of the edit multiplied by
-  the mask, against the target prompt.
-The iCD authors': `clip_t` (the edit against the target prompt) and `clip_i` (the edit against the source
-photo), raw CLIP ViT-L/14 cosines; `dinov2`, the cosine of DINOv2's pooled features of edit and source;
-`image_reward` when the `image-reward` package is installed.
-Data sets that know more: `checks` (icd.evaluation.checks) and `psnr_target` (against the true result).
+PIE-Bench's (Ju et al., ICLR 2024): `structure`, the MSE (x10^3) between the cosine self-similarity matrices of
+DINO ViT-B/8's last-block keys (every token, heads side by side) of source and edit; `psnr`, `lpips` (x10^3),
+`mse` (x10^4) and `ssim` (x10^2) on the unedited part (both images times 1 - mask, means over the whole image;
+None when the mask covers everything); `clip_whole` and `clip_edited`, the CLIP score (100 x cosine, 0 at
+least) of the edit, and of the edit times the mask, against the target prompt. The iCD authors': `clip_t` and
+`clip_i`, raw CLIP ViT-L/14 cosines of the edit with the target prompt and with the source photo; `dinov2`, of
+DINOv2's pooled features; `image_reward`. Data sets that know more: `checks` (icd.evaluation.checks) and
+`psnr_target` (against the true result).
 
-Every PSNR stops at icd.evaluation.checks.PSNR_CAP. The metric models are Hugging Face hub ids by default, or
-local folders; one that cannot be loaded (offline, not downloaded) is one line naming it and how to get it,
-and the metrics that need no model still run. Images are compared at the source photo's size.
+Every PSNR stops at checks.PSNR_CAP. A metric model (hub id or folder) that cannot be loaded is one line on how
+to get it, and the metrics that need no model still run. Images are compared at the source photo's size.
 """
 
 from __future__ import annotations
@@ -220,8 +215,6 @@ def _load(model: str, ref: str, device: torch.device):
         raise MetricModelMissing(f"--{model.replace('_', '-')}-model {ref}: no such folder")
     try:
         return LOADERS[model](str(Path(ref).expanduser()) if looks_local else ref, device)
-    except MetricModelMissing:
-        raise
     except ImportError as err:
         raise MetricModelMissing(f"{HOW_TO_GET.get(model, '')} ({err})") from None
     except (OSError, ValueError, RuntimeError) as err:
@@ -318,15 +311,11 @@ def _picture(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(image)
 
 
-def _region(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A region picture as a boolean mask of the images' size (white = inside)."""
-    return resize(read_mask(path), (shape[1], shape[0])) >= 0.5
-
-
 def _checks(sample: Sample) -> dict[str, float | None]:
-    item = sample.item
+    """The item's checks, each region picture read as a boolean mask of the images' size (white = inside)."""
+    item, size = sample.item, (sample.edit.shape[1], sample.edit.shape[0])
     return run_checks(item.checks, sample.edit, sample.source, item.palettes,
-                      lambda region: _region(item.root / region, sample.edit.shape))
+                      lambda region: resize(read_mask(item.root / region), size) >= 0.5)
 
 
 def check_infos(items: list[EvalItem]) -> dict[str, MetricInfo]:

@@ -1,9 +1,7 @@
 """An evaluation's results: one JSON record per item and setting in `results.jsonl`, appended (and flushed)
-as each edit is measured, so that a killed run loses at most the record being written and a rerun skips
-what is there. A torn last line is ignored; a later record of the same item and setting replaces an earlier
-one; `write_records` rewrites the file whole, atomically, at the end of a run.
-
-Values that are not numbers (a metric undefined for an item: a mask covering everything) are null.
+as each edit is measured, so that a killed run loses at most the record being written (a torn line, ignored)
+and a rerun skips what is there; a later record of an item and setting replaces an earlier one. A value that is
+not a number (a metric undefined for an item) is null.
 """
 
 from __future__ import annotations

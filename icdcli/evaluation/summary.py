@@ -105,9 +105,7 @@ def _table(rows: list[dict], metrics: list[str], infos: dict[str, MetricInfo], p
 
 def _heading(name: str, infos: dict[str, MetricInfo]) -> str:
     info = infos.get(name) or METRICS.get(name)
-    if info is None:
-        return name
-    return f"{info.heading} {'↑' if info.higher_is_better else '↓'}"
+    return name if info is None else f"{info.heading} {'↑' if info.higher_is_better else '↓'}"
 
 
 def _setting(value) -> str:

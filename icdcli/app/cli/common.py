@@ -40,6 +40,14 @@ def resolve(model_ref: str | None, default: str = DEFAULT_MODEL) -> tuple[str, M
                          f"set ICD_MODEL={DEMO_MODEL})") from None
 
 
+def parsed(parse: Callable, value, flag: str):
+    """`parse(value)`, its ValueError a usage error of `flag`."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=flag) from None
+
+
 def check_size(manifest: Manifest, width: int | None, height: int | None) -> None:
     from icd.images import check_multiple
     from icd.models.geometry import size_multiple
@@ -105,9 +113,8 @@ def open_model(model_ref: str | Manifest, device: str, dtype: str, directions: t
                backend: str = "auto", compile: bool = False, static_shapes: bool = False, threads: int | None = None):
     """The session for a model, on the command's --threads; a failure here ends the command with one line (via
     `Main`). Under `accelerate launch` or `torchrun`, `auto` means this process's own GPU."""
-    from ..session import quiet_libraries
     from ..distributed import local_device
-    from ..session import open_session
+    from ..session import open_session, quiet_libraries
 
     quiet_libraries()
     return open_session(model_ref, local_device(device), dtype, backend, compile, static_shapes, directions,

@@ -17,7 +17,7 @@ from ..grid import layout
 from ..naming import FIELDS
 from ..planning import edit_settings
 from .common import (before_loading, check_engine, check_output, check_size, finish, job_settings, jobs_path,
-                     naming_options, open_runner, resolve, write_grid)
+                     naming_options, open_runner, parsed, resolve, write_grid)
 from .options import DEFAULT_MODEL, IMAGE_NAMING, MODEL_RUN, uses
 
 log = logging.getLogger("icd")
@@ -220,8 +220,8 @@ def _command_items(ctx, given, inputs, targets, seeds, count, save_mask, model, 
     check_output(output, len(targets) * len(sweeps) * (len(images) * len(seeds) + len(paths) - len(images)),
                  naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
-    given = {**given, "amplify": _parsed(parse_amplify, given["amplify"], "--amplify"),
-             "blend": _parsed(parse_blend, given["blend"], "--mask-words")}
+    given = {**given, "amplify": parsed(parse_amplify, given["amplify"], "--amplify"),
+             "blend": parsed(parse_blend, given["blend"], "--mask-words")}
     masks = {}  # each mask file's values, read once in the checks and used by the run
     planning.checked_mask(anywhere["mask"], masks)
     model, manifest = resolve(model or _recorded_model([path for path in paths if path not in images], bool(images)))
@@ -254,13 +254,6 @@ def _recorded_model(latents: list[Path], with_images: bool) -> str | None:
         raise UsageError(f"the inputs need different models ({', '.join(sorted(recorded))}): name one with -m, or "
                          "edit them in separate runs")
     return next(iter(recorded), None)
-
-
-def _parsed(parse, value, flag: str):
-    try:
-        return parse(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint=flag) from None
 
 
 def _run(items, reads, manifest, model_ref, masks, sheet, device, dtype, backend, compile, width, height, overwrite,

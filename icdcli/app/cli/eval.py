@@ -13,7 +13,7 @@ from icd.errors import UsageError
 from icd.evaluation import DEFAULT_MODELS, MASK_USES, SWEEPABLE
 from icd.limits import MAX_SEED
 
-from .common import check_size, quiet, resolve
+from .common import check_size, open_model, open_runner, parsed, quiet, resolve
 from .options import threads_given, uses
 
 log = logging.getLogger("icd")
@@ -73,7 +73,7 @@ def evaluate(dataset, model, output, images, types, limit, method, guidance, tau
     from icd.models.threads import use_cpu_threads
 
     from ..session import quiet_libraries
-    from ..evaluate import EvalRun, parse_sweeps, resolve_settings, run_evaluation, solver_runners
+    from ..evaluate import EvalRun, parse_sweeps, resolve_settings, run_evaluation
 
     quiet_libraries()
     use_cpu_threads(threads_given())  # also the metrics' models, which run here when the edits are served
@@ -82,10 +82,7 @@ def evaluate(dataset, model, output, images, types, limit, method, guidance, tau
     swept = parse_sweeps(sweeps)
     if keep_outside is not None and mask_use != "mask" and "mask_use" not in swept:
         raise UsageError(f"--{'' if keep_outside else 'no-'}keep-outside applies with --mask-use mask")
-    try:
-        amplified = parse_amplify(amplify)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--amplify") from None
+    amplified = parsed(parse_amplify, amplify, "--amplify")
     chosen_plot = _plot_axes(plot)
     data, items, model, manifest = _inputs(dataset, images, types, limit, model, width, height)
     given = {"method": method, "guidance": guidance, "tau": tau, "strength": strength, "cross_replace": cross_replace,
@@ -95,9 +92,27 @@ def evaluate(dataset, model, output, images, types, limit, method, guidance, tau
     evaluator = _evaluator(metrics, data, items, device, {"clip": clip_model, "dino": dino_model,
                                                            "dinov2": dinov2_model, "image_reward": image_reward_model})
     run = EvalRun(data, items, settings, Path(output), model, manifest, evaluator,
-                  solver_runners(manifest, device, dtype, backend, compile, no_server, steps or DDIM_STEPS), seed,
+                  _solver_runners(manifest, device, dtype, backend, compile, no_server, steps or DDIM_STEPS), seed,
                   width, height, chosen_plot, quiet())
     sys.exit(run_evaluation(run))
+
+
+def _solver_runners(manifest, device: str, dtype: str, backend: str, compile: bool, no_server: bool, steps: int):
+    """solver -> its runner: iCD's as the other commands open theirs, the baseline (the teacher's DDIM on `steps`
+    steps, on PyTorch) always in this process."""
+    from icd.models.official import DIRECTIONS
+    from icd_export.engines import TorchEngine
+
+    from ..runner import LocalRunner
+    from ..session import teacher_session
+
+    def open_solver(solver: str):
+        if solver != "icd":
+            return LocalRunner(teacher_session(open_model(manifest, device, dtype, (), TorchEngine.name, compile),
+                                               steps))
+        return open_runner(manifest, device, dtype, DIRECTIONS, backend, compile, no_server=no_server)
+
+    return open_solver
 
 
 def _plot_axes(plot: str | None) -> tuple[str, str] | None:

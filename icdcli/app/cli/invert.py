@@ -15,8 +15,7 @@ from .common import (before_loading, check_engine, check_output, check_size, fin
                      naming_options, open_runner, resolve)
 from .options import IMAGE_NAMING, MODEL_RUN, uses
 
-INVERT_FIELDS = ("stem", "seed", "n")
-RECONSTRUCT_FIELDS = ("stem", "seed", "n")
+FIELDS = ("stem", "seed", "n")  # what --name may use, in invert and reconstruct alike
 
 
 @click.command()
@@ -46,7 +45,7 @@ def invert(images, prompt, seed, jobs_file, name_template, model, device, dtype,
     from ..batch import plan
     from ..jobs import invert_file
 
-    names = naming(name_template, None, INVERT_FIELDS, {LATENT_NAME[1:]: LATENT_NAME})  # a template may end with it
+    names = naming(name_template, None, FIELDS, {LATENT_NAME[1:]: LATENT_NAME})  # a template may end with it
     jobs_file = jobs_path(jobs_file)
     items = _job_items(jobs_file, images, prompt, output, names) if jobs_file else \
         _image_items(images, prompt, seed, output, names)
@@ -102,7 +101,7 @@ def _image_items(images, prompt, seed, output, names) -> list:
     if not images:
         raise UsageError("no IMAGES: name image files, folders or globs (or give --jobs FILE)")
     items = file_items(expand_inputs(list(images), IMAGE_SUFFIXES), output, names, "{stem}", lambda _: LATENT_NAME,
-                       INVERT_FIELDS, lambda path: {"seed": seed})
+                       FIELDS, lambda path: {"seed": seed})
     for item in items:
         item.job = (seed, prompt)
     return items
@@ -120,8 +119,7 @@ def _captions(items) -> None:
 
 @click.command()
 @click.argument("latents", nargs=-1, required=True)
-@uses(*IMAGE_NAMING, "model", "device", "dtype", "backend", "compile", "threads", "output", "overwrite",
-      "skip_existing", "json", "json_log", "quiet", "verbose", "no_server", "dry_run")
+@uses(*IMAGE_NAMING, *(name for name in MODEL_RUN if name not in ("width", "height")))  # a latent keeps its size
 def reconstruct(latents, name_template, format_name, quality, model, device, dtype, backend, compile, output,
                 overwrite, skip_existing, as_json, no_server):
     """Decode latent files back into images with their own prompt and w = 0 (the faithful inversion).
@@ -137,7 +135,7 @@ def reconstruct(latents, name_template, format_name, quality, model, device, dty
     from ..naming import kept_suffix
     from ..planning import recorded_seed
 
-    names = naming_options(name_template, format_name, quality, RECONSTRUCT_FIELDS)
+    names = naming_options(name_template, format_name, quality, FIELDS)
     paths = expand_inputs(list(latents), {LATENT_SUFFIX})
     check_output(output, len(paths), naming=names)
     check_engine(device, dtype, backend, compile, not no_server)
@@ -150,7 +148,7 @@ def reconstruct(latents, name_template, format_name, quality, model, device, dty
         check_latent(item.source, manifest_of(refs[item.source]), refs[item.source])
 
     named = file_items(paths, output, names, "{stem}-recon", lambda path: names.suffix or kept_suffix(path),
-                       RECONSTRUCT_FIELDS, lambda path: {"seed": recorded_seed(path)})
+                       FIELDS, lambda path: {"seed": recorded_seed(path)})
     items = plan(named, paths, overwrite=overwrite, skip_existing=skip_existing, check=check)
     before_loading(items, as_json)
 

@@ -116,7 +116,6 @@ def pull(name, show_list, force, vae):
 
 def _bytes(size: float) -> str:
     """A size for people: 812 B, 4.1 MB, 2.3 GB."""
-    unit = "B"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             break
@@ -140,8 +139,7 @@ def info():
                        f"compute capability {props.major}.{props.minor}")
     else:
         click.echo("device: cpu (no CUDA GPU visible)")
-    backends = installed_backends()
-    click.echo(f"backends: {', '.join(backends)}")
+    click.echo(f"backends: {', '.join(installed_backends())}")
     click.echo(f"cache: {cache.icd_home()}")
-    offline = hub.available_models()
-    click.echo("models: " + ", ".join(f"{entry.name} ({entry.source}, {_bytes(entry.size_bytes)})" for entry in offline))
+    click.echo("models: " + ", ".join(f"{entry.name} ({entry.source}, {_bytes(entry.size_bytes)})"
+                                      for entry in hub.available_models()))

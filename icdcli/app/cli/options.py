@@ -88,19 +88,13 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     logging.getLogger("icd").setLevel(level)
 
 
-def _remember_json_log(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        ctx.meta["icd.json_log"] = value
+def _remember(key: str):
+    """A callback that keeps an option's value, when given, in the context's `meta` under `key`."""
+    def callback(ctx: click.Context, param: click.Parameter, value) -> None:
+        if value:
+            ctx.meta[key] = value
 
-
-def _remember_dry_run(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.meta["icd.dry_run"] = True
-
-
-def _remember_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
-    if value:
-        ctx.meta["icd.threads"] = value
+    return callback
 
 
 def threads_given() -> int | None:
@@ -139,7 +133,8 @@ OPTIONS = {
     "overwrite": click.option("--overwrite", is_flag=True, help="Replace existing output files."),
     "skip_existing": click.option("--skip-existing", is_flag=True, help="Leave items whose output exists, "
                                   "e.g. to finish an interrupted batch."),
-    "threads": click.option("--threads", type=click.IntRange(min=1), expose_value=False, callback=_remember_threads,
+    "threads": click.option("--threads", type=click.IntRange(min=1), expose_value=False,
+                            callback=_remember("icd.threads"),
                             help="CPU threads of torch and ONNX Runtime (one count for both). Default: "
                                  "OMP_NUM_THREADS if set, else the CPUs this process may use (its CPU affinity and "
                                  "cgroup quota). A command run by `icd serve` uses the server's."),
@@ -147,8 +142,8 @@ OPTIONS = {
                               "`icd serve` serves it."),
     "json": click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (one line per item)."),
     "json_log": click.option("--json-log", type=click.Path(dir_okay=False), expose_value=False,
-                             callback=_remember_json_log, help="Also write every item's JSON record to this file "
-                             "(under torchrun or accelerate launch: one file for all processes)."),
+                             callback=_remember("icd.json_log"), help="Also write every item's JSON record to "
+                             "this file (under torchrun or accelerate launch: one file for all processes)."),
     "quiet": click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
                           help="Print nothing but errors."),
     "verbose": click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
@@ -193,7 +188,7 @@ OPTIONS = {
                            "(PNG for a format icd does not write; a latent file's: its photo's)."),
     "quality": click.option("--quality", type=click.IntRange(1, 100), help="JPEG and WebP results: their quality, "
                             f"1-100. Default {DEFAULT_QUALITY}."),
-    "dry_run": click.option("--dry-run", is_flag=True, expose_value=False, callback=_remember_dry_run,
+    "dry_run": click.option("--dry-run", is_flag=True, expose_value=False, callback=_remember("icd.dry_run"),
                             help="Print the plan (each item, its output and settings) and stop: no model loads, "
                                  "nothing is written."),
 }

@@ -111,8 +111,7 @@ def serve_runner(manifest, dtype: str, backend: str, compile: bool, level: int, 
 
     setup_logging()
     logging.getLogger("icd").setLevel(level)
-    return LocalRunner(open_model(manifest, device, dtype, DIRECTIONS, backend, compile,
-                                  threads=threads))
+    return LocalRunner(open_model(manifest, device, dtype, DIRECTIONS, backend, compile, threads=threads))
 
 
 def _served(facts: dict) -> str:

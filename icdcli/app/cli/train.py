@@ -17,7 +17,8 @@ def _stage_options(command):
                            help="Override one setting (repeatable), e.g. --set train.lr=1e-5 "
                                 "--set icd.guidance_scales=0,7,11.")(command)
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                        help="TOML (or YAML) file of settings, or a shipped preset: `official` (the authors' training recipe exactly, for `icd train icd`). Defaults: the paper's SD1.5 recipe with icd's "
+                        help="TOML (or YAML) file of settings, or a shipped preset: `official` (the authors' training "
+                             "recipe exactly, for `icd train icd`). Defaults: the paper's SD1.5 recipe with icd's "
                              "reverse preservation target (see `icd train icd --help`).")(command)
 
 
