@@ -1,9 +1,6 @@
-"""Which models exist: released presets and `icd pull`, the shipped ones, and how `--model` finds a model.
-
-The official files are tar.gz archives on a plain HTTPS bucket with no checksums, so downloads resume
-(cache.py), archives are checked for hostile members before anything is extracted, and every final file
-appears atomically: an interrupted pull never leaves something that looks installed.
-"""
+"""Which models exist: released presets and `icd pull`, the shipped ones, and how `--model` finds a model. The
+official files are tar.gz archives on a plain HTTPS bucket without checksums: downloads resume, archives are
+checked for hostile members before extraction, and an interrupted pull never leaves what looks installed."""
 
 from __future__ import annotations
 
@@ -33,9 +30,8 @@ BUILTIN_MODELS = ("mini",)
 DEFAULT_BASE_URL = "https://storage.yandexcloud.net/yandex-research/invertible-cd/"
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-# The fp16-safe SDXL VAE SDXL users already run (the community's sdxl-vae-fp16-fix: the base VAE's weights
-# rescaled so that no activation overflows fp16): `icd pull sdxl --vae` names it, else SDXL's VAE runs in fp32
-# under fp16.
+# The community's fp16-safe SDXL VAE (weights rescaled so that no activation overflows fp16): `icd pull sdxl
+# --vae` names it, else SDXL's VAE runs in fp32 under fp16.
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repository: the VAE at its root
 

@@ -1,12 +1,8 @@
 """How many CPU threads torch and ONNX Runtime use: the CPUs this process may run on, as many as the model's
-work can keep busy.
-
-torch's own default counts the CPUs of the affinity mask but not a cgroup's CPU quota (a container given 2
-CPUs on a 64-core host would run 64 threads and be throttled mid-step), nor how small a model's operations
-are: `mini`'s take microseconds, and a second thread only adds the wake-up at every operation (BENCHMARKS.md,
-"CPU threads under load"). The threads' waiting between calls is set apart, in `icd/__init__.py`: OpenMP reads
-it once, when torch loads. Torch-free until `use_cpu_threads`.
-"""
+work can keep busy. torch's default ignores a cgroup's CPU quota (2 CPUs on a 64-core host would run 64 threads,
+throttled mid-step) and how small the operations are (`mini`'s take microseconds: a second thread only adds a
+wake-up to each; BENCHMARKS.md, "CPU threads under load"). Their waiting between calls is set in
+`icd/__init__.py`. Torch-free until `use_cpu_threads`."""
 
 from __future__ import annotations
 
@@ -101,10 +97,9 @@ def cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
 
 
 def use_cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
-    """Set torch's intra-op threads (which ONNX Runtime's sessions then take, export/onnx.py) to
-    `cpu_threads(requested, useful)` and its inter-op pool to one thread (icd runs no inter-op work: a second
-    pool would only add threads); returns the count. A count requested once stays for this process's later
-    sessions that request none, so that a second session does not undo --threads."""
+    """Set torch's intra-op threads (ONNX Runtime's sessions take the same) to `cpu_threads(requested, useful)`
+    and its inter-op pool to one (icd runs no inter-op work); returns the count. A count requested once stays
+    for this process's later sessions that request none, so that a second one does not undo --threads."""
     global _given
     import torch
 

@@ -62,10 +62,7 @@ class Steering:
 
     def blend_maps(self) -> torch.Tensor:
         """(2, tokens): the blend-word attention of this call, summed over the blend level's layers."""
-        total = self.maps[0]
-        for maps in self.maps[1:]:
-            total = total + maps
-        return total
+        return sum(self.maps[1:], self.maps[0])
 
 
 class P2PProcessor:
