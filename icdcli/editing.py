@@ -225,9 +225,8 @@ RECORDED = {"source": ("source_prompt", str, None), "target": ("prompt", str, No
 
 
 def recorded(fields: Mapping, folder: Path) -> Given:
-    """The settings of an edit's result as its metadata records them, each checked for its type and range (a
-    ValueError names the first that is not): the first source of a rerun (`icd edit --from`). A recorded mask
-    path is relative to the result's `folder`."""
+    """The first source of a rerun (`icd edit --from`): a result's recorded settings, each checked for its type
+    and range (a ValueError names the first that is not), a mask path relative to the result's `folder`."""
     values = {}
     for setting, (key, kind, bounds) in RECORDED.items():
         value = fields.get(key)

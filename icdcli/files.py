@@ -104,9 +104,8 @@ def update_with_ends(digest, file: BinaryIO, size: int, span: int = 1 << 20):
 
 
 def temporary_path(path: Path) -> Path:
-    """A fresh temporary name beside `path`, `.NAME.<pid>-<hex>.tmp` (what `sweep_temporaries` recognises),
-    with NAME shortened when needed so that the whole fits the folder's limit on a name's bytes: a legal
-    output name must not fail for its temporary's length."""
+    """A fresh temporary name beside `path`, `.NAME.<pid>-<hex>.tmp` (what `sweep_temporaries` recognises), NAME
+    shortened to fit the file system's limit on a name's bytes: a legal output name must not fail for it."""
     tail = f".{os.getpid()}-{secrets.token_hex(4)}.tmp"
     name = os.fsencode(path.name)
     try:

@@ -344,8 +344,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def embedded_texts(path: str | Path) -> tuple[str | None, str | None]:
-    """(A1111-style parameters text, icd JSON) as save_image embeds them: PNG text chunks, else EXIF fields;
-    None for each that the file lacks."""
+    """(A1111-style parameters text, icd JSON) as save_image embeds them, None for each that the file lacks."""
     path = Path(path)
     with opened(path) as im:
         if im.format == "PNG":

@@ -103,8 +103,7 @@ def load_latent(path: str | Path) -> tuple[np.ndarray, LatentInfo]:
 
 
 def _read_header(file: BinaryIO, name: str) -> tuple[LatentInfo, _TensorEntry, int]:
-    """The record from a safetensors header, checked against the tensor's entry, with that entry and where the
-    tensor data starts; the data is not read."""
+    """The header's record, checked against the tensor's entry, with that entry and where the (unread) data starts."""
     size = os.fstat(file.fileno()).st_size
     if size == 0:
         raise InputError(f"{name}: empty file, not an icd latent")

@@ -24,9 +24,8 @@ DETAIL_LEVELS = (16.0, 48.0)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask picture (any image format, like the photos) as (h, w) float32 in [0, 1]: its brightness, white
-    where the edit may act, black where the photo is kept, grey partly; transparent pixels count as black.
-    One that selects nothing is refused, naming the file."""
+    """A mask picture (any format the photos may have) as (h, w) float32 in [0, 1], its brightness (transparent
+    pixels black); one that selects nothing is refused, naming the file."""
     path = Path(path)
     with opened(path, max_pixels_limit()) as im:
         im.load()

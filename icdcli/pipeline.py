@@ -93,9 +93,8 @@ class EditResult:
 
 
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (1, 1, H, W) mask in [0, 1] at any resolution on the latent grid `size`: each cell takes the mask's
-    mean over the pixels it covers, so cells on the mask's edge change partly (the feathering) and a cell the
-    mask leaves all black stays exactly the source."""
+    """A (1, 1, H, W) mask in [0, 1] at any resolution on the latent grid `size`, each cell the mean of what it
+    covers: cells on the mask's edge change partly (feathering), an all-black one stays exactly the source."""
     if mask.ndim != 4 or mask.shape[:2] != (1, 1):
         raise ValueError(f"a mask is (1, 1, H, W), got {tuple(mask.shape)}")
     grid = mask.float()
@@ -118,8 +117,7 @@ def edit_regions(mask: torch.Tensor | None, mix: float, x_T: torch.Tensor,
 
 
 def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Two rows (source, target): the target keeps its own latent where `region` is 1, the source's where it
-    is 0, a mix in between."""
+    """Rows (source, target): the target's own latent where `region` is 1, the source's where 0, a mix between."""
     return torch.stack([x[0], torch.lerp(x[0], x[1], region[0])])
 
 

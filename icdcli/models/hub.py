@@ -58,7 +58,6 @@ class Preset:
     lora_archive: str
     forward_timesteps: tuple[int, ...]
     reverse_timesteps: tuple[int, ...]
-    resolution: int
     description: str
 
 
@@ -70,7 +69,7 @@ def _presets(kind: str, base: str, label: str) -> list[Preset]:
     teacher = f"{kind}_cfg_distill.pt.tar.gz"
     return [Preset(name=f"{kind}-{suffix}", kind=kind, base=base, teacher_archive=teacher,
                    lora_archive=f"iCD-{label}_{archive}.tar.gz", forward_timesteps=forward,
-                   reverse_timesteps=forward[1:] + (NUM_TRAIN_TIMESTEPS - 1,), resolution=RESOLUTION[kind],
+                   reverse_timesteps=forward[1:] + (NUM_TRAIN_TIMESTEPS - 1,),
                    description=f"iCD-{label}, {len(forward)} steps, forward " + "/".join(map(str, forward)))
             for suffix, archive, forward in schedules]
 
@@ -201,7 +200,7 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
         "name": resolved, "kind": preset.kind, "base": preset.base, "teacher": str(teacher),
         "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": forward.name, "reverse_lora": reverse.name,
         "lora_alpha": LORA_ALPHA, "forward_timesteps": list(preset.forward_timesteps),
-        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": preset.resolution,
+        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": RESOLUTION[preset.kind],
         **({"vae": str(Path(vae).resolve()) if local_vae else vae} if vae is not None else {})})
 
 

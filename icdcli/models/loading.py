@@ -305,8 +305,7 @@ class Model:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        """The encoders' work, uncached: what `encode_text` runs for prompts it has not kept (and what a
-        benchmark of text encoding times)."""
+        """The encoders' work, uncached: what `encode_text` runs for prompts it has not kept (and a benchmark times)."""
         for prompt in set(prompts):
             count = len(self.tokenizers[0](prompt).input_ids)
             limit = self.tokenizers[0].model_max_length

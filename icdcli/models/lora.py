@@ -112,8 +112,7 @@ def lora_delta(layer: LoraLayer, default_alpha: float) -> torch.Tensor:
 
 
 def _misfit(layer: LoraLayer, module: nn.Module) -> str | None:
-    """How a LoRA's A and B fail to fit the module they adapt, or None: A is (rank, in[, k, k]), B
-    (out, rank[, 1, 1])."""
+    """How a LoRA's A and B fail to fit the module they adapt, or None."""
     weight = module.weight
     rank, kernel = layer.down.shape[0], tuple(weight.shape[2:])
     takes = f"in={weight.shape[1]}" + (f" with a {kernel[0]}x{kernel[1]} kernel" if kernel else "")

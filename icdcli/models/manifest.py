@@ -159,8 +159,7 @@ _HUB_ID = re.compile(r"(?:[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?/)?[A-Za-z0-9_](?:
 
 
 def _folder_or_hub_id(value: str, folder: Path, where: str, key: str) -> str:
-    """A base or VAE entry: the absolute folder when it names one relative to the manifest, else a hub id;
-    anything else is one ModelError line."""
+    """A base or VAE entry: the absolute folder it names relative to the manifest, else a hub id, else ModelError."""
     local = (folder / value).resolve()
     if local.is_dir():
         return str(local)

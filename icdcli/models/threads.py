@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 log = logging.getLogger("icd")
@@ -50,15 +50,13 @@ def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
 
 def _quota(folder: Path) -> float | None:
     """The CPUs' worth of time a cgroup folder allows per period, or None where it sets no quota."""
-    try:
+    with suppress(OSError, ValueError):
         if (folder / "cpu.max").is_file():  # v2: "QUOTA PERIOD" or "max PERIOD"
             quota, period = (folder / "cpu.max").read_text().split()[:2]
             return None if quota == "max" else int(quota) / int(period)
         if (folder / "cpu.cfs_quota_us").is_file():  # v1: -1 means none
             quota = int((folder / "cpu.cfs_quota_us").read_text())
             return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
     return None
 
 
@@ -83,16 +81,14 @@ def _omp_num_threads() -> int | None:
 
 
 def useful_threads(unet_config: dict) -> int:
-    """The threads a UNet's work can keep busy at its own resolution: `mini` (8x8 latents, 32 channels) one,
-    SD1.5 or SDXL far more than any CPU has."""
+    """The threads a UNet's work keeps busy at its own resolution: `mini` one, SD1.5 or SDXL more than any CPU has."""
     side = unet_config["sample_size"]
     height, width = (side, side) if isinstance(side, int) else side
     return max(1, height * width * unet_config["block_out_channels"][0] ** 2 // WORK_PER_THREAD)
 
 
 def cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
-    """The thread count to run with: `requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()`
-    capped at the `useful` count of the model's work."""
+    """`requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()` capped at the `useful` count."""
     return requested or _omp_num_threads() or min(available_cpus(), useful or math.inf)
 
 
@@ -106,10 +102,8 @@ def use_cpu_threads(requested: int | None = None, useful: int | None = None) -> 
     _given = requested or _given
     threads = cpu_threads(_given, useful)
     torch.set_num_threads(threads)
-    try:
+    with suppress(RuntimeError):  # only possible before any inter-op work: then it was set already, or never used
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # only possible before any inter-op work: then it was set already, or never used
-        pass
     log.debug("CPU threads: %d", threads)
     return threads
 

@@ -134,8 +134,7 @@ class PromptToPrompt:
 
     @property
     def graph_key(self) -> tuple:
-        """The host settings a decoding reads besides the control tensors and the latent's size (a captured
-        loop's key): whether LocalBlend runs, and its threshold."""
+        """The host settings a decoding reads besides its tensors (a captured loop's key): the blend and threshold."""
         return self.blends, self._threshold
 
     def start(self, device: torch.device) -> None:
