@@ -84,9 +84,8 @@ def with_photo_detail(edited: Image.Image, reconstruction: Image.Image, photo: I
 
 def keep_outside(edited: Image.Image, reconstruction: Image.Image, photo: LoadedImage, mask: np.ndarray,
                  working_width: int) -> Image.Image:
-    """The edit inside the mask, with the photo's detail where it changed nothing (`with_photo_detail`, given
-    the reconstruction decoded beside it), and the input photo outside it, at the photo's size. The mask is
-    feathered inwards by FEATHER_PX working pixels, so every pixel the mask leaves black is exactly the photo's."""
+    """At the photo's size: the edit inside the mask (`with_photo_detail`), the photo outside it, the mask
+    feathered inwards by FEATHER_PX working pixels so that every pixel it leaves black is exactly the photo's."""
     working_pixel = photo.original_size[0] / working_width
     inside = with_photo_detail(edited, reconstruction, photo.rgb, working_pixel).convert(edited.mode)
     if "A" in edited.getbands():

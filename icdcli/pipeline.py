@@ -106,9 +106,8 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def edit_regions(mask: torch.Tensor | None, mix: float, x_T: torch.Tensor,
                  steps: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Where the edit may act on x_T's latent grid (`latent_mask`; None without a mask), and the share of its own
-    latent the target keeps in each cell after each of `steps` steps: that times mix^(1/steps), so that about
-    `mix` of the edit is left at the end (what the target draws by a step is scaled again at every later one);
-    None where it keeps all of it everywhere (then swap and none decode one row)."""
+    latent the target keeps in each cell after each step, times mix^(1/steps) so that about `mix` of the edit is
+    left at the end; None where it keeps all of it everywhere (then swap and none decode one row)."""
     where = None if mask is None else latent_mask(mask.to(x_T.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
     share = mix ** (1.0 / steps)
     if share == 1.0:
