@@ -1,9 +1,6 @@
-"""What an edit or a generation will do, decided before any model runs: the model's edit defaults, the
-guidance on each decoding step, Prompt-to-Prompt's settings, the one strength knob that moves them together,
-and `EditPlan`, every setting of one edit resolved once.
-
-Torch-free, so that a command served by `icd serve` plans, checks and records its jobs without importing torch.
-"""
+"""What an edit or a generation will do, decided before any model runs (torch-free: `icd serve` plans, checks
+and records jobs without torch): the model's edit defaults, each step's guidance, Prompt-to-Prompt's settings,
+the one strength knob that moves them together, and `EditPlan`, every setting of one edit resolved once."""
 
 from __future__ import annotations
 
@@ -29,19 +26,16 @@ class EditDefaults:
     tau: float
 
 
-# The official launch settings: SD1.5 edits with Prompt-to-Prompt at w 19, tau 0.8; SDXL with the prompt
-# swap at w 19, tau 0.7. Generation uses a constant w of 7.
+# The official launch settings (generation's w is constant).
 EDIT_DEFAULTS = {"sd15": EditDefaults("p2p", 19.0, 0.8), "sdxl": EditDefaults("swap", 19.0, 0.7)}
 GENERATE_GUIDANCE, GENERATE_TAU = 7.0, 1.0
-# Prompt-to-Prompt's windows: the fractions of the decoding steps whose cross- and self-attention come from
-# the source, the official launch settings.
+# Prompt-to-Prompt's official windows: the shares of decoding steps whose cross-/self-attention are the source's.
 DEFAULT_CROSS_REPLACE, DEFAULT_SELF_REPLACE = 0.3, 0.6
 DEFAULT_AMPLIFY = 4.0  # p2p: each new target word's attention, times this
 # Each number an edit takes, its range (inclusive): what options, job files, records and sweeps accept.
 BOUNDS = {"guidance": (0.0, math.inf), "tau": (0.0, 1.0), "strength": (0.0, 1.0), "cross_replace": (0.0, 1.0),
           "self_replace": (0.0, 1.0), "mix": (0.0, 1.0)}
-# A folder's Hugging Face style metadata: each image's caption, the source prompt of its edits (`icd edit`,
-# `icd invert`, training), or the rows of an `icd eval` data set.
+# A folder's Hugging Face style metadata: each image's caption (its edits' source prompt) or `icd eval`'s rows.
 CAPTIONS_NAME = "metadata.jsonl"
 
 
@@ -56,8 +50,8 @@ def guidance_on_steps(manifest: Manifest, guidance: float, tau: float) -> list[t
     return [(jump.t, dynamic_guidance(guidance, jump.t, tau)) for jump in jumps]
 
 
-# How the notes about one picture begin (what a blend's map selected): they are told for each item, while
-# the notes about the settings (an empty window, a word not in the prompt) are told once for a batch.
+# How the notes about one picture begin (what a blend's map selected): told for each item, unlike the notes
+# about the settings (an empty window, a word not in the prompt), told once for a batch.
 MASK_WORDS_NOTE = "--mask-words"
 
 
@@ -99,15 +93,11 @@ def parse_blend(value: str | None) -> tuple[tuple[str, ...], tuple[str, ...]] | 
     return tuple(src.lower().split()), tuple(tgt.lower().split())
 
 
-# --strength: one knob from the reconstruction (0) to the strongest edit the model's defaults allow (1), each
-# knob moving linearly between its two ends: guidance w from 0 to the model's default; tau from the model's
-# default to 1 (guidance on every step, and `swap` then takes the source prompt on no step); Prompt-to-Prompt's
-# windows from 1 (every attention map from the source) to 0; and `mix`, the share of the edit kept, from 0 to
-# 1. The mix is what makes 0 the reconstruction for every method and every pair of prompts: at 0 the target
-# row is the source row after every step. w alone could not: with w = 0 the target prompt still decodes
-# something else (on mini a dark green or purple blob where the photo was), and the other knobs alone leave
-# half of the range flat on mini (tau 0.8 -> 1 and the windows barely act there). The model's defaults (no
-# --strength) are not a point of this line: strength 1 is them with guidance on every step and no window.
+# --strength: from the reconstruction (0) to the strongest edit of the model's defaults (1), each knob linear:
+# w from 0 to the default; tau from the default to 1; Prompt-to-Prompt's windows from 1 to 0; `mix`, the share
+# of the edit kept, from 0 to 1. The mix makes 0 the reconstruction for every method and prompt pair (at w = 0
+# the target prompt still decodes something else, and the other knobs barely act on mini). Strength 1 is the
+# defaults with guidance on every step and no window, so the defaults (no --strength) are not on this line.
 STRENGTH_KNOBS = ("guidance", "tau", "cross_replace", "self_replace", "mix")
 
 
@@ -123,9 +113,8 @@ def strength_knobs(manifest: Manifest, strength: float) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class EditPlan:
-    """Every setting of one edit, resolved (`resolve_edit`): what the CLI, job files, `--from`, `icd serve` and
-    `icd.pipeline.edit` all take as it is. `source` is None for a latent file until its recorded prompt is read;
-    `strength` is only recorded (the knobs it set are in guidance, tau, p2p and mix already)."""
+    """Every setting of one edit, resolved (`resolve_edit`) for everything downstream to take as it is. `source`
+    is None for a latent file until its recorded prompt is read; `strength` is only recorded (its knobs are set)."""
 
     source: str | None
     target: str
@@ -192,11 +181,10 @@ class Given:
 
 
 def resolve_edit(manifest: Manifest, *sources: Given) -> EditPlan:
-    """The one place an edit's settings are decided: the model's defaults, then each source in order (a
-    `--from` record, then the command line or a job row), a later one winning; then `strength`, which sets
-    the knobs (STRENGTH_KNOBS) that no source at or above its own gave. Prompt-to-Prompt's
-    settings with another method are an error where that method was chosen or later, and are dropped from
-    sources before it (a rerun of a p2p edit with `--method swap`)."""
+    """The one place an edit's settings are decided: the model's defaults, then each source in order (`--from`'s
+    record, then a command line or job row), a later one winning; `strength` sets the STRENGTH_KNOBS that no
+    source at or after its own gave. Prompt-to-Prompt's settings with another method are an error where that
+    method was chosen or later, and dropped before it (a rerun of a p2p edit with `--method swap`)."""
     def latest(name: str, default=None, within=sources):
         return next((source.values[name] for source in reversed(within) if source.has(name)), default)
 
@@ -237,9 +225,8 @@ RECORDED = {"source": ("source_prompt", str, None), "target": ("prompt", str, No
 
 
 def recorded(fields: Mapping, folder: Path) -> Given:
-    """The settings of an edit's result as its metadata records them, each checked for its type and range (a
-    ValueError names the first that is not): the first source of a rerun (`icd edit --from`). A recorded mask
-    path is relative to the result's `folder`."""
+    """The first source of a rerun (`icd edit --from`): a result's recorded settings, each checked for its type
+    and range (a ValueError names the first that is not), a mask path relative to the result's `folder`."""
     values = {}
     for setting, (key, kind, bounds) in RECORDED.items():
         value = fields.get(key)
@@ -262,6 +249,5 @@ def recorded(fields: Mapping, folder: Path) -> Given:
 
 
 def edit_plan(manifest: Manifest, source: str | None, target: str, **settings) -> EditPlan:
-    """An edit of `source` into `target` with `settings` (keyword names of SETTINGS) over the model's
-    defaults: the short way to a plan from Python."""
+    """An edit of `source` into `target` with `settings` (SETTINGS) over the model's defaults, from Python."""
     return resolve_edit(manifest, Given({"source": source, "target": target, **settings}))

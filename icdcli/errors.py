@@ -22,7 +22,6 @@ class OutputExistsError(ICDError):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, for a one-line error; its type's name when it has none (an
-    EOFError from an empty file says nothing)."""
+    """An exception message's first line, else its type's name (an EOFError from an empty file says nothing)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -1,10 +1,6 @@
-"""Files the user gave or asked for: how outputs appear (whole, atomically) and what inputs may be.
-
-Every writer of a user-visible file goes through `atomic_write`, so a crash or a signal never leaves a
-half-written output under the final name, and an output never replaces a file it was not allowed to.
-Every reader of a user's input goes through `open_regular`, so a FIFO, a device or a folder given by mistake
-is refused at once instead of hanging or reading forever.
-"""
+"""Files the user gave or asked for. Every writer of a user-visible file goes through `atomic_write` (a crash
+never leaves a half-written output under the final name, nor replaces a file it was not allowed to), every
+reader of an input through `open_regular` (a FIFO, a device or a folder is refused at once, never hangs)."""
 
 from __future__ import annotations
 
@@ -32,13 +28,9 @@ _UMASK_LOCK = threading.Lock()
 
 
 def open_regular(path: str | Path, *, follow_symlinks: bool = True) -> BinaryIO:
-    """The input opened for binary reading if it is a regular file, else one InputError.
-
-    The kind is checked before opening (a device is never opened) and again on the open descriptor (the
-    path may have changed in between); the open itself is non-blocking, so a FIFO cannot hang it. Symlinks
-    are followed unless `follow_symlinks` is False: then a link is refused as what it is (a cache's own files,
-    which must never lead outside it).
-    """
+    """The input opened for binary reading if it is a regular file, else one InputError. The kind is checked
+    before the open (a device is never opened, a FIFO cannot hang the non-blocking open) and after it (the path
+    may have changed). With `follow_symlinks` False a link is refused (a cache's files must not lead outside)."""
     path = Path(path)
     name = path.name
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
@@ -74,12 +66,9 @@ def _refuse_unless_regular(name: str, mode: int) -> None:
 
 
 def atomic_write(path: str | Path, write_fn: Callable[[Path], object], *, overwrite: bool = False) -> None:
-    """Write through `write_fn(temporary_path)`, then put the result under `path` in one step.
-
-    Without `overwrite` the last step claims the name atomically: a file that appeared at `path` while
-    `write_fn` ran is kept and OutputExistsError raised. The output gets the modes a plain file (or folder)
-    creation would give under the umask, whatever `write_fn` used.
-    """
+    """Write through `write_fn(temporary_path)`, then put the result under `path` in one step; without
+    `overwrite` that step claims the name atomically (a file that appeared meanwhile is kept: OutputExistsError).
+    The output gets the modes a plain creation would give under the umask, whatever `write_fn` used."""
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
@@ -115,25 +104,20 @@ def update_with_ends(digest, file: BinaryIO, size: int, span: int = 1 << 20):
 
 
 def temporary_path(path: Path) -> Path:
-    """A fresh temporary name beside `path`, `.NAME.<pid>-<hex>.tmp` (what `sweep_temporaries` recognises),
-    with NAME shortened when needed so that the whole fits the folder's limit on a name's bytes: a legal
-    output name must not fail for its temporary's length."""
+    """A fresh temporary name beside `path`, `.NAME.<pid>-<hex>.tmp` (what `sweep_temporaries` recognises), NAME
+    shortened to fit the file system's limit on a name's bytes: a legal output name must not fail for it."""
     tail = f".{os.getpid()}-{secrets.token_hex(4)}.tmp"
     name = os.fsencode(path.name)
-    room = _name_max(path.parent) - 1 - len(tail)
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255  # the file system does not say
+    room = name_max - 1 - len(tail)
     if len(name) > room:
         while room > 1 and name[room] & 0xC0 == 0x80:  # cut between UTF-8 characters, not inside one
             room -= 1
         name = name[:room]
     return path.with_name(os.fsdecode(b"." + name) + tail)
-
-
-def _name_max(folder: Path) -> int:
-    """The longest file name in bytes that `folder`'s file system takes (255 where it does not say)."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
 
 
 def _exists_error(path: Path) -> OutputExistsError:
@@ -173,23 +157,19 @@ def _claim_then_replace(temporary: Path, path: Path, claim: Callable[[], object]
         os.replace(temporary, path)
     except OSError:
         with suppress(OSError):  # give the name back, unless someone wrote into the placeholder meanwhile
-            _remove_if_empty(path)
+            if path.is_dir():
+                os.rmdir(path)  # refuses a folder that is not empty
+            elif path.stat().st_size == 0:
+                path.unlink()
         raise
 
 
-def _remove_if_empty(path: Path) -> None:
-    if path.is_dir():
-        os.rmdir(path)  # refuses a folder that is not empty
-    elif path.stat().st_size == 0:
-        path.unlink()
-
-
 def _follow_umask(temporary: Path) -> None:
-    """Give the temporary (and everything in it) the modes a normal creation would: 0o666 or 0o777 less the umask.
-
-    Some writers create 0600 files (safetensors does, through its own temporary files).
-    """
-    umask = _umask()
+    """Give the temporary (and everything in it) the modes a normal creation would, 0o666 or 0o777 less the
+    umask: some writers create 0600 files (safetensors does, through its own temporary files)."""
+    with _UMASK_LOCK:  # reading the umask means setting it: under a lock, with a harmless value meanwhile
+        umask = os.umask(0o022)
+        os.umask(umask)
     entries = [temporary]
     if temporary.is_dir() and not temporary.is_symlink():
         for folder, folders, files in os.walk(temporary):
@@ -200,14 +180,6 @@ def _follow_umask(temporary: Path) -> None:
             continue
         full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
         os.chmod(entry, full & ~umask)
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it: done under a lock, with a harmless value meanwhile)."""
-    with _UMASK_LOCK:
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return umask
 
 
 def _sync_folder(folder: Path) -> None:
@@ -221,11 +193,8 @@ def _sync_folder(folder: Path) -> None:
 
 
 def sweep_temporaries(folder: str | Path) -> int:
-    """Remove the temporaries that writers which have since died left in `folder`; returns how many.
-
-    Only `.NAME.<pid>-<hex>.tmp` entries whose pid is no live process go; a live writer's (or another
-    user's) and anything not named exactly so are left alone.
-    """
+    """Remove the temporaries that writers which have since died left in `folder`; returns how many. Only
+    `.NAME.<pid>-<hex>.tmp` entries whose pid is no live process go, not another user's nor anything else."""
     removed = 0
     try:
         entries = list(Path(folder).iterdir())

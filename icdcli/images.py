@@ -1,21 +1,12 @@
 """Reading photos into UNet-ready tensors and writing results with their parameters.
 
-Working size policy. A UNet needs both sides divisible by a `multiple` (64 for SD1.5, 32 for SDXL,
-other values for tiny test models), but photos come in any size and aspect ratio. So a photo is
-resized (Lanczos) to a *working size* for the model and the result is resized back to the
-original size, with the original alpha channel re-attached:
-
-* no width/height given: keep the aspect ratio, make the area about `resolution`², and round each
-  side to the nearest multiple (at least one multiple). Rounding distorts the aspect ratio by less
-  than one multiple per side, which is accepted.
-* only one of width/height: that side as given, the other follows the aspect ratio (rounded).
-* both: exactly those. A given side that is not a multiple is a usage error naming the nearest
-  valid values, rather than a silent change.
-
-Odd inputs are normalised on load: EXIF orientation applied, alpha split off and the colour
-composited over white (hidden colours under transparent pixels must not leak), 16-bit and float
-pixels scaled (not clipped) to 8 bits, first frame only. Pixel counts are checked from the header
-before decoding, so a decompression bomb costs nothing.
+A photo is resized (Lanczos) to a *working size* whose sides divide by the model's `multiple` (64 for SD1.5,
+32 for SDXL), and the result back to the original size with its alpha re-attached. No width or height given:
+the aspect ratio kept, the area about `resolution`², each side rounded to the nearest multiple; one given: the
+other follows the aspect ratio; a given side that is no multiple is a usage error naming the nearest, never a
+silent change. Inputs are normalised on load: EXIF orientation applied, alpha split off and the colour put over
+white (hidden colours under transparency must not leak), 16-bit and float pixels scaled (not clipped) to 8
+bits, first frame only; the pixel count is checked from the header, so a decompression bomb costs nothing.
 """
 
 from __future__ import annotations
@@ -81,12 +72,9 @@ def max_pixels_limit() -> int:
 
 @contextmanager
 def _pillow_pixel_threshold(pixels: int | None) -> Iterator[None]:
-    """Pillow's own decompression-bomb threshold set to `pixels` (None: off) for a while, then restored.
-
-    Pillow checks its threshold (about 89.5 megapixels) when it reads a header and again while decoding some
-    formats. We check our own limit from the header first, so ours decides and ICD_MAX_PIXELS can lift it.
-    The threshold is a module global: the lock keeps two of our threads from restoring each other's value.
-    """
+    """Pillow's decompression-bomb threshold (about 89.5 megapixels) set to `pixels` (None: off) for a while, so
+    that our own limit, checked from the header first, decides (ICD_MAX_PIXELS can lift it). The threshold is a
+    module global: the lock keeps two of our threads from restoring each other's value."""
     with _PILLOW_THRESHOLD_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = pixels
@@ -98,10 +86,8 @@ def _pillow_pixel_threshold(pixels: int | None) -> Iterator[None]:
 
 @contextmanager
 def opened(path: Path, max_pixels: int | None = None) -> Iterator[Image.Image]:
-    """The image with only its header read, refused when over `max_pixels` (when given), decodable within it.
-
-    Every failure is one InputError line that starts with the file name.
-    """
+    """The image with only its header read, refused when over `max_pixels` (when given), decodable within it;
+    every failure is one InputError line that starts with the file name."""
     name = path.name
     with open_regular(path) as file:
         try:
@@ -128,7 +114,8 @@ def check_pixel_count(name: str, size: tuple[int, int], limit: int) -> None:
     """An InputError when a picture of `size` (width, height) would be over `limit` pixels."""
     width, height = size
     if width * height > limit:
-        raise InputError(f"{name}: {width}x{height} pixels is over the {_describe(limit)} limit "
+        described = f"{limit // 1_000_000}-megapixel" if limit % 1_000_000 == 0 else f"{limit}-pixel"
+        raise InputError(f"{name}: {width}x{height} pixels is over the {described} limit "
                          f"(set {MAX_PIXELS_ENV} to raise it)")
 
 
@@ -149,10 +136,8 @@ def _header_exif(im: Image.Image) -> Image.Exif:
 
 
 def probe_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
-    """The (width, height) load_image would give, from the header alone, with the same refusals.
-
-    Cheap enough to check every input before any model loads; the pixel data is neither read nor checked.
-    """
+    """The (width, height) load_image would give, with the same refusals, from the header alone: cheap enough
+    to check every input before any model loads (the pixel data is neither read nor checked)."""
     path = Path(path)
     with opened(path, max_pixels_limit() if max_pixels is None else max_pixels) as im:
         return _oriented_size(im)
@@ -167,10 +152,6 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> LoadedImag
         im = ImageOps.exif_transpose(im)
         rgb, alpha = _split_alpha(im)
     return LoadedImage(rgb=rgb, alpha=alpha, path=path, original_size=rgb.size, mode=mode)
-
-
-def _describe(limit: int) -> str:
-    return f"{limit // 1_000_000}-megapixel" if limit % 1_000_000 == 0 else f"{limit}-pixel"
 
 
 def _split_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
@@ -250,11 +231,8 @@ def image_to_array(image: Image.Image) -> np.ndarray:
 
 
 def pixels_to_image(pixels) -> Image.Image:
-    """A (3, h, w) array or tensor in [-1, 1] (values outside clamped) as an RGB picture.
-
-    Every result passes here, so this is where a numerically broken one (fp16 overflow) stops, before a
-    black or noisy picture is written as if it were fine.
-    """
+    """A (3, h, w) array or tensor in [-1, 1] (values outside clamped) as an RGB picture. Every result passes
+    here: a numerically broken one (fp16 overflow) stops before a black or noisy picture is written as fine."""
     values = as_array(pixels)
     if not np.isfinite(values).all():
         raise ICDError("the result holds NaN or inf values: nothing was written (try --dtype fp32)")
@@ -287,12 +265,9 @@ def from_model_output(pixels, original: LoadedImage | None) -> Image.Image:
 
 def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite: bool = False,
                quality: int = DEFAULT_QUALITY) -> None:
-    """Save in the format the suffix names (JPEG and WebP at `quality`), with the generation parameters
-    embedded twice.
-
-    The A1111 `parameters` text, for the tools that read it, and our own JSON, for read_metadata: PNG text
-    chunks `parameters` and `icd`; in a JPEG or WebP, EXIF UserComment and ImageDescription.
-    """
+    """Save in the format the suffix names (JPEG and WebP at `quality`) with the parameters embedded twice: the
+    A1111 `parameters` text for the tools that read it and our JSON for read_metadata (PNG text chunks
+    `parameters` and `icd`; in a JPEG or WebP, EXIF UserComment and ImageDescription)."""
     path = Path(path)
     image_format = _FORMATS.get(path.suffix.lower())
     if image_format is None:
@@ -320,11 +295,8 @@ def save_image(img: Image.Image, path: str | Path, *, metadata: dict, overwrite:
 
 
 def parameters_text(metadata: dict, size: tuple[int, int]) -> str:
-    """The A1111-style `parameters` string that other tools read: the prompt line, then `Key: value` pairs.
-
-    Steps count the decoding steps (`guidance_steps`); the CFG scale is the classical one, the paper's w + 1;
-    Size is the picture's; the model's fingerprint is its `Model hash`, as A1111 readers look for it.
-    """
+    """The A1111-style `parameters` string other tools read: the prompt line, then `Key: value` pairs (Steps:
+    the decoding steps; CFG scale: the classical one, the paper's w + 1; the fingerprint as `Model hash`)."""
     steps = metadata.get("guidance_steps")
     w = metadata.get("guidance_w")
     fields = {"Steps": len(steps) if steps else None, "Sampler": "iCD" if steps else None,
@@ -372,8 +344,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def embedded_texts(path: str | Path) -> tuple[str | None, str | None]:
-    """(A1111-style parameters text, icd JSON) as save_image embeds them: PNG text chunks, else EXIF fields;
-    None for each that the file lacks."""
+    """(A1111-style parameters text, icd JSON) as save_image embeds them, None for each that the file lacks."""
     path = Path(path)
     with opened(path) as im:
         if im.format == "PNG":

@@ -1,13 +1,7 @@
-"""Latent files written by `icd invert`: x_T plus everything needed to decode it later.
-
-A `.safetensors` file with one tensor, `latent` (1, 4, height/8, width/8) fp32, and string metadata: the model
-(reference and fingerprint), the prompt, the seed, the working and original image sizes and the icd
-version. Edits and reconstructions read the prompt and sizes from here, so they need nothing else.
-
-Reading checks everything from the header first (`read_latent_info`: cheap enough for every input before a
-model loads), then the values (`load_latent`). Any file that is not a sound latent gives one InputError line
-naming the file and what is wrong with it.
-"""
+"""Latent files written by `icd invert`: x_T, a `.safetensors` tensor `latent` (1, 4, height/8, width/8) fp32,
+with metadata recording all that decoding it needs (model reference and fingerprint, prompt, seed, working and
+original sizes, icd version). Reading checks the header first (`read_latent_info`, cheap enough for every input
+before a model loads), then the values (`load_latent`); an unsound file is one InputError line naming it."""
 
 from __future__ import annotations
 
@@ -109,8 +103,7 @@ def load_latent(path: str | Path) -> tuple[np.ndarray, LatentInfo]:
 
 
 def _read_header(file: BinaryIO, name: str) -> tuple[LatentInfo, _TensorEntry, int]:
-    """The record from a safetensors header, checked against the tensor's entry, with that entry and where the
-    tensor data starts; the data is not read."""
+    """The header's record, checked against the tensor's entry, with that entry and where the (unread) data starts."""
     size = os.fstat(file.fileno()).st_size
     if size == 0:
         raise InputError(f"{name}: empty file, not an icd latent")

@@ -1,11 +1,6 @@
-"""Inversion, reconstruction, editing and generation on tensors (the library API under the CLI).
-
-Each function takes a `Runtime`: the model's text encoders and VAE, a denoiser per direction, and the
-attention host Prompt-to-Prompt needs. The app's session is one; whatever engine runs the UNets is its
-business. Guidance values follow the paper: w is the classical guidance scale minus one, so w = 0 is the
-conditional prediction alone. The noise for encoding (at t = 19) and for generation is drawn on the CPU
-from a seeded generator, so a seed gives the same result on every device.
-"""
+"""Inversion, reconstruction, editing and generation on tensors (the library API under the CLI), on a `Runtime`
+(the app's session is one, whatever engine runs its UNets). Guidance follows the paper: w is the classical
+scale minus one, so w = 0 is the conditional prediction alone."""
 
 from __future__ import annotations
 
@@ -38,11 +33,6 @@ class Runtime(Protocol):
         the loop reads (timesteps, guidance), `inputs` are its tensors (see icd_export.graphs)."""
 
 
-def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Gaussian noise from a CPU generator: identical on every device for a given seed."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-
-
 def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A loop's starting latents on the device, made inside inference mode like every later step's: a tensor
     from outside it has other dispatch keys, which would make torch.compile compile the first call apart."""
@@ -52,6 +42,11 @@ def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _per_row(value, rows: int) -> list:
     """One value for every row, or a list of one per row (a server batches several jobs as rows)."""
     return list(value) if isinstance(value, (list, tuple)) else [value] * rows
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian noise from a CPU generator: identical on every device for a given seed."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
 def row_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
@@ -98,9 +93,8 @@ class EditResult:
 
 
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (1, 1, H, W) mask in [0, 1] at any resolution on the latent grid `size`: each cell takes the mask's
-    mean over the pixels it covers, so cells on the mask's edge change partly (the feathering) and a cell the
-    mask leaves all black stays exactly the source."""
+    """A (1, 1, H, W) mask in [0, 1] at any resolution on the latent grid `size`, each cell the mean of what it
+    covers: cells on the mask's edge change partly (feathering), an all-black one stays exactly the source."""
     if mask.ndim != 4 or mask.shape[:2] != (1, 1):
         raise ValueError(f"a mask is (1, 1, H, W), got {tuple(mask.shape)}")
     grid = mask.float()
@@ -112,9 +106,8 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def edit_regions(mask: torch.Tensor | None, mix: float, x_T: torch.Tensor,
                  steps: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Where the edit may act on x_T's latent grid (`latent_mask`; None without a mask), and the share of its own
-    latent the target keeps in each cell after each of `steps` steps: that times mix^(1/steps), so that about
-    `mix` of the edit is left at the end (what the target draws by a step is scaled again at every later one);
-    None where it keeps all of it everywhere (then swap and none decode one row)."""
+    latent the target keeps in each cell after each step, times mix^(1/steps) so that about `mix` of the edit is
+    left at the end; None where it keeps all of it everywhere (then swap and none decode one row)."""
     where = None if mask is None else latent_mask(mask.to(x_T.device), tuple(x_T.shape[-2:])).to(x_T.dtype)
     share = mix ** (1.0 / steps)
     if share == 1.0:
@@ -123,28 +116,26 @@ def edit_regions(mask: torch.Tensor | None, mix: float, x_T: torch.Tensor,
 
 
 def confined(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Two rows (source, target): the target keeps its own latent where `region` is 1, the source's where it
-    is 0, a mix in between."""
+    """Rows (source, target): the target's own latent where `region` is 1, the source's where 0, a mix between."""
     return torch.stack([x[0], torch.lerp(x[0], x[1], region[0])])
 
 
 @torch.inference_mode()
 def edit(runtime: Runtime, x_T: torch.Tensor, plan: EditPlan, *, mask: torch.Tensor | None = None,
          with_reconstruction: bool = True) -> EditResult:
-    """Decode an inverted latent under the plan's target prompt, with the plan's settings as they are
-    (`icd.editing.resolve_edit` or `edit_plan` made them; nothing is decided here).
+    """Decode an inverted latent under the plan's target prompt, with the plan's settings as they are (made by
+    `icd.editing.resolve_edit` or `edit_plan`; nothing is decided here).
 
-    p2p: rows [source, target] decoded together (source unguided), the target's attention maps taken
-         from the source's inside the Prompt-to-Prompt windows. The source row's pixels come back as the
-         reconstruction unless `with_reconstruction` is False: its VAE decode costs more than 3 UNet calls.
-    swap: one row; the source prompt on the unguided high-noise steps (t/1000 > tau), the target on the rest.
-         As in the official SDXL code, those steps swap only the per-token embeddings: the pooled embedding
-         (and the size ids) stay the target's.
+    p2p: rows [source, target] decoded together (source unguided), the target's attention maps taken from the
+         source's inside the windows; the source row's pixels are the reconstruction unless `with_reconstruction`
+         is False (its VAE decode costs more than 3 UNet calls).
+    swap: one row; the source prompt on the unguided steps (t/1000 > tau), the target on the rest, swapping only
+         the per-token embeddings as the official SDXL code does (the pooled embedding and size ids stay).
     none: one row; the target prompt on every step.
 
-    mask: (1, 1, H, W) in [0, 1], any resolution, 1 where the edit may act; plan.mix < 1 acts as a grey one over
-    the whole latent (`edit_regions`). After every step the target's latent outside them is the source's: p2p has
-    the source row; swap and none decode it beside theirs in the same UNet calls. At mix 0: the reconstruction.
+    mask: (1, 1, H, W) in [0, 1], any resolution, 1 where the edit may act; plan.mix < 1 acts as a grey one
+    (`edit_regions`). After every step the target's latent outside them is the source's (p2p's source row, or one
+    decoded beside swap's and none's in the same UNet calls): at mix 0, the reconstruction.
     """
     model = runtime.model
     method, tau = plan.method, plan.tau

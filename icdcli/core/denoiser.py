@@ -1,14 +1,10 @@
 """The denoiser contract: what samplers and training call, whatever runs the UNet.
 
-An *epsilon function* makes one UNet pass: `eps_fn(x_t, t, cond, timestep_cond) -> eps`, where
-`timestep_cond` is the guidance embedding e(w) (or None for a UNet without one). PyTorch, ONNX Runtime,
-TensorRT and torch.compile each supply one. `Guided` turns any of them into a *denoiser*
-`denoiser(x_t, t, cond, w) -> eps` with one guidance value per row, in the spirit of k-diffusion's
-CFGDenoiser: one pass fed e(w) for a guidance-embedded UNet, else the classical guidance in one pass over
-the conditional and unconditional rows together.
-
-The samplers give w as Python floats, known when the steps are built, so that a step never reads a device
-value back to the host (a sync that stalls the GPU's queue and rules out capturing the loop as a graph).
+An *epsilon function* makes one UNet pass, `eps_fn(x_t, t, cond, timestep_cond) -> eps`, with the guidance
+embedding e(w) as `timestep_cond` (None for a UNet without one); PyTorch, ONNX Runtime, TensorRT and
+torch.compile each supply one. `Guided` makes any of them a *denoiser* `denoiser(x_t, t, cond, w) -> eps`, one w
+per row, in the spirit of k-diffusion's CFGDenoiser. The samplers give w as Python floats fixed when the steps
+are built, so a step never reads a device value back (a sync that stalls the GPU and rules out graph capture).
 """
 
 from __future__ import annotations
@@ -78,14 +74,10 @@ def _filled(values: tuple[float, ...], device: torch.device, dtype: torch.dtype)
 
 
 class Guided:
-    """A denoiser around one-pass `eps_fn`.
-
-    With a guidance-embedded UNet (`embed_dim`) a guided prediction costs one pass fed e(w). Without one,
-    the rows that ask for w != 0 get eps_c + w (eps_c - eps_u), with `uncond` the empty prompt's rows: the
-    conditional and unconditional rows go through `eps_fn` as one batch of twice the rows. The device
-    tensors for a tuple of guidance values (e(w), or the w column of CFG) are made once, on the device, and
-    kept; `dtype` is the embedding's dtype (None: fp32, for mixed-precision training).
-    """
+    """A denoiser around one-pass `eps_fn`: with a guidance-embedded UNet (`embed_dim`) one pass fed e(w), else
+    eps_c + w (eps_c - eps_u) for rows with w != 0, the conditional and the unconditional rows (`uncond`, the
+    empty prompt's) in one batch. The device tensors of a tuple of w (e(w), or CFG's w column) are made once and
+    kept; `dtype` is e(w)'s (None: fp32, for mixed-precision training)."""
 
     CACHED = 64  # tuples of guidance values kept: inference repeats a few, training draws many
 

@@ -1,9 +1,7 @@
 """Samplers: short loops of consistency jumps over a denoiser (see `denoiser.py`).
 
-Encoding and decoding are the same loop over different jumps: the forward model climbs 19 -> ... -> 999,
-the reverse model descends 999 -> ... -> 0. `jump` is the one step both the samplers and training's losses
-take, so the two cannot drift apart. Each step's guidance values are Python floats fixed when the steps are
-built: the loops never wait on the device.
+Encoding (forward model, 19 -> ... -> 999) and decoding (reverse model, 999 -> ... -> 0) are one loop over
+different jumps. `jump` is the one step of both the samplers and training's losses, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ def jump(denoiser: Denoiser, x: torch.Tensor, t: Timesteps, s: Timesteps, cond: 
 
 @dataclass(frozen=True)
 class Step:
-    """One UNet call: the jump, the conditioning rows and each row's guidance value (floats: see above)."""
+    """One UNet call: the jump, the conditioning rows and each row's w (Python floats: the loop never syncs)."""
 
     jump: Jump
     cond: Conditioning

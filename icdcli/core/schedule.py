@@ -1,10 +1,5 @@
-"""Which timesteps the samplers visit and which guidance each step uses: the part of the iCD math that is
-plain numbers (torch-free, so a command can plan and record a job without loading torch).
-
-- Timesteps run over Stable Diffusion's 1000 training steps; t = 0 is the clean latent.
-- Dynamic guidance: w is used when t / 1000 <= tau and replaced by 0 at higher noise.
-- Encoding climbs the forward boundaries 19 -> ... -> 999; decoding descends the reverse ones -> 0.
-"""
+"""Which timesteps the samplers visit (of Stable Diffusion's 1000; t = 0 is the clean latent) and which guidance
+each step uses: the iCD math that is plain numbers, torch-free so that a command can plan a job without torch."""
 
 from __future__ import annotations
 

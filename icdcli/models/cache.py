@@ -1,8 +1,5 @@
-"""The local cache ($ICD_HOME) and resumable downloads into it.
-
-Downloads resume with Range requests and every final file appears atomically: an interrupted download never
-leaves something that looks complete.
-"""
+"""The local cache ($ICD_HOME) and downloads into it, which resume (Range requests) and whose final files appear
+atomically: an interrupted download never leaves something that looks complete."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ import sys
 import urllib.error
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import ModelError
@@ -104,11 +101,9 @@ def already_checked(key: str) -> bool:
 
 def remember_checked(key: str) -> None:
     """Record a passed check so later starts skip it; a cache that cannot be written only costs the check again."""
-    try:
+    with suppress(OSError):
         _verdict_path(key).parent.mkdir(parents=True, exist_ok=True)
         _verdict_path(key).touch()
-    except OSError:
-        pass
 
 
 def _offline_var() -> str | None:

@@ -1,9 +1,6 @@
-"""Which models exist: released presets and `icd pull`, the shipped ones, and how `--model` finds a model.
-
-The official files are tar.gz archives on a plain HTTPS bucket with no checksums, so downloads resume
-(cache.py), archives are checked for hostile members before anything is extracted, and every final file
-appears atomically: an interrupted pull never leaves something that looks installed.
-"""
+"""Which models exist: released presets and `icd pull`, the shipped ones, and how `--model` finds a model. The
+official files are tar.gz archives on a plain HTTPS bucket without checksums: downloads resume, archives are
+checked for hostile members before extraction, and an interrupted pull never leaves what looks installed."""
 
 from __future__ import annotations
 
@@ -33,9 +30,8 @@ BUILTIN_MODELS = ("mini",)
 DEFAULT_BASE_URL = "https://storage.yandexcloud.net/yandex-research/invertible-cd/"
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-# The fp16-safe SDXL VAE SDXL users already run (the community's sdxl-vae-fp16-fix: the base VAE's weights
-# rescaled so that no activation overflows fp16): `icd pull sdxl --vae` names it, else SDXL's VAE runs in fp32
-# under fp16.
+# The community's fp16-safe SDXL VAE (weights rescaled so that no activation overflows fp16): `icd pull sdxl
+# --vae` names it, else SDXL's VAE runs in fp32 under fp16.
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]  # a VAE repository: the VAE at its root
 
@@ -62,7 +58,6 @@ class Preset:
     lora_archive: str
     forward_timesteps: tuple[int, ...]
     reverse_timesteps: tuple[int, ...]
-    resolution: int
     description: str
 
 
@@ -74,7 +69,7 @@ def _presets(kind: str, base: str, label: str) -> list[Preset]:
     teacher = f"{kind}_cfg_distill.pt.tar.gz"
     return [Preset(name=f"{kind}-{suffix}", kind=kind, base=base, teacher_archive=teacher,
                    lora_archive=f"iCD-{label}_{archive}.tar.gz", forward_timesteps=forward,
-                   reverse_timesteps=forward[1:] + (NUM_TRAIN_TIMESTEPS - 1,), resolution=RESOLUTION[kind],
+                   reverse_timesteps=forward[1:] + (NUM_TRAIN_TIMESTEPS - 1,),
                    description=f"iCD-{label}, {len(forward)} steps, forward " + "/".join(map(str, forward)))
             for suffix, archive, forward in schedules]
 
@@ -205,7 +200,7 @@ def pull(name: str, *, force: bool = False, progress: bool = True, base_url: str
         "name": resolved, "kind": preset.kind, "base": preset.base, "teacher": str(teacher),
         "guidance_embed_dim": GUIDANCE_EMBED_DIM, "forward_lora": forward.name, "reverse_lora": reverse.name,
         "lora_alpha": LORA_ALPHA, "forward_timesteps": list(preset.forward_timesteps),
-        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": preset.resolution,
+        "reverse_timesteps": list(preset.reverse_timesteps), "resolution": RESOLUTION[preset.kind],
         **({"vae": str(Path(vae).resolve()) if local_vae else vae} if vae is not None else {})})
 
 

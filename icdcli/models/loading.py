@@ -1,9 +1,6 @@
-"""Loading an iCD model's parts, and the glue that differs between SD1.5 and SDXL.
-
-`Model` holds what every run needs besides the UNets: the text encoders (SD1.5 vs SDXL conditioning), the
-VAE, and the UNet's config. The UNets themselves come from `load_teacher` and `fuse_unets` (teacher +
-LoRA), and `unet_eps` makes a PyTorch UNet one epsilon function of the core's contract.
-"""
+"""Loading an iCD model's parts, and the glue that differs between SD1.5 and SDXL: `Model` (text encoders, VAE
+and UNet config), the UNets (`load_teacher`, `fuse_unets`: teacher + LoRA), and `unet_eps`, a PyTorch UNet as an
+epsilon function of the core's contract."""
 
 from __future__ import annotations
 
@@ -33,11 +30,6 @@ DTYPES = dict(zip(PRECISION_NAMES, (torch.float32, torch.float16, torch.bfloat16
 PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def _device_choices() -> str:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ", ".join(["auto", "cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count))])
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """`--device`: auto, cpu, cuda or cuda:N of a visible GPU; anything else is one UsageError line."""
     if name == "auto":
@@ -54,17 +46,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         why = f"only {torch.cuda.device_count()} CUDA GPU(s) are visible"
     else:
         return device
-    raise UsageError(f"--device {name}: {why}; choose one of: {_device_choices()}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    choices = ", ".join(["auto", "cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count))])
+    raise UsageError(f"--device {name}: {why}; choose one of: {choices}")
 
 
 def claim_device(device: torch.device) -> None:
-    """Make a CUDA `device` this process's current device, and let fp32 matmuls use TF32 on it.
-
-    Work that names no device (a library's default stream, TensorRT's allocations, `torch.cuda` calls without
-    an index) goes to the current device, cuda:0 unless set: a process running on cuda:1 (a torchrun rank, an
-    `icd serve` worker) says so here. TF32 is what cuDNN's fp32 convolutions already use by default; it
-    speeds up the fp32 layers of a half-precision run (SDXL's VAE under fp16) and changes nothing on a GPU
-    without it. A CPU device changes nothing."""
+    """Make a CUDA `device` the current one (where work that names no device goes, e.g. TensorRT's allocations:
+    cuda:0 unless set), and let fp32 matmuls use TF32 there, as cuDNN's fp32 convolutions already do (it speeds
+    up the fp32 layers of a half-precision run, such as SDXL's VAE under fp16). A CPU device changes nothing."""
     if device.type != "cuda":
         return
     if device.index is not None:
@@ -91,9 +81,8 @@ def _missing_base(base: str, part: str, err: Exception, whose: str = "base model
 
 
 def _from_base(cls, base: str, subfolder: str | None, whose: str = "base model"):
-    """Load one component of the base pipeline from disk (full-precision files, else the fp16 variant
-    that `icd pull` fetches for SDXL); a missing one is a one-line ModelError. `subfolder` None: the
-    component is the whole repository or folder (a VAE named apart from the base)."""
+    """One component of the base pipeline from disk (full-precision files, else the fp16 variant `icd pull`
+    fetches for SDXL; `subfolder` None: the whole repository, a VAE named apart); missing: one ModelError line."""
     try:
         return cls.from_pretrained(base, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -202,13 +191,9 @@ def ready_unet(unet, device: torch.device, dtype: torch.dtype):
 
 
 def vae_dtype(kind: str, vae_config, dtype: torch.dtype) -> torch.dtype:
-    """The VAE's dtype for a run in `dtype`: the run's, except fp32 for SDXL's VAE under fp16.
-
-    SDXL's base VAE overflows in fp16 and its config says so (`force_upcast`, which diffusers' SDXL pipelines
-    read and which an fp16-safe replacement such as sdxl-vae-fp16-fix sets to false). SD1.5's VAE runs in
-    fp16, as diffusers' SD1.5 pipeline runs it whatever the flag (its published config lacks it, and a
-    missing flag reads as true). bf16 has fp32's range: nothing overflows, so nothing is upcast.
-    """
+    """The VAE's dtype for a run in `dtype`: the run's, except fp32 for SDXL's VAE under fp16 when its config
+    says it overflows (`force_upcast`, as diffusers' SDXL pipelines read it; false in an fp16-safe VAE). SD1.5's
+    runs in fp16 whatever the flag, as in diffusers' pipeline; bf16 has fp32's range, so nothing is upcast."""
     upcast = dtype == torch.float16 and kind == "sdxl" and vae_config.force_upcast
     return torch.float32 if upcast else dtype
 
@@ -247,11 +232,8 @@ def unet_eps(unet, dtype: torch.dtype | None = None) -> EpsFn:
 
 @dataclass
 class Model:
-    """An iCD model's text encoders and VAE on a device, with its manifest and UNet config.
-
-    Each prompt's text conditioning is kept (the last `PROMPTS_KEPT`, per size for SDXL), so a job or a
-    process encodes it once: a photo edit inverts under the source prompt and edits under it again.
-    """
+    """An iCD model's text encoders and VAE on a device, with its manifest and UNet config. The last
+    `PROMPTS_KEPT` prompts' conditionings are kept (per size for SDXL): an edit inverts and edits under one."""
 
     manifest: Manifest
     device: torch.device
@@ -306,11 +288,8 @@ class Model:
 
     @torch.inference_mode()
     def encode_text(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        """CLIP conditioning; SDXL: both encoders' penultimate states, the pooled vector and size ids.
-
-        The prompts not kept yet are encoded together in one batch; the result is a fresh copy of the kept
-        rows, so a caller that writes into it cannot change what later calls get.
-        """
+        """CLIP conditioning (SDXL: both encoders' penultimate states, the pooled vector and size ids), the prompts
+        not kept yet encoded in one batch; a fresh copy, so a caller writing into it changes no later call's."""
         keys = [(prompt, size if self.manifest.kind == "sdxl" else None) for prompt in prompts]
         missing = list(dict.fromkeys(key for key in keys if key not in self._prompts))
         if missing:
@@ -326,8 +305,7 @@ class Model:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        """The encoders' work, uncached: what `encode_text` runs for prompts it has not kept (and what a
-        benchmark of text encoding times)."""
+        """The encoders' work, uncached: what `encode_text` runs for prompts it has not kept (and a benchmark times)."""
         for prompt in set(prompts):
             count = len(self.tokenizers[0](prompt).input_ids)
             limit = self.tokenizers[0].model_max_length

@@ -4,9 +4,8 @@ Three key formats are read:
 - peft, as the official iCD files are written: `unet.base_model.model.<module>.lora_A.weight`;
 - diffusers: `unet.<module>.lora_A.weight`, or the older `unet.<module>.lora.down.weight`;
 - kohya: `lora_unet_<module with _ for .>.lora_down.weight` (+ `.alpha`).
-Alpha comes from `.alpha` tensors when the file has them, else from the manifest. The official files hold
-none and were trained with peft's default alpha 8 at rank 64, a scale of 0.125: reading them as
-alpha = rank, as generic loaders do, makes the LoRA eight times too strong.
+Alpha comes from `.alpha` tensors, else from the manifest: the official files hold none and were trained at
+peft's default alpha 8, rank 64; generic loaders' alpha = rank makes them eight times too strong.
 """
 
 from __future__ import annotations
@@ -113,8 +112,7 @@ def lora_delta(layer: LoraLayer, default_alpha: float) -> torch.Tensor:
 
 
 def _misfit(layer: LoraLayer, module: nn.Module) -> str | None:
-    """How a LoRA's A and B fail to fit the module they adapt, or None: A is (rank, in[, k, k]), B
-    (out, rank[, 1, 1])."""
+    """How a LoRA's A and B fail to fit the module they adapt, or None."""
     weight = module.weight
     rank, kernel = layer.down.shape[0], tuple(weight.shape[2:])
     takes = f"in={weight.shape[1]}" + (f" with a {kernel[0]}x{kernel[1]} kernel" if kernel else "")

@@ -1,10 +1,8 @@
 """Model manifests (`icd.json`): reading, checking and writing them, and the one writer of model folders.
 
-A manifest names the pieces of an iCD model: the base Stable Diffusion pipeline (a local diffusers folder
-or a Hugging Face hub id), the CFG-distilled teacher UNet weights, the forward (encoding) and reverse
-(decoding) LoRAs, and the timesteps each was distilled for; optionally a VAE replacing the base's (a folder or
-hub id, e.g. an fp16-safe SDXL VAE). Paths are relative to the manifest's folder;
-teacher and LoRA entries may also be http(s) URLs, downloaded into the cache on first use.
+A manifest names an iCD model's pieces: the base pipeline (a local diffusers folder or a hub id), the
+CFG-distilled teacher, the forward and reverse LoRAs with their timesteps, optionally a VAE replacing the base's.
+Paths are relative to its folder; teacher and LoRAs may be http(s) URLs, downloaded into the cache on first use.
 """
 
 from __future__ import annotations
@@ -56,11 +54,8 @@ class Manifest:
 
     @cached_property
     def fingerprint(self) -> str:
-        """A short content hash of the model: manifest fields plus size and edges of every weight file.
-
-        Hashing multi-gigabyte files whole would cost seconds at every start; size plus the first and last
-        megabyte tells apart any two real checkpoints.
-        """
+        """A short content hash of the model: manifest fields plus the size and first and last megabyte of every
+        weight file (tells any two real checkpoints apart, where hashing them whole costs seconds a start)."""
         digest = hashlib.sha256()
         fields = (self.kind, self.base, self.guidance_embed_dim, self.lora_alpha,
                   self.forward_timesteps, self.reverse_timesteps) + ((self.vae,) if self.vae else ())
@@ -164,8 +159,7 @@ _HUB_ID = re.compile(r"(?:[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?/)?[A-Za-z0-9_](?:
 
 
 def _folder_or_hub_id(value: str, folder: Path, where: str, key: str) -> str:
-    """A base or VAE entry: the absolute folder when it names one relative to the manifest, else a hub id;
-    anything else is one ModelError line."""
+    """A base or VAE entry: the absolute folder it names relative to the manifest, else a hub id, else ModelError."""
     local = (folder / value).resolve()
     if local.is_dir():
         return str(local)
@@ -222,7 +216,6 @@ def parse_manifest(data: dict, folder: Path, where: str, path: Path | None = Non
     )
 
 
-
 def _read_json(path: Path):
     """A manifest file's JSON, refused before parsing when it is too large to be one."""
     try:
@@ -236,11 +229,15 @@ def _read_json(path: Path):
         raise ModelError(f"{path}: not a readable JSON manifest (nested too deeply)") from None
 
 
+def _manifest_path(path: str | Path) -> Path:
+    """An `icd.json` path, or the one inside a folder."""
+    path = Path(path)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read an `icd.json` (or the one inside a folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
+    path = _manifest_path(path)
     if not path.is_file():
         raise ModelError(f"no model manifest at {path}")
     return parse_manifest(_read_json(path), path.parent, str(path), path)
@@ -249,9 +246,7 @@ def load_manifest(path: str | Path) -> Manifest:
 def model_files(path: str | Path) -> tuple[list[Path], list[str]]:
     """What a model folder (or icd.json) is made of without fetching anything: the local files it uses (its
     folder, teacher, LoRAs, local base and VAE), and what it still needs from the network (uncached URLs, hub ids)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
+    path = _manifest_path(path)
     fields = validate_fields(_read_json(path), str(path))
     folder = path.parent
     local, remote = [folder], []
@@ -269,12 +264,9 @@ def model_files(path: str | Path) -> tuple[list[Path], list[str]]:
 
 def write_model(folder: str | Path, fields: Mapping,
                 files: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
-    """The one writer of model folders: each of `files` (name -> writer of a path) atomically, then icd.json.
-
-    icd.json comes last, so a folder holding one is complete. Paths in `fields` (teacher, LoRAs, a local base or VAE)
-    are written relative to the folder where they can be, so the folder can move with what it names. The
-    manifest is checked as `load_manifest` will read it before it is written. Returns the icd.json path.
-    """
+    """The one writer of model folders: each of `files` (name -> writer of a path) atomically, then icd.json,
+    last so that a folder holding one is complete, checked as `load_manifest` reads it, with local paths relative
+    to the folder where they can be (it can move with what it names). Returns the icd.json path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, write in (files or {}).items():
@@ -302,11 +294,9 @@ BASE_FOLDER = "base"  # a local base model's name inside a model folder
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """`source` at `target`: a hard link on the same filesystem (no extra disk), else a copy by atomic_write.
-
-    A link is whole the moment it exists; made under a temporary name and renamed over `target`, it replaces an
-    earlier one in one step. It bypasses atomic_write, whose mode fixing would change the source's modes too.
-    """
+    """`source` at `target`: a hard link on the same filesystem (no extra disk), else a copy by atomic_write. A
+    link is whole when made; under a temporary name renamed over `target`, it replaces an earlier one in one step
+    (not through atomic_write, whose mode fixing would change the source's modes too)."""
     if target.exists() and os.path.samefile(source, target):
         return  # already this file (a resumed run saving again); renaming a link onto itself does nothing
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,7 @@
-"""Models built offline from configs: real-size SD1.5 and SDXL architectures with random weights, to measure
-speed anywhere (`icd bench --random-weights`), and the character-level tokenizer such models use.
-
-`CONFIGS` holds the published architectures (the base pipelines' unet/vae/text_encoder configs). The model
-is written once into the cache as a complete model folder in the official formats (diffusers base folder,
-teacher, peft LoRAs, icd.json), so that loading, export, every backend and a cold start run exactly as
-for a downloaded model. The pictures are noise; only the timings mean something.
-"""
+"""Models built offline from configs: the published SD1.5 and SDXL architectures (`CONFIGS`) with random
+weights, to measure speed anywhere (`icd bench --random-weights`), and the character-level tokenizer such models
+use. The model is written once into the cache in the official formats, so that everything runs exactly as for a
+downloaded model; its pictures are noise, only the timings mean something."""
 
 from __future__ import annotations
 
@@ -38,6 +34,7 @@ def character_tokenizer(directory: str | Path):
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
     tokenizer.save_pretrained(directory)
     return tokenizer
+
 
 _CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)

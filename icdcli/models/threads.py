@@ -1,19 +1,15 @@
 """How many CPU threads torch and ONNX Runtime use: the CPUs this process may run on, as many as the model's
-work can keep busy.
-
-torch's own default counts the CPUs of the affinity mask but not a cgroup's CPU quota (a container given 2
-CPUs on a 64-core host would run 64 threads and be throttled mid-step), nor how small a model's operations
-are: `mini`'s take microseconds, and a second thread only adds the wake-up at every operation (BENCHMARKS.md,
-"CPU threads under load"). The threads' waiting between calls is set apart, in `icd/__init__.py`: OpenMP reads
-it once, when torch loads. Torch-free until `use_cpu_threads`.
-"""
+work can keep busy. torch's default ignores a cgroup's CPU quota (2 CPUs on a 64-core host would run 64 threads,
+throttled mid-step) and how small the operations are (`mini`'s take microseconds: a second thread only adds a
+wake-up to each; BENCHMARKS.md, "CPU threads under load"). Their waiting between calls is set in
+`icd/__init__.py`. Torch-free until `use_cpu_threads`."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 log = logging.getLogger("icd")
@@ -54,15 +50,13 @@ def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
 
 def _quota(folder: Path) -> float | None:
     """The CPUs' worth of time a cgroup folder allows per period, or None where it sets no quota."""
-    try:
+    with suppress(OSError, ValueError):
         if (folder / "cpu.max").is_file():  # v2: "QUOTA PERIOD" or "max PERIOD"
             quota, period = (folder / "cpu.max").read_text().split()[:2]
             return None if quota == "max" else int(quota) / int(period)
         if (folder / "cpu.cfs_quota_us").is_file():  # v1: -1 means none
             quota = int((folder / "cpu.cfs_quota_us").read_text())
             return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
     return None
 
 
@@ -87,34 +81,29 @@ def _omp_num_threads() -> int | None:
 
 
 def useful_threads(unet_config: dict) -> int:
-    """The threads a UNet's work can keep busy at its own resolution: `mini` (8x8 latents, 32 channels) one,
-    SD1.5 or SDXL far more than any CPU has."""
+    """The threads a UNet's work keeps busy at its own resolution: `mini` one, SD1.5 or SDXL more than any CPU has."""
     side = unet_config["sample_size"]
     height, width = (side, side) if isinstance(side, int) else side
     return max(1, height * width * unet_config["block_out_channels"][0] ** 2 // WORK_PER_THREAD)
 
 
 def cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
-    """The thread count to run with: `requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()`
-    capped at the `useful` count of the model's work."""
+    """`requested` (--threads), else OMP_NUM_THREADS, else `available_cpus()` capped at the `useful` count."""
     return requested or _omp_num_threads() or min(available_cpus(), useful or math.inf)
 
 
 def use_cpu_threads(requested: int | None = None, useful: int | None = None) -> int:
-    """Set torch's intra-op threads (which ONNX Runtime's sessions then take, export/onnx.py) to
-    `cpu_threads(requested, useful)` and its inter-op pool to one thread (icd runs no inter-op work: a second
-    pool would only add threads); returns the count. A count requested once stays for this process's later
-    sessions that request none, so that a second session does not undo --threads."""
+    """Set torch's intra-op threads (ONNX Runtime's sessions take the same) to `cpu_threads(requested, useful)`
+    and its inter-op pool to one (icd runs no inter-op work); returns the count. A count requested once stays
+    for this process's later sessions that request none, so that a second one does not undo --threads."""
     global _given
     import torch
 
     _given = requested or _given
     threads = cpu_threads(_given, useful)
     torch.set_num_threads(threads)
-    try:
+    with suppress(RuntimeError):  # only possible before any inter-op work: then it was set already, or never used
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # only possible before any inter-op work: then it was set already, or never used
-        pass
     log.debug("CPU threads: %d", threads)
     return threads
 

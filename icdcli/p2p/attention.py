@@ -53,8 +53,7 @@ class Steering:
         return probs.flatten(0, 1).to(v.dtype) @ v
 
     def self_attention(self, q, k, v, scale: float, mask, level: int) -> torch.Tensor:
-        """The target's self-attention map becomes the source's (same queries and keys), where the step and
-        the layer's level say so."""
+        """The target's self-attention map becomes the source's where the step and the layer's level say so."""
         gate = self.self_gates[level]
         q, k = (torch.where(gate, _pairs(x)[:, :1].expand(-1, 2, -1, -1, -1), _pairs(x)).flatten(0, 1)
                 for x in (q, k))
@@ -62,10 +61,7 @@ class Steering:
 
     def blend_maps(self) -> torch.Tensor:
         """(2, tokens): the blend-word attention of this call, summed over the blend level's layers."""
-        total = self.maps[0]
-        for maps in self.maps[1:]:
-            total = total + maps
-        return total
+        return sum(self.maps[1:], self.maps[0])
 
 
 class P2PProcessor:
@@ -119,9 +115,8 @@ class P2PProcessor:
 
 
 class SteeredUNet(torch.nn.Module):
-    """The reverse UNet steered by Prompt-to-Prompt, as a module of tensor inputs: what torch.compile compiles
-    (once per shape) and the ONNX export traces. It sets the processors on the UNet once (without a
-    `Steering` they compute plain attention, so the same UNet serves every method and is never re-hooked)."""
+    """The reverse UNet steered by Prompt-to-Prompt as a module of tensor inputs (what torch.compile and the ONNX
+    export take). Its processors, set once, compute plain attention without a `Steering`: one UNet for all."""
 
     def __init__(self, unet):
         super().__init__()
@@ -144,8 +139,7 @@ class SteeredUNet(torch.nn.Module):
 
 
 def steered_eps(module, dtype: torch.dtype | None = None):
-    """(x, t, cond, timestep_cond, control) -> (eps, blend maps) over a `SteeredUNet`, eager or compiled;
-    `dtype` casts the latents (as `unet_eps` does)."""
+    """(x, t, cond, timestep_cond, control) -> (eps, blend maps) over a `SteeredUNet`, as `unet_eps` does."""
 
     def run(x, t, cond, timestep_cond, control):
         sample, timestep = unet_inputs(x, t, dtype)
@@ -155,10 +149,8 @@ def steered_eps(module, dtype: torch.dtype | None = None):
 
 
 class AttentionHost:
-    """A runtime's steered reverse UNet as core's epsilon function (`run` is any engine's steered call,
-    (x, t, cond, timestep_cond, control) -> (eps, blend maps); the host feeds it the control of the edit under
-    way and hands the blend maps back to that edit's controller), the denoiser around it, and the controllers
-    of the prompt pairs it has edited, each built once."""
+    """A runtime's steered reverse UNet (`run`, any engine's) as core's epsilon function, fed the control of the
+    edit under way and handing its blend maps back; the denoiser around it; the controllers it built, kept."""
 
     def __init__(self, run, device: torch.device, guided: Callable[[object], Denoiser]):
         self.run, self.device = run, device

@@ -1,33 +1,21 @@
-"""Prompt-to-Prompt attention control for two-row iCD decoding: the control of one edit.
+"""Prompt-to-Prompt's control of one edit in two-row iCD decoding: row 0 has the source prompt (the
+reconstruction), row 1 the target (the edit), and row 1's attention is steered by row 0's:
 
-Every UNet call sees row 0 = source prompt (the faithful reconstruction) and row 1 = target prompt
-(the edit); row 1's attention is steered by row 0's:
+- cross-attention: the source maps carried over to the target's tokens (Replace for prompts of as many words,
+  else Refine from a token alignment), then amplified words reweighted;
+- self-attention: the source's maps, in layers of at most latent/2 x latent/2 tokens;
+- LocalBlend (`--mask-words`): outside the blend words' region the target latent is reset to the source. As
+  officially, the region comes from the maps after the edit (the official store keeps references that the
+  edit then overwrites in place).
 
-- cross-attention: the source maps are carried over to the target's tokens (Replace when the prompts
-  have as many words, Refine from a token alignment otherwise), then amplified words are reweighted;
-- self-attention: the target uses the source's maps, in layers of at most latent/2 x latent/2 tokens;
-- LocalBlend: outside the region of the blend words (`--mask-words`) the target latent is reset to the
-  source. As in the official code, the region comes from the maps after the edit (the official attention
-  store keeps references that the replacement and the reweighting then overwrite in place): the source row's
-  own maps and the target row's edited ones.
+Windows keep the official quantisation, so the paper's settings mean what they meant: with K steps,
+cross-attention is replaced on steps [0, int(c*(K+1))) and self-attention on [0, int(s*K)).
 
-Windows keep the official quantisation so the paper's launch settings mean what they meant: with K
-steps, cross-attention is replaced on steps [0, int(c*(K+1))) and self-attention on [0, int(s*K)).
-
-Everything an edit needs is a handful of tensors fixed when its controller is built (once per prompt pair,
-steps and latent size, then cached by the host): the token map and which target tokens keep their own maps,
-the reweights, the blend-word columns, and per step a cross-attention flag and a self-attention flag per
-UNet resolution level. The attention processors are set once on the reverse UNet and hold no state: a call
-with a `Steering` in its cross-attention kwargs is edited as its tensors say, a call without one is plain
-attention. So one graph serves every step and prompt pair: torch.compile compiles it once per shape, and the
-ONNX export takes the control as graph inputs (`CONTROL_NAMES`) and returns the blend maps as an output.
-
-LocalBlend on small latents: the blend level is the UNet's latent/4 level (16x16 at 512 px) or, without one,
-the coarsest level with cross-attention. On `mini` (8x8 latents) that is a 4x4 grid, 16 pixels a cell, where
-the official 3x3 dilation alone selects nearly everything, so grids under `DILATED_GRID` cells a side are not
-dilated. mini's colour words still select the whole image: their attention is nearly flat (the weakest cell
-holds 0.27-0.4 of the strongest, over the threshold 0.3). A map that selects nothing or everything is told
-with the result (`blend_notes`), so a blend that cannot act never passes unnoticed.
+The control is a few tensors fixed when the controller is built (`CONTROL_NAMES`; per step, a cross flag and a
+self flag per UNet level), read by stateless processors: one graph serves every step and prompt pair.
+LocalBlend reads the latent/4 level (16x16 at 512 px), else the coarsest one with cross-attention; on `mini`'s
+4x4 grid the official 3x3 dilation selects nearly everything, so grids under `DILATED_GRID` a side are not
+dilated. A map that selects nothing or everything is told with the result (`blend_notes`).
 """
 
 from __future__ import annotations
@@ -56,15 +44,9 @@ def step_windows(num_steps: int, cross_replace: float, self_replace: float) -> t
 def _window_warnings(num_steps: int, cross_replace: float, self_replace: float) -> list[str]:
     """Fractions > 0 that the quantisation turns into no step at all (official bug #20)."""
     cross, self_ = step_windows(num_steps, cross_replace, self_replace)
-    found = []
-    for name, fraction, steps, slots in (
-        ("cross_replace", cross_replace, cross, num_steps + 1),
-        ("self_replace", self_replace, self_, num_steps),
-    ):
-        if fraction > 0 and not steps:
-            needed = math.ceil(100 / slots) / 100
-            found.append(f"{name} {fraction:g} controls no step of {num_steps} (at least {needed:g} is needed)")
-    return found
+    windows = (("cross_replace", cross_replace, cross, num_steps + 1), ("self_replace", self_replace, self_, num_steps))
+    return [f"{name} {fraction:g} controls no step of {num_steps} (at least {math.ceil(100 / slots) / 100:g} is needed)"
+            for name, fraction, steps, slots in windows if fraction > 0 and not steps]
 
 
 class PromptToPrompt:
@@ -152,8 +134,7 @@ class PromptToPrompt:
 
     @property
     def graph_key(self) -> tuple:
-        """The host settings a decoding reads besides the control tensors and the latent's size (a captured
-        loop's key): whether LocalBlend runs, and its threshold."""
+        """The host settings a decoding reads besides its tensors (a captured loop's key): the blend and threshold."""
         return self.blends, self._threshold
 
     def start(self, device: torch.device) -> None:

@@ -26,8 +26,7 @@ def attention_level(module_name: str, levels: int) -> int:
 
 
 def blend_level(config) -> int:
-    """The level whose cross-attention LocalBlend reads: latent/4 (16x16 at 512 px) where it has
-    cross-attention, else the coarsest level that has some."""
+    """The level whose cross-attention LocalBlend reads: latent/4 (16x16 at 512 px), else the coarsest with some."""
     levels = len(config["block_out_channels"])
     found = {i for i, kind in enumerate(config["down_block_types"]) if "CrossAttn" in kind}
     found |= {levels - 1 - j for j, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind}

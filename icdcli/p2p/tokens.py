@@ -44,11 +44,8 @@ def word_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
 
 
 def replacement_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
-    """(L, L) weights W, target cross-attention = source cross-attention @ W, for equal word counts.
-
-    A source word's attention mass is spread over the target word's tokens in proportion to how their
-    relative places inside the word overlap, so words of different token lengths still line up.
-    """
+    """(L, L) weights W, target cross-attention = source cross-attention @ W, for equal word counts: a source
+    word's attention is spread over the target word's tokens as their places inside the words overlap."""
     length = tokenizer.model_max_length
     weights = torch.zeros(length, length)
     weights[0, 0] = 1.0
@@ -68,11 +65,8 @@ def replacement_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
 
 
 def refinement_mapper(tokenizer, source: str, target: str) -> list[int | None]:
-    """For each target token position, its globally aligned source position, or None for a new token.
-
-    Needleman-Wunsch on the token ids (match +1, mismatch -1, gap 0); the padding after the end token
-    follows the source's padding.
-    """
+    """For each target token position, its globally aligned source position (Needleman-Wunsch on the token ids:
+    match +1, mismatch -1, gap 0), or None for a new token; the padding follows the source's."""
     length = tokenizer.model_max_length
     a = tokenizer(source, truncation=True).input_ids
     b = tokenizer(target, truncation=True).input_ids
