@@ -163,6 +163,11 @@ def _stamp_problem(path: Path, record: dict) -> tuple[str | None, int | None]:
         return str(err), None
 
 
+def key_hash(spec: dict) -> str:
+    """A short, stable name for a description: its sorted JSON's SHA-256, cut to 16 digits."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def tool_versions() -> dict[str, str]:
     import diffusers
 
@@ -196,11 +201,9 @@ class Index:
         """One warning, then an empty index in the damaged one's place (when the cache can be written)."""
         try:
             with self.lock():
-                try:  # another process may have replaced it meanwhile
+                with suppress(_Damaged):  # another process may have replaced it meanwhile
                     _read_index(self.folder / INDEX_NAME, self.fingerprint)
                     return
-                except _Damaged:
-                    pass
                 log.warning("%s is damaged (%s): it is replaced by an empty index, and the next `icd export` "
                             "rebuilds the artifacts", self.folder / INDEX_NAME, why)
                 self._write({})

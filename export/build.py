@@ -30,9 +30,8 @@ def export_model(manifest: Manifest, precisions: tuple[str, ...], *, onnx: bool 
     pixels; default the model's resolution) and batches up to `max_batch`. Graphs are traced on `device`.
     `verify` first hashes every file of the model's artifacts and rebuilds those that differ from the index.
     One export of a model runs at a time (a lock file); a second waits, then reuses what the first built."""
-    if tensorrt:  # before any work
-        if why := tensorrt_problem(torch.device("cuda"), DTYPE):
-            raise ICDError(f"--tensorrt: {why}")
+    if tensorrt and (why := tensorrt_problem(torch.device("cuda"), DTYPE)):  # before any work
+        raise ICDError(f"--tensorrt: {why}")
     config = unet_config(manifest)
     with writing_cache(), Index(artifacts_dir(manifest), manifest.fingerprint).lock():
         index = Index.open(manifest)  # read under the lock: another export may just have finished

@@ -2,16 +2,14 @@
 launch, so no Python, no kernel-launch gap and no allocator work sits between the calls.
 
 A loop is a function of explicit inputs (tensors, `Conditioning`s and tuples of them); anything else it reads is
-a host constant named in its key, or lives as long as the model (weights, the guidance embeddings the caller
-keeps alive through `keep`). Its first call runs eagerly (a single photo pays nothing for a graph used once);
-the second runs it once on the capture stream (lazy tensors such as e(w) and the Prompt-to-Prompt control are
-made then, outside the graph), records it over static input buffers and returns the warm-up's result; later
-calls copy their inputs in and replay. Outputs are cloned: the next replay overwrites them. All of it runs under
-the loop's device (`device_guard`): CUDA work goes to the current device's streams, so serving cuda:1 with
-cuda:0 current would record an empty graph whose replays return the recording call's outputs.
-
-The loops are written for this (tests/test_no_wasted_work.py): no host reads, no host-to-device copies, noise
-drawn before the loop. tests/fixtures/recorders.py has the CPU stand-in for the recorder.
+a host constant named in its key, or lives as long as the model (weights, the guidance embeddings kept alive
+through `keep`). Its first call runs eagerly (a single photo pays nothing for a graph used once); the second runs
+it on the capture stream (lazy tensors such as e(w) and the Prompt-to-Prompt control are made then, outside the
+graph), records it over static input buffers and returns the warm-up's result; later calls copy their inputs in
+and replay, and clone the outputs the next replay overwrites. All of it runs under the loop's device
+(`device_guard`): CUDA work goes to the current device's streams, so serving cuda:1 with cuda:0 current would
+record an empty graph. The loops are written for this (tests/test_no_wasted_work.py): no host reads, no
+host-to-device copies, noise drawn before the loop; tests/fixtures/recorders.py has a CPU stand-in recorder.
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import logging
 import tempfile
 import warnings
@@ -34,7 +32,7 @@ from icd.latents import VAE_FACTOR
 from icd.models.loading import DTYPES
 from icd.p2p import CONTROL_NAMES, LEVELS, SteeredUNet, blend_level, level_grid
 
-from .artifacts import Index
+from .artifacts import Index, key_hash
 
 log = logging.getLogger("icd")
 
@@ -87,12 +85,7 @@ def graph_class(steered: bool) -> type[UNetGraph]:
 
 
 def input_names(config) -> list[str]:
-    names = ["sample", "timestep", "encoder_hidden_states"]
-    if config.get("time_cond_proj_dim"):
-        names.append("timestep_cond")
-    if config.get("addition_embed_type") == "text_time":
-        names += ["text_embeds", "time_ids"]
-    return names
+    return list(input_shapes(config, batch=1, latent=(1, 1)))
 
 
 def control_shapes() -> dict[str, tuple[int, ...]]:
@@ -121,7 +114,7 @@ def input_shapes(config, batch: int, latent: tuple[int, int]) -> dict[str, tuple
         shapes["text_embeds"] = (batch, config["projection_class_embeddings_input_dim"]
                                  - time_ids * config["addition_time_embed_dim"])
         shapes["time_ids"] = (batch, time_ids)
-    return {name: shapes[name] for name in input_names(config)}
+    return shapes
 
 
 def graph_inputs(x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, dtype: torch.dtype) -> dict:
@@ -242,8 +235,7 @@ def ensure_cpu_optimized(index: Index, graph: str, force: bool = False) -> None:
     if not force and index.find(**spec):
         return
     log.info("optimising %s for this CPU (once)", graph)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{Path(graph).stem}.cpu-{key}.ort.onnx"
+    name = f"{Path(graph).stem}.cpu-{key_hash(spec)[:12]}.ort.onnx"
     with index.staged() as scratch:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

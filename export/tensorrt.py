@@ -10,9 +10,7 @@ Nothing in this file has run here: the development machines have no GPU and no T
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import re
 from pathlib import Path
@@ -28,7 +26,7 @@ from icd.models.cache import icd_home
 from icd.models.loading import DTYPES
 from icd.p2p import CONTROL_NAMES
 
-from .artifacts import Built, Index, graph_kind, onnx_name
+from .artifacts import Built, Index, graph_kind, key_hash, onnx_name
 from .graphs import device_guard
 from .onnx import control_shapes, graph_inputs, input_shapes
 
@@ -89,10 +87,6 @@ def engine_key(index: Index, direction: str, config, sizes, max_batch: int, iden
             "profile": profile_shapes(config, sizes, max_batch, steered), "optimization_level": OPTIMIZATION_LEVEL}
 
 
-def key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def timing_cache_path(identity: dict) -> Path:
     """One timing cache per TensorRT version and GPU model, shared by all models (same layer shapes)."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", identity["gpu"]).strip("-")
@@ -132,7 +126,8 @@ def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, f
     """The engine for this GPU, TensorRT, graph and profile: reused from the cache, else built; `steered`:
     from the reverse UNet's Prompt-to-Prompt graph."""
     trt = _tensorrt()
-    key = engine_key(index, direction, config, sizes, max_batch, runtime_identity(trt, torch.device("cuda")), steered)
+    identity = runtime_identity(trt, torch.device("cuda"))
+    key = engine_key(index, direction, config, sizes, max_batch, identity, steered)
     kind = "engine-p2p" if steered else "engine"
     name = f"unet-{direction}{'-p2p' if steered else ''}-{key_hash(key)}.plan"
     if not force and index.find(kind=kind, direction=direction, key=key_hash(key)) == name:
@@ -143,7 +138,6 @@ def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, f
     with index.staged() as scratch:
         (scratch / name).write_bytes(plan)
         # One engine per UNet and GPU: the one just built replaces any other profile's, so that it is the one used.
-        identity = {k: key[k] for k in ("tensorrt", "gpu", "compute_capability")}
         for older in index.matching(kind=kind, direction=direction, **identity):
             index.remove(older)
         index.record(name, [scratch / name], kind=kind, direction=direction, key=key_hash(key), **key)
