@@ -1,23 +1,14 @@
 """The files `icd export` builds for one model, and the index that says which of them can be trusted.
 
-Everything lives in `icd_home()/artifacts/<model fingerprint>/`: fused UNet weights (safetensors), ONNX
-graphs (and their versions optimised for this CPU) and TensorRT engines. `index.json` records for each
-artifact what it is (kind, direction, precision, shapes...), the model fingerprint, the format version, the
-tool versions, and for each of its files the size, the modification time, the SHA-256 of its first and last
-MiB and the SHA-256 of the whole file.
-
-An artifact is used only when its entry matches what is asked for and each of its files is still the one
-built: a regular file (a FIFO, a device or a link in its place is refused without being opened for
-reading) with the recorded size, time and ends. That costs two MiB of reading per file at a start and tells
-any two files apart, two graphs swapped by name included (their times differ); a file whose time alone
-changed (a cache copied without its times) is hashed whole and kept when the hash still matches. Anything
-else (another model, an older format, a file changed since) is forgotten with one warning and rebuilt by the
-next export; `icd export --verify` hashes every file whole (damage that kept the time). The index names
-only plain file names of its own folder: one that names anything else (a path, '..', a hidden file) or is
-not a regular file is damaged, and replaced by an empty index, so nothing outside the folder is ever read or
-deleted. Files are built in a private folder inside it and moved under their names when complete, so a
-build cut short (a full disk, an interrupt) leaves nothing behind. Writers of the index hold a lock file and
-merge with what is on disk, so concurrent exports lose no entry.
+They live in `icd_home()/artifacts/<model fingerprint>/` beside `index.json`, which records each artifact's
+description, the fingerprint, the format and tool versions, and per file its size, time and the SHA-256 of its
+ends (first and last MiB) and of the whole. A file is used only while it is a regular file (anything else is
+refused unopened) with the recorded size, time and ends: two MiB read per file, and two graphs swapped by name
+differ in time. One whose time alone changed (a cache copied without its times) is kept when its whole hash
+still matches; anything else is forgotten with one warning and rebuilt by the next export (`--verify` hashes
+every file whole). An index naming anything but plain files of its folder is damaged and replaced by an empty
+one, so nothing outside is read or deleted. Files are built in a private folder and moved in when complete;
+index writers hold a lock file and merge with the disk, so concurrent exports lose no entry.
 """
 
 from __future__ import annotations
@@ -172,6 +163,11 @@ def _stamp_problem(path: Path, record: dict) -> tuple[str | None, int | None]:
         return str(err), None
 
 
+def key_hash(spec: dict) -> str:
+    """A short, stable name for a description: its sorted JSON's SHA-256, cut to 16 digits."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def tool_versions() -> dict[str, str]:
     import diffusers
 
@@ -205,11 +201,9 @@ class Index:
         """One warning, then an empty index in the damaged one's place (when the cache can be written)."""
         try:
             with self.lock():
-                try:  # another process may have replaced it meanwhile
+                with suppress(_Damaged):  # another process may have replaced it meanwhile
                     _read_index(self.folder / INDEX_NAME, self.fingerprint)
                     return
-                except _Damaged:
-                    pass
                 log.warning("%s is damaged (%s): it is replaced by an empty index, and the next `icd export` "
                             "rebuilds the artifacts", self.folder / INDEX_NAME, why)
                 self._write({})
@@ -274,12 +268,10 @@ class Index:
         """The files of an artifact whose SHA-256 differs from the one recorded at build time (the full check)."""
         damaged = []
         for file_name, record in self.entries[name]["files"].items():
-            try:
-                same = file_sha256(self.folder / file_name) == record["sha256"]
-            except ICDError:
-                same = False
-            if not same:
-                damaged.append(file_name)
+            with suppress(ICDError):  # an unreadable file is damaged too
+                if file_sha256(self.folder / file_name) == record["sha256"]:
+                    continue
+            damaged.append(file_name)
         return damaged
 
     @contextmanager
@@ -298,12 +290,10 @@ class Index:
     def record(self, name: str, built: list[Path], **spec) -> dict:
         """Move freshly built files (from `staged`) under their names, describe them and save the index."""
         with writing_cache():
-            paths = []
             for path in built:
-                paths.append(self.folder / path.name)
-                if path != paths[-1]:
-                    os.replace(path, paths[-1])
-            records = {p.name: _file_record(p) for p in paths}
+                if path != self.folder / path.name:
+                    os.replace(path, self.folder / path.name)
+            records = {path.name: _file_record(self.folder / path.name) for path in built}
         entry = {**spec, "files": records, "versions": tool_versions(),
                  "sha256": hashlib.sha256("".join(r["sha256"] for r in records.values()).encode()).hexdigest()}
         self._changes[name] = entry
@@ -349,13 +339,13 @@ class Built:
     reused: bool
 
 
-def onnx_name(direction: str, precision: str) -> str:
-    return f"unet-{direction}-{precision}.onnx"
+def onnx_name(direction: str, precision: str, steered: bool = False) -> str:
+    """`steered`: the reverse UNet's Prompt-to-Prompt graph, beside its plain graph."""
+    return f"unet-{direction}{'-p2p' if steered else ''}-{precision}.onnx"
 
 
-def steered_onnx_name(precision: str) -> str:
-    """The reverse UNet's Prompt-to-Prompt graph (kind "onnx-p2p"), beside its plain graph."""
-    return f"unet-reverse-p2p-{precision}.onnx"
+def graph_kind(steered: bool) -> str:
+    return "onnx-p2p" if steered else "onnx"
 
 
 def fused_name(direction: str, precision: str) -> str:

@@ -1,10 +1,8 @@
-"""torch.compile as an engine: the PyTorch UNet compiled, supplying the same epsilon function, and the
-steered reverse UNet of Prompt-to-Prompt compiled the same way (its control is tensor inputs, so one graph
-per shape serves every step, row and edit).
-
-With CUDA graphs (max-autotune) a compiled call returns a buffer that the next replay of the same graph
-overwrites, so each call's output is cloned: two-pass guidance calls the UNet twice before it reads the first
-output, and the blend maps are kept across the steps of an edit.
+"""torch.compile as an engine: the PyTorch UNet compiled behind the same epsilon function, and the steered reverse
+UNet of Prompt-to-Prompt compiled the same way (its control is tensor inputs, so one graph per shape serves every
+step, row and edit). With CUDA graphs (max-autotune) a compiled call returns a buffer that the next replay of the
+same graph overwrites, so each call's output is cloned: two-pass guidance calls the UNet twice before it reads the
+first output, and the blend maps are kept across the steps of an edit.
 """
 
 from __future__ import annotations

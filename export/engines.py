@@ -1,10 +1,8 @@
-"""The engines that run the UNets, as objects behind one protocol (`Engine`); `icd_export.registry` names
-them for `--backend`.
+"""The engines that run the UNets behind one protocol (`Engine`), named for `--backend` by `icd_export.registry`.
 
-An engine supplies only epsilon functions (core.denoiser's contract): the plain one of each UNet and the
-reverse UNet steered by Prompt-to-Prompt's control. The session wraps them in the one guidance wrapper, and
-captures whole loops where the engine says so. An engine whose file fails to load runs that UNet on PyTorch
-instead, with one warning line.
+An engine supplies only epsilon functions (core.denoiser's contract): each UNet's plain one and the reverse UNet
+steered by Prompt-to-Prompt's control; the session adds guidance and captures whole loops where the engine says
+so. An engine whose file fails to load runs that UNet on PyTorch instead, with one warning line.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from icd.models.manifest import Manifest
 from icd.models.official import DIRECTIONS
 from icd.p2p import SteeredUNet, steered_eps
 
-from .artifacts import Index, fused_unets
+from .artifacts import Index, fused_unets, graph_kind
 from .compiled import INDUCTOR, compiled_eps, compiled_steered
 
 
@@ -64,10 +62,9 @@ class Engine(ABC):
 
 
 class TorchEngine(Engine):
-    """PyTorch, eager or compiled (`compile_mode`; `compiler`, torch.compile's backend: inductor, or one that
-    only traces, for debugging). It holds the
-    fused UNets (from `icd export`'s weights when valid, else teacher + LoRA, the teacher read once), or the
-    `unets` it is given (the teacher in both places for the multi-step baseline)."""
+    """PyTorch, eager or compiled (`compile_mode`; `compiler`, torch.compile's backend: inductor, or one that only
+    traces, for debugging). It holds the fused UNets (from `icd export`'s weights when valid, else teacher + LoRA, the
+    teacher read once), or the `unets` it is given (the teacher in both places for the multi-step baseline)."""
 
     name = "torch"
 
@@ -134,33 +131,30 @@ class OnnxEngine(Engine):
         return {"onnx": True, "tensorrt": False}
 
     def eps(self, model, direction):
-        from .onnx import OnnxEps
-
-        return self._open(model, direction, "onnx", lambda session: OnnxEps(session, model.device, model.dtype))
+        return self._open(model, direction, steered=False)
 
     def steered(self, model):
-        from .onnx import OnnxSteered
-
-        return self._open(model, "reverse", "onnx-p2p", lambda session: OnnxSteered(
-            session, model.device, model.dtype, model.unet_config))
+        return self._open(model, "reverse", steered=True)
 
     @staticmethod
-    def _open(model: Model, direction: str, kind: str, wrap):
-        """`wrap(session)` of the ONNX Runtime session of the graph of `kind` (on the CPU its version optimised
-        for this CPU, when built); a graph that fails to load (damaged in place) is forgotten with one warning
-        line, and this UNet runs on PyTorch instead."""
-        from .onnx import find_cpu_optimized, onnx_session
+    def _open(model: Model, direction: str, steered: bool):
+        """The ONNX Runtime run of the graph (on the CPU its version optimised for this CPU, when built); a graph that
+        fails to load (damaged in place) is forgotten with one warning line, and this UNet runs on PyTorch instead."""
+        from .onnx import OnnxEps, OnnxSteered, find_cpu_optimized, onnx_session
 
         index = Index.open(model.manifest)
-        name = index.find(kind=kind, direction=direction, precision=PRECISIONS[model.dtype])
+        name = index.find(kind=graph_kind(steered), direction=direction, precision=PRECISIONS[model.dtype])
         if name is None:
-            what = "prompt-to-prompt ONNX graph" if kind == "onnx-p2p" else "ONNX graph"
+            what = "prompt-to-prompt ONNX graph" if steered else "ONNX graph"
             raise ICDError(f"the {what} of the {direction} UNet is gone: run `icd export -m {model.manifest.name}`")
         try:
             optimized = find_cpu_optimized(index, name) if model.device.type == "cpu" else None
-            return wrap(onnx_session(index.folder / name, model.device, optimized))
+            session = onnx_session(index.folder / name, model.device, optimized)
+            if steered:
+                return OnnxSteered(session, model.device, model.dtype, model.unet_config)
+            return OnnxEps(session, model.device, model.dtype)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail...)
-            return _torch_instead(index, name, err, model, direction, kind == "onnx-p2p")
+            return _torch_instead(index, name, err, model, direction, steered)
 
 
 class TensorRTEngine(Engine):
@@ -179,8 +173,8 @@ class TensorRTEngine(Engine):
         from .tensorrt import find_engine
 
         index = Index.open(manifest)
-        return all(find_engine(index, d, device) for d in DIRECTIONS) and bool(find_engine(index, "reverse", device,
-                                                                                           True))
+        return all(find_engine(index, d, device) for d in DIRECTIONS) and \
+            bool(find_engine(index, "reverse", device, steered=True))
 
     @classmethod
     def export_options(cls):
@@ -210,8 +204,7 @@ class TensorRTEngine(Engine):
 def _torch_instead(index: Index, name: str, err: Exception, model: Model, direction: str, steered: bool):
     """The PyTorch epsilon function (or steered run) of a UNet whose engine file `name` would not load (it is
     forgotten)."""
-    why = first_line(err)
-    index.forget_damaged(name, why, f"running the {direction} UNet on PyTorch")
+    index.forget_damaged(name, first_line(err), f"running the {direction} UNet on PyTorch")
     (unet,) = fused_unets(model.manifest, model.unet_config, (direction,), model.dtype, model.device)
     unet = ready_unet(unet, model.device, model.dtype)
     return steered_eps(SteeredUNet(unet), model.dtype) if steered else unet_eps(unet, model.dtype)

@@ -1,20 +1,15 @@
-"""Whole loops as one CUDA graph: the forward loop (3-4 UNet calls) or the reverse loop of an edit replayed
-with one launch, so no Python, no kernel-launch gap and no allocator work sits between the calls.
+"""Whole loops as one CUDA graph: the forward loop (3-4 UNet calls) or an edit's reverse loop replayed with one
+launch, so no Python, no kernel-launch gap and no allocator work sits between the calls.
 
-A loop is a function of explicit inputs (tensors, `Conditioning`s and tuples of them); everything else it
-reads is either a host constant, named in its key, or lives as long as the model (weights, the guidance
-embeddings the caller keeps alive through `keep`). A loop is recorded only when it is used again while still
-remembered: its first call runs eagerly (a single photo pays nothing for a graph it would use once), the
-second runs it once on the capture stream (lazy tensors such as e(w) and the Prompt-to-Prompt control are
-made then, outside the graph), records it into static input buffers and returns the warm-up's result; later
-calls copy their inputs into those buffers and replay. Outputs are cloned: the next replay overwrites them.
-
-Recording, copying and replaying happen under the loop's device (`device_guard`) on a capture stream of that
-device: CUDA work goes to the current device's streams, so a process serving cuda:1 whose current device is
-cuda:0 would otherwise record an empty graph whose replays return the recording call's outputs.
-
-The loops are written for this (tests/test_no_wasted_work.py): no host reads, no host-to-device copies,
-noise drawn before the loop. tests/fixtures/recorders.py has the CPU stand-in for the recorder.
+A loop is a function of explicit inputs (tensors, `Conditioning`s and tuples of them); anything else it reads is
+a host constant named in its key, or lives as long as the model (weights, the guidance embeddings kept alive
+through `keep`). Its first call runs eagerly (a single photo pays nothing for a graph used once); the second runs
+it on the capture stream (lazy tensors such as e(w) and the Prompt-to-Prompt control are made then, outside the
+graph), records it over static input buffers and returns the warm-up's result; later calls copy their inputs in
+and replay, and clone the outputs the next replay overwrites. All of it runs under the loop's device
+(`device_guard`): CUDA work goes to the current device's streams, so serving cuda:1 with cuda:0 current would
+record an empty graph. The loops are written for this (tests/test_no_wasted_work.py): no host reads, no
+host-to-device copies, noise drawn before the loop; tests/fixtures/recorders.py has a CPU stand-in recorder.
 """
 
 from __future__ import annotations
@@ -78,13 +73,11 @@ def signature(value) -> tuple:
 
 class CudaRecorder:
     """Records `run()` as a CUDA graph of `device`; returns (the warm-up's result, the static outputs, replay).
-
     Under a guard of `device`, on one capture stream of it: one warm-up run (the loop ran eagerly once before,
-    so the kernels' lazy set-up is done; this run makes the stream's own and gives the call's result), then
-    the capture. Every graph of a recorder shares one memory pool: a session's loops run one at a time, their
-    inputs are copied into buffers outside the pool and their outputs cloned right after each replay, so one
-    graph may reuse another's scratch memory, in any order.
-    """
+    so the kernels' lazy set-up is done; this run makes the stream's own and gives the call's result), then the
+    capture. All graphs of a recorder share one memory pool: a session's loops run one at a time, their inputs
+    are copied into buffers outside the pool and their outputs cloned right after each replay, so one graph may
+    reuse another's scratch memory, in any order."""
 
     def __init__(self):
         self.stream = None  # made on the device at the first recording

@@ -1,28 +1,22 @@
 """ONNX graphs of the fused UNets, their check against PyTorch, and the ONNX Runtime denoiser.
 
 A graph takes the sample, the timestep (fp32, one per row), the text states, the guidance embedding e(w)
-(`timestep_cond`) and, for SDXL, the pooled text embedding and size ids; it returns eps. The timestep and
-e(w) stay inputs: all they feed (the time-embedding MLP and each block's projection of it) is 0.007% of an
-SD1.5 UNet call's FLOPs at 512x512 (counted), so baking them per boundary timestep would multiply the
-graphs for nothing. Batch and latent size are dynamic.
+(`timestep_cond`) and, for SDXL, the pooled text embedding and size ids; it returns eps. Batch and latent size
+are dynamic. The timestep and e(w) stay inputs: all they feed is 0.007% of an SD1.5 UNet call's FLOPs at
+512x512 (counted), so baking them per boundary timestep would multiply the graphs for nothing. The reverse UNet's
+second graph, for Prompt-to-Prompt, takes the control tensors of `icd.p2p` as further inputs (`CONTROL_NAMES`)
+and returns LocalBlend's blend-word attention too: one graph per model, the prompts, windows and steps all inputs.
 
-The reverse UNet has a second graph for Prompt-to-Prompt (`artifacts.steered_onnx_name`): the same UNet with its
-attention processors steered by the control tensors of `icd.p2p` as further inputs (`CONTROL_NAMES`), and
-the blend-word attention LocalBlend needs as a second output. It is exported once per model, not per prompt
-pair: the prompts, windows and steps are all inputs.
-
-diffusers' UNet picks a Python branch on whether the latent divides by 2**upsamplers; a traced graph keeps
-only the branch its example took. The example is therefore an "odd" size, whose branch (explicit upsample
-sizes) is right for every size, and each graph is checked in ONNX Runtime at another size and batch.
-The TorchScript exporter is used: the dynamo one gives matching graphs too, but took 50 s instead of 1.4 s for
-the tiny UNet on the development CPU, and its tests must stay fast.
+diffusers' UNet picks a Python branch on whether the latent divides by 2**upsamplers, and a trace keeps only its
+example's branch: the example is an "odd" size, whose branch (explicit upsample sizes) is right for every size,
+and each graph is checked in ONNX Runtime at another size and batch. The TorchScript exporter is used: the
+dynamo one took 50 s instead of 1.4 s for the tiny UNet on the development CPU, and its tests must stay fast.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import functools
 import logging
 import tempfile
 import warnings
@@ -38,7 +32,7 @@ from icd.latents import VAE_FACTOR
 from icd.models.loading import DTYPES
 from icd.p2p import CONTROL_NAMES, LEVELS, SteeredUNet, blend_level, level_grid
 
-from .artifacts import Index
+from .artifacts import Index, key_hash
 
 log = logging.getLogger("icd")
 
@@ -91,12 +85,7 @@ def graph_class(steered: bool) -> type[UNetGraph]:
 
 
 def input_names(config) -> list[str]:
-    names = ["sample", "timestep", "encoder_hidden_states"]
-    if config.get("time_cond_proj_dim"):
-        names.append("timestep_cond")
-    if config.get("addition_embed_type") == "text_time":
-        names += ["text_embeds", "time_ids"]
-    return names
+    return list(input_shapes(config, batch=1, latent=(1, 1)))
 
 
 def control_shapes() -> dict[str, tuple[int, ...]]:
@@ -125,13 +114,14 @@ def input_shapes(config, batch: int, latent: tuple[int, int]) -> dict[str, tuple
         shapes["text_embeds"] = (batch, config["projection_class_embeddings_input_dim"]
                                  - time_ids * config["addition_time_embed_dim"])
         shapes["time_ids"] = (batch, time_ids)
-    return {name: shapes[name] for name in input_names(config)}
+    return shapes
 
 
 def graph_inputs(x: torch.Tensor, t: Timesteps, cond: Conditioning, timestep_cond, dtype: torch.dtype) -> dict:
     """An epsilon call's tensors by graph input name (floats in the graph's dtype, the timestep fp32)."""
-    timestep = t.to(x.device).float() if isinstance(t, torch.Tensor) else torch.full((x.shape[0],), float(t), device=x.device)
-    feeds = {"sample": x.to(dtype), "timestep": timestep,
+    if not isinstance(t, torch.Tensor):
+        t = torch.full((x.shape[0],), float(t), device=x.device)
+    feeds = {"sample": x.to(dtype), "timestep": t.to(x.device).float(),
              "encoder_hidden_states": cond.embeds.to(x.device, dtype)}
     if timestep_cond is not None:
         feeds["timestep_cond"] = timestep_cond
@@ -195,8 +185,9 @@ def export_unet(unet, path: Path, precision: str, device: torch.device, steered:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         traced = Path(scratch) / "unet.onnx"
         try:
-            torch.onnx.export(graph, example, str(traced), dynamo=False, input_names=names, output_names=list(graph.outputs),
-                              dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
+            torch.onnx.export(graph, example, str(traced), dynamo=False, input_names=names,
+                              output_names=list(graph.outputs), dynamic_axes=axes, opset_version=OPSET,
+                              do_constant_folding=True)
         except Exception as err:  # the exporter raises many types
             raise ExportError(f"ONNX export failed: {first_line(err)}") from None
         # One weights file beside the graph (the exporter writes one per tensor when over 2 GB).
@@ -208,25 +199,19 @@ def export_unet(unet, path: Path, precision: str, device: torch.device, steered:
     return [path, data]
 
 
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
+@functools.cache
 def ort_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one CUDA stream that ONNX Runtime runs on and binds its I/O on, per device.
-
-    Not torch's default stream: its handle is 0, which ONNX Runtime reads as "no stream given" and then runs
-    on a stream of its own that nothing orders against torch's work. This stream is a real handle given to
-    the session, and each run makes it wait for torch's current stream (the inputs are written) and torch's
-    current stream wait for it (the outputs are written), so ORT's end-of-run host sync can stay off."""
-    if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream(device)
-    return _STREAMS[device]
+    """The one CUDA stream that ONNX Runtime runs on and binds its I/O on, per device. Not torch's default
+    stream: its handle is 0, which ONNX Runtime reads as "no stream given" and then runs on a stream of its own
+    that nothing orders against torch's work. This one is given to the session, and each run makes it wait for
+    torch's current stream (the inputs are written) and that stream wait for it (the outputs are written), so
+    ORT's end-of-run host sync can stay off."""
+    return torch.cuda.Stream(device)
 
 
 def cpu_optimized_spec(index: Index, graph: str) -> dict:
-    """What the fully optimised CPU version of the graph `graph` is recorded as: its layout optimisations
-    depend on the ONNX Runtime version and the CPU's instruction set, and it derives from one build of the
-    graph (its hash)."""
+    """What the fully optimised CPU version of the graph `graph` is recorded as: its layout optimisations depend on the
+    ONNX Runtime version and the CPU's instruction set, and it derives from one build of the graph (its hash)."""
     import onnxruntime as ort
 
     return {"kind": "onnx-cpu", "graph": graph, "graph_sha256": index.entries[graph]["sha256"],
@@ -250,8 +235,7 @@ def ensure_cpu_optimized(index: Index, graph: str, force: bool = False) -> None:
     if not force and index.find(**spec):
         return
     log.info("optimising %s for this CPU (once)", graph)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{Path(graph).stem}.cpu-{key}.ort.onnx"
+    name = f"{Path(graph).stem}.cpu-{key_hash(spec)[:12]}.ort.onnx"
     with index.staged() as scratch:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -269,11 +253,9 @@ def ensure_cpu_optimized(index: Index, graph: str, force: bool = False) -> None:
 
 
 def onnx_session(path: Path, device: torch.device, optimized: Path | None = None):
-    """An ONNX Runtime session on the CPU or, for a CUDA device, the CUDA provider on `ort_stream`.
-
-    On the CPU a session opens `optimized`, the export's fully optimised version of the graph for this CPU and
-    ONNX Runtime (`find_cpu_optimized`), when there is one, without optimising again; else it runs only the basic
-    optimisations, which open SD1.5's graph in 6.6 s where optimising fully takes 20 s."""
+    """An ONNX Runtime session on the CPU or, for a CUDA device, the CUDA provider on `ort_stream`. On the CPU
+    it opens `optimized` (`find_cpu_optimized`), when there is one, without optimising again; else it runs only
+    the basic optimisations, which open SD1.5's graph in 6.6 s where optimising fully takes 20 s."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -297,9 +279,8 @@ def onnx_session(path: Path, device: torch.device, optimized: Path | None = None
 
 
 def verify_graph(path: Path, unet, precision: str, batch: int, latent: tuple[int, int], steered: bool = False) -> float:
-    """Run the graph in ONNX Runtime (CPU) and the fp32 UNet on the same random inputs; returns the largest
-    difference of any output relative to its largest magnitude, and raises if it is over the precision's
-    tolerance."""
+    """Run the graph in ONNX Runtime (CPU) and the fp32 UNet on the same random inputs; returns the largest difference
+    of any output relative to its largest magnitude, and raises if it is over the precision's tolerance."""
     session = onnx_session(path, torch.device("cpu"))
     graph = graph_class(steered)(unet)
     feeds = graph_feeds(unet.config, batch, latent, "fp32", steered, seed=1)

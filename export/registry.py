@@ -1,11 +1,10 @@
 """`--backend auto|torch|onnx|tensorrt`: the one place engine names are looked up (and compared).
 
-Torch-free, so that a command served by `icd serve` checks its options without loading torch; the engines
-themselves (`icd_export.engines`) are imported when one is chosen. `auto` takes the fastest engine that can
-run here and whose artifacts already exist, and never builds anything: TensorRT (an engine for this GPU),
-then ONNX Runtime (graphs of the model's precision), then PyTorch. A named engine whose artifacts are missing
-is reported as such, and the session announces and runs the export. On the development CPU ONNX Runtime ran
-UNet calls 2.2x (tiny) to 2.3-4.8x (SD1.5 at 128 px) faster than PyTorch, one thread each (BENCHMARKS.md).
+Torch-free, so that a command served by `icd serve` checks its options without loading torch. `auto` takes the
+fastest engine that can run here and whose artifacts already exist, and never builds anything: TensorRT, then
+ONNX Runtime, then PyTorch. A named engine whose artifacts are missing is reported as such, and the session
+announces and runs the export. On the development CPU ONNX Runtime ran UNet calls 2.2x (tiny) to 2.3-4.8x (SD1.5
+at 128 px) faster than PyTorch, one thread each (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,19 +1,16 @@
 """TensorRT engines of the fp16 ONNX graphs, their cache, and the TensorRT denoiser (with CUDA graphs).
 
-TensorRT is imported only here and only when asked for, so the CLI and the CPU paths never need it.
-Engines are built strongly typed from the fp16 graphs: the only way under TensorRT 11, which dropped the
-precision flags, and a flag at network creation under TensorRT 10. An engine only runs on the TensorRT
-version and GPU it was built for, so its cache key holds those, the graph's hash (the LoRAs are fused into
-the graph, so a new LoRA is a new hash), the precision, the optimisation profile and the builder level.
+TensorRT is imported only here and only when asked for, so the CLI and the CPU paths never need it. Engines
+are built strongly typed (`build_engine`). An engine runs only on the TensorRT version and GPU it was built for,
+so its cache key holds those, the graph's hash (the LoRAs are fused into the graph, so a new LoRA is a new
+hash), the precision, the optimisation profile and the builder level.
 
 Nothing in this file has run here: the development machines have no GPU and no TensorRT.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import re
 from pathlib import Path
@@ -27,10 +24,9 @@ from icd.files import open_regular
 from icd.latents import VAE_FACTOR
 from icd.models.cache import icd_home
 from icd.models.loading import DTYPES
-
 from icd.p2p import CONTROL_NAMES
 
-from .artifacts import Built, Index, onnx_name, steered_onnx_name
+from .artifacts import Built, Index, graph_kind, key_hash, onnx_name
 from .graphs import device_guard
 from .onnx import control_shapes, graph_inputs, input_shapes
 
@@ -54,16 +50,11 @@ def tensorrt_problem(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _tensorrt():
-    problem = tensorrt_problem(torch.device("cuda"), DTYPE)
-    if problem:
+    if problem := tensorrt_problem(torch.device("cuda"), DTYPE):
         raise ICDError(problem)
     import tensorrt
 
     return tensorrt
-
-
-def _major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
 
 
 def runtime_identity(trt, device: torch.device) -> dict:
@@ -87,25 +78,13 @@ def profile_shapes(config, sizes: tuple[tuple[int, int], ...], max_batch: int,
     return {name: [list(shapes[name]) for shapes in ends] for name in ends[0]}
 
 
-def _graph_kind(steered: bool) -> str:
-    return "onnx-p2p" if steered else "onnx"
-
-
-def _engine_kind(steered: bool) -> str:
-    return "engine-p2p" if steered else "engine"
-
-
 def engine_key(index: Index, direction: str, config, sizes, max_batch: int, identity: dict,
                steered: bool = False) -> dict:
-    graph = index.find(kind=_graph_kind(steered), direction=direction, precision=PRECISION)
+    graph = index.find(kind=graph_kind(steered), direction=direction, precision=PRECISION)
     if graph is None:
         raise ICDError(f"no {PRECISION} ONNX graph of the {direction} UNet to build an engine from: run `icd export`")
     return {**identity, "graph_sha256": index.entries[graph]["sha256"], "precision": PRECISION,
             "profile": profile_shapes(config, sizes, max_batch, steered), "optimization_level": OPTIMIZATION_LEVEL}
-
-
-def key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def timing_cache_path(identity: dict) -> Path:
@@ -118,9 +97,9 @@ def build_engine(trt, onnx_path: Path, profile: dict[str, list], timing_cache: P
     """Parse the graph and build a serialized engine, reading and updating the timing cache."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # TensorRT 11 networks are always strongly typed (the flag is gone); TensorRT 10 must be asked.
-    flags = 0 if _major(trt) >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    # Strongly typed: the only way under TensorRT 11 (no precision flags); TensorRT 10 must be asked.
+    major = int(trt.__version__.split(".")[0])
+    network = builder.create_network(0 if major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
@@ -147,18 +126,18 @@ def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, f
     """The engine for this GPU, TensorRT, graph and profile: reused from the cache, else built; `steered`:
     from the reverse UNet's Prompt-to-Prompt graph."""
     trt = _tensorrt()
-    key = engine_key(index, direction, config, sizes, max_batch, runtime_identity(trt, torch.device("cuda")), steered)
-    kind = _engine_kind(steered)
+    identity = runtime_identity(trt, torch.device("cuda"))
+    key = engine_key(index, direction, config, sizes, max_batch, identity, steered)
+    kind = "engine-p2p" if steered else "engine"
     name = f"unet-{direction}{'-p2p' if steered else ''}-{key_hash(key)}.plan"
     if not force and index.find(kind=kind, direction=direction, key=key_hash(key)) == name:
         return Built(name, True)
     log.info("building the TensorRT engine of the %s UNet (minutes, once per GPU and TensorRT version)", direction)
-    graph = steered_onnx_name(PRECISION) if steered else onnx_name(direction, PRECISION)
-    plan = build_engine(trt, index.folder / graph, key["profile"], timing_cache_path(key))
+    plan = build_engine(trt, index.folder / onnx_name(direction, PRECISION, steered), key["profile"],
+                        timing_cache_path(key))
     with index.staged() as scratch:
         (scratch / name).write_bytes(plan)
         # One engine per UNet and GPU: the one just built replaces any other profile's, so that it is the one used.
-        identity = {k: key[k] for k in ("tensorrt", "gpu", "compute_capability")}
         for older in index.matching(kind=kind, direction=direction, **identity):
             index.remove(older)
         index.record(name, [scratch / name], kind=kind, direction=direction, key=key_hash(key), **key)
@@ -167,22 +146,20 @@ def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, f
 
 def find_engine(index: Index, direction: str, device: torch.device, steered: bool = False) -> str | None:
     """A cached engine of the current fp16 graph that runs on this GPU and TensorRT version (any profile)."""
-    graph = index.find(kind=_graph_kind(steered), direction=direction, precision=PRECISION)
+    graph = index.find(kind=graph_kind(steered), direction=direction, precision=PRECISION)
     if graph is None:
         return None
-    identity = runtime_identity(_tensorrt(), device)
-    return index.find(kind=_engine_kind(steered), direction=direction, graph_sha256=index.entries[graph]["sha256"],
-                      **identity)
+    return index.find(kind="engine-p2p" if steered else "engine", direction=direction,
+                      graph_sha256=index.entries[graph]["sha256"], **runtime_identity(_tensorrt(), device))
 
 
 class TensorRTEps:
-    """The TensorRT engine, an epsilon function of core.denoiser's contract (`steered`: the run of the
-    Prompt-to-Prompt engine, (x, t, cond, timestep_cond, control) -> (eps, blend maps)). Each input shape's
-    call is captured once into a CUDA graph over fixed buffers, with an execution context of its own: a
-    context holds the shapes and addresses it was last given, which a graph captured for another shape must
-    not see changed under it. A call copies its inputs in, replays the graph and copies the outputs out.
-    Loading, capture, copies and replay run under a guard of the engine's device: TensorRT allocates and
-    CUDA graphs record and replay on the current device, which need not be this one."""
+    """The TensorRT engine, an epsilon function of core.denoiser's contract (`steered`: the run of the Prompt-to-Prompt
+    engine, (x, t, cond, timestep_cond, control) -> (eps, blend maps)). Each input shape's call is captured once into a
+    CUDA graph over fixed buffers, with an execution context of its own: a context holds the shapes and addresses it was
+    last given, which a graph captured for another shape must not see changed under it. A call copies its inputs in,
+    replays the graph and copies the outputs out. Loading, capture, copies and replay run under a guard of the engine's
+    device: TensorRT allocates and CUDA graphs record and replay on the current device, which need not be this one."""
 
     def __init__(self, index: Index, name: str, device: torch.device, steered: bool = False):
         """`name`: the engine's file in `index` (`find_engine`)."""

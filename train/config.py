@@ -1,12 +1,10 @@
 """Training configuration: dataclasses whose defaults are the paper's SD1.5 4-step recipe, read from TOML
-(or YAML when PyYAML is installed), with `section.key=value` command-line overrides.
+(or YAML when PyYAML is installed), with `section.key=value` command-line overrides, each value coerced to its
+field's type the same way, and every mistake (unknown key, wrong type, impossible setting) one ConfigError line.
 
-Every value goes through one coercion to the field's declared type, so a file and an override are checked
-the same way, and every mistake (unknown key, wrong type, impossible setting) is one ConfigError line.
-
-The defaults depart from the authors' training code in one place, [icd] reverse_preservation_target, which
-the miniature world measured as clearly better (BENCHMARKS.md, the miniature world); the shipped preset `official`
-(presets/official.toml, given as `--config official`) is their recipe exactly.
+The defaults depart from the authors' training code in one place, [icd] reverse_preservation_target (measured
+clearly better, BENCHMARKS.md, the miniature world); the shipped preset `official` (presets/official.toml,
+`--config official`) is their recipe exactly.
 """
 
 from __future__ import annotations
@@ -158,12 +156,8 @@ def _coerce(value, kind, key: str):
     return value
 
 
-def _section_fields(config) -> dict[str, dict[str, type]]:
-    return {s.name: typing.get_type_hints(type(getattr(config, s.name))) for s in dataclasses.fields(config)}
-
-
 def _assign(config, key: str, value, from_text: bool = False) -> None:
-    sections = _section_fields(config)
+    sections = {s.name: typing.get_type_hints(type(getattr(config, s.name))) for s in dataclasses.fields(config)}
     section, _, name = key.partition(".")
     if section not in sections:
         raise ConfigError(f"unknown section '{section}' in '{key}' (sections: {', '.join(sections)})")
@@ -200,19 +194,15 @@ def _read_file(path: Path) -> dict:
             import yaml
         except ImportError:
             raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({first_line(err)})") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: not a configuration (nested too deeply)") from None
+        language, parse, invalid = "YAML", lambda text: yaml.safe_load(text) or {}, yaml.YAMLError
     else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: not a configuration (nested too deeply)") from None
+        language, parse, invalid = "TOML", tomllib.loads, tomllib.TOMLDecodeError
+    try:
+        data = parse(text)
+    except invalid as err:
+        raise ConfigError(f"{path}: not valid {language} ({first_line(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a configuration (nested too deeply)") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{path}: the configuration must be sections of key = value settings")
     return data
@@ -287,8 +277,8 @@ def validate(config: Config) -> None:
            f"icd.teacher_final_step: one of {', '.join(TEACHER_FINAL_STEPS)}")
     _check(icd.reverse_preservation_target in REVERSE_PRESERVATION_TARGETS,
            f"icd.reverse_preservation_target: one of {', '.join(REVERSE_PRESERVATION_TARGETS)}")
-    _check(icd.schedule == "summed" or train.gradient_accumulation == 1,
-           "train.gradient_accumulation > 1 needs icd.schedule = 'summed' (the official schedule steps after each loss)")
+    _check(icd.schedule == "summed" or train.gradient_accumulation == 1, "train.gradient_accumulation > 1 needs "
+           "icd.schedule = 'summed' (the official schedule steps after each loss)")
     _check(lora.rank >= 1 and lora.alpha > 0 and bool(lora.targets), "lora: rank >= 1, alpha > 0 and some targets")
 
 

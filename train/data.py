@@ -56,10 +56,8 @@ def _caption_rows(file: Path) -> list[dict]:
 
 
 def read_examples(folder: str | Path, captions: str | Path = "") -> list[Example]:
-    """The (image, caption) pairs; rows without a caption and missing files are reported and skipped.
-
-    File names are relative to the image folder; when a file is listed twice its last caption wins.
-    """
+    """The (image, caption) pairs; rows without a caption and missing files are reported and skipped. File
+    names are relative to the image folder; when a file is listed twice its last caption wins."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ICDError(f"data folder not found: {folder}")

@@ -2,14 +2,13 @@
 
 - decode_gap: the reverse student's few-step decode against the teacher's DDIM solution (the 50-step grid
   plus the boundaries) from the same noise, at guidance w;
-- jump_gap: the same one jump at a time, each started from the teacher's own solution at that timestep:
-  how well each jump learned its segment of the ODE, without the drift of the earlier jumps;
-- reconstruction: encode with the forward student (noise at t = 19, w = 0) then decode with the reverse one
-  (w = 0), against the clean latents; teacher_reconstruction is the same with the teacher's DDIM steps both
-  ways, for reference.
+- jump_gap: the same one jump at a time, each from the teacher's own solution at its start: how well each
+  jump learned its segment of the ODE, without the drift of the earlier jumps;
+- reconstruction: encode with the forward student (noise at t = 19, w = 0), decode with the reverse one
+  (w = 0), against the clean latents; teacher_reconstruction, the same with the teacher's DDIM steps.
 
-The teacher's answers are computed once. The samplers are icd's own (the ones `icd edit` runs), so the
-numbers describe what users get.
+The teacher's answers are computed once. The samplers are icd's own (those `icd edit` runs), so the numbers
+describe what users get.
 """
 
 from __future__ import annotations

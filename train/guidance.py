@@ -20,13 +20,13 @@ from icd.core.consistency import add_noise, guidance_embedding, guided_eps
 from icd.core.schedule import NUM_TRAIN_TIMESTEPS
 from icd.core.denoiser import Conditioning
 from icd.errors import ModelError, first_line
-from icd.models.loading import Model, load_teacher, unet_eps
+from icd.models.loading import load_teacher, unet_eps
 from icd.models.manifest import (MANIFEST_NAME, TEACHER_FILE, Manifest, carry_inside, load_manifest, parse_manifest,
                                  write_model)
 
 from .config import GuidanceConfig, ICDSection
-from .data import batch_inputs, build_dataset, first_items, text_conditioning
-from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
+from .data import batch_inputs, first_items, text_conditioning
+from .loop import clip_and_step, load_model, prepare, run
 from .losses import RowRandom
 
 
@@ -66,19 +66,13 @@ class GuidanceStage:
     def __init__(self, config: GuidanceConfig, output: Path, accelerator):
         self.config, self.output, self.accelerator = config, output, accelerator
         manifest = base_manifest(config.model.path, config.data.resolution)
-        dtype = weight_dtype(accelerator)
-        self.model = Model.load(manifest, accelerator.device, dtype)
-        check_resolution(self.model, config.data.resolution)
+        self.model = load_model(manifest, accelerator, config.data.resolution)
         base = load_teacher(manifest, self.model.unet_config)  # the manifest names no teacher: the base UNet
         self.student = guidance_student(base, config.guidance.embed_dim)
         if config.train.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
-        self.base = base.to(accelerator.device, dtype).requires_grad_(False).eval()
-        self.dataset = dataset = build_dataset(config.data, self.model, accelerator)
-        optimizer = make_optimizer([list(self.student.parameters())], config.train)
-        loader = make_loader(dataset, config.train, config.data.workers, accelerator.num_processes)
-        trained, self.optimizer, self.loader = accelerator.prepare(self.student, optimizer, loader)
-        self.models = (trained,)
+        self.base = base.to(accelerator.device, self.model.dtype).requires_grad_(False).eval()
+        prepare(self, (self.student,), [list(self.student.parameters())])
         self.uncond = text_conditioning(self.model, [""], config.data.resolution)
 
     def loss(self, unet, z0: torch.Tensor, cond: Conditioning, random: RowRandom) -> torch.Tensor:

@@ -1,16 +1,13 @@
 """Stage 2 (`icd train icd`): distil the forward (encoding) and reverse (decoding) students from the teacher.
 
-Update schedule (icd.schedule):
-- official (default): the four losses in the official order (reverse CD, forward CD, forward preservation,
-  reverse preservation), each with its own backward pass and optimizer step: every student is updated twice
-  per iteration, in 10 UNet calls.
-- summed: each student's CD and preservation losses are summed and stepped once; the same 10 passes' rows go
-  through 5 batched UNet calls. BENCHMARKS.md compares the two.
-One AdamW holds both students' LoRA parameters (a param group each). Adam is per parameter and skips those
-without gradients, so this equals one optimizer per student, and a single fp16 GradScaler stays valid.
+Update schedule (icd.schedule): official (default), the four losses in the official order (reverse CD, forward CD,
+forward preservation, reverse preservation), each with its own backward pass and optimizer step, in 10 UNet calls per
+iteration; summed, each student's CD and preservation losses summed and stepped once, the same rows in 5 batched calls
+(BENCHMARKS.md compares them). One AdamW holds both students' LoRA parameters (a group each): Adam is per parameter and
+skips those without gradients, so this equals one optimizer per student, and a single fp16 GradScaler stays valid.
 
-The model folder carries its teacher (and a local base) inside, and edit defaults whose guidance lies within the
-scales the reverse student was trained on: outside them it was never taught, and edits degrade.
+The model folder carries its teacher (and a local base), and edit defaults whose guidance lies within the scales the
+reverse student was trained on: outside them it was never taught, and edits degrade.
 """
 
 from __future__ import annotations
@@ -22,15 +19,15 @@ import torch
 from safetensors.torch import save_file
 
 from icd.errors import ModelError
-from icd.models.loading import Model, load_teacher
+from icd.models.loading import load_teacher
 from icd.models.manifest import Manifest, carry_inside, load_manifest, write_model
 from icd.models.official import DIRECTIONS
 from icd.editing import EDIT_DEFAULTS
 
 from .config import ICDConfig
-from .data import batch_inputs, build_dataset, first_items
+from .data import batch_inputs, first_items
 from .evaluate import ICDProbe
-from .loop import check_resolution, clip_and_step, make_loader, make_optimizer, run, weight_dtype
+from .loop import clip_and_step, load_model, prepare, run
 from .losses import LOSSES, PassRunner, RowRandom, Schedule, distance_for, draw, loss_weights
 from .students import load_lora, lora_weights, make_student, save_lora, trainable
 
@@ -68,25 +65,17 @@ class ICDStage:
         if manifest.teacher is None or not manifest.guidance_embed_dim:
             raise ModelError(f"{config.model.path}: needs a guidance-embedded teacher (make one with "
                              f"`icd train guidance`)")
-        dtype = weight_dtype(accelerator)
-        self.model = Model.load(manifest, accelerator.device, dtype)
-        check_resolution(self.model, config.data.resolution)
-        teacher = load_teacher(manifest, self.model.unet_config).to(dtype).requires_grad_(False)
+        self.model = load_model(manifest, accelerator, config.data.resolution)
+        teacher = load_teacher(manifest, self.model.unet_config).to(self.model.dtype).requires_grad_(False)
         self.students = {d: make_student(teacher, config.lora, config.train.gradient_checkpointing)
                          for d in DIRECTIONS}
         self.teacher = teacher.to(accelerator.device).eval()
-        self.dataset = dataset = build_dataset(config.data, self.model, accelerator)
-        optimizer = make_optimizer([trainable(self.students[d]) for d in DIRECTIONS], config.train)
-        loader = make_loader(dataset, config.train, config.data.workers, accelerator.num_processes)
-        forward, reverse, self.optimizer, self.loader = accelerator.prepare(
-            self.students["forward"], self.students["reverse"], optimizer, loader)
-        self.models = (forward, reverse)
+        prepare(self, tuple(self.students.values()), [trainable(student) for student in self.students.values()])
         self.embed_dim = manifest.guidance_embed_dim
-        self.runner = PassRunner({"teacher": self.teacher, "forward": forward, "reverse": reverse}, self.embed_dim)
-        icd = config.icd
-        self.schedule = Schedule.from_config(icd)
-        self.weights = loss_weights(icd)
-        self.distance = distance_for(icd)
+        self.runner = PassRunner({"teacher": self.teacher, **dict(zip(DIRECTIONS, self.models))}, self.embed_dim)
+        self.schedule = Schedule.from_config(config.icd)
+        self.weights = loss_weights(config.icd)
+        self.distance = distance_for(config.icd)
         self._probe: ICDProbe | None = None
         # Checkpoints hold the two LoRA files (official format), not two full UNet copies.
         accelerator.register_save_state_pre_hook(self._save_hook)

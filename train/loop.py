@@ -2,16 +2,14 @@
 and resume, and the output manifest.
 
 Runs single-process on a CPU and unchanged under `accelerate launch` or `torchrun` (DDP, one or many nodes, GPUs
-or CPU processes over gloo): accelerate shards the data loader, wraps the trained models, syncs gradients and
-writes per-process RNG states. Every iteration's random draws are seeded by (seed, batch index) and made for the
+or CPU processes over gloo). Every iteration's random draws are seeded by (seed, batch index) and made for the
 whole global batch, each process keeping its own rows (losses.RowRandom): a resumed run draws what the
 uninterrupted one would have, without storing generator states, and N processes of batch B train what one
 process of batch N x B does. Logged training values are the means over all processes.
 
-The model folder is self-contained: the weights it builds on (the teacher, a local base folder) are placed inside
-it, hard-linked where the filesystem allows (no extra disk; icd's writers replace files by renaming, so a later
-rewrite of the original never changes the link) and copied otherwise, so the folder can be moved or shared whole.
-Every file the run writes appears atomically: the model files, config.json, the metrics log and each checkpoint.
+The model folder is self-contained: the weights it builds on (the teacher, a local base folder) are hard-linked
+inside where the filesystem allows (icd's writers replace files by renaming, so rewriting the original never
+changes the link) and copied otherwise. Every file the run writes appears atomically.
 """
 
 from __future__ import annotations
@@ -26,14 +24,15 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from icd.errors import ICDError
 from icd.files import atomic_write
-from icd.models.loading import DTYPES, PRECISIONS, resolve_dtype
-from icd.models.manifest import MANIFEST_NAME
+from icd.models.loading import DTYPES, PRECISIONS, Model, resolve_dtype
+from icd.models.manifest import MANIFEST_NAME, Manifest
 
 from .config import ConfigError, TrainSection, flat_scalars, to_json
+from .data import build_dataset
 from .losses import RowRandom
 
 log = logging.getLogger("icd")
@@ -98,13 +97,6 @@ def check_output(output: Path, resume: bool) -> Path | None:
     return None
 
 
-def make_loader(dataset: Dataset, train: TrainSection, workers: int, processes: int) -> DataLoader:
-    if len(dataset) < train.batch_size * processes:
-        raise ICDError(f"{len(dataset)} images are fewer than one batch ({train.batch_size} x {processes} processes)")
-    return DataLoader(dataset, batch_size=train.batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0)
-
-
 def endless(loader, accelerator, consumed: int):
     """Batches forever, starting after the `consumed` first ones (epochs reshuffled reproducibly)."""
     epoch, skip = divmod(consumed, len(loader))
@@ -142,11 +134,9 @@ class Progress:
 
 
 class MetricsLog:
-    """Scalars to logs/metrics.jsonl (always) and to TensorBoard when it is installed; main process only.
-
-    The log is small (a line per logged step), so each write replaces it whole: a crash never leaves a torn
-    line. A resumed run keeps the lines up to its checkpoint's step and drops those of the steps it repeats.
-    """
+    """Scalars to logs/metrics.jsonl (always) and to TensorBoard when it is installed; main process only. The
+    log is small (a line per logged step), so each write replaces it whole: a crash never leaves a torn line. A
+    resumed run keeps the lines up to its checkpoint's step and drops those of the steps it repeats."""
 
     def __init__(self, accelerator, output: Path, hparams: dict, resumed_step: int | None = None):
         self.accelerator, self.file = accelerator, output / "logs" / "metrics.jsonl"
@@ -252,17 +242,30 @@ def fit(stage: Stage, train: TrainSection, output: Path, hparams: dict, resume_f
     return summary
 
 
-def check_resolution(model, resolution: int) -> None:
+def load_model(manifest: Manifest, accelerator, resolution: int) -> Model:
+    """The model's text encoders and VAE in the dtype of frozen weights, for a UNet that takes `resolution`."""
+    model = Model.load(manifest, accelerator.device, weight_dtype(accelerator))
     if resolution % model.size_multiple:
         raise ICDError(f"data.resolution {resolution} is not a multiple of {model.size_multiple}, "
                        f"which this model's UNet needs")
+    return model
 
 
-def make_optimizer(groups: list[list[torch.nn.Parameter]], train: TrainSection) -> torch.optim.Optimizer:
-    """One AdamW with a parameter group per trained model."""
-    return torch.optim.AdamW([{"params": params} for params in groups], lr=train.lr,
-                             betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
-                             weight_decay=train.weight_decay)
+def prepare(stage, trained: tuple, groups: list[list[torch.nn.Parameter]]) -> None:
+    """The stage's data set, then its `trained` models, one AdamW (a parameter group per model) and the data
+    loader as accelerate prepares them: `stage.models`, `stage.optimizer` and `stage.loader`."""
+    config, accelerator, train = stage.config, stage.accelerator, stage.config.train
+    stage.dataset = build_dataset(config.data, stage.model, accelerator)
+    optimizer = torch.optim.AdamW([{"params": params} for params in groups], lr=train.lr,
+                                  betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                                  weight_decay=train.weight_decay)
+    images, processes, workers = len(stage.dataset), accelerator.num_processes, config.data.workers
+    if images < train.batch_size * processes:
+        raise ICDError(f"{images} images are fewer than one batch ({train.batch_size} x {processes} processes)")
+    loader = DataLoader(stage.dataset, batch_size=train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0)
+    *models, stage.optimizer, stage.loader = accelerator.prepare(*trained, optimizer, loader)
+    stage.models = tuple(models)
 
 
 def clip_and_step(stage) -> None:

@@ -1,36 +1,27 @@
 """The four iCD losses, taken with the samplers' own step (icd.core.sampling.jump), and the machinery that
 evaluates them.
 
-Timesteps. The teacher's ODE is solved on the 50-step DDIM grid 19, 39, ..., 999 plus every boundary, so a
-teacher step never crosses a boundary. With the paper's boundaries (all on the grid) this is exactly the
-official grid; with off-grid ones (249, 499, 699) those points are trained too, which the official code never
-does: its off-grid boundaries are never start points of a consistency step).
+The teacher's ODE is solved on the 50-step DDIM grid 19, 39, ..., 999 plus every boundary, so a teacher step
+never crosses a boundary: with the paper's boundaries (all on the grid) exactly the official grid; off-grid ones
+(249, 499, 699) are trained as start points too, which the official code never does.
 
-- Reverse CD (trains the reverse/decoding student, per-sample w): from t on the grid the target boundary is
-  the largest reverse boundary below t. With reverse timesteps 259/519/779/999 the boundaries are
-  0/259/519/779, so t = 259 -> 0 (at inference the reverse model also jumps 259 -> 0), t = 279 -> 259,
-  t = 999 -> 779: the official rule max{e <= t - 20} on the grid.
+- Reverse CD (reverse/decoding student, per-sample w): from t on the grid the target is the largest reverse
+  boundary below t. With reverse timesteps 259/519/779/999: t = 259 -> 0 (the jump the reverse model makes at
+  inference), t = 279 -> 259, t = 999 -> 779, the official rule max{e <= t - 20} on the grid.
 - Forward CD (forward/encoding student, w = 0): the smallest forward boundary above t (259, ..., 999).
-- The teacher's step goes to the neighbouring grid point with the same jump formula. The target is the
-  stop-gradient student's jump from there; where that point is the boundary itself the jump from s to s is
-  the identity, which is the consistency boundary condition with no special case.
-- Preservation (w = 0) on segments lo_f -> hi (a forward jump) whose hi starts a reverse jump hi -> lo_r.
-  Forward preservation: f(r(x_hi) -> lo_f) -> hi must give x_hi back. Reverse preservation: r(f(x_lo_f))
-  must give x_lo_r back.
+- The teacher steps to the neighbouring grid point with the same jump formula; the target is the stop-gradient
+  student's jump from there, the identity where that point is the boundary itself (the consistency boundary
+  condition, with no special case).
+- Preservation (w = 0) on segments lo_f -> hi (a forward jump) whose hi starts a reverse jump hi -> lo_r:
+  f(r(x_hi) -> lo_f) -> hi must give x_hi back, and r(f(x_lo_f)) must give x_lo_r back.
 
-Two choices of the authors' code are switches (ICDSection; `--config official` takes both as they do):
-- D1, icd.teacher_final_step: the teacher's step from 19 to 0 lands on the schedule's abar_0 = 0.99915
-  ("schedule", the authors' code and the default) or on the clean latent (alpha = 1,
-  "boundary"), like every jump to 0. It touches the reverse CD rows drawn at t = 19, 1 in 50.
-- D2, icd.reverse_preservation_target: on the bottom segment lo_r = 0 ("clean", the default: the reverse
-  model is taught the jump it makes at inference, 259 -> 0) or lo_r = lo_f = 19 ("start", the authors'
-  259 -> 19 back to where the forward jump started). Above the bottom segment lo_r = lo_f either
-  way.
-The miniature world measured both (BENCHMARKS.md, "The authors' training recipe against icd's two departures"): D1 changes nothing measurable; with "start"
-the reverse student drifts from the teacher (decode gap about 10x larger after 600 iterations).
+Two choices of the authors' code are switches (ICDSection, where each is described and measured; `--config
+official` takes both as they do): D1, icd.teacher_final_step, where the teacher's step from 19 to 0 lands (the
+schedule's abar_0 or the clean latent); D2, icd.reverse_preservation_target, lo_r on the bottom segment (0,
+"clean", the default, or lo_f = 19, "start", the authors').
 
-Timesteps are chosen as Python ints per row (so nothing waits on the GPU to read one) and handed to the core's
-math as one tensor per call: noising, e(w) and the jump are the very functions inference runs.
+Timesteps are Python ints per row (nothing waits on the GPU to read one), handed to the core's math as one
+tensor per call: noising, e(w) and the jump are the very functions inference runs.
 """
 
 from __future__ import annotations
@@ -93,10 +84,9 @@ SCHEDULE_ABAR_0 = alphas_cumprod()[0].item()  # 0.99915: where the authors' teac
 
 
 def to_schedule_start(x_t: torch.Tensor, t: list[int], x_s: torch.Tensor, s: list[int]) -> torch.Tensor:
-    """The authors' teacher step to 0 (D1) from ours: rows whose step t -> s ended at s = 0 (the clean
-    estimate x0) move to sqrt(abar_0) x0 + sqrt(1 - abar_0) eps, with the step's epsilon read back from its two
-    ends (x_t = alpha_t x0 + sigma_t eps), so the jump itself stays the samplers' one step. Other rows are
-    returned as they are."""
+    """The authors' teacher step to 0 (D1) from ours: rows whose step t -> s ended at s = 0 (the clean estimate x0) move
+    to sqrt(abar_0) x0 + sqrt(1 - abar_0) eps, with the step's epsilon read back from its two ends (x_t = alpha_t x0 +
+    sigma_t eps), so the jump itself stays the samplers' one step. Other rows are returned as they are."""
     ends = torch.tensor([step_end == 0 for step_end in s], device=x_s.device).view(-1, 1, 1, 1)
     alpha_t, sigma_t = alpha_sigma(torch.tensor(t, device=x_s.device))
     eps = (x_t.float() - alpha_t * x_s) / sigma_t
@@ -147,11 +137,9 @@ Plan = Generator[Pass, torch.Tensor, torch.Tensor]
 
 
 class PassRunner:
-    """Drives loss plans together: requests of the same phase for the same UNet share one batched call.
-
-    Run one plan at a time and every pass is its own call (the official 10 per iteration); run all four and
-    an iteration takes 5 calls (teacher, two stop-gradient, two trained) over the same rows.
-    """
+    """Drives loss plans together: requests of the same phase for the same UNet share one batched call. Run one
+    plan at a time and every pass is its own call (the official 10 per iteration); run all four and an iteration
+    takes 5 calls (teacher, two stop-gradient, two trained) over the same rows."""
 
     def __init__(self, unets: dict, embed_dim: int):
         self.denoisers = {name: Guided(unet_eps(unet), embed_dim, device=next(unet.parameters()).device)
@@ -201,12 +189,9 @@ class Draw:
 
 
 class RowRandom:
-    """One iteration's random draws for this process's rows of the global batch.
-
-    Every process draws the values of the whole global batch (its rows times the processes) from the same
-    seed and keeps its own contiguous slice, the rows its data shard holds: so the draws do not depend on how
-    many processes share the batch, and two processes of batch B train what one process of batch 2B does.
-    """
+    """One iteration's random draws for this process's rows of the global batch: every process draws the whole
+    global batch's values from the same seed and keeps its own contiguous slice, the rows its data shard holds,
+    so the draws do not depend on how many processes share the batch."""
 
     def __init__(self, seed: int, process: int = 0, processes: int = 1):
         self.generator = torch.Generator().manual_seed(seed)

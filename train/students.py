@@ -20,9 +20,7 @@ from .config import ConfigError, LoraSection
 
 def make_student(teacher, lora: LoraSection, gradient_checkpointing: bool):
     """A copy of the teacher with LoRA adapters (B = 0, so it starts equal to the teacher); only they train.
-
-    peft keeps the adapters in fp32 when the copied weights are fp16/bf16 (the mixed-precision masters).
-    """
+    peft keeps the adapters in fp32 when the copied weights are fp16/bf16 (the mixed-precision masters)."""
     from peft import LoraConfig, get_peft_model
 
     unet = copy.deepcopy(teacher)
