@@ -102,7 +102,22 @@ class TorchEngine(Engine):
         return steered_eps(module, model.dtype)
 
 
-class OnnxEngine(Engine):
+class _BuiltEngine(Engine):
+    """An engine over files `icd export` builds: each epsilon function runs one file, opened by `_open`."""
+
+    def eps(self, model, direction):
+        return self._open(model, direction, steered=False)
+
+    def steered(self, model):
+        return self._open(model, "reverse", steered=True)
+
+    @staticmethod
+    @abstractmethod
+    def _open(model: Model, direction: str, steered: bool):
+        """The run of the file of one UNet (`steered`: the reverse UNet's Prompt-to-Prompt one)."""
+
+
+class OnnxEngine(_BuiltEngine):
     """ONNX Runtime over `icd export`'s graphs (fp32 or fp16), on the CPU or with its CUDA provider."""
 
     name = "onnx"
@@ -130,12 +145,6 @@ class OnnxEngine(Engine):
     def export_options(cls):
         return {"onnx": True, "tensorrt": False}
 
-    def eps(self, model, direction):
-        return self._open(model, direction, steered=False)
-
-    def steered(self, model):
-        return self._open(model, "reverse", steered=True)
-
     @staticmethod
     def _open(model: Model, direction: str, steered: bool):
         """The ONNX Runtime run of the graph (on the CPU its version optimised for this CPU, when built); a graph that
@@ -157,7 +166,7 @@ class OnnxEngine(Engine):
             return _torch_instead(index, name, err, model, direction, steered)
 
 
-class TensorRTEngine(Engine):
+class TensorRTEngine(_BuiltEngine):
     """TensorRT engines built from the fp16 graphs for this GPU, each shape replayed as a CUDA graph."""
 
     name = "tensorrt"
@@ -179,12 +188,6 @@ class TensorRTEngine(Engine):
     @classmethod
     def export_options(cls):
         return {"onnx": True, "tensorrt": True}
-
-    def eps(self, model, direction):
-        return self._open(model, direction, steered=False)
-
-    def steered(self, model):
-        return self._open(model, "reverse", steered=True)
 
     @staticmethod
     def _open(model: Model, direction: str, steered: bool):
