@@ -78,6 +78,11 @@ def profile_shapes(config, sizes: tuple[tuple[int, int], ...], max_batch: int,
     return {name: [list(shapes[name]) for shapes in ends] for name in ends[0]}
 
 
+def _engine_kind(steered: bool) -> str:
+    """The index kind of an engine built from the plain or the Prompt-to-Prompt graph (`graph_kind`)."""
+    return "engine-p2p" if steered else "engine"
+
+
 def engine_key(index: Index, direction: str, config, sizes, max_batch: int, identity: dict,
                steered: bool = False) -> dict:
     graph = index.find(kind=graph_kind(steered), direction=direction, precision=PRECISION)
@@ -128,7 +133,7 @@ def ensure_engine(index: Index, direction: str, config, sizes, max_batch: int, f
     trt = _tensorrt()
     identity = runtime_identity(trt, torch.device("cuda"))
     key = engine_key(index, direction, config, sizes, max_batch, identity, steered)
-    kind = "engine-p2p" if steered else "engine"
+    kind = _engine_kind(steered)
     name = f"unet-{direction}{'-p2p' if steered else ''}-{key_hash(key)}.plan"
     if not force and index.find(kind=kind, direction=direction, key=key_hash(key)) == name:
         return Built(name, True)
@@ -149,7 +154,7 @@ def find_engine(index: Index, direction: str, device: torch.device, steered: boo
     graph = index.find(kind=graph_kind(steered), direction=direction, precision=PRECISION)
     if graph is None:
         return None
-    return index.find(kind="engine-p2p" if steered else "engine", direction=direction,
+    return index.find(kind=_engine_kind(steered), direction=direction,
                       graph_sha256=index.entries[graph]["sha256"], **runtime_identity(_tensorrt(), device))
 
 
